@@ -1,0 +1,192 @@
+"""Safetensors checkpoints: tensors by name, read lazily, one at a time.
+
+A checkpoint directory holds either `model.safetensors.index.json` plus the shards it names, or
+one or more `*.safetensors` files. Opening a checkpoint reads only the shard headers; a tensor's
+bytes are read when its `LazyTensor.load()` is called, so no more than one tensor (or one stack of
+expert tensors) is in RAM on its way into the model.
+
+FP8 checkpoints (e4m3 weights with a `<name>_scale_inv` tensor of one scale per block of
+`fp8_block_size` = (rows, cols), 128x128 in the Qwen releases) are dequantised on read to bf16:
+    weight[r, c] = fp8[r, c] * scale_inv[r // rows, c // cols]
+The scale tensors are not listed as tensors of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from offload.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+FP8_SCALE_SUFFIX = "_scale_inv"
+
+_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor whose shape and dtype are known and whose data is read on `load()`."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    where: str  # "<file>: <tensor name>", for error messages
+    read: Callable[[], torch.Tensor]
+
+    def load(self) -> torch.Tensor:
+        return self.read()
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def lazy_stack(parts: list[LazyTensor], where: str) -> LazyTensor:
+    """Stack equally shaped lazy tensors along a new leading dim, read in one pass."""
+    first = parts[0]
+    for part in parts[1:]:
+        if part.shape != first.shape:
+            raise CheckpointError(f"{part.where}: shape {list(part.shape)} differs from "
+                                  f"{list(first.shape)} of {first.where}; the checkpoint is inconsistent")
+
+    def read() -> torch.Tensor:
+        out = torch.empty((len(parts), *first.shape), dtype=first.dtype)
+        for i, part in enumerate(parts):
+            out[i] = part.load()
+        return out
+
+    return LazyTensor((len(parts), *first.shape), first.dtype, where, read)
+
+
+def lazy_cat(parts: list[LazyTensor], where: str) -> LazyTensor:
+    """Concatenate lazy tensors along dim 0."""
+    rows = sum(part.shape[0] for part in parts)
+    shape = (rows, *parts[0].shape[1:])
+    return LazyTensor(shape, parts[0].dtype, where, lambda: torch.cat([p.load() for p in parts]))
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint directory, by name."""
+
+    def __init__(self, model_dir: str | Path, fp8_block_size: tuple[int, int] | None = None):
+        self.model_dir = Path(model_dir)
+        self.fp8_block_size = fp8_block_size or (128, 128)
+        self._handles: dict[Path, object] = {}  # shard path -> open safetensors handle
+        self._files = self._weight_map()  # tensor name -> shard path
+        self._headers: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype code)
+        for path in sorted(set(self._files.values())):
+            handle = self._open(path)
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                self._headers[name] = (tuple(piece.get_shape()), piece.get_dtype())
+        for name, path in self._files.items():
+            if name not in self._headers:
+                raise CheckpointError(f"{path}: does not hold tensor {name} that {INDEX_FILE} places "
+                                      "there; download the checkpoint again")
+
+    def _weight_map(self) -> dict[str, Path]:
+        index = self.model_dir / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}); download "
+                                      "it again") from None
+            files = {name: self.model_dir / shard for name, shard in weight_map.items()}
+            for name, path in files.items():
+                if not path.is_file():
+                    raise CheckpointError(f"{path}: shard missing (it holds {name}, says {INDEX_FILE}); "
+                                          "download it again")
+            return files
+        shards = sorted(self.model_dir.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{self.model_dir}: no *.safetensors weights here; download the "
+                                  "model's safetensors files next to its config.json")
+        files: dict[str, Path] = {}
+        for path in shards:
+            for name in self._open(path).keys():
+                files[name] = path
+        return files
+
+    def _open(self, path: Path):
+        handle = self._handles.get(path)
+        if handle is None:
+            try:
+                handle = safe_open(path, framework="pt")
+            except (SafetensorError, OSError) as e:
+                reason = str(e).removeprefix("Error while deserializing header: ")
+                raise CheckpointError(f"{path}: not a readable safetensors file ({reason}); it may be "
+                                      "truncated or corrupt: download it again") from None
+            self._handles[path] = handle
+        return handle
+
+    def names(self) -> list[str]:
+        """Tensor names, without the FP8 scale tensors."""
+        return [name for name in self._files if not self._is_fp8_scale(name)]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files and not self._is_fp8_scale(name)
+
+    def _is_fp8_scale(self, name: str) -> bool:
+        return name.endswith(FP8_SCALE_SUFFIX) and name.removesuffix(FP8_SCALE_SUFFIX) in self._files
+
+    def where(self, name: str) -> str:
+        return f"{self._files[name].name}: {name}"
+
+    def lazy(self, name: str) -> LazyTensor:
+        if name not in self:
+            raise CheckpointError(f"{self.model_dir}: tensor {name} is missing from the checkpoint; "
+                                  "download the model again")
+        shape, code = self._headers[name]
+        if code not in _DTYPES:
+            raise CheckpointError(f"{self.where(name)}: unsupported dtype {code}")
+        dtype = _DTYPES[code]
+        if dtype == torch.float8_e4m3fn:
+            dtype = torch.bfloat16
+        return LazyTensor(shape, dtype, self.where(name), lambda: self.read(name))
+
+    def lazy_all(self) -> dict[str, LazyTensor]:
+        return {name: self.lazy(name) for name in self.names()}
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name` in its stored dtype (FP8 weights: dequantised to bf16)."""
+        path = self._files[name]
+        try:
+            tensor = self._open(path).get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{self.where(name)}: unreadable ({e}); download the file again") from None
+        if tensor.dtype == torch.float8_e4m3fn:
+            scale_name = name + FP8_SCALE_SUFFIX
+            if scale_name not in self._files:
+                raise CheckpointError(f"{self.where(name)}: FP8 weight without its {scale_name}; "
+                                      "download the checkpoint again")
+            scale = self._open(self._files[scale_name]).get_tensor(scale_name)
+            tensor = dequantize_fp8(tensor, scale, self.fp8_block_size, self.where(name))
+        return tensor
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int],
+                   where: str = "fp8 weight") -> torch.Tensor:
+    """FP8 e4m3 `weight` [rows, cols] with one fp32 scale per block -> bf16 [rows, cols].
+
+    `scale_inv` is [ceil(rows / block_rows), ceil(cols / block_cols)]; edge blocks may be partial.
+    """
+    block_rows, block_cols = block_size
+    rows, cols = weight.shape
+    expected = (math.ceil(rows / block_rows), math.ceil(cols / block_cols))
+    if tuple(scale_inv.shape) != expected:
+        raise CheckpointError(f"{where}: FP8 scale has shape {list(scale_inv.shape)}, expected "
+                              f"{list(expected)} for blocks of {block_rows}x{block_cols}")
+    scale = scale_inv.float().repeat_interleave(block_rows, 0)[:rows]
+    scale = scale.repeat_interleave(block_cols, 1)[:, :cols]
+    return (weight.float() * scale).to(torch.bfloat16)

@@ -1,0 +1,330 @@
+"""Model configuration: a checkpoint's config.json as a validated `ModelArgs`.
+
+Two spellings of the same architecture exist in the wild and both are accepted:
+- the hub style of the original Qwen releases: top-level `rope_theta`, `partial_rotary_factor`,
+  `full_attention_interval`, `num_experts` (Qwen3-Next) or `num_local_experts`;
+- the transformers >= 5 style: `layer_types`, a nested `rope_parameters` dict.
+Keys offload does not use are ignored. This module does not import torch: the planner reads
+`ModelArgs` for models that are not on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from offload.errors import ConfigError
+
+FULL_ATTENTION = "full_attention"
+LINEAR_ATTENTION = "linear_attention"
+
+
+@dataclass(kw_only=True)
+class ModelArgs:
+    """What every supported architecture shares: a decoder of attention + (mostly) MoE blocks."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int  # dense MLP width, for the layers in `mlp_only_layers`
+    moe_intermediate_size: int  # one routed expert's width
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    # (rows, cols) of one scale block when the checkpoint stores FP8 weights, else None
+    fp8_block_size: tuple[int, int] | None = None
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (
+            layer not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    def layer_type(self, layer: int) -> str:
+        return FULL_ATTENTION
+
+    def mixer_shapes(self, layer: int, prefix: str) -> dict[str, tuple[int, ...]]:
+        """Checkpoint tensors of layer `layer`'s token mixer (attention), hub name -> shape."""
+        return _attention_shapes(self, f"{prefix}.self_attn", self.num_attention_heads * self.head_dim)
+
+    def moe_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
+        """Checkpoint tensors of one MoE block: router and routed experts."""
+        shapes = {f"{prefix}.gate.weight": (self.num_experts, self.hidden_size)}
+        for expert in range(self.num_experts):
+            shapes.update(_mlp_shapes(f"{prefix}.experts.{expert}", self.hidden_size,
+                                      self.moe_intermediate_size))
+        return shapes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "decoder_sparse_step"):
+            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                 f"num_key_value_heads ({self.num_key_value_heads})")
+        _require(0 < self.partial_rotary_factor <= 1 and self.rotary_dim % 2 == 0,
+                 f"partial_rotary_factor {self.partial_rotary_factor} gives an odd or empty "
+                 f"rotary dimension for head_dim {self.head_dim}")
+        if self.num_experts > 0:
+            _require(0 < self.num_experts_per_tok <= self.num_experts,
+                     f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+                     f"num_experts ({self.num_experts})")
+            _require(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        _require(not bad, f"mlp_only_layers names layers {bad} outside 0..{self.num_hidden_layers - 1}")
+
+
+@dataclass(kw_only=True)
+class Qwen3MoeArgs(ModelArgs):
+    """Qwen3-30B-A3B, Qwen3-235B-A22B: grouped-query attention with q/k RMSNorm, routed experts."""
+
+    sliding_window: int | None = None  # set only when the config enables use_sliding_window
+
+
+@dataclass(kw_only=True)
+class Qwen3NextArgs(ModelArgs):
+    """Qwen3-Next: Gated DeltaNet and gated full attention layers, routed + one shared expert."""
+
+    layer_types: tuple[str, ...]
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    shared_expert_intermediate_size: int = 512
+    partial_rotary_factor: float = 0.25
+
+    def layer_type(self, layer: int) -> str:
+        return self.layer_types[layer]
+
+    def mixer_shapes(self, layer: int, prefix: str) -> dict[str, tuple[int, ...]]:
+        if self.layer_type(layer) == LINEAR_ATTENTION:
+            return _linear_attention_shapes(self, f"{prefix}.linear_attn")
+        # gated attention: q_proj also produces the output gate, one per head
+        return _attention_shapes(self, f"{prefix}.self_attn", 2 * self.num_attention_heads * self.head_dim)
+
+    def moe_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
+        shapes = super().moe_shapes(prefix)
+        shapes.update(_mlp_shapes(f"{prefix}.shared_expert", self.hidden_size,
+                                  self.shared_expert_intermediate_size))
+        shapes[f"{prefix}.shared_expert_gate.weight"] = (1, self.hidden_size)
+        return shapes
+
+    def validate(self) -> None:
+        super().validate()
+        _require(len(self.layer_types) == self.num_hidden_layers,
+                 f"layer_types has {len(self.layer_types)} entries for "
+                 f"{self.num_hidden_layers} layers")
+        unknown = sorted(set(self.layer_types) - {FULL_ATTENTION, LINEAR_ATTENTION})
+        _require(not unknown, f"unknown layer_types {unknown}; expected "
+                              f"'{FULL_ATTENTION}' or '{LINEAR_ATTENTION}'")
+        _require(self.linear_num_value_heads % self.linear_num_key_heads == 0,
+                 f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                 f"linear_num_key_heads ({self.linear_num_key_heads})")
+
+
+ARCHITECTURES: dict[str, type[ModelArgs]] = {
+    "qwen3_moe": Qwen3MoeArgs,
+    "qwen3_next": Qwen3NextArgs,
+}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.json: {message}")
+
+
+def load_config(model_dir: str | Path) -> ModelArgs:
+    """Read and validate `model_dir/config.json`."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise ConfigError(f"{model_dir}: no such directory; pass the folder of a Hugging Face checkpoint")
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir}: not a directory; pass the folder that holds config.json "
+                          "and the *.safetensors files")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{model_dir}: not a model directory (no config.json); pass the folder "
+                          "of a Hugging Face checkpoint")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); restore the file from the model's "
+                          "original download") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return args_from_dict(config)
+
+
+def args_from_dict(config: dict[str, Any]) -> ModelArgs:
+    """Build the `ModelArgs` subclass named by `config["model_type"]` from a config.json dict."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(f"config.json: model_type {model_type!r} is not supported; offload runs "
+                          f"{', '.join(sorted(ARCHITECTURES))}")
+    cls = ARCHITECTURES[model_type]
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {key: value for key, value in config.items() if key in known}
+    values.update(_rope_values(config, cls))
+    values.update(_common_values(config))
+    if cls is Qwen3NextArgs:
+        values["layer_types"] = _qwen3_next_layer_types(config)
+    if cls is Qwen3MoeArgs:
+        values["sliding_window"] = config.get("sliding_window") if config.get("use_sliding_window") else None
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and values.get(f.name) is None]
+    if missing:
+        raise ConfigError(f"config.json: missing required key(s) {', '.join(missing)} for {model_type}")
+    args = cls(**values)
+    args.validate()
+    return args
+
+
+def _common_values(config: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    num_experts = config.get("num_experts", config.get("num_local_experts"))
+    if num_experts is not None:
+        values["num_experts"] = num_experts
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    head_dim = config.get("head_dim")
+    if not head_dim and heads and hidden:
+        head_dim = hidden // heads
+    if head_dim:
+        values["head_dim"] = head_dim
+    if config.get("num_key_value_heads") is None and heads:
+        values["num_key_value_heads"] = heads
+    values["mlp_only_layers"] = tuple(config.get("mlp_only_layers") or ())
+    eos = config.get("eos_token_id")
+    values["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    dtype = config.get("torch_dtype", config.get("dtype"))
+    if dtype is not None:
+        values["torch_dtype"] = dtype
+    quant = config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method")
+        if method != "fp8":
+            raise ConfigError(f"config.json: quantization method {method!r} is not supported; use the "
+                              "model's bf16 or FP8 release")
+        values["fp8_block_size"] = tuple(quant.get("weight_block_size") or (128, 128))
+    return values
+
+
+def _rope_values(config: dict[str, Any], cls: type[ModelArgs]) -> dict[str, Any]:
+    # transformers >= 5 nests rope settings in `rope_parameters`; the hub configs keep them flat
+    # and describe scaling in `rope_scaling`.
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict):
+        params = dict(config.get("rope_scaling") or {})
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key in config:
+                params[key] = config[key]
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"config.json: rope scaling {rope_type!r} is not supported yet; remove "
+                          "rope_scaling to run at the model's native context length")
+    values: dict[str, Any] = {}
+    if "rope_theta" in params:
+        values["rope_theta"] = float(params["rope_theta"])
+    if "partial_rotary_factor" in params:
+        values["partial_rotary_factor"] = float(params["partial_rotary_factor"])
+    return values
+
+
+def _qwen3_next_layer_types(config: dict[str, Any]) -> tuple[str, ...]:
+    if config.get("layer_types") is not None:
+        return tuple(config["layer_types"])
+    if "num_hidden_layers" not in config:
+        raise ConfigError("config.json: missing required key num_hidden_layers for qwen3_next")
+    interval = config.get("full_attention_interval", 4)
+    return tuple(
+        FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION
+        for i in range(config["num_hidden_layers"])
+    )
+
+
+# --- the tensors of a checkpoint, by hub name -------------------------------------------------
+# Shapes are [out, in] as stored (torch Linear layout). Routed experts are stored one tensor per
+# expert; the loader stacks them into [E, out, in].
+
+
+def _attention_shapes(args: ModelArgs, prefix: str, q_width: int) -> dict[str, tuple[int, ...]]:
+    kv_width = args.num_key_value_heads * args.head_dim
+    shapes = {
+        f"{prefix}.q_proj.weight": (q_width, args.hidden_size),
+        f"{prefix}.k_proj.weight": (kv_width, args.hidden_size),
+        f"{prefix}.v_proj.weight": (kv_width, args.hidden_size),
+        f"{prefix}.o_proj.weight": (args.hidden_size, args.num_attention_heads * args.head_dim),
+        f"{prefix}.q_norm.weight": (args.head_dim,),
+        f"{prefix}.k_norm.weight": (args.head_dim,),
+    }
+    if args.attention_bias:
+        shapes.update({f"{prefix}.q_proj.bias": (q_width,), f"{prefix}.k_proj.bias": (kv_width,),
+                       f"{prefix}.v_proj.bias": (kv_width,), f"{prefix}.o_proj.bias": (args.hidden_size,)})
+    return shapes
+
+
+def _mlp_shapes(prefix: str, hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{prefix}.gate_proj.weight": (intermediate, hidden),
+        f"{prefix}.up_proj.weight": (intermediate, hidden),
+        f"{prefix}.down_proj.weight": (hidden, intermediate),
+    }
+
+
+def _linear_attention_shapes(args: Qwen3NextArgs, prefix: str) -> dict[str, tuple[int, ...]]:
+    key_dim = args.linear_num_key_heads * args.linear_key_head_dim
+    value_dim = args.linear_num_value_heads * args.linear_value_head_dim
+    heads = args.linear_num_value_heads
+    return {
+        f"{prefix}.in_proj_qkvz.weight": (2 * key_dim + 2 * value_dim, args.hidden_size),
+        f"{prefix}.in_proj_ba.weight": (2 * heads, args.hidden_size),
+        f"{prefix}.conv1d.weight": (2 * key_dim + value_dim, 1, args.linear_conv_kernel_dim),
+        f"{prefix}.dt_bias": (heads,),
+        f"{prefix}.A_log": (heads,),
+        f"{prefix}.norm.weight": (args.linear_value_head_dim,),
+        f"{prefix}.out_proj.weight": (args.hidden_size, value_dim),
+    }
+
+
+def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of this model holds, hub name -> shape, in order."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (args.vocab_size, args.hidden_size)}
+    for layer in range(args.num_hidden_layers):
+        prefix = f"model.layers.{layer}"
+        shapes[f"{prefix}.input_layernorm.weight"] = (args.hidden_size,)
+        shapes.update(args.mixer_shapes(layer, prefix))
+        shapes[f"{prefix}.post_attention_layernorm.weight"] = (args.hidden_size,)
+        if args.is_moe_layer(layer):
+            shapes.update(args.moe_shapes(f"{prefix}.mlp"))
+        else:
+            shapes.update(_mlp_shapes(f"{prefix}.mlp", args.hidden_size, args.intermediate_size))
+    shapes["model.norm.weight"] = (args.hidden_size,)
+    if not args.tie_word_embeddings:
+        shapes["lm_head.weight"] = (args.vocab_size, args.hidden_size)
+    return shapes

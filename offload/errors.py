@@ -1,0 +1,17 @@
+"""Errors a user can act on.
+
+Every `OffloadError` message is one line that says what is wrong and what to do about it; the CLI
+prints it without a traceback. Anything else that escapes is a bug in offload.
+"""
+
+
+class OffloadError(Exception):
+    """A problem with the user's input, files or machine, explained in one line."""
+
+
+class ConfigError(OffloadError):
+    """config.json is missing, unreadable, or describes a model offload cannot run."""
+
+
+class CheckpointError(OffloadError):
+    """A safetensors checkpoint is missing a file or tensor, or holds one of the wrong shape."""

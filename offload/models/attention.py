@@ -1,0 +1,55 @@
+"""What both architectures' attention layers share: rotary embedding and cached causal attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from offload.models.cache import KVCache
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotating the first `rotary_dim` channels of each head."""
+
+    def __init__(self, rotary_dim: int, theta: float):
+        super().__init__()
+        # Created on the CPU explicitly, so that a model built on the meta device still has it.
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device="cpu") / rotary_dim
+        self.register_buffer("inv_freq", 1.0 / theta**exponents, persistent=False)  # [rotary_dim/2]
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, rotary_dim] in `dtype`."""
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [H, T, Dh]; rotates channels [0, rotary_dim) in half-split pairs, passes the rest."""
+    rotary_dim = cos.shape[-1]
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    first, second = rotated.chunk(2, dim=-1)
+    rotated = rotated * cos + torch.cat([-second, first], dim=-1) * sin
+    return torch.cat([rotated, passed], dim=-1)
+
+
+def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cache: KVCache,
+                     start: int, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of new tokens over everything cached so far.
+
+    query [H, T, Dh] for positions start..start+T; keys, values [Hkv, T, Dh] (written to `cache`).
+    Returns [T, H * Dh].
+    """
+    num_tokens = query.shape[1]
+    keys, values = cache.update(keys, values, start)
+    mask = None
+    if num_tokens > 1 or sliding_window is not None:
+        query_pos = torch.arange(start, start + num_tokens, device=query.device)[:, None]
+        key_pos = torch.arange(keys.shape[1], device=query.device)[None, :]
+        mask = key_pos <= query_pos
+        if sliding_window is not None:
+            mask &= key_pos > query_pos - sliding_window
+    out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask,
+                                         enable_gqa=query.shape[0] != keys.shape[0])
+    return out[0].transpose(0, 1).reshape(num_tokens, -1)

@@ -1,0 +1,104 @@
+"""The Mixture-of-Experts pieces both architectures share.
+
+Shape legend: T = tokens, D = hidden size, E = routed experts, K = experts per token,
+I = one expert's intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Softmax over E experts in fp32, keep the top K, optionally renormalise them to sum to 1."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # [E, D]
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights [T, K] fp32, expert_ids [T, K] int64)."""
+        probs = torch.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, expert_ids
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts as stacked weights.
+
+    gate_up_proj: [E, 2I, D]  rows 0..I are the gate projection, I..2I the up projection
+    down_proj:    [E, D, I]
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], expert_ids [T, K], weights [T, K] fp32 -> [T, D] fp32.
+
+        Tokens are grouped by expert so each expert's weights are read once per call.
+        """
+        num_experts = self.gate_up_proj.shape[0]
+        top_k = expert_ids.shape[1]
+        flat_ids = expert_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)  # slots sorted by expert
+        counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        flat_weights = weights.reshape(-1)
+        begin = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            slots = order[begin:begin + count]
+            begin += count
+            tokens = slots // top_k
+            gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            out.index_add_(0, tokens, y.float() * flat_weights[slots, None])
+        return out
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + routed experts, plus an always-active shared expert when `shared_intermediate_size`.
+
+    Attribute names follow the checkpoint (`mlp.gate`, `mlp.experts`, `mlp.shared_expert`, ...).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
+                 norm_topk_prob: bool, shared_intermediate_size: int = 0):
+        super().__init__()
+        self.gate = Router(hidden_size, num_experts, top_k, norm_topk_prob)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.shared_expert = None
+        if shared_intermediate_size:
+            self.shared_expert = MLP(hidden_size, shared_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, D] in x's dtype."""
+        weights, expert_ids = self.gate(x)
+        out = self.experts(x, expert_ids, weights)
+        if self.shared_expert is not None:
+            out += (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()
+        return out.to(x.dtype)

@@ -1,0 +1,100 @@
+"""Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B).
+
+A decoder of grouped-query attention (RMSNorm on each query/key head, full rotary) and sparse MoE
+blocks of softmax-top-K routed SwiGLU experts.
+Shape legend: T = tokens, D = hidden, H / Hkv = query / key-value heads, Dh = head dim, V = vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from offload.config import Qwen3MoeArgs
+from offload.models.attention import RotaryEmbedding, apply_rope, cached_attention
+from offload.models.cache import Cache, KVCache
+from offload.models.hub import sanitize  # noqa: F401  (part of the architecture's interface)
+from offload.models.moe import MLP, SparseMoeBlock
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: Qwen3MoeArgs):
+        super().__init__()
+        heads, kv_heads, head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, args.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(head_dim, args.rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, args.rms_norm_eps)
+        self.head_dim = head_dim
+        self.sliding_window = args.sliding_window
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                start: int) -> torch.Tensor:
+        """x [T, D] -> [T, D]."""
+        num_tokens = x.shape[0]
+        query = self.q_norm(self.q_proj(x).view(num_tokens, -1, self.head_dim)).transpose(0, 1)
+        key = self.k_norm(self.k_proj(x).view(num_tokens, -1, self.head_dim)).transpose(0, 1)
+        value = self.v_proj(x).view(num_tokens, -1, self.head_dim).transpose(0, 1)
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        out = cached_attention(query, key, value, cache, start, self.sliding_window)
+        return self.o_proj(out)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: Qwen3MoeArgs, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if args.is_moe_layer(layer):
+            self.mlp = SparseMoeBlock(args.hidden_size, args.num_experts, args.num_experts_per_tok,
+                                      args.moe_intermediate_size, args.norm_topk_prob)
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size)
+
+    def forward(self, x, cos, sin, cache: KVCache, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    def __init__(self, args: Qwen3MoeArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(args.rotary_dim, args.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, caches: list[Cache], start: int,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [T] at positions start..start+T -> logits [T, V] (or [1, V] if last_only)."""
+        x = self.embed_tokens(input_ids)
+        positions = torch.arange(start, start + input_ids.shape[0], device=x.device)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, cos, sin, cache, start)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.norm(x))
+
+
+def make_cache(args: Qwen3MoeArgs, max_len: int, dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> list[Cache]:
+    return [KVCache(max_len, args.num_key_value_heads, args.head_dim, dtype, device)
+            for _ in range(args.num_hidden_layers)]

@@ -1,0 +1,272 @@
+"""Qwen3-Next (Qwen3-Next-80B-A3B).
+
+A hybrid decoder: most layers mix tokens with Gated DeltaNet (a linear-attention recurrence with
+a causal depthwise conv in front), every few layers with gated full attention (an output gate per
+channel, RMSNorm on each query/key head, rotary on a fraction of the head). Every block's MLP is a
+sparse MoE with one always-active shared expert. RMSNorms here are zero-centred: scale = 1 + w.
+
+Shape legend: T = tokens, D = hidden, H / Hkv = query / key-value heads, Dh = head dim,
+Hk / Hv = DeltaNet key / value heads (each key head serves Hv / Hk value heads),
+Dk / Dv = DeltaNet key / value head dims, C = conv channels (2 Hk Dk + Hv Dv), K = conv kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from offload.config import LINEAR_ATTENTION, Qwen3NextArgs
+from offload.models.attention import RotaryEmbedding, apply_rope, cached_attention
+from offload.models.cache import Cache, KVCache, LinearAttentionCache
+from offload.models.hub import sanitize  # noqa: F401  (part of the architecture's interface)
+from offload.models.moe import MLP, SparseMoeBlock
+
+DELTA_CHUNK_SIZE = 64  # tokens per chunk of the chunked delta rule (prefill)
+
+
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm: x / rms(x) * (1 + weight), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class RMSNormGated(nn.Module):
+    """RMSNorm (plain scale) of the DeltaNet output, then times silu(gate)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * normed.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
+
+
+class GatedAttention(nn.Module):
+    """Full attention whose output is gated per channel by sigmoid(gate); q_proj yields both."""
+
+    def __init__(self, args: Qwen3NextArgs):
+        super().__init__()
+        heads, kv_heads, head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, 2 * heads * head_dim, bias=bias)  # per head: query, gate
+        self.k_proj = nn.Linear(args.hidden_size, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, args.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(head_dim, args.rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, args.rms_norm_eps)
+        self.head_dim = head_dim
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                start: int) -> torch.Tensor:
+        """x [T, D] -> [T, D]."""
+        num_tokens = x.shape[0]
+        query, gate = self.q_proj(x).view(num_tokens, -1, 2 * self.head_dim).chunk(2, dim=-1)
+        query = self.q_norm(query).transpose(0, 1)  # [H, T, Dh]
+        key = self.k_norm(self.k_proj(x).view(num_tokens, -1, self.head_dim)).transpose(0, 1)
+        value = self.v_proj(x).view(num_tokens, -1, self.head_dim).transpose(0, 1)
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        out = cached_attention(query, key, value, cache, start)  # [T, H * Dh]
+        return self.o_proj(out * torch.sigmoid(gate.reshape(num_tokens, -1)))
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention by the gated delta rule. Per value head, with state S [Dk, Dv]:
+        S = exp(g_t) S;  S += k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T q_t
+    where q, k are L2-normalised (q also scaled by Dk^-1/2), beta = sigmoid(b) and
+    g = -exp(A_log) softplus(a + dt_bias) <= 0 is the log decay.
+    """
+
+    def __init__(self, args: Qwen3NextArgs):
+        super().__init__()
+        self.num_key_heads = args.linear_num_key_heads
+        self.num_value_heads = args.linear_num_value_heads
+        self.key_head_dim = args.linear_key_head_dim
+        self.value_head_dim = args.linear_value_head_dim
+        key_dim = self.num_key_heads * self.key_head_dim
+        value_dim = self.num_value_heads * self.value_head_dim
+        self.conv_dim = 2 * key_dim + value_dim
+        # in_proj_qkvz rows are grouped by key head: [q (Dk), k (Dk), v (r Dv), z (r Dv)] per key
+        # head, r = Hv / Hk; in_proj_ba likewise [b (r), a (r)] per key head.
+        self.in_proj_qkvz = nn.Linear(args.hidden_size, 2 * key_dim + 2 * value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(args.hidden_size, 2 * self.num_value_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, args.linear_conv_kernel_dim,
+                                groups=self.conv_dim, bias=False)  # weight [C, 1, K]
+        self.dt_bias = nn.Parameter(torch.ones(self.num_value_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_value_heads))
+        self.norm = RMSNormGated(self.value_head_dim, args.rms_norm_eps)
+        self.out_proj = nn.Linear(value_dim, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: LinearAttentionCache) -> torch.Tensor:
+        """x [T, D] -> [T, D]; reads and advances `cache`."""
+        num_tokens = x.shape[0]
+        per_key_head = self.num_value_heads // self.num_key_heads
+        value_width = per_key_head * self.value_head_dim
+        qkvz = self.in_proj_qkvz(x).view(num_tokens, self.num_key_heads, -1)
+        query, key, value, z = qkvz.split([self.key_head_dim, self.key_head_dim, value_width, value_width], -1)
+        b, a = self.in_proj_ba(x).view(num_tokens, self.num_key_heads, -1).split(per_key_head, -1)
+
+        mixed = torch.cat([t.reshape(num_tokens, -1) for t in (query, key, value)], dim=-1)  # [T, C]
+        mixed = self._causal_conv(mixed, cache)
+        key_dim = self.num_key_heads * self.key_head_dim
+        query, key, value = mixed.split([key_dim, key_dim, mixed.shape[1] - 2 * key_dim], dim=-1)
+
+        # fp32 from here: the recurrence accumulates over the whole sequence
+        query = _l2norm(query.float().view(num_tokens, self.num_key_heads, self.key_head_dim))
+        key = _l2norm(key.float().view(num_tokens, self.num_key_heads, self.key_head_dim))
+        query = query.repeat_interleave(per_key_head, dim=1) * self.key_head_dim**-0.5  # [T, Hv, Dk]
+        key = key.repeat_interleave(per_key_head, dim=1)
+        value = value.float().view(num_tokens, self.num_value_heads, self.value_head_dim)
+        beta = torch.sigmoid(b.reshape(num_tokens, -1)).float()  # [T, Hv]
+        decay = -self.A_log.float().exp() * F.softplus(a.reshape(num_tokens, -1).float() + self.dt_bias)
+
+        if num_tokens == 1:
+            out = gated_delta_step(query[0], key[0], value[0], decay[0], beta[0], cache.recurrent_state)[None]
+        else:
+            out = gated_delta_chunked(query, key, value, decay, beta, cache.recurrent_state)
+        out = self.norm(out.to(x.dtype), z.reshape(num_tokens, self.num_value_heads, self.value_head_dim))
+        return self.out_proj(out.reshape(num_tokens, -1))
+
+    def _causal_conv(self, mixed: torch.Tensor, cache: LinearAttentionCache) -> torch.Tensor:
+        """Depthwise causal conv + silu over [T, C], continuing from the cached last K-1 inputs."""
+        extended = torch.cat([cache.conv_state, mixed.transpose(0, 1)], dim=1)  # [C, K-1+T]
+        cache.conv_state.copy_(extended[:, -cache.conv_state.shape[1]:])
+        out = F.conv1d(extended[None], self.conv1d.weight, groups=self.conv_dim)[0]  # [C, T]
+        return F.silu(out).transpose(0, 1)
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def gated_delta_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, decay: torch.Tensor,
+                     beta: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """One token of the gated delta rule, all heads, fp32.
+
+    query, key [Hv, Dk]; value [Hv, Dv]; decay, beta [Hv]; state [Hv, Dk, Dv] updated in place.
+    Returns [Hv, Dv].
+    """
+    state.mul_(decay.exp()[:, None, None])
+    predicted = torch.bmm(key[:, None, :], state)[:, 0]  # S^T k: [Hv, Dv]
+    delta = (value - predicted) * beta[:, None]
+    state.baddbmm_(key[:, :, None], delta[:, None, :])  # S += k delta^T
+    return torch.bmm(query[:, None, :], state)[:, 0]
+
+
+def gated_delta_chunked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, decay: torch.Tensor,
+                        beta: torch.Tensor, state: torch.Tensor,
+                        chunk_size: int = DELTA_CHUNK_SIZE) -> torch.Tensor:
+    """The gated delta rule over T tokens, in chunks (fp32). Same contract as `gated_delta_step`
+    with a leading T: query, key [T, Hv, Dk]; value [T, Hv, Dv]; decay, beta [T, Hv].
+
+    Within a chunk, with G_i the cumulative log decay up to token i and S0 the state before it,
+    the corrections delta_i = beta_i (v_i - S_{i-1}'^T k_i) solve a unit lower-triangular system
+        delta_i + sum_{j<i} beta_i e^{G_i - G_j} (k_i . k_j) delta_j = beta_i (v_i - e^{G_i} S0^T k_i)
+    so delta = U - W S0 with U, W independent of S0 (batched over all chunks at once); only
+    the cheap S0-dependent part runs sequentially, one chunk at a time.
+    """
+    num_tokens = query.shape[0]
+    pad = -num_tokens % chunk_size  # padded tokens have beta = 0 and decay = 0: no effect
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [T, Hv, ...] -> [Hv, N, chunk, ...]
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+        x = x.transpose(0, 1)
+        return x.reshape(x.shape[0], -1, chunk_size, *x.shape[2:])
+
+    query, key, value, decay, beta = (chunks(t) for t in (query, key, value, decay, beta))
+    cumulative = decay.cumsum(dim=-1)  # G: [Hv, N, chunk]
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=query.device).tril()
+    # e^{G_i - G_j} for j <= i, 0 above the diagonal (masked before exp: G_i - G_j > 0 there)
+    pair_decay = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+
+    key_beta = key * beta[..., None]
+    # strictly lower part of the system; solve_triangular(unitriangular=True) supplies the unit diagonal
+    system = (key_beta @ key.transpose(-1, -2) * pair_decay).tril(-1)
+    u = torch.linalg.solve_triangular(system, value * beta[..., None], upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, key_beta * cumulative.exp()[..., None], upper=False,
+                                      unitriangular=True)
+    intra = query @ key.transpose(-1, -2) * pair_decay  # [Hv, N, chunk, chunk]
+    query_decayed = query * cumulative.exp()[..., None]
+    key_to_end = key * (cumulative[..., -1:] - cumulative).exp()[..., None]
+    chunk_decay = cumulative[..., -1].exp()  # [Hv, N]
+
+    out = torch.empty_like(u)  # [Hv, N, chunk, Dv]
+    for n in range(query.shape[1]):
+        delta = u[:, n] - w[:, n] @ state
+        out[:, n] = query_decayed[:, n] @ state + intra[:, n] @ delta
+        state.mul_(chunk_decay[:, n, None, None]).add_(key_to_end[:, n].transpose(-1, -2) @ delta)
+    out = out.reshape(out.shape[0], -1, out.shape[-1])[:, :num_tokens]
+    return out.transpose(0, 1)  # [T, Hv, Dv]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: Qwen3NextArgs, layer: int):
+        super().__init__()
+        self.is_linear = args.layer_type(layer) == LINEAR_ATTENTION
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(args)
+        else:
+            self.self_attn = GatedAttention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if args.is_moe_layer(layer):
+            self.mlp = SparseMoeBlock(args.hidden_size, args.num_experts, args.num_experts_per_tok,
+                                      args.moe_intermediate_size, args.norm_topk_prob,
+                                      args.shared_expert_intermediate_size)
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size)
+
+    def forward(self, x, cos, sin, cache: Cache, start: int) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.is_linear:
+            h = self.linear_attn(h, cache)
+        else:
+            h = self.self_attn(h, cos, sin, cache, start)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    def __init__(self, args: Qwen3NextArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(args.rotary_dim, args.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, caches: list[Cache], start: int,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [T] at positions start..start+T -> logits [T, V] (or [1, V] if last_only)."""
+        x = self.embed_tokens(input_ids)
+        positions = torch.arange(start, start + input_ids.shape[0], device=x.device)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, cos, sin, cache, start)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.norm(x))
+
+
+def make_cache(args: Qwen3NextArgs, max_len: int, dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> list[Cache]:
+    conv_dim = 2 * args.linear_num_key_heads * args.linear_key_head_dim + \
+        args.linear_num_value_heads * args.linear_value_head_dim
+    return [
+        LinearAttentionCache(conv_dim, args.linear_conv_kernel_dim, args.linear_num_value_heads,
+                             args.linear_key_head_dim, args.linear_value_head_dim, dtype, device)
+        if args.layer_type(layer) == LINEAR_ATTENTION
+        else KVCache(max_len, args.num_key_value_heads, args.head_dim, dtype, device)
+        for layer in range(args.num_hidden_layers)
+    ]
