@@ -78,6 +78,10 @@ class ModelArgs:
                                       self.moe_intermediate_size))
         return shapes
 
+    def norm_is_zero_centred(self, name: str) -> bool:
+        """Whether the RMSNorm weight `name` is stored as scale - 1 (so 0 is the identity)."""
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -122,6 +126,9 @@ class Qwen3NextArgs(ModelArgs):
 
     def layer_type(self, layer: int) -> str:
         return self.layer_types[layer]
+
+    def norm_is_zero_centred(self, name: str) -> bool:
+        return not name.endswith("linear_attn.norm.weight")  # the gated norm keeps a plain scale
 
     def mixer_shapes(self, layer: int, prefix: str) -> dict[str, tuple[int, ...]]:
         if self.layer_type(layer) == LINEAR_ATTENTION:

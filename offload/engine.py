@@ -35,6 +35,7 @@ class Engine:
         self.dtype = model.embed_tokens.weight.dtype
         self.caches: list[Cache] = ARCHITECTURES[args.model_type].make_cache(args, ctx, self.dtype, device)
         self.plan = None  # set by the planner once it exists; execution ignores it for now
+        self.position = 0  # tokens of the current sequence held in the caches
 
     @property
     def cache_nbytes(self) -> int:
@@ -54,49 +55,54 @@ class Engine:
             raise OffloadError(f"{needed} tokens do not fit the context of {self.ctx}; load with a "
                                f"larger ctx (at most {self.args.max_position_embeddings})")
 
-    def _forward(self, ids: torch.Tensor, start: int, last_only: bool) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model(ids, self.caches, start, last_only=last_only).float()
-
-    def _prefill(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        """Run a fresh sequence's prompt in chunks; logits [T, V] or of the last token [1, V]."""
+    def reset(self) -> None:
+        """Start a new sequence."""
         for cache in self.caches:
             cache.reset()
+        self.position = 0
+
+    def feed(self, input_ids: Sequence[int] | torch.Tensor, all_logits: bool = True) -> torch.Tensor:
+        """Append tokens to the current sequence; float32 logits of each new token [T, vocab]
+        (only of the last one, [1, vocab], when all_logits is False).
+
+        Long inputs run in chunks of PREFILL_CHUNK tokens, each continuing from the caches.
+        """
+        ids = self._ids(input_ids)
+        self._check_room(self.position + ids.shape[0])
         outputs = []
-        for start in range(0, ids.shape[0], PREFILL_CHUNK):
-            chunk = ids[start:start + PREFILL_CHUNK]
-            last_chunk = start + PREFILL_CHUNK >= ids.shape[0]
-            if all_logits or last_chunk:
-                outputs.append(self._forward(chunk, start, last_only=not all_logits))
-            else:
-                self._forward(chunk, start, last_only=True)
-        return torch.cat(outputs)
+        with torch.inference_mode():
+            for begin in range(0, ids.shape[0], PREFILL_CHUNK):
+                chunk = ids[begin:begin + PREFILL_CHUNK]
+                is_last = begin + PREFILL_CHUNK >= ids.shape[0]
+                logits = self.model(chunk, self.caches, self.position, last_only=not all_logits)
+                self.position += chunk.shape[0]
+                if all_logits or is_last:
+                    outputs.append(logits.float())
+        return torch.cat(outputs).cpu()
 
     def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Logits of a fresh sequence: input_ids [T] -> float32 [T, vocab]. No state is kept."""
-        ids = self._ids(input_ids)
-        self._check_room(ids.shape[0])
-        return self._prefill(ids, all_logits=True).cpu()
+        self.reset()
+        try:
+            return self.feed(input_ids)
+        finally:
+            self.reset()
 
     def stream(self, input_ids: Sequence[int] | torch.Tensor, max_new_tokens: int = 32,
                temperature: float = 0.0, seed: int | None = None) -> Iterator[int]:
-        """Yield new token ids one at a time; stops early at an end-of-sequence token."""
+        """Yield new token ids of a fresh sequence one at a time; stops after an end-of-sequence
+        token or `max_new_tokens`."""
         ids = self._ids(input_ids)
         self._check_room(ids.shape[0] + max_new_tokens)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-        logits = self._prefill(ids, all_logits=False)[-1]
-        position = ids.shape[0]
-        token_buffer = torch.empty(1, dtype=torch.long, device=self.device)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.reset()
+        logits = self.feed(ids, all_logits=False)[-1]
         for step in range(max_new_tokens):
-            token = sample(logits.cpu(), temperature, generator)
+            token = sample(logits, temperature, generator)
             yield token
             if token in self.args.eos_token_ids or step == max_new_tokens - 1:
                 return
-            token_buffer[0] = token
-            logits = self._forward(token_buffer, position, last_only=True)[-1]
-            position += 1
+            logits = self.feed([token], all_logits=False)[-1]
 
     def generate(self, input_ids: Sequence[int] | torch.Tensor, max_new_tokens: int = 32,
                  temperature: float = 0.0, seed: int | None = None) -> list[int]:

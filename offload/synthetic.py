@@ -1,0 +1,206 @@
+"""Random checkpoints of the real architectures, written without transformers.
+
+Tests, the demo and the benchmarks need checkpoints that have the real models' file layout,
+names, shapes and config.json, but not their weights. `synthesize()` writes one from a preset
+(the real models' configs, or tiny ones), optionally with fewer layers or experts, as sharded
+safetensors with an index when larger than one shard. Every parameter is random (norm weights,
+`A_log`, `dt_bias` too), drawn from a generator seeded by (seed, tensor name): the same call
+writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+
+from offload.checkpoint import INDEX_FILE
+from offload.config import ModelArgs, args_from_dict, checkpoint_shapes
+from offload.errors import OffloadError
+
+_QWEN3_NEXT_80B = {
+    "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next",
+    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5120, "num_hidden_layers": 48,
+    "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+    "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "full_attention_interval": 4,
+    "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+    "rope_scaling": None, "max_position_embeddings": 262144, "tie_word_embeddings": False,
+    "attention_bias": False, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
+    "torch_dtype": "bfloat16",
+}
+_QWEN3_30B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+    "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "rope_scaling": None, "max_position_embeddings": 40960, "max_window_layers": 48,
+    "use_sliding_window": False, "sliding_window": None, "tie_word_embeddings": False,
+    "attention_bias": False, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
+    "torch_dtype": "bfloat16",
+}
+_QWEN3_235B = {
+    **_QWEN3_30B, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 94,
+    "num_attention_heads": 64, "num_key_value_heads": 4, "moe_intermediate_size": 1536,
+    "max_window_layers": 94,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen3-next-80b-a3b": _QWEN3_NEXT_80B,
+    "qwen3-30b-a3b": _QWEN3_30B,
+    "qwen3-235b-a22b": _QWEN3_235B,
+    # Small enough for tests: every feature of the architecture, a few MB.
+    "tiny-qwen3-next": {
+        **_QWEN3_NEXT_80B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 4, "full_attention_interval": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "num_experts": 16,
+        "num_experts_per_tok": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+        "max_position_embeddings": 4096, "rope_theta": 10000.0, "bos_token_id": None,
+        "eos_token_id": None, "torch_dtype": "float32",
+    },
+    "tiny-qwen3-moe": {
+        **_QWEN3_30B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
+        "max_position_embeddings": 4096, "rope_theta": 10000.0, "max_window_layers": 4,
+        "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32",
+    },
+    # The `offload run --demo` model: Qwen3-Next's architecture at a size any machine runs at once.
+    "demo-qwen3-next": {
+        **_QWEN3_NEXT_80B, "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_num_key_heads": 4,
+        "linear_num_value_heads": 8, "num_experts": 32, "num_experts_per_tok": 4,
+        "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128,
+        "max_position_embeddings": 8192, "bos_token_id": None, "eos_token_id": None,
+    },
+}
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DEFAULT_SHARD_BYTES = 2 * 2**30
+
+
+def preset_config(preset: str, layers: int | None = None, experts: int | None = None,
+                  dtype: str | None = None) -> dict[str, Any]:
+    """The config.json of `preset`, with the number of layers / routed experts / dtype overridden."""
+    if preset not in PRESETS:
+        raise OffloadError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = dict(PRESETS[preset])
+    if layers is not None:
+        if layers <= 0:
+            raise OffloadError(f"--layers must be positive, got {layers}")
+        config["num_hidden_layers"] = layers
+    if experts is not None:
+        if experts <= 0:
+            raise OffloadError(f"--experts must be positive, got {experts}")
+        config["num_experts"] = experts
+        config["num_experts_per_tok"] = min(config["num_experts_per_tok"], experts)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise OffloadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        config["torch_dtype"] = _DTYPE_NAMES[DTYPES[dtype]]
+    return config
+
+
+def random_tensor(args: ModelArgs, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A float32 tensor for parameter `name`, scaled like a trained one of its kind."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    def normal(std: float, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * std + mean
+
+    if name.endswith("A_log"):  # decay rates A in [1, 16)
+        return torch.empty(shape).uniform_(1, 16, generator=generator).log()
+    if name.endswith("dt_bias"):
+        return torch.empty(shape).uniform_(-1, 2, generator=generator)
+    if name.endswith("conv1d.weight"):
+        return normal(shape[-1] ** -0.5)
+    if len(shape) == 1 and "norm" in name:
+        return normal(0.1, 0.0 if args.norm_is_zero_centred(name) else 1.0)
+    if name.endswith(".bias"):
+        return normal(0.02)
+    if name.endswith("embed_tokens.weight"):
+        return normal(1.0)
+    return normal(shape[-1] ** -0.5)  # projections: unit-variance outputs for unit inputs
+
+
+def synthesize(out_dir: str | Path, config: dict[str, Any], seed: int = 0,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+               progress: Callable[[int], None] | None = None) -> Path:
+    """Write a random checkpoint for `config` to `out_dir`; return its path.
+
+    The checkpoint is built in a sibling temporary directory and renamed into place, so `out_dir`
+    is either absent, the old content, or complete. `progress(bytes)` is called after each tensor.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise OffloadError(f"{out_dir} already exists and is not empty; choose a new directory or "
+                           "pass --force to replace it")
+    args = args_from_dict(config)
+    dtype = _dtype(args)
+    shapes = checkpoint_shapes(args)
+    shards = _assign_shards(shapes, dtype.itemsize, max_shard_bytes)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        weight_map = {}
+        for shard_name, names in shards:
+            tensors = {}
+            for name in names:
+                tensors[name] = random_tensor(args, name, shapes[name], seed).to(dtype).contiguous()
+                weight_map[name] = shard_name
+                if progress:
+                    progress(tensors[name].nbytes)
+            save_file(tensors, partial / shard_name, metadata={"format": "pt"})
+        if len(shards) > 1:
+            total = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        partial.rename(out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out_dir
+
+
+def _assign_shards(shapes: dict[str, tuple[int, ...]], itemsize: int,
+                   max_shard_bytes: int) -> list[tuple[str, list[str]]]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return [("model.safetensors", groups[0])]
+    count = len(groups)
+    return [(f"model-{i + 1:05d}-of-{count:05d}.safetensors", names) for i, names in enumerate(groups)]
+
+
+def _dtype(args: ModelArgs) -> torch.dtype:
+    return {name: dtype for dtype, name in _DTYPE_NAMES.items()}.get(args.torch_dtype, torch.bfloat16)
+
+
+def checkpoint_nbytes(config: dict[str, Any]) -> int:
+    """Bytes of weights a checkpoint of `config` holds."""
+    args = args_from_dict(config)
+    return sum(math.prod(shape) for shape in checkpoint_shapes(args).values()) * _dtype(args).itemsize

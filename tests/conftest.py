@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny random checkpoints written by transformers, the correctness oracle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tiny but complete configurations. Every parameter is re-drawn at a useful scale after
+# construction (norm weights, A_log, dt_bias included), so a wrong sign or a missing "1 +" shows.
+NEXT_CONFIGS = {
+    # 2 of 5 layers full attention, value heads = 2x key heads, untied, renormalised top-k
+    "next": dict(layer_types=["linear_attention", "full_attention", "linear_attention",
+                              "linear_attention", "full_attention"],
+                 linear_num_key_heads=2, linear_num_value_heads=4, tie_word_embeddings=False,
+                 norm_topk_prob=True),
+    # value heads = 4x key heads, tied embeddings, raw top-k weights, a dense MLP layer,
+    # written as a hub-style config.json (full_attention_interval, flat rope keys)
+    "next-hub": dict(num_hidden_layers=4, full_attention_interval=2, linear_num_key_heads=1,
+                     linear_num_value_heads=4, tie_word_embeddings=True, norm_topk_prob=False,
+                     mlp_only_layers=[2], hub_style=True),
+}
+MOE_CONFIGS = {
+    "moe": dict(num_hidden_layers=3, tie_word_embeddings=False, norm_topk_prob=True),
+    # tied, raw top-k weights, every other layer dense, hub-style config.json
+    "moe-hub": dict(num_hidden_layers=4, tie_word_embeddings=True, norm_topk_prob=False,
+                    decoder_sparse_step=2, hub_style=True),
+}
+
+
+def _next_config(overrides: dict):
+    from transformers import Qwen3NextConfig
+
+    values = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_key_head_dim=16,
+                  linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=12,
+                  num_experts_per_tok=3, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                   "partial_rotary_factor": 0.25},
+                  max_position_embeddings=1024)
+    values.update(overrides)
+    interval = values.pop("full_attention_interval", None)
+    if interval:
+        values["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                 for i in range(values["num_hidden_layers"])]
+    else:
+        values["num_hidden_layers"] = len(values["layer_types"])
+    return Qwen3NextConfig(**values)
+
+
+def _moe_config(overrides: dict):
+    from transformers import Qwen3MoeConfig
+
+    values = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, num_experts=12, num_experts_per_tok=3,
+                  moe_intermediate_size=32, max_position_embeddings=1024,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    values.update(overrides)
+    return Qwen3MoeConfig(**values)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Re-draw every parameter: matrices ~ N(0, 1/fan_in), vectors ~ N(0.5, 0.3), A_log > 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("A_log"):
+                param.copy_(torch.empty(param.shape).uniform_(1, 16, generator=generator).log())
+            elif param.dim() == 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3 + 0.5)
+            else:
+                fan_in = param.shape[-1]
+                param.copy_(torch.randn(param.shape, generator=generator) * fan_in**-0.5)
+
+
+def to_hub_style(config_path: Path, full_attention_interval: int | None) -> None:
+    """Rewrite a transformers-5 config.json the way the original hub releases spell it."""
+    config = json.loads(config_path.read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope["rope_theta"]
+    if "partial_rotary_factor" in rope:
+        config["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    config["rope_scaling"] = None
+    if full_attention_interval:
+        del config["layer_types"]
+        config["full_attention_interval"] = full_attention_interval
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+class HFCheckpoint:
+    def __init__(self, path: Path, model):
+        self.path = path
+        self.model = model
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(ids[None]).logits[0].float()
+
+
+_built: dict[str, HFCheckpoint] = {}
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """hf_checkpoint(name) -> HFCheckpoint: a transformers model and its saved directory."""
+
+    def build(name: str) -> HFCheckpoint:
+        if name in _built:
+            return _built[name]
+        from transformers import Qwen3MoeForCausalLM, Qwen3NextForCausalLM
+
+        is_next = name in NEXT_CONFIGS
+        overrides = dict((NEXT_CONFIGS if is_next else MOE_CONFIGS)[name])
+        hub_style = overrides.pop("hub_style", False)
+        interval = overrides.get("full_attention_interval")
+        config = _next_config(overrides) if is_next else _moe_config(overrides)
+        torch.manual_seed(0)
+        model = (Qwen3NextForCausalLM if is_next else Qwen3MoeForCausalLM)(config).eval()
+        randomize(model)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        if hub_style:
+            to_hub_style(path / "config.json", interval)
+        _built[name] = HFCheckpoint(path, model)
+        return _built[name]
+
+    return build
