@@ -1,0 +1,63 @@
+"""The `offload` command line, driven through click's runner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    return CliRunner()
+
+
+def test_run_demo_builds_the_demo_once_and_generates(runner, tmp_path):
+    result = runner.invoke(main, ["run", "--demo", "--max-tokens", "5", "--ids", "1 2 3"])
+    assert result.exit_code == 0, result.output
+    assert "Building the demo model" in result.stderr
+    assert len(result.stdout.split()) == 5 and all(t.isdigit() for t in result.stdout.split())
+    assert "prompt 3 tokens at" in result.stderr and "generated 5 tokens at" in result.stderr
+    again = runner.invoke(main, ["run", "--demo", "--max-tokens", "5", "--ids", "1,2,3"])
+    assert again.exit_code == 0 and "Building" not in again.stderr
+    assert again.stdout == result.stdout  # greedy is deterministic
+
+
+def test_run_model_dir(runner, tmp_path):
+    out = tmp_path / "tiny"
+    synth = runner.invoke(main, ["synth", "tiny-qwen3-moe", str(out), "--layers", "2"])
+    assert synth.exit_code == 0, synth.output
+    assert "wrote" in synth.stdout and json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    result = runner.invoke(main, ["run", "--model", str(out), "--max-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.split()) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--model", "/no/such/dir"], "error: /no/such/dir: no such directory"),
+    (["synth", "gpt5", "out"], "error: unknown preset 'gpt5'"),
+])
+def test_errors_are_one_line_without_traceback(runner, args, message):
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1
+    assert result.stderr.strip().startswith(message)
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_run_needs_a_model(runner):
+    result = runner.invoke(main, ["run"])
+    assert result.exit_code == 2 and "give exactly one of --model DIR or --demo" in result.stderr
+    result = runner.invoke(main, ["run", "--demo", "--ids", "a b"])
+    assert result.exit_code == 2 and "is not a list of token ids" in result.stderr
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-c", "from cli import main; main()", "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "synth" in result.stdout and "run" in result.stdout

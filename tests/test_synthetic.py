@@ -1,0 +1,80 @@
+"""Synthetic checkpoints: the real architectures' files, readable by transformers and by offload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import offload
+from offload.config import args_from_dict, checkpoint_shapes
+from offload.errors import OffloadError
+from offload.synthetic import PRESETS, preset_config, synthesize
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3-next", "tiny-qwen3-moe"])
+def test_tiny_presets_match_transformers(preset, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = synthesize(tmp_path / preset, preset_config(preset))
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, 512, (100,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    logits = offload.load(path).logits(ids)
+    assert expected.std() > 0.1
+    assert (logits - expected).abs().max() <= 2e-4
+
+
+def test_every_parameter_is_random(tmp_path):
+    path = synthesize(tmp_path / "m", preset_config("tiny-qwen3-next"))
+    tensors = load_file(path / "model.safetensors")
+    for name, tensor in tensors.items():
+        assert tensor.std() > 0.01, name  # norms, A_log, dt_bias, conv weights included
+    a_log = tensors["model.layers.0.linear_attn.A_log"]
+    assert torch.all(a_log >= 0) and torch.all(a_log < torch.log(torch.tensor(16.0)))
+
+
+def test_sharding_and_determinism(tmp_path):
+    config = preset_config("tiny-qwen3-next", layers=3, experts=6, dtype="bf16")
+    single = synthesize(tmp_path / "single", config, seed=3)
+    sharded = synthesize(tmp_path / "sharded", config, seed=3, max_shard_bytes=100_000)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in load_file(single / "model.safetensors").values())
+    ids = list(range(1, 40))
+    assert torch.equal(offload.load(single).logits(ids), offload.load(sharded).logits(ids))
+    again = synthesize(tmp_path / "again", config, seed=3)
+    assert (again / "model.safetensors").read_bytes() == (single / "model.safetensors").read_bytes()
+    args = offload.load(single).args
+    assert args.num_hidden_layers == 3 and args.num_experts == 6 and args.torch_dtype == "bfloat16"
+    assert offload.load(single).dtype == torch.bfloat16
+
+
+def test_real_presets_have_the_published_sizes():
+    # total parameters, from the model cards: 80B, 30.5B, 235B
+    expected = {"qwen3-next-80b-a3b": 80e9, "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9}
+    for preset, total in expected.items():
+        shapes = checkpoint_shapes(args_from_dict(PRESETS[preset]))
+        count = sum(torch.Size(shape).numel() for shape in shapes.values())
+        assert abs(count - total) / total < 0.01, (preset, count)
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    out = synthesize(tmp_path / "m", preset_config("tiny-qwen3-moe"))
+    with pytest.raises(OffloadError, match="already exists and is not empty; choose a new directory or pass --force"):
+        synthesize(out, preset_config("tiny-qwen3-moe"))
+    synthesize(out, preset_config("tiny-qwen3-moe", layers=2), overwrite=True)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    assert not list(tmp_path.glob(".m.partial-*"))
+
+
+def test_bad_overrides():
+    with pytest.raises(OffloadError, match="unknown preset 'qwen4'; choose one of qwen3-next-80b-a3b"):
+        preset_config("qwen4")
+    with pytest.raises(OffloadError, match="--layers must be positive"):
+        preset_config("tiny-qwen3-moe", layers=0)
+    assert preset_config("tiny-qwen3-moe", experts=2)["num_experts_per_tok"] == 2
