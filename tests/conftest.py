@@ -27,6 +27,8 @@ MOE_CONFIGS = {
     # tied, raw top-k weights, every other layer dense, hub-style config.json
     "moe-hub": dict(num_hidden_layers=4, tie_word_embeddings=True, norm_topk_prob=False,
                     decoder_sparse_step=2, hub_style=True),
+    # sliding-window attention over 24 positions
+    "moe-window": dict(num_hidden_layers=2, use_sliding_window=True, sliding_window=24),
 }
 
 
