@@ -1,0 +1,30 @@
+"""How many threads the kernels use: set by the caller, restored afterwards.
+
+Numba's thread count is per calling thread, so a worker thread that runs kernels sets it itself.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import numba
+import psutil
+
+
+def physical_cores() -> int:
+    """The default thread count: one per physical core (SMT siblings share the FMA units)."""
+    return min(psutil.cpu_count(logical=False) or os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS)
+
+
+@contextmanager
+def kernel_threads(count: int | None = None) -> Iterator[int]:
+    """Run the kernels called inside with `count` threads (default: physical cores)."""
+    count = count or physical_cores()
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield count
+    finally:
+        numba.set_num_threads(previous)

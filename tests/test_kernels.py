@@ -1,0 +1,140 @@
+"""The int4 format and the expert kernels against their NumPy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import gemm, gemv, int4
+from kernels.threads import kernel_threads, physical_cores
+
+
+def random_experts(rng, experts, out_features, in_features, scale=0.05):
+    return (rng.standard_normal((experts, out_features, in_features)) * scale).astype(np.float32)
+
+
+def test_quantize_matches_reference_exactly():
+    rng = np.random.default_rng(0)
+    w = random_experts(rng, 3, 64, 96)
+    w[0, 5, 32:64] = 0  # an all-zero group
+    w[1, 7, :32] = 1e-30  # a group whose scale underflows bf16's useful range
+    w[2, 9] *= 100  # a row of large values
+    q, expected = int4.quantize(w), int4.quantize_reference(w)
+    assert np.array_equal(q.packed, expected.packed) and np.array_equal(q.scales, expected.scales)
+    assert q.packed.shape == (3, 2, 96 * 16) and q.scales.shape == (3, 2, 96)
+    assert np.all(int4.dequantize(q)[0, 5, 32:64] == 0)
+
+
+def test_round_trip_error_and_bits():
+    rng = np.random.default_rng(1)
+    w = random_experts(rng, 2, 128, 256)
+    restored = int4.dequantize(int4.quantize(w))
+    assert restored.dtype == np.float32 and restored.shape == w.shape
+    relative = np.sqrt(((restored - w) ** 2).sum() / (w ** 2).sum())
+    assert 0.02 < relative < 0.1  # 4-bit, Gaussian weights: ~8%
+    q = int4.quantize(w)
+    assert int4.FORMAT.bits_per_weight == 4.5
+    assert q.nbytes * 8 / w.size == pytest.approx(4.5)
+
+
+def test_pack_and_unpack_are_inverse():
+    rng = np.random.default_rng(2)
+    codes = rng.integers(-8, 8, (2, 64, 64))
+    bits = rng.integers(0x3C00, 0x3E00, (2, 64, 2)).astype(np.uint16)
+    q = int4.pack(codes, bits)
+    assert np.array_equal(int4.unpack_codes(q), codes)
+    # the documented layout: byte k of column c in block b holds rows 32b + k and 32b + 16 + k
+    byte = q.packed[1, 1, 5 * 16 + 3]
+    assert byte & 0x0F == codes[1, 32 + 3, 5] + 8 and byte >> 4 == codes[1, 32 + 16 + 3, 5] + 8
+    assert q.scales[1, 1, 32 + 7] == bits[1, 32 + 7, 1]
+
+
+def test_bf16_and_fp16_inputs():
+    rng = np.random.default_rng(3)
+    w = random_experts(rng, 1, 32, 64)
+    bf16_bits = (w.view(np.uint32) >> 16).astype(np.uint16)
+    from_bits = int4.quantize(bf16_bits)
+    assert np.array_equal(from_bits.packed, int4.quantize((bf16_bits.astype(np.uint32) << 16).view(np.float32)).packed)
+    assert int4.quantize(w.astype(np.float16)).shape == (1, 32, 64)
+    with pytest.raises(ValueError, match="quantize takes float32, float16 or bf16 bits"):
+        int4.quantize(w.astype(np.float64))
+
+
+def test_layout_constraints_are_explained():
+    with pytest.raises(ValueError, match=r"int4 needs out \(40\) to be a multiple of 32 and in \(64\)"):
+        int4.quantize(np.zeros((40, 64), np.float32))
+    with pytest.raises(ValueError, match=r"in \(48\) a multiple of 32"):
+        int4.quantize(np.zeros((32, 48), np.float32))
+    with pytest.raises(ValueError, match="int4 packed must be C-contiguous"):
+        int4.Int4Weights(np.zeros((1, 1, 10), np.uint8), np.zeros((1, 1, 32), np.uint16), (1, 32, 32))
+
+
+def make_experts(rng, experts, hidden, intermediate):
+    gate_up = int4.quantize(random_experts(rng, experts, 2 * intermediate, hidden, 0.1))
+    down = int4.quantize(random_experts(rng, experts, hidden, intermediate, 0.1))
+    return gate_up, down
+
+
+def routing(rng, tokens, experts, top_k, skip_last=False):
+    choices = experts - 1 if skip_last else experts
+    ids = np.stack([rng.choice(choices, top_k, replace=False) for _ in range(tokens)])
+    weights = rng.random((tokens, top_k)).astype(np.float32)
+    return ids, weights / weights.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("experts, hidden, intermediate, top_k, tokens", [
+    (5, 64, 32, 1, 1), (7, 96, 64, 3, 2), (13, 128, 96, 10, 4), (16, 64, 32, 10, 8), (11, 32, 32, 4, 3),
+])
+def test_decode_matches_reference(experts, hidden, intermediate, top_k, tokens):
+    rng = np.random.default_rng(experts * 100 + top_k)
+    gate_up, down = make_experts(rng, experts, hidden, intermediate)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    ids, weights = routing(rng, tokens, experts, top_k)
+    expected = gemv.moe_reference(x, ids, weights, gate_up, down, np.zeros_like(x))
+    scratch = gemv.DecodeScratch(8, top_k, hidden, intermediate)
+    out = gemv.moe_decode(x, ids, weights, gate_up, down, np.full_like(x, np.nan), scratch)
+    assert np.allclose(out, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    assert np.abs(expected).max() > 0.1
+
+
+@pytest.mark.parametrize("experts, top_k, tokens", [(5, 1, 1), (7, 3, 17), (13, 10, 64), (33, 8, 40), (12, 2, 64)])
+def test_prefill_matches_reference(experts, top_k, tokens):
+    rng = np.random.default_rng(experts + tokens)
+    hidden, intermediate = 96, 64
+    gate_up, down = make_experts(rng, experts, hidden, intermediate)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    ids, weights = routing(rng, tokens, experts, top_k, skip_last=top_k < experts)  # some experts idle
+    expected = gemv.moe_reference(x, ids, weights, gate_up, down, np.zeros_like(x))
+    scratch = gemm.PrefillScratch(64, top_k, hidden, intermediate)
+    out = gemm.moe_prefill(x, ids, weights, gate_up, down, np.full_like(x, np.nan), scratch)
+    assert np.allclose(out, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_thread_count_does_not_change_results():
+    rng = np.random.default_rng(5)
+    gate_up, down = make_experts(rng, 6, 64, 64)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    ids, weights = routing(rng, 3, 6, 4)
+    scratch = gemv.DecodeScratch(3, 4, 64, 64)
+    results = []
+    for count in (1, 2):
+        with kernel_threads(count) as used:
+            assert used == count
+            results.append(gemv.moe_decode(x, ids, weights, gate_up, down, np.zeros_like(x), scratch).copy())
+    assert np.array_equal(results[0], results[1])
+    assert physical_cores() >= 1
+
+
+def test_bad_kernel_inputs_are_explained():
+    rng = np.random.default_rng(6)
+    gate_up, down = make_experts(rng, 4, 64, 32)
+    x = np.zeros((1, 64), np.float32)
+    scratch = gemv.DecodeScratch(1, 2, 64, 32)
+    with pytest.raises(ValueError, match=r"expert ids must be in \[0, 4\)"):
+        gemv.moe_decode(x, np.array([[0, 4]]), np.ones((1, 2), np.float32), gate_up, down, x.copy(), scratch)
+    with pytest.raises(ValueError, match="scratch is for 1 tokens x 2 experts, got 2 x 2"):
+        gemv.moe_decode(np.zeros((2, 64), np.float32), np.zeros((2, 2), int), np.ones((2, 2), np.float32),
+                        gate_up, down, np.zeros((2, 64), np.float32), scratch)
+    with pytest.raises(ValueError, match=r"x must be C-contiguous float32 \[T, 64\]"):
+        gemv.moe_decode(x.astype(np.float64), np.zeros((1, 2), int), np.ones((1, 2), np.float32),
+                        gate_up, down, x.copy(), scratch)
