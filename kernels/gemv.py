@@ -28,6 +28,8 @@ from numba.extending import intrinsic
 
 from kernels.int4 import BLOCK, GROUP, Int4Weights, dequantize
 
+PREFETCH_BYTES = 1024  # how far ahead of the current group `_block_dot` prefetches packed weights
+
 
 @intrinsic
 def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
@@ -51,6 +53,9 @@ def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f] * 3),
                                              "llvm.fma.v8f32")
         zero = ir.Constant(v8f, [0.0] * 8)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]),
+            "llvm.prefetch.p0i8")
 
         def const(value):
             return ir.Constant(i64, value)
@@ -82,6 +87,12 @@ def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
 
         builder.position_at_end(group_body)
         first_column = builder.mul(group, const(GROUP))
+        # a group is 512 bytes (8 cache lines); ask for the lines PREFETCH_BYTES ahead now, so the
+        # short streams of a block (8-32 KB) do not wait for the hardware prefetcher to ramp up
+        ahead = builder.add(builder.mul(first_column, const(16)), const(PREFETCH_BYTES))
+        for line in range(GROUP * 16 // 64):
+            address = builder.gep(packed_ptr, [builder.add(ahead, const(64 * line))])
+            builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         builder.branch(column_body)
 
         # two columns per iteration, 4 accumulators each: 8 independent FMA chains

