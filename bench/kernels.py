@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit, prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import gemm, gemv, int4  # noqa: E402
+from kernels import gemm, int4  # noqa: E402
+from kernels.membw import read_bandwidth  # noqa: E402
+from kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E402
 from kernels.threads import kernel_threads, physical_cores  # noqa: E402
 
 GiB = 2**30
@@ -36,67 +35,15 @@ SHAPES = {"qwen3-next-80b": (2048, 512, 10, 512), "qwen3-30b": (2048, 768, 8, 12
 BYTES_PER_WEIGHT = int4.FORMAT.bits_per_weight / 8
 
 
-SUM_BLOCK = 1 << 16  # a compile-time constant: LLVM unrolls and vectorises the inner sum fully
-
-
-@njit(parallel=True, fastmath=True)  # not cached: this file is also imported under other names
-def _sum_blocks(values):
-    partial = np.zeros(values.shape[0] // SUM_BLOCK, np.float32)
-    for b in prange(values.shape[0] // SUM_BLOCK):
-        total = np.float32(0.0)
-        for i in range(b * SUM_BLOCK, (b + 1) * SUM_BLOCK):
-            total += values[i]
-        partial[b] = total
-    return partial.sum()
-
-
-def dram_bandwidth(values: np.ndarray, threads: int, runs: int = 5) -> float:
-    """Best GB/s of a parallel read of `values` (>= 4 GiB, far larger than any cache)."""
-    with kernel_threads(threads):
-        _sum_blocks(values[: 1 << 20])
-        best = 0.0
-        for _ in range(runs):
-            start = time.perf_counter()
-            _sum_blocks(values)
-            best = max(best, values.nbytes / (time.perf_counter() - start) / 1e9)
-    return best
-
-
-def random_pool(experts: int, out_features: int, in_features: int, seed: int) -> int4.Int4Weights:
-    """A pool of int4 experts; kernel speed does not depend on the values, so a random 16 MiB
-    pattern is tiled (cheap to build) and scales are plausible bf16 values."""
-    rng = np.random.default_rng(seed)
-    packed = np.empty((experts, out_features // 32, in_features * 16), np.uint8)
-    pattern = rng.integers(0, 256, 1 << 24, dtype=np.uint8)
-    flat = packed.reshape(-1)
-    for start in range(0, flat.size, pattern.size):
-        flat[start:start + pattern.size] = pattern[: flat.size - start]
-    scales = rng.integers(0x3C00, 0x3C80, (experts, out_features // 32, in_features), dtype=np.uint16)
-    return int4.Int4Weights(packed, scales, (experts, out_features, in_features))
-
-
-def median_seconds(run, calls: int) -> float:
-    times = []
-    for i in range(calls):
-        start = time.perf_counter()
-        run(i)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def dram_bandwidth(values: np.ndarray, threads: int) -> float:
+    """GB/s of a parallel read of `values` (>= 4 GiB, far larger than any cache)."""
+    return read_bandwidth(values, threads) / 1e9
 
 
 def bench_decode(gate_up, down, batch, top_k, calls, rng) -> tuple[float, float]:
     """(G weights/s, GB/s) of `moe_decode`, random distinct experts per call."""
-    experts, _, hidden = gate_up.shape
-    intermediate = down.shape[2]
-    x = rng.standard_normal((batch, hidden)).astype(np.float32)
-    out = np.empty_like(x)
-    weights = np.full((batch, top_k), 1 / top_k, np.float32)
-    scratch = gemv.DecodeScratch(batch, top_k, hidden, intermediate)
-    routes = [rng.choice(experts, batch * top_k, replace=False).reshape(batch, top_k) for _ in range(calls)]
-    gemv.moe_decode(x, routes[0], weights, gate_up, down, out, scratch)
-    seconds = median_seconds(lambda i: gemv.moe_decode(x, routes[i], weights, gate_up, down, out, scratch), calls)
-    weights_read = batch * top_k * 3 * hidden * intermediate
-    return weights_read / seconds / 1e9, weights_read * BYTES_PER_WEIGHT / seconds / 1e9
+    rate = decode_throughput(gate_up, down, batch, top_k, calls, seed=int(rng.integers(1 << 31)))
+    return rate / 1e9, rate * BYTES_PER_WEIGHT / 1e9
 
 
 def bench_prefill(gate_up, down, tokens, top_k, layer_experts, calls, rng) -> tuple[float, float]:
@@ -272,14 +219,11 @@ def main() -> None:
     summary = {}
     for name, (hidden, intermediate, top_k, layer_experts) in SHAPES.items():
         expert_bytes = 3 * hidden * intermediate * BYTES_PER_WEIGHT
-        pool_experts = max(int(pool_bytes / expert_bytes), 8 * top_k, layer_experts)
         tokens = 128 if args.quick else 512
         rows = {}
         # ours first, then the peers: torch's and Numba's thread pools are kept apart
         with kernel_threads(threads):
-            gate_up = random_pool(pool_experts, 2 * intermediate, hidden, seed=1)
-            down = random_pool(pool_experts, hidden, intermediate, seed=2)
-            bench_decode(gate_up, down, 1, top_k, calls, rng)  # warm-up: page tables, huge pages, clocks
+            gate_up, down = pool_for(hidden, intermediate, pool_bytes, max(8 * top_k, layer_experts))
             for batch in (1, 2, 4, 8):
                 rows[batch] = bench_decode(gate_up, down, batch, top_k, calls, rng)
             prefill = bench_prefill(gate_up, down, tokens, top_k, layer_experts, max(3, calls // 20), rng)
@@ -289,7 +233,7 @@ def main() -> None:
                                hidden, intermediate)
         peers_bf16 = {batch: peer_bf16_decode(bf16, batch, top_k, max(3, calls // 10), rng) for batch in rows}
         del bf16
-        int4_torch = torch_int4_pool(pool_experts, hidden, intermediate, seed=3)
+        int4_torch = torch_int4_pool(max(int(pool_bytes / expert_bytes), 8 * top_k), hidden, intermediate, seed=3)
         peers_int4 = {batch: peer_int4_decode(int4_torch, batch, top_k, max(3, calls // 10), rng) for batch in rows}
         del int4_torch
         for batch, (gws, gbs) in rows.items():

@@ -21,6 +21,9 @@ from offload.errors import ConfigError
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
 
+DEFAULT_CONTEXT = 4096  # positions the KV cache holds unless `ctx` says otherwise
+PREFILL_CHUNK = 512  # prompt tokens per forward pass (bounds activation and attention memory)
+
 
 @dataclass(kw_only=True)
 class ModelArgs:

@@ -6,7 +6,6 @@ from the checkpoint, so no tensor is held twice. Caches are allocated once for `
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -14,14 +13,11 @@ import torch
 from torch import nn
 
 from offload.checkpoint import Checkpoint, CheckpointError
-from offload.config import ModelArgs, load_config
+from offload.config import DEFAULT_CONTEXT, PREFILL_CHUNK, ModelArgs, load_config
 from offload.errors import OffloadError
 from offload.models import ARCHITECTURES
 from offload.models.cache import Cache, cache_nbytes
 from offload.sampling import sample
-
-DEFAULT_CONTEXT = 4096  # positions the KV cache holds unless `ctx` says otherwise
-PREFILL_CHUNK = 512  # prompt tokens per forward pass (bounds the attention score memory)
 
 
 class Engine:
@@ -115,8 +111,9 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     """Load a Hugging Face checkpoint directory into an `Engine`.
 
     quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16).
-    gpu_mem, profile and device are accepted for the placement planner and not used yet:
-    everything runs on the CPU.
+    gpu_mem ("8G", bytes, 0 for CPU only) and profile (a name in profiles/ or a YAML file) make
+    the placement plan, kept as `engine.plan`; execution does not follow it yet: everything runs
+    on the CPU. device is accepted and not used yet.
     """
     if quant is not None:
         raise OffloadError(f"quant={quant!r} is not available yet; use quant=None to run in the "
@@ -133,7 +130,20 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     dtype = weights["embed_tokens.weight"].dtype if "embed_tokens.weight" in weights else None
     _fill(model, weights, dtype, str(model_dir))
     model.eval()
-    return Engine(model, args, ctx, torch.device("cpu"))
+    engine = Engine(model, args, ctx, torch.device("cpu"))
+    engine.plan = _plan(args, gpu_mem, profile, ctx, quant, str(model_dir))
+    return engine
+
+
+def _plan(args: ModelArgs, gpu_mem, profile, ctx: int, quant: str | None, name: str):
+    from offload.hardware import ProfileError, default_profile, load_profile, parse_size
+    from offload.planner import make_plan
+
+    hardware = load_profile(profile) if profile else default_profile()[0]
+    budget = parse_size(gpu_mem, "gpu_mem") if gpu_mem is not None else None
+    if budget and hardware.gpu is None:
+        raise ProfileError(f"profile {hardware.name} has no GPU; use gpu_mem=0 or a profile with a GPU")
+    return make_plan(args, hardware, budget, ctx=ctx, quant=quant or "none", model_name=name)
 
 
 def _fill(model: nn.Module, weights: dict, dtype: torch.dtype | None, source: str) -> None:

@@ -1,0 +1,60 @@
+"""How fast the expert kernels run here: random expert pools and a decode timing loop.
+
+Kernel speed does not depend on the weights' values, so pools are a tiled random pattern with
+plausible bf16 scales (cheap to build at any size). Every call routes to fresh random experts,
+so with a pool far larger than the caches the weights come from RAM.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from kernels import gemv
+from kernels.int4 import BLOCK, FORMAT, Int4Weights
+
+
+def random_pool(experts: int, out_features: int, in_features: int, seed: int = 0) -> Int4Weights:
+    rng = np.random.default_rng(seed)
+    packed = np.empty((experts, out_features // BLOCK, in_features * 16), np.uint8)
+    pattern = rng.integers(0, 256, 1 << 24, dtype=np.uint8)
+    flat = packed.reshape(-1)
+    for start in range(0, flat.size, pattern.size):
+        flat[start:start + pattern.size] = pattern[: flat.size - start]
+    scales = rng.integers(0x3C00, 0x3C80, (experts, out_features // BLOCK, in_features), dtype=np.uint16)
+    return Int4Weights(packed, scales, (experts, out_features, in_features))
+
+
+def pool_for(hidden: int, intermediate: int, pool_bytes: int, minimum_experts: int) -> tuple[Int4Weights, Int4Weights]:
+    """(gate_up, down) pools of about `pool_bytes` together."""
+    expert_bytes = 3 * hidden * intermediate * FORMAT.bits_per_weight / 8
+    experts = max(int(pool_bytes / expert_bytes), minimum_experts)
+    return random_pool(experts, 2 * intermediate, hidden, seed=1), random_pool(experts, hidden, intermediate, seed=2)
+
+
+def median_seconds(run, calls: int) -> float:
+    times = []
+    for i in range(calls):
+        start = time.perf_counter()
+        run(i)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def decode_throughput(gate_up: Int4Weights, down: Int4Weights, batch: int, top_k: int, calls: int,
+                      seed: int = 0) -> float:
+    """Weights/s of `moe_decode` (median call), distinct random experts per call."""
+    rng = np.random.default_rng(seed)
+    experts, _, hidden = gate_up.shape
+    intermediate = down.shape[2]
+    x = rng.standard_normal((batch, hidden)).astype(np.float32)
+    out = np.empty_like(x)
+    weights = np.full((batch, top_k), 1 / top_k, np.float32)
+    scratch = gemv.DecodeScratch(batch, top_k, hidden, intermediate)
+    routes = [rng.choice(experts, batch * top_k, replace=False).reshape(batch, top_k) for _ in range(calls)]
+    for route in routes[: max(1, calls // 4)]:  # warm-up: page tables, huge pages, clocks
+        gemv.moe_decode(x, route, weights, gate_up, down, out, scratch)
+    seconds = median_seconds(lambda i: gemv.moe_decode(x, routes[i], weights, gate_up, down, out, scratch), calls)
+    return batch * top_k * 3 * hidden * intermediate / seconds

@@ -1,0 +1,338 @@
+"""The placement planner: where every tensor group lives, what that costs, and how fast it runs.
+
+From `ModelArgs` (a checkpoint's config.json or a preset), a `HardwareProfile`, a GPU budget, a
+context length and the expert format, `make_plan()` returns a `Plan`: the placement of each
+tensor group with its bytes and format, a GPU and a RAM ledger, and predicted decode and prefill
+speeds with the resource that bounds each. Plans are plain data (`Plan.to_dict()`), printed by
+`offload plan` and kept by the engine.
+
+Policy. With a GPU: mixers (attention / DeltaNet), norms, routers, shared experts and lm_head on
+the GPU in the checkpoint's precision, with the KV / recurrent caches; routed experts in RAM as
+int4; embeddings in RAM (a decode step gathers one row). Optional GPU items are dropped first
+when the budget is short: the expert prefetch buffers (then prefill runs experts on the CPU),
+then the shared experts, then lm_head (both to the CPU as int8). If the rest still does not fit,
+the plan fails and names the smallest budget that works. Without a GPU (budget 0 or none in the
+profile) everything is in RAM: dense matrices as int8, routed experts as int4.
+
+Cost model (per token, per layer, then summed):
+- decode: the GPU runs the mixer, then the CPU runs the routed experts while the GPU runs the
+  shared expert; each side is bounded by bytes / bandwidth, the CPU's experts also by the
+  measured int4 kernel throughput; plus a fixed synchronisation cost per layer;
+- prefill of N tokens: either the CPU runs the experts for all N tokens (time grows with N, at
+  the int4 kernel's rate) while the GPU mixes, or each layer's int4 experts are streamed to the GPU
+  (time fixed by the host-to-device bandwidth) and run there; the faster one is chosen, and the
+  prompt length where they cross is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+from offload.config import FULL_ATTENTION, PREFILL_CHUNK, ModelArgs, checkpoint_shapes
+from offload.hardware import HardwareProfile, format_size
+
+INT4_BYTES = 4.5 / 8  # kernels.int4: 4 bits + a bf16 scale per 32 weights
+INT8_BYTES = 1 + 2 / 128  # dense matrices on the CPU: int8 with a bf16 scale per 128 weights
+CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context, cuBLAS workspace, allocator slack
+RAM_RESERVE_BYTES = 2 * 2**30  # Python, torch and the OS page cache's working minimum
+LAYER_SYNC_SECONDS = 40e-6  # per layer and token: two small copies, an event, a worker hand-off
+GPU_EFFICIENCY = 0.7  # achieved fraction of a GPU's memory bandwidth / FLOP/s in small kernels
+CPU_INT4_EFFICIENCY = 0.5  # int4 kernel rate as a fraction of RAM bandwidth, when not measured
+CPU_FLOPS_PER_CORE = 3e9 * 32 * 0.5  # fp32 GEMM: 3 GHz x 2 AVX2 FMA x 8 lanes x 2 flops, at 50%
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass
+class Placement:
+    group: str
+    device: str  # "gpu" or "cpu"
+    format: str  # "bf16", "fp16", "fp32", "int8", "int4"
+    nbytes: int
+    params: int = 0
+
+
+@dataclass
+class Prediction:
+    decode_tok_s: float
+    decode_bound: str
+    prefill_tok_s: float
+    prefill_bound: str
+    prefill_tokens: int
+    prefill_strategy: str  # "cpu" (experts on the CPU) or "stream" (experts streamed to the GPU)
+    stream_from_tokens: int | None  # prompt length from which streaming is faster, if ever
+
+
+@dataclass
+class Plan:
+    model: str
+    profile: str
+    gpu_budget: int
+    ctx: int
+    quant: str
+    fits: bool
+    reason: str
+    placement: list[Placement]
+    gpu_bytes: int
+    ram_bytes: int
+    ram_available: int
+    minimum_gpu_bytes: int
+    params_total: int
+    params_active: int
+    predicted: Prediction | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- sizing ------------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _group_of(name: str) -> str:
+    if name == "model.embed_tokens.weight":
+        return "embeddings"
+    if name == "lm_head.weight":
+        return "lm_head"
+    if ".mlp.experts." in name:
+        return "routed experts"
+    if ".mlp.shared_expert" in name:
+        return "shared experts"
+    if name.endswith(".mlp.gate.weight"):
+        return "routers"
+    if name.endswith("norm.weight") and "linear_attn.norm" not in name:
+        return "norms"
+    if ".mlp." in name:
+        return "dense MLPs"
+    return "mixers"
+
+
+def parameter_groups(args: ModelArgs) -> dict[str, int]:
+    """Parameters per tensor group (a tied lm_head counts once, as embeddings)."""
+    groups: dict[str, int] = {}
+    for name, shape in checkpoint_shapes(args).items():
+        groups[_group_of(name)] = groups.get(_group_of(name), 0) + math.prod(shape)
+    return groups
+
+
+def parameter_counts(args: ModelArgs) -> tuple[int, int]:
+    """(total, active per token): active counts top-k of the routed experts, all else once."""
+    groups = parameter_groups(args)
+    total = sum(groups.values())
+    routed = groups.get("routed experts", 0)
+    active = total - routed + routed * args.num_experts_per_tok // max(args.num_experts, 1)
+    return total, active
+
+
+def cache_bytes(args: ModelArgs, ctx: int, dtype_bytes: int) -> tuple[int, int]:
+    """(KV cache bytes for `ctx` positions, recurrent state bytes)."""
+    kv = linear = 0
+    for layer in range(args.num_hidden_layers):
+        if args.layer_type(layer) == FULL_ATTENTION:
+            kv += 2 * args.num_key_value_heads * args.head_dim * ctx * dtype_bytes
+        else:
+            conv = (2 * args.linear_num_key_heads * args.linear_key_head_dim
+                    + args.linear_num_value_heads * args.linear_value_head_dim)
+            linear += conv * (args.linear_conv_kernel_dim - 1) * dtype_bytes
+            linear += args.linear_num_value_heads * args.linear_key_head_dim * args.linear_value_head_dim * 4
+    return kv, linear
+
+
+def _workspace_bytes(args: ModelArgs) -> int:
+    """Activations of one prefill chunk: a handful of [chunk, widest] fp32 tensors, the
+    attention scores of one head group, and last-token logits."""
+    widest = max(2 * args.num_attention_heads * args.head_dim, 4 * args.hidden_size,
+                 2 * getattr(args, "shared_expert_intermediate_size", 0),
+                 args.num_experts_per_tok * args.moe_intermediate_size)
+    if hasattr(args, "linear_num_value_heads"):
+        widest = max(widest, 2 * (args.linear_num_key_heads * args.linear_key_head_dim
+                                  + args.linear_num_value_heads * args.linear_value_head_dim))
+    return 6 * PREFILL_CHUNK * widest * 4 + PREFILL_CHUNK * PREFILL_CHUNK * args.num_attention_heads * 4 \
+        + args.vocab_size * 4
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None = None, ctx: int = 4096,
+              quant: str = "int4", prompt_tokens: int = 2048, model_name: str = "") -> Plan:
+    """Place every tensor group; `gpu_budget` in bytes (None: the profile's GPU memory, 0: CPU only)."""
+    if gpu_budget is None:
+        gpu_budget = profile.gpu.memory if profile.gpu else 0
+    use_gpu = gpu_budget > 0 and profile.gpu is not None
+    dense_bytes = DTYPE_BYTES.get(args.torch_dtype, 2) if args.fp8_block_size is None else 2
+    dense_format = {4: "fp32", 2: "bf16"}[dense_bytes] if args.torch_dtype != "float16" else "fp16"
+    expert_bytes, expert_format = (INT4_BYTES, "int4") if quant == "int4" else (dense_bytes, dense_format)
+    groups = parameter_groups(args)
+    if args.tie_word_embeddings:
+        groups["lm_head"] = groups["embeddings"]  # the head is a second copy on its device
+    kv, linear_state = cache_bytes(args, ctx, dense_bytes)
+    total, active = parameter_counts(args)
+    layer_experts = groups.get("routed experts", 0) * expert_bytes / args.num_hidden_layers
+
+    def on(device: str, group: str) -> Placement:
+        params = groups.get(group, 0)
+        if group in ("norms",):
+            return Placement(group, device, "fp32", params * 4, params)
+        if group == "routed experts":
+            return Placement(group, "cpu", expert_format, int(params * expert_bytes), params)
+        if group == "embeddings":
+            return Placement(group, "cpu", dense_format, params * dense_bytes, params)
+        if device == "gpu":
+            return Placement(group, device, dense_format, params * dense_bytes, params)
+        return Placement(group, device, "int8", int(params * INT8_BYTES), params)
+
+    dense_groups = [g for g in ("mixers", "dense MLPs", "routers", "norms") if groups.get(g)]
+    optional = ["shared experts", "lm_head"] if groups.get("shared experts") else ["lm_head"]
+    notes: list[str] = []
+    stream_buffers = 2 * int(layer_experts) if quant == "int4" else 0
+
+    def layout(gpu_optional: list[str], with_stream: bool) -> list[Placement]:
+        device = "gpu" if use_gpu else "cpu"
+        placement = [on("cpu", "embeddings")]
+        placement += [on(device, g) for g in dense_groups]
+        placement += [on(device if g in gpu_optional else "cpu", g) for g in optional]
+        placement.append(on("cpu", "routed experts"))
+        placement.append(Placement(f"KV cache ({ctx} positions)", device, dense_format, kv))
+        if linear_state:
+            placement.append(Placement("DeltaNet state", device, "fp32", linear_state))
+        if use_gpu:
+            placement.append(Placement("workspace + CUDA context", "gpu", "-",
+                                       _workspace_bytes(args) + CUDA_CONTEXT_BYTES))
+            if with_stream:
+                placement.append(Placement("expert prefetch buffers (2 layers)", "gpu", expert_format,
+                                           stream_buffers))
+                placement.append(Placement("pinned staging (2 layers)", "cpu", expert_format, stream_buffers))
+        else:
+            placement.append(Placement("workspace", "cpu", "-", _workspace_bytes(args)))
+        return placement
+
+    def gpu_total(placement: list[Placement]) -> int:
+        return sum(p.nbytes for p in placement if p.device == "gpu")
+
+    candidates = [(optional, stream_buffers > 0), (optional, False)]
+    candidates += [(optional[i + 1:], False) for i in range(len(optional))]
+    placement = layout(*candidates[0])
+    minimum = gpu_total(layout(*candidates[-1])) if use_gpu else 0
+    fits, reason = True, ""
+    if use_gpu:
+        for gpu_optional, with_stream in candidates:
+            placement = layout(gpu_optional, with_stream)
+            if gpu_total(placement) <= gpu_budget:
+                break
+        else:
+            fits = False
+            reason = (f"needs at least {format_size(minimum)} of GPU memory for {ctx} tokens of context "
+                      f"(mixers, caches, routers, CUDA context), the budget is {format_size(gpu_budget)}; "
+                      f"raise --gpu-mem, lower --ctx, or use --gpu-mem 0 to run on the CPU")
+        if fits and stream_buffers and not any(p.group.startswith("expert prefetch") for p in placement):
+            notes.append("no room for expert prefetch buffers: prefill runs the experts on the CPU")
+        moved = [g for g in optional if any(p.group == g and p.device == "cpu" for p in placement)]
+        if fits and moved:
+            notes.append(f"{' and '.join(moved)} on the CPU as int8 to fit the GPU budget")
+    gpu_bytes = gpu_total(placement)
+    ram_bytes = sum(p.nbytes for p in placement if p.device == "cpu") + RAM_RESERVE_BYTES
+    if fits and ram_bytes > profile.cpu.ram:
+        fits = False
+        reason = (f"needs {format_size(ram_bytes)} of RAM (routed experts "
+                  f"{format_size(groups.get('routed experts', 0) * expert_bytes)}), the machine has "
+                  f"{format_size(profile.cpu.ram)}")
+    plan = Plan(model=model_name or args.model_type, profile=profile.name, gpu_budget=gpu_budget if use_gpu else 0,
+                ctx=ctx, quant=quant, fits=fits, reason=reason, placement=placement, gpu_bytes=gpu_bytes,
+                ram_bytes=ram_bytes, ram_available=profile.cpu.ram, minimum_gpu_bytes=minimum,
+                params_total=total, params_active=active, notes=notes)
+    plan.predicted = predict(args, profile, plan, groups, prompt_tokens)
+    return plan
+
+
+# --- cost model --------------------------------------------------------------------------------
+
+
+def _int4_rate(profile: HardwareProfile) -> float:
+    """Weights/s the CPU's int4 expert kernels sustain (one multiply-add per weight and token)."""
+    bandwidth_bound = profile.cpu.ram_bandwidth / INT4_BYTES
+    if profile.cpu.int4_gweights_per_s:
+        return min(profile.cpu.int4_gweights_per_s * 1e9, bandwidth_bound)
+    return CPU_INT4_EFFICIENCY * bandwidth_bound
+
+
+def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[str, int],
+            prompt_tokens: int) -> Prediction:
+    layers = args.num_hidden_layers
+    top_k, experts = args.num_experts_per_tok, max(args.num_experts, 1)
+    routed_active = groups.get("routed experts", 0) * top_k / experts  # weights per token
+    per_group = {p.group: p for p in plan.placement}
+    gpu_dense_bytes = sum(p.nbytes for p in plan.placement
+                          if p.device == "gpu" and p.group in ("mixers", "dense MLPs", "routers", "norms",
+                                                               "shared experts", "lm_head"))
+    cpu_dense = [p for p in plan.placement
+                 if p.device == "cpu" and p.group in ("mixers", "dense MLPs", "routers", "shared experts", "lm_head")]
+    cpu_dense_bytes = sum(p.nbytes for p in cpu_dense)
+    cpu_dense_params = sum(p.params for p in cpu_dense)
+    gpu = profile.gpu if plan.gpu_budget else None
+    expert_rate = _int4_rate(profile) if plan.quant == "int4" else profile.cpu.ram_bandwidth / 2
+
+    # decode: per token
+    experts_s = routed_active / expert_rate
+    cpu_dense_s = cpu_dense_bytes / profile.cpu.ram_bandwidth
+    gpu_s = gpu_dense_bytes / (gpu.memory_bandwidth * GPU_EFFICIENCY) if gpu else 0.0
+    sync_s = layers * LAYER_SYNC_SECONDS if gpu else 0.0
+    parts = {"RAM bandwidth (routed experts)" if expert_rate >= profile.cpu.ram_bandwidth / INT4_BYTES * 0.99
+             else "CPU int4 kernel (routed experts)": experts_s,
+             "RAM bandwidth (dense layers on the CPU)": cpu_dense_s,
+             "GPU memory bandwidth": gpu_s, "GPU-CPU synchronisation": sync_s}
+    decode_s = sum(parts.values())
+    decode_bound = max(parts, key=parts.get)
+
+    # prefill of N tokens, either way
+    def cpu_experts_s(tokens: int) -> float:
+        expert_time = tokens * routed_active / expert_rate
+        cpu_flops = profile.cpu.physical_cores * CPU_FLOPS_PER_CORE  # dense layers: weights reused, FLOP-bound
+        dense_time = tokens * (2 * cpu_dense_params / cpu_flops + _gpu_flops_s(args, gpu, groups, tokens, plan))
+        return max(expert_time, dense_time) if gpu else expert_time + dense_time
+
+    def stream_s(tokens: int) -> float:
+        copy_time = groups.get("routed experts", 0) * INT4_BYTES / gpu.h2d_bandwidth
+        compute = tokens * (2 * routed_active / (gpu.bf16_tflops * 1e12 * GPU_EFFICIENCY)
+                            + _gpu_flops_s(args, gpu, groups, tokens, plan))
+        return max(copy_time, compute)
+
+    can_stream = gpu is not None and "expert prefetch buffers (2 layers)" in per_group
+    cpu_time = cpu_experts_s(prompt_tokens)
+    strategy, prefill_s = "cpu", cpu_time
+    prefill_bound = "CPU int4 kernel (routed experts)" if gpu or not cpu_dense_params else "CPU compute"
+    stream_from = None
+    if can_stream:
+        if stream_s(prompt_tokens) < cpu_time:
+            strategy, prefill_s, prefill_bound = "stream", stream_s(prompt_tokens), "host-to-device bandwidth"
+        stream_from = _crossing(cpu_experts_s, stream_s)
+    return Prediction(decode_tok_s=1 / decode_s, decode_bound=decode_bound,
+                      prefill_tok_s=prompt_tokens / prefill_s, prefill_bound=prefill_bound,
+                      prefill_tokens=prompt_tokens, prefill_strategy=strategy, stream_from_tokens=stream_from)
+
+
+def _gpu_flops_s(args: ModelArgs, gpu, groups: dict[str, int], tokens: int, plan: Plan) -> float:
+    """Seconds per prompt token of the dense GPU work (2 flops per weight, plus attention)."""
+    if gpu is None:
+        return 0.0
+    dense = sum(p.params for p in plan.placement if p.device == "gpu")
+    attention_layers = sum(args.layer_type(i) == FULL_ATTENTION for i in range(args.num_hidden_layers))
+    attention = attention_layers * 4 * args.num_attention_heads * args.head_dim * tokens / 2
+    return (2 * dense + attention) / (gpu.bf16_tflops * 1e12 * GPU_EFFICIENCY)
+
+
+def _crossing(cpu_time, stream_time, limit: int = 1 << 20) -> int | None:
+    """Smallest prompt length at which streaming is faster (binary search; None if never)."""
+    if stream_time(limit) >= cpu_time(limit):
+        return None
+    low, high = 1, limit
+    while low < high:
+        middle = (low + high) // 2
+        if stream_time(middle) < cpu_time(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low

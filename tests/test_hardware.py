@@ -1,0 +1,74 @@
+"""Hardware profiles: the shipped YAML files, units as people write them, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from cli import main
+from offload.hardware import (ProfileError, load_profile, parse_rate, parse_size, profile_from_dict,
+                              shipped_profiles)
+
+VALID = {"name": "box", "gpu": {"name": "GPU", "memory": "8GiB", "h2d_bandwidth": "25 GB/s", "bf16_tflops": 30,
+                                "memory_bandwidth": "272 GB/s"},
+         "cpu": {"physical_cores": 8, "threads": 8, "ram": "64G", "ram_bandwidth": "60 GB/s"},
+         "disk": {"read_bandwidth": "3 GB/s"}}
+
+
+def test_every_shipped_profile_validates():
+    names = shipped_profiles()
+    assert len(names) >= 6 and "cpu-only-2core" in names
+    kinds = {load_profile(name).gpu is None for name in names}
+    assert kinds == {True, False}  # CPU-only and GPU boxes
+    for name in names:
+        profile = load_profile(name)
+        assert profile.cpu.ram > 2**30 and profile.cpu.ram_bandwidth > 1e9
+
+
+def test_units_as_people_write_them():
+    assert parse_size("8G") == parse_size("8GiB") == parse_size("8 GB") == 8 * 2**30
+    assert parse_size("512MiB") == 512 * 2**20 and parse_size(1024) == 1024
+    assert parse_rate("25 GB/s") == parse_rate("25GB/s") == 25e9
+    assert parse_rate("1 GiB/s") == 2**30
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["gpu"].update(memroy="8G"), r"box.yaml.gpu: unknown key 'memroy'; expected name, memory"),
+    (lambda d: d["gpu"].update(memory="8 GB/s"), r"gpu.memory: '8 GB/s' is a rate, not a size"),
+    (lambda d: d["cpu"].update(ram="lots"), r"cpu.ram: 'lots' is not a size; write e.g. 8GiB"),
+    (lambda d: d["cpu"].update(ram_bandwidth="60 GB"), r"cpu.ram_bandwidth: expected a rate like '25 GB/s'"),
+    (lambda d: d["cpu"].update(ram="-8G"), r"cpu.ram: must not be negative"),
+    (lambda d: d["gpu"].update(bf16_tflops=-1), r"gpu.bf16_tflops: expected a positive number"),
+    (lambda d: d["cpu"].update(physical_cores=0), r"cpu.physical_cores: expected a positive whole number"),
+    (lambda d: d.pop("cpu"), r"box.yaml.cpu: missing"),
+    (lambda d: d.update(tpu={}), r"unknown key 'tpu'"),
+])
+def test_bad_profiles_are_explained(tmp_path, edit, message):
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    edit(data)
+    path = tmp_path / "box.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ProfileError, match=message):
+        load_profile(path)
+
+
+def test_bad_yaml_and_unknown_names(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("cpu: [unclosed\n")
+    with pytest.raises(ProfileError, match=r"broken.yaml: not valid YAML at line \d"):
+        load_profile(path)
+    with pytest.raises(ProfileError, match=r"no profile named 'rtx9090'; shipped profiles: .*cpu-only-2core"):
+        load_profile("rtx9090")
+    assert profile_from_dict(VALID).gpu.memory == 8 * 2**30
+
+
+def test_profile_detect_writes_a_valid_profile(tmp_path):
+    out = tmp_path / "me.yaml"
+    result = CliRunner().invoke(main, ["profile", "detect", "--quick", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "RAM read bandwidth" in result.stderr and "int4 expert kernels" in result.stderr
+    measured = load_profile(out)
+    assert measured.cpu.ram_bandwidth > 1e9 and measured.cpu.int4_gweights_per_s > 0.5
+    assert measured.cpu.physical_cores >= 1
+    assert out.read_text().startswith("# Measured by `offload profile detect`")

@@ -1,0 +1,112 @@
+"""The placement planner: sizes, ledgers, budgets, the cost model, and `offload plan`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from offload.config import args_from_dict
+from offload.hardware import load_profile, parse_size
+from offload.planner import INT4_BYTES, RAM_RESERVE_BYTES, make_plan, parameter_counts, parameter_groups
+from offload.synthetic import PRESETS
+
+NEXT = args_from_dict(PRESETS["qwen3-next-80b-a3b"])
+
+
+@pytest.mark.parametrize("preset, total, active", [
+    ("qwen3-30b-a3b", 30.5e9, 3.3e9),  # model cards: 30.5B total, 3.3B activated
+    ("qwen3-235b-a22b", 235e9, 22e9),  # 235B total, 22B activated
+])
+def test_parameter_counts_match_the_model_cards(preset, total, active):
+    counted_total, counted_active = parameter_counts(args_from_dict(PRESETS[preset]))
+    assert abs(counted_total - total) / total < 0.01
+    assert abs(counted_active - active) / active < 0.02  # the cards round to two digits
+
+
+def test_qwen3_next_parameter_counts():
+    total, active = parameter_counts(NEXT)
+    assert abs(total - 80e9) / 80e9 < 0.01
+    groups = parameter_groups(NEXT)
+    # "A3B": the card's 3B is the active count without the embedding and lm_head matrices
+    without_vocab = active - groups["embeddings"] - groups["lm_head"]
+    assert 3.0e9 <= without_vocab <= 3.3e9
+    assert groups["routed experts"] == 48 * 512 * 3 * 2048 * 512
+
+
+def test_ledgers_add_up():
+    plan = make_plan(NEXT, load_profile("rtx4060-ddr5"), parse_size("8G"), ctx=32768)
+    assert plan.fits
+    assert plan.gpu_bytes == sum(p.nbytes for p in plan.placement if p.device == "gpu")
+    assert plan.ram_bytes == sum(p.nbytes for p in plan.placement if p.device == "cpu") + RAM_RESERVE_BYTES
+    experts = next(p for p in plan.placement if p.group == "routed experts")
+    assert experts.device == "cpu" and experts.format == "int4"
+    assert 40e9 <= experts.nbytes <= 46e9
+    assert experts.nbytes == int(experts.params * INT4_BYTES)
+    assert {p.group for p in plan.placement if p.device == "gpu"} >= {"mixers", "routers", "norms", "lm_head",
+                                                                       "shared experts"}
+
+
+def test_the_minimum_budget_is_exact():
+    profile = load_profile("rtx4060-ddr5")
+    minimum = make_plan(NEXT, profile, parse_size("2G"), ctx=32768).minimum_gpu_bytes
+    at_minimum = make_plan(NEXT, profile, minimum, ctx=32768)
+    below = make_plan(NEXT, profile, minimum - 1, ctx=32768)
+    assert at_minimum.fits and at_minimum.gpu_bytes <= minimum
+    assert not below.fits and "needs at least" in below.reason
+    # degraded on the way down: no prefetch buffers, shared experts and lm_head on the CPU
+    assert {p.group for p in at_minimum.placement if p.device == "cpu"} >= {"shared experts", "lm_head"}
+    assert not any(p.group.startswith("expert prefetch") for p in at_minimum.placement)
+    assert at_minimum.notes
+
+
+def test_too_little_ram_says_how_much():
+    plan = make_plan(NEXT, load_profile("cpu-only-2core"), 0, ctx=4096)
+    assert not plan.fits and plan.reason.startswith("needs 4") and "of RAM" in plan.reason
+    assert plan.gpu_bytes == 0 and all(p.device == "cpu" for p in plan.placement)
+    mixers = next(p for p in plan.placement if p.group == "mixers")
+    assert mixers.format == "int8"
+
+
+def test_cost_model():
+    profile = load_profile("rtx4090-ddr5")
+    short = make_plan(NEXT, profile, None, ctx=8192, prompt_tokens=16).predicted
+    long = make_plan(NEXT, profile, None, ctx=8192, prompt_tokens=8192).predicted
+    assert short.prefill_strategy == "cpu" and long.prefill_strategy == "stream"
+    assert 16 < short.stream_from_tokens < 8192
+    assert long.prefill_bound == "host-to-device bandwidth"
+    assert "routed experts" in short.decode_bound
+    # decode cannot beat reading the active routed experts once per token from RAM
+    routed_bytes = parameter_groups(NEXT)["routed experts"] * 10 / 512 * INT4_BYTES
+    assert short.decode_tok_s < profile.cpu.ram_bandwidth / routed_bytes
+    slower_ram = make_plan(NEXT, load_profile("rtx3090-ddr4"), None, ctx=8192).predicted
+    assert slower_ram.decode_tok_s < short.decode_tok_s
+
+
+def test_plan_command_fits_and_fails():
+    runner = CliRunner()
+    result = runner.invoke(main, ["plan", "--preset", "qwen3-next-80b-a3b", "--gpu-mem", "8G", "--ctx", "32768"])
+    assert result.exit_code == 0, result.output
+    assert "routed experts" in result.stdout and result.stdout.rstrip().endswith("fits")
+    as_json = runner.invoke(main, ["plan", "--preset", "qwen3-next-80b-a3b", "--gpu-mem", "8G", "--ctx", "32768",
+                                   "--json"])
+    plan = json.loads(as_json.stdout)
+    assert plan["fits"] and plan["gpu_bytes"] <= 8 * 2**30 and plan["ram_bytes"] > 40e9
+    assert plan["predicted"]["decode_tok_s"] > 0 and plan["predicted"]["prefill_tok_s"] > 0
+    experts = [p for p in plan["placement"] if p["group"] == "routed experts"][0]
+    assert 40e9 <= experts["nbytes"] <= 46e9
+    small = runner.invoke(main, ["plan", "--preset", "qwen3-next-80b-a3b", "--gpu-mem", "2G", "--ctx", "32768"])
+    assert small.exit_code == 1
+    assert small.stderr.startswith("error: needs at least 4.4GiB of GPU memory")
+
+
+def test_plan_command_errors(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["plan", "--preset", "qwen3-30b-a3b", "--gpu-mem", "eight"])
+    assert result.exit_code == 1 and "--gpu-mem: 'eight' is not a size" in result.stderr
+    result = runner.invoke(main, ["plan", "--preset", "qwen3-30b-a3b", "--profile", "cpu-only-2core", "--gpu-mem", "8G"])
+    assert result.exit_code == 1 and "has no GPU; pass --gpu-mem 0" in result.stderr
+    result = runner.invoke(main, ["plan", "--model", str(tmp_path)])
+    assert result.exit_code == 1 and "not a model directory" in result.stderr
