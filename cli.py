@@ -71,10 +71,12 @@ def _parse_ids(text: str) -> list[int]:
               help="Sampling temperature; 0 is greedy.")
 @click.option("--seed", default=None, type=int, help="Random seed for sampling.")
 @click.option("--ctx", default=None, type=click.IntRange(min=1), help="Context length to allocate.")
+@click.option("--quant", type=click.Choice(["int4", "none"]), default="int4", show_default=True,
+              help="Routed experts as int4 (built once into the expert store) or in the checkpoint's precision.")
 @click.option("--gpu-mem", default=None, help="GPU memory budget, e.g. 8G (planned; execution is on the CPU for now).")
 @click.option("--profile", default=None, help="Hardware profile: a name in profiles/ or a YAML file.")
 def run(model_dir: Path | None, demo: bool, ids_text: str | None, max_tokens: int, temperature: float,
-        seed: int | None, ctx: int | None, gpu_mem: str | None, profile: str | None) -> None:
+        seed: int | None, ctx: int | None, quant: str, gpu_mem: str | None, profile: str | None) -> None:
     """Generate from a prompt of token ids."""
     import offload
 
@@ -83,7 +85,8 @@ def run(model_dir: Path | None, demo: bool, ids_text: str | None, max_tokens: in
     if demo:
         model_dir = _demo_model()
     started = time.perf_counter()
-    engine = offload.load(model_dir, gpu_mem=gpu_mem, profile=profile, ctx=ctx)
+    engine = offload.load(model_dir, quant=None if quant == "none" else quant, gpu_mem=gpu_mem,
+                          profile=profile, ctx=ctx)
     loaded = time.perf_counter()
     prompt = _parse_ids(ids_text) if ids_text else list(range(1, 9))
     click.echo(f"loaded {model_dir} ({engine.args.model_type}, {engine.args.num_hidden_layers} layers) "
@@ -102,6 +105,30 @@ def run(model_dir: Path | None, demo: bool, ids_text: str | None, max_tokens: in
     decode_rate = (len(generated) - 1) / (done - first_token_at) if len(generated) > 1 else float("nan")
     click.echo(f"prompt {len(prompt)} tokens at {len(prompt) / (first_token_at - loaded):.1f} tok/s, "
                f"generated {len(generated)} tokens at {decode_rate:.1f} tok/s", err=True)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Store directory (default: a folder under ~/.cache/offload/stores).")
+def quantize(model_dir: Path, out: Path | None) -> None:
+    """Build the int4 expert store of MODEL_DIR (resumes an interrupted build)."""
+    from tqdm import tqdm
+
+    from offload.config import load_config
+    from offload.store import build_store, default_store_dir, store_is_current
+
+    args = load_config(model_dir)
+    out = out or default_store_dir(model_dir)
+    if store_is_current(out, model_dir, args):
+        click.echo(f"{out} is up to date")
+        return
+    with tqdm(total=1, unit="B", unit_scale=True, unit_divisor=1024, desc="quantising experts") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        build_store(model_dir, args, out, progress)
+    click.echo(f"wrote {out}")
 
 
 @main.command()

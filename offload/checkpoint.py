@@ -130,6 +130,11 @@ class Checkpoint:
             self._handles[path] = handle
         return handle
 
+    def release(self) -> None:
+        """Close the open files; their memory maps (and the page-cache pages they keep counted
+        in this process's RSS) go with them. Later reads reopen what they need."""
+        self._handles.clear()
+
     def names(self) -> list[str]:
         """Tensor names, without the FP8 scale tensors."""
         return [name for name in self._files if not self._is_fp8_scale(name)]

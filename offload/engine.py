@@ -107,17 +107,20 @@ class Engine:
 
 
 def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | None = None,
-         profile: str | None = None, device: str | None = None, ctx: int | None = None) -> Engine:
+         profile: str | None = None, device: str | None = None, ctx: int | None = None,
+         store_dir: str | Path | None = None) -> Engine:
     """Load a Hugging Face checkpoint directory into an `Engine`.
 
-    quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16).
+    quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16);
+    quant="int4" runs the routed experts from the int4 expert store (built on first use, in
+    `store_dir` or the cache; see offload.store) with the CPU kernels.
     gpu_mem ("8G", bytes, 0 for CPU only) and profile (a name in profiles/ or a YAML file) make
     the placement plan, kept as `engine.plan`; execution does not follow it yet: everything runs
     on the CPU. device is accepted and not used yet.
     """
-    if quant is not None:
-        raise OffloadError(f"quant={quant!r} is not available yet; use quant=None to run in the "
-                           "checkpoint's precision")
+    if quant not in (None, "int4"):
+        raise OffloadError(f"quant={quant!r} is not a format offload has; use quant='int4' (routed experts "
+                           "as int4) or quant=None (the checkpoint's precision)")
     args = load_config(model_dir)
     ctx = ctx or min(DEFAULT_CONTEXT, args.max_position_embeddings)
     if ctx <= 0:
@@ -127,12 +130,28 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     weights = architecture.sanitize(checkpoint.lazy_all(), args)
     with torch.device("meta"):
         model = architecture.Model(args)
+    if quant == "int4":
+        _swap_in_int4_experts(model, args, model_dir, store_dir)
     dtype = weights["embed_tokens.weight"].dtype if "embed_tokens.weight" in weights else None
     _fill(model, weights, dtype, str(model_dir))
     model.eval()
     engine = Engine(model, args, ctx, torch.device("cpu"))
     engine.plan = _plan(args, gpu_mem, profile, ctx, quant, str(model_dir))
     return engine
+
+
+def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_dir) -> None:
+    """Replace each MoE layer's float experts by the int4 executor (their weights are never read)."""
+    import sys
+
+    from offload.experts import CpuExpertExecutor, Int4Experts
+    from offload.store import open_store
+
+    store = open_store(model_dir, args, store_dir, announce=lambda line: print(line, file=sys.stderr))
+    executor = CpuExpertExecutor(store, args)
+    for layer, block in enumerate(model.layers):
+        if args.is_moe_layer(layer):
+            block.mlp.experts = Int4Experts(executor, layer)
 
 
 def _plan(args: ModelArgs, gpu_mem, profile, ctx: int, quant: str | None, name: str):

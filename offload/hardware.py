@@ -267,8 +267,6 @@ def _detect_gpu(progress) -> GPU | None:
     memory_bandwidth = 2 * source.numel() / timed(lambda: copy.copy_(source))
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     tflops = 2 * 8192**3 / timed(lambda: a @ a) / 1e12
-    del host, target, source, copy, a
-    torch.cuda.empty_cache()
     progress(f"  host-to-device {h2d / 1e9:.1f} GB/s, memory {memory_bandwidth / 1e9:.0f} GB/s, "
              f"bf16 {tflops:.0f} TFLOP/s")
     return GPU(name=properties.name, memory=properties.total_memory, h2d_bandwidth=h2d,

@@ -1,0 +1,60 @@
+"""The CPU expert executor: routed experts of every MoE layer from the int4 store, computed by
+the Numba kernels, behind a torch module that replaces the model's float `Experts` (a module
+swap: the float expert weights are never loaded).
+
+Few tokens (decode) go to `kernels.gemv.moe_decode`, many (prefill chunks) to
+`kernels.gemm.moe_prefill`. Scratch buffers are allocated once and shared by all layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from kernels import gemm, gemv
+from kernels.threads import kernel_threads, physical_cores
+from offload.config import PREFILL_CHUNK, ModelArgs
+from offload.store import ExpertStore
+
+DECODE_MAX_TOKENS = 8  # up to this many tokens per call use the decode kernel
+
+
+class CpuExpertExecutor:
+    def __init__(self, store: ExpertStore, args: ModelArgs, threads: int | None = None):
+        self.store = store
+        self.threads = threads or physical_cores()
+        hidden, intermediate, top_k = args.hidden_size, args.moe_intermediate_size, args.num_experts_per_tok
+        self.decode_scratch = gemv.DecodeScratch(DECODE_MAX_TOKENS, top_k, hidden, intermediate)
+        self.prefill_scratch = gemm.PrefillScratch(PREFILL_CHUNK, top_k, hidden, intermediate)
+        self.output = np.zeros((PREFILL_CHUNK, hidden), np.float32)
+
+    def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], expert_ids [T, K], weights [T, K] -> float32 [T, D] (a new tensor)."""
+        tokens = x.shape[0]
+        experts = self.store.layers[layer]
+        x_np = x.detach().to(torch.float32).contiguous().numpy()
+        ids = expert_ids.numpy()
+        w = weights.to(torch.float32).contiguous().numpy()
+        out = self.output[:tokens] if tokens <= PREFILL_CHUNK else np.empty((tokens, x.shape[1]), np.float32)
+        with kernel_threads(self.threads):
+            if tokens <= DECODE_MAX_TOKENS:
+                gemv.moe_decode(x_np, ids, w, experts.gate_up, experts.down, out, self.decode_scratch)
+            elif tokens <= PREFILL_CHUNK:
+                gemm.moe_prefill(x_np, ids, w, experts.gate_up, experts.down, out, self.prefill_scratch)
+            else:
+                scratch = gemm.PrefillScratch(tokens, ids.shape[1], x.shape[1], experts.down.shape[2])
+                gemm.moe_prefill(x_np, ids, w, experts.gate_up, experts.down, out, scratch)
+        return torch.from_numpy(out.copy())
+
+
+class Int4Experts(nn.Module):
+    """Stands in for `models.moe.Experts` of one layer; same call, computed from int4 on the CPU."""
+
+    def __init__(self, executor: CpuExpertExecutor, layer: int):
+        super().__init__()
+        self.executor = executor
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.executor.run(self.layer, x, expert_ids, weights)

@@ -1,0 +1,248 @@
+"""The quantised expert store: each MoE layer's routed experts as int4, one file per layer.
+
+Built once from a checkpoint (`build_store`, `offload quantize`) and opened by mmap
+(`ExpertStore`), handing the kernels zero-copy arrays.
+
+File `layer-NNN.int4`:
+    bytes 0..8      magic b"OFFLDI4\\0"
+    bytes 8..16     little-endian u64: length H of the JSON header that follows
+    bytes 16..16+H  JSON: store version, int4 format (group size, block rows, scale dtype),
+                    source fingerprint, layer, and for each array its dtype, shape and offset
+    then            the arrays (gate_up packed, gate_up scales, down packed, down scales), each
+                    starting at a 4096-byte boundary, in `kernels.int4` layout
+`store.json` lists the layers and the fingerprint; it is written last, so a store without it is
+incomplete. Every file is written to a temporary name, flushed, then renamed: a file under its
+final name is always whole. An interrupted build resumes: layers already written for the same
+fingerprint are kept, the rest are built. A store of another fingerprint, version or format is
+rebuilt, never read.
+
+The fingerprint covers config.json and, for every weight file, its name, size, modification
+time and safetensors header (tensor names, dtypes, shapes, offsets); hashing 160 GB of weights
+on every start would cost more than it protects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from kernels import int4
+from offload.checkpoint import Checkpoint
+from offload.config import ModelArgs
+from offload.errors import OffloadError
+
+MAGIC = b"OFFLDI4\0"
+VERSION = 1
+ALIGN = 4096
+QUANTIZE_CHUNK = 16  # experts read, converted and quantised at a time (bounds peak RAM)
+_ARRAYS = ("gate_up_packed", "gate_up_scales", "down_packed", "down_scales")
+
+
+class StoreError(OffloadError):
+    """The expert store cannot be built or read."""
+
+
+def fingerprint(model_dir: Path) -> str:
+    digest = hashlib.sha256()
+    digest.update((model_dir / "config.json").read_bytes())
+    for path in sorted(model_dir.glob("*.safetensors")):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            digest.update(f.read(min(length, 1 << 26)))
+    return digest.hexdigest()[:32]
+
+
+def format_description() -> dict:
+    return {"name": "int4", "group_size": int4.GROUP, "block_rows": int4.BLOCK, "scale_dtype": "bfloat16"}
+
+
+def default_store_dir(model_dir: Path) -> Path:
+    root = os.environ.get("OFFLOAD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "offload")
+    return Path(root) / "stores" / f"{model_dir.resolve().name}-int4"
+
+
+@dataclass
+class LayerExperts:
+    gate_up: int4.Int4Weights  # [E, 2I, D]
+    down: int4.Int4Weights  # [E, D, I]
+
+
+def _moe_layers(args: ModelArgs) -> list[int]:
+    return [layer for layer in range(args.num_hidden_layers) if args.is_moe_layer(layer)]
+
+
+def _layer_path(store_dir: Path, layer: int) -> Path:
+    return store_dir / f"layer-{layer:03d}.int4"
+
+
+def _read_header(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != MAGIC:
+                return None
+            (length,) = struct.unpack("<Q", f.read(8))
+            return json.loads(f.read(length))
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def _layer_is_current(path: Path, source: str, layer: int) -> bool:
+    header = _read_header(path)
+    return (header is not None and header.get("version") == VERSION and header.get("format") == format_description()
+            and header.get("fingerprint") == source and header.get("layer") == layer)
+
+
+def store_is_current(store_dir: Path, model_dir: Path, args: ModelArgs) -> bool:
+    manifest = store_dir / "store.json"
+    if not manifest.is_file():
+        return False
+    try:
+        meta = json.loads(manifest.read_text())
+    except ValueError:
+        return False
+    print_ = fingerprint(model_dir)
+    return (meta.get("version") == VERSION and meta.get("format") == format_description()
+            and meta.get("fingerprint") == print_ and meta.get("layers") == _moe_layers(args)
+            and all(_layer_is_current(_layer_path(store_dir, layer), print_, layer) for layer in meta["layers"]))
+
+
+def build_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | None = None,
+                progress: Callable[[int, int], None] | None = None) -> Path:
+    """Quantise the routed experts of `model_dir` into `store_dir`; returns the store's path.
+
+    Reads QUANTIZE_CHUNK experts at a time, so peak RAM is a few experts plus one layer's output
+    buffers, whatever the model's size. `progress(done_bytes, total_bytes)` after each chunk.
+    """
+    model_dir = Path(model_dir)
+    store_dir = Path(store_dir) if store_dir else default_store_dir(model_dir)
+    layers = _moe_layers(args)
+    if not layers:
+        raise StoreError(f"{model_dir}: no MoE layers, nothing to quantise")
+    for dim, name in ((args.hidden_size, "hidden_size"), (args.moe_intermediate_size, "moe_intermediate_size")):
+        if dim % int4.GROUP:
+            raise StoreError(f"{name} {dim} is not a multiple of {int4.GROUP}: the int4 experts need it; "
+                             "run with quant=None")
+    print_ = fingerprint(model_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    manifest = store_dir / "store.json"
+    if manifest.exists():
+        manifest.unlink()  # the store is incomplete until the manifest is rewritten
+    for leftover in store_dir.glob("*.tmp"):
+        leftover.unlink()
+    checkpoint = Checkpoint(model_dir, args.fp8_block_size)
+    experts, hidden, intermediate = args.num_experts, args.hidden_size, args.moe_intermediate_size
+    layer_bytes = experts * 3 * hidden * intermediate * int4.FORMAT.bits_per_weight / 8
+    total = int(layer_bytes * len(layers))
+    done = 0
+    for layer in layers:
+        path = _layer_path(store_dir, layer)
+        if not _layer_is_current(path, print_, layer):
+            _write_layer(path, checkpoint, layer, args, print_, lambda n: progress and progress(done + n, total))
+        done += int(layer_bytes)
+        if progress:
+            progress(done, total)
+    meta = {"version": VERSION, "format": format_description(), "fingerprint": print_, "layers": layers,
+            "source": str(model_dir.resolve())}
+    temp = manifest.with_suffix(".json.tmp")
+    temp.write_text(json.dumps(meta, indent=2))
+    os.replace(temp, manifest)
+    return store_dir
+
+
+def _write_layer(path: Path, checkpoint: Checkpoint, layer: int, args: ModelArgs, print_: str,
+                 progress: Callable[[int], None]) -> None:
+    experts, hidden, intermediate = args.num_experts, args.hidden_size, args.moe_intermediate_size
+    shapes = {"gate_up_packed": ((experts, 2 * intermediate // int4.BLOCK, hidden * 16), "uint8"),
+              "gate_up_scales": ((experts, 2 * intermediate // int4.BLOCK, hidden), "uint16"),
+              "down_packed": ((experts, hidden // int4.BLOCK, intermediate * 16), "uint8"),
+              "down_scales": ((experts, hidden // int4.BLOCK, intermediate), "uint16")}
+    header = {"version": VERSION, "format": format_description(), "fingerprint": print_, "layer": layer,
+              "arrays": {}}
+    offset = ALIGN  # the header fits the first page for any realistic model
+    for name, (shape, dtype) in shapes.items():
+        header["arrays"][name] = {"shape": list(shape), "dtype": dtype, "offset": offset}
+        offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
+    encoded = json.dumps(header).encode()
+    if 16 + len(encoded) > ALIGN:
+        raise StoreError(f"store header of layer {layer} does not fit {ALIGN} bytes")
+    temp = path.with_suffix(".int4.tmp")
+    with open(temp, "wb") as f:
+        f.write(MAGIC + struct.pack("<Q", len(encoded)) + encoded)
+        f.truncate(offset)
+    arrays = {name: np.memmap(temp, dtype=spec["dtype"], mode="r+", offset=spec["offset"], shape=tuple(spec["shape"]))
+              for name, spec in header["arrays"].items()}
+    prefix = f"model.layers.{layer}.mlp.experts"
+    if f"{prefix}.0.gate_proj.weight" not in checkpoint:
+        raise StoreError(f"{checkpoint.model_dir}: layer {layer}'s experts are not stored one tensor per expert "
+                         f"({prefix}.0.gate_proj.weight); int4 needs the hub layout, or run with quant=None")
+    done = 0
+    for first in range(0, experts, QUANTIZE_CHUNK):
+        chunk = range(first, min(first + QUANTIZE_CHUNK, experts))
+        gate_up = np.stack([_float32(torch.cat([checkpoint.read(f"{prefix}.{e}.gate_proj.weight"),
+                                                checkpoint.read(f"{prefix}.{e}.up_proj.weight")])) for e in chunk])
+        quantized = int4.quantize(gate_up)
+        arrays["gate_up_packed"][chunk.start:chunk.stop] = quantized.packed
+        arrays["gate_up_scales"][chunk.start:chunk.stop] = quantized.scales
+        del gate_up
+        down = np.stack([_float32(checkpoint.read(f"{prefix}.{e}.down_proj.weight")) for e in chunk])
+        quantized = int4.quantize(down)
+        arrays["down_packed"][chunk.start:chunk.stop] = quantized.packed
+        arrays["down_scales"][chunk.start:chunk.stop] = quantized.scales
+        done += len(chunk) * 3 * hidden * intermediate * int4.FORMAT.bits_per_weight / 8
+        progress(int(done))
+    checkpoint.release()  # unmap this layer's source pages
+    for array in arrays.values():
+        array.flush()
+    del arrays
+    with open(temp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
+def _float32(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.to(torch.float32).numpy()
+
+
+class ExpertStore:
+    """An opened store: per MoE layer, the int4 experts as read-only memory-mapped arrays."""
+
+    def __init__(self, store_dir: Path, args: ModelArgs):
+        self.path = store_dir
+        self.layers: dict[int, LayerExperts] = {}
+        experts, hidden, intermediate = args.num_experts, args.hidden_size, args.moe_intermediate_size
+        for layer in _moe_layers(args):
+            header = _read_header(_layer_path(store_dir, layer))
+            arrays = {name: np.memmap(_layer_path(store_dir, layer), dtype=spec["dtype"], mode="r",
+                                      offset=spec["offset"], shape=tuple(spec["shape"]))
+                      for name, spec in header["arrays"].items()}
+            self.layers[layer] = LayerExperts(
+                int4.Int4Weights(arrays["gate_up_packed"], arrays["gate_up_scales"], (experts, 2 * intermediate, hidden)),
+                int4.Int4Weights(arrays["down_packed"], arrays["down_scales"], (experts, hidden, intermediate)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.gate_up.nbytes + layer.down.nbytes for layer in self.layers.values())
+
+
+def open_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | None = None,
+               progress: Callable[[int, int], None] | None = None,
+               announce: Callable[[str], None] | None = None) -> ExpertStore:
+    """Open the current store for `model_dir`, building (or finishing) it first when needed."""
+    model_dir = Path(model_dir)
+    store_dir = Path(store_dir) if store_dir else default_store_dir(model_dir)
+    if not store_is_current(store_dir, model_dir, args):
+        if announce:
+            announce(f"building the int4 expert store for {model_dir} in {store_dir} (once) ...")
+        build_store(model_dir, args, store_dir, progress)
+    return ExpertStore(store_dir, args)

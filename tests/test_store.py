@@ -1,0 +1,115 @@
+"""The int4 expert store: reuse, staleness, foreign files, interrupted builds, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import offload
+from offload.config import args_from_dict, load_config
+from offload.store import build_store, store_is_current
+from offload.synthetic import preset_config, synthesize
+
+
+def wide_config(layers: int) -> dict:
+    """Experts large enough that quantising a layer takes a noticeable moment (12.6M weights)."""
+    return {**preset_config("tiny-qwen3-next", layers=layers), "hidden_size": 256, "moe_intermediate_size": 256,
+            "num_experts": 64, "full_attention_interval": 4, "torch_dtype": "bfloat16"}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return synthesize(tmp_path / "tiny", preset_config("tiny-qwen3-next"))
+
+
+def layer_files(store_dir):
+    return sorted(store_dir.glob("layer-*.int4"))
+
+
+def test_store_is_built_once_and_reused(tiny, tmp_path):
+    store_dir = tmp_path / "store"
+    first = offload.load(tiny, quant="int4", store_dir=store_dir).logits([1, 2, 3, 4, 5])
+    stamps = [f.stat().st_mtime_ns for f in layer_files(store_dir)]
+    assert len(stamps) == 4 and (store_dir / "store.json").is_file()
+    second = offload.load(tiny, quant="int4", store_dir=store_dir).logits([1, 2, 3, 4, 5])
+    assert [f.stat().st_mtime_ns for f in layer_files(store_dir)] == stamps
+    assert np.array_equal(first.numpy(), second.numpy())
+
+
+def test_stale_and_foreign_stores_are_rebuilt(tiny, tmp_path):
+    store_dir = tmp_path / "store"
+    args = load_config(tiny)
+    build_store(tiny, args, store_dir)
+    assert store_is_current(store_dir, tiny, args)
+    expected = offload.load(tiny, quant="int4", store_dir=store_dir).logits([7, 8, 9])
+    # stale: the checkpoint changed after the store was built
+    os.utime(tiny / "model.safetensors", ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert not store_is_current(store_dir, tiny, args)
+    before = layer_files(store_dir)[0].stat().st_mtime_ns
+    assert np.array_equal(offload.load(tiny, quant="int4", store_dir=store_dir).logits([7, 8, 9]).numpy(),
+                          expected.numpy())
+    assert layer_files(store_dir)[0].stat().st_mtime_ns != before
+    # foreign: a layer file of another version, and one that is not a store file at all
+    path = layer_files(store_dir)[1]
+    data = bytearray(path.read_bytes())
+    header = data[16:16 + int.from_bytes(data[8:16], "little")]
+    data[16:16 + len(header)] = header.replace(b'"version": 1', b'"version": 9')
+    path.write_bytes(bytes(data))
+    layer_files(store_dir)[2].write_bytes(b"not a store")
+    assert not store_is_current(store_dir, tiny, args)
+    assert np.array_equal(offload.load(tiny, quant="int4", store_dir=store_dir).logits([7, 8, 9]).numpy(),
+                          expected.numpy())
+    assert store_is_current(store_dir, tiny, args)
+
+
+def test_a_killed_build_leaves_no_torn_file_and_resumes(tmp_path):
+    model = synthesize(tmp_path / "wide", wide_config(layers=12))
+    store_dir = tmp_path / "store"
+    process = subprocess.Popen([sys.executable, "-c", "from cli import main; main()", "quantize", str(model),
+                                "--out", str(store_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not layer_files(store_dir) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = layer_files(store_dir)
+    assert 1 <= len(written) < 12 and not (store_dir / "store.json").exists()
+    args = load_config(model)
+    assert not store_is_current(store_dir, model, args)
+    for path in written:  # every file under its final name is whole: its header and size check out
+        header = json.loads(path.read_bytes()[16:16 + int.from_bytes(path.read_bytes()[8:16], "little")])
+        last = header["arrays"]["down_scales"]
+        assert path.stat().st_size >= last["offset"] + np.prod(last["shape"]) * 2
+    kept = {path.name: path.stat().st_mtime_ns for path in written}
+    build_store(model, args, store_dir)  # resumes: keeps the finished layers
+    assert store_is_current(store_dir, model, args)
+    assert all(store_dir.joinpath(name).stat().st_mtime_ns == stamp for name, stamp in kept.items())
+    assert not list(store_dir.glob("*.tmp"))
+
+
+def peak_rss_of_quantize(model, store_dir) -> int:
+    """Peak RSS (bytes) of an `offload quantize` process."""
+    script = ("import resource, subprocess, sys; subprocess.run([sys.executable, '-c', "
+              "'from cli import main; main()', 'quantize', sys.argv[1], '--out', sys.argv[2]], check=True); "
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", script, str(model), str(store_dir)], capture_output=True,
+                            text=True, check=True)
+    return int(result.stdout.split()[-1]) * 1024
+
+
+def test_quantize_memory_does_not_grow_with_the_model(tmp_path):
+    small = synthesize(tmp_path / "small", wide_config(layers=2))
+    large = synthesize(tmp_path / "large", wide_config(layers=14))  # 7x the experts, 350 MB of bf16
+    layer_bytes = 64 * 3 * 256 * 256 * 2  # one layer's experts in the checkpoint: 25 MB
+    small_peak = peak_rss_of_quantize(small, tmp_path / "s")
+    large_peak = peak_rss_of_quantize(large, tmp_path / "l")
+    assert large_peak - small_peak < 2 * layer_bytes, (small_peak, large_peak)
+    args = args_from_dict(json.loads((large / "config.json").read_text()))
+    assert store_is_current(tmp_path / "l", large, args)
