@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import offload  # noqa: E402
 from kernels.membw import read_bandwidth  # noqa: E402
-from kernels.probe import decode_throughput, pool_for  # noqa: E402
+from kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E402
 from kernels.threads import physical_cores  # noqa: E402
 from offload.config import args_from_dict  # noqa: E402
 from offload.planner import INT4_BYTES, parameter_groups  # noqa: E402
@@ -44,13 +43,9 @@ def slice_dir(layers: int, experts: int) -> Path:
 
 
 def time_decode(step, tokens: int) -> float:
-    """Median seconds per decode step."""
-    times = []
-    for i in range(tokens):
-        start = time.perf_counter()
-        step(i)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    """Median seconds per decode step (after one warm-up step)."""
+    step(-1)
+    return median_seconds(step, tokens)
 
 
 def offload_decode(engine, tokens: int) -> float:

@@ -183,13 +183,19 @@ def _quantize_kernel(w, candidates, packed, scales):
                     packed[e, b, (g * GROUP + i) * 16 + k] |= np.uint8((best_codes[i] + 8) << shift)
 
 
-def quantize(w: np.ndarray) -> Int4Weights:
-    """[E, out, in] (or [out, in]) float32 / float16 / bf16-bits -> Int4Weights."""
+def _prepared(w: np.ndarray) -> np.ndarray:
+    """float32 [E, out, in] from [E, out, in] or [out, in] float32 / float16 / bf16 bits."""
     w = _as_float32(np.asarray(w))
     if w.ndim == 2:
         w = w[None]
+    FORMAT.check_shape(w.shape[1], w.shape[2])
+    return np.ascontiguousarray(w)
+
+
+def quantize(w: np.ndarray) -> Int4Weights:
+    """[E, out, in] (or [out, in]) float32 / float16 / bf16-bits -> Int4Weights."""
+    w = _prepared(w)
     experts, out_features, in_features = w.shape
-    FORMAT.check_shape(out_features, in_features)
     packed = np.zeros((experts, out_features // BLOCK, in_features * 16), dtype=np.uint8)
     scales = np.zeros((experts, out_features // BLOCK, in_features), dtype=np.uint16)
     _quantize_kernel(np.ascontiguousarray(w), SCALE_CANDIDATES, packed, scales)
@@ -236,11 +242,8 @@ def pack(codes: np.ndarray, scale_bits: np.ndarray) -> Int4Weights:
 
 def quantize_reference(w: np.ndarray) -> Int4Weights:
     """NumPy reference of `quantize` (same candidates, rounding and tie-breaking)."""
-    w = _as_float32(np.asarray(w))
-    if w.ndim == 2:
-        w = w[None]
+    w = _prepared(w)
     experts, out_features, in_features = w.shape
-    FORMAT.check_shape(out_features, in_features)
     groups = w.reshape(-1, GROUP)
     peak = groups[np.arange(len(groups)), np.abs(groups).argmax(axis=1)]
     best_error = np.full(len(groups), np.inf, dtype=np.float32)

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from offload.config import LINEAR_ATTENTION, Qwen3NextArgs
-from offload.models.attention import RotaryEmbedding, apply_rope, cached_attention
+from offload.models.attention import apply_rope, cached_attention
 from offload.models.cache import Cache, KVCache, LinearAttentionCache
 from offload.models.hub import sanitize  # noqa: F401  (part of the architecture's interface)
-from offload.models.moe import MLP, SparseMoeBlock
+from offload.models.decoder import CausalLM, feed_forward
 
 DELTA_CHUNK_SIZE = 64  # tokens per chunk of the chunked delta rule (prefill)
 
@@ -228,12 +228,7 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = GatedAttention(args)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        if args.is_moe_layer(layer):
-            self.mlp = SparseMoeBlock(args.hidden_size, args.num_experts, args.num_experts_per_tok,
-                                      args.moe_intermediate_size, args.norm_topk_prob,
-                                      args.shared_expert_intermediate_size)
-        else:
-            self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.mlp = feed_forward(args, layer, args.shared_expert_intermediate_size)
 
     def forward(self, x, cos, sin, cache: Cache, start: int) -> torch.Tensor:
         h = self.input_layernorm(x)
@@ -245,27 +240,9 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     def __init__(self, args: Qwen3NextArgs):
-        super().__init__()
-        self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(args.rotary_dim, args.rope_theta)
-
-    def forward(self, input_ids: torch.Tensor, caches: list[Cache], start: int,
-                last_only: bool = False) -> torch.Tensor:
-        """input_ids [T] at positions start..start+T -> logits [T, V] (or [1, V] if last_only)."""
-        x = self.embed_tokens(input_ids)
-        positions = torch.arange(start, start + input_ids.shape[0], device=x.device)
-        cos, sin = self.rotary(positions, x.dtype)
-        for layer, cache in zip(self.layers, caches):
-            x = layer(x, cos, sin, cache, start)
-        if last_only:
-            x = x[-1:]
-        return self.lm_head(self.norm(x))
+        super().__init__(args, DecoderLayer, RMSNorm(args.hidden_size, args.rms_norm_eps))
 
 
 def make_cache(args: Qwen3NextArgs, max_len: int, dtype: torch.dtype,
