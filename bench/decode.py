@@ -94,18 +94,23 @@ def main() -> None:
     kernel_rate = decode_throughput(gate_up, down, 1, 10, 40)
     del gate_up, down
 
-    def bound_seconds(model_args) -> tuple[float, float, float]:
+    def bound_seconds(model_args, dense_bytes_per_weight=2.0) -> tuple[float, float, float]:
         groups = parameter_groups(model_args)
         routed = groups["routed experts"] * model_args.num_experts_per_tok / model_args.num_experts
-        dense = sum(n for g, n in groups.items() if g not in ("routed experts", "embeddings")) * 2  # bf16
-        return routed / kernel_rate + dense / bandwidth, routed * INT4_BYTES, dense
+        dense = sum(n for g, n in groups.items() if g not in ("routed experts", "embeddings"))
+        return (routed / kernel_rate + dense * dense_bytes_per_weight / bandwidth, routed * INT4_BYTES,
+                dense * dense_bytes_per_weight)
 
-    engine = offload.load(path, quant="int4", ctx=1024)
-    decode = offload_decode(engine, options.tokens)
-    engine.reset()
-    start = time.perf_counter()
-    engine.feed(np.arange(512) % 1000 + 1, all_logits=False)
-    prefill = time.perf_counter() - start
+    def measure(dense_quant):
+        engine = offload.load(path, quant="int4", dense_quant=dense_quant, ctx=1024)
+        decode = offload_decode(engine, options.tokens)
+        engine.reset()
+        start = time.perf_counter()
+        engine.feed(np.arange(512) % 1000 + 1, all_logits=False)
+        return decode, time.perf_counter() - start
+
+    decode, prefill = measure(None)
+    decode_int4, prefill_int4 = measure("int4")
     slice_bound, routed_bytes, dense_bytes = bound_seconds(args)
     full_bound, full_routed, full_dense = bound_seconds(full)
     # the full model: the slice's measured time per layer, scaled to 48 layers (experts per layer
@@ -120,6 +125,12 @@ def main() -> None:
     print(f"{'bound (bytes read per token)':<34} {1 / slice_bound:8.1f} tok/s {1 / full_bound:8.1f} tok/s "
           f"-> {slice_bound / decode:.0%} of the bound")
     print(f"{'offload prefill, 512 tokens':<34} {512 / prefill:8.1f} tok/s {512 / (prefill * scale):8.1f} tok/s")
+    slice_bound4 = bound_seconds(args, INT4_BYTES)[0]
+    full_bound4 = bound_seconds(full, INT4_BYTES)[0]
+    print(f"{'  ... with dense_quant=int4':<34} {1 / decode_int4:8.1f} tok/s {1 / (decode_int4 * scale):8.1f} tok/s "
+          f"(bound {1 / slice_bound4:.1f} / {1 / full_bound4:.1f}: {slice_bound4 / decode_int4:.0%})")
+    print(f"{'  ... prefill 512, dense int4':<34} {512 / prefill_int4:8.1f} tok/s "
+          f"{512 / (prefill_int4 * scale):8.1f} tok/s")
     if not options.skip_peer:
         peer_decode, peer_prefill = transformers_decode(path, min(options.tokens, 16))
         print(f"{'transformers bf16 decode':<34} {1 / peer_decode:8.1f} tok/s   ({peer_decode / decode:.1f}x slower)")

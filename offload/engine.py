@@ -108,16 +108,20 @@ class Engine:
 
 def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | None = None,
          profile: str | None = None, device: str | None = None, ctx: int | None = None,
-         store_dir: str | Path | None = None) -> Engine:
+         store_dir: str | Path | None = None, dense_quant: str | None = None) -> Engine:
     """Load a Hugging Face checkpoint directory into an `Engine`.
 
     quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16);
     quant="int4" runs the routed experts from the int4 expert store (built on first use, in
     `store_dir` or the cache; see offload.store) with the CPU kernels.
+    dense_quant="int4" runs the dense matrices (mixers, shared experts, lm_head) from int4 with
+    the same kernels (quantised at load); None keeps them in the checkpoint's precision.
     gpu_mem ("8G", bytes, 0 for CPU only) and profile (a name in profiles/ or a YAML file) make
     the placement plan, kept as `engine.plan`; execution does not follow it yet: everything runs
     on the CPU. device is accepted and not used yet.
     """
+    if dense_quant not in (None, "int4"):
+        raise OffloadError(f"dense_quant={dense_quant!r} is not available; use 'int4' or None")
     if quant not in (None, "int4"):
         raise OffloadError(f"quant={quant!r} is not a format offload has; use quant='int4' (routed experts "
                            "as int4) or quant=None (the checkpoint's precision)")
@@ -135,6 +139,10 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     dtype = weights["embed_tokens.weight"].dtype if "embed_tokens.weight" in weights else None
     _fill(model, weights, dtype, str(model_dir))
     model.eval()
+    if dense_quant == "int4":
+        from offload.dense import quantize_dense
+
+        quantize_dense(model)
     engine = Engine(model, args, ctx, torch.device("cpu"))
     engine.plan = _plan(args, gpu_mem, profile, ctx, quant, str(model_dir))
     return engine

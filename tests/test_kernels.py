@@ -138,3 +138,15 @@ def test_bad_kernel_inputs_are_explained():
     with pytest.raises(ValueError, match=r"x must be C-contiguous float32 \[T, 64\]"):
         gemv.moe_decode(x.astype(np.float64), np.zeros((1, 2), int), np.ones((1, 2), np.float32),
                         gate_up, down, x.copy(), scratch)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_dense_linear_matches_reference(tokens):
+    from kernels import linear
+
+    rng = np.random.default_rng(tokens)
+    weight = int4.quantize(random_experts(rng, 1, 96, 160, 0.1))
+    x = rng.standard_normal((tokens, 160)).astype(np.float32)
+    expected = linear.linear_reference(x, weight, np.zeros((tokens, 96), np.float32))
+    out = linear.linear(x, weight, np.full((tokens, 96), np.nan, np.float32), np.zeros((64, 5), np.float32))
+    assert np.allclose(out, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())

@@ -1,0 +1,61 @@
+"""Dense layers on the CPU from int4: a module swap for `nn.Linear` (dense_quant="int4").
+
+On the CPU every dense matrix is read once per decoded token, and in bf16 through torch that
+costs more than all the routed experts (Qwen3-Next: 4.1 GB of mixers, shared experts and lm_head
+per token against 0.85 GB of int4 experts). `Int4Linear` holds the matrix in the experts' int4
+format and runs it with `kernels.linear`. Routers and the shared-expert gate stay in float: they
+are small and decide which experts run. Matrices whose shape is not a multiple of 32 stay float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from kernels import int4
+from kernels.linear import linear
+from kernels.threads import kernel_threads, physical_cores
+from offload.config import PREFILL_CHUNK
+
+KEEP_FLOAT = ("mlp.gate", "shared_expert_gate")  # module names ending so stay in float
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, source: nn.Linear, threads: int):
+        super().__init__()
+        weight = source.weight.detach().to(torch.float32).numpy()  # [out, in]
+        self.weight = int4.quantize(weight)
+        self.bias = None if source.bias is None else source.bias.detach().to(torch.float32)
+        self.threads = threads
+        self.out_features, self.in_features = weight.shape
+        self.x_sums = np.zeros((PREFILL_CHUNK, self.in_features // int4.GROUP), np.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] in x's dtype."""
+        flat = x.reshape(-1, self.in_features).to(torch.float32).contiguous().numpy()
+        x_sums = self.x_sums if flat.shape[0] <= PREFILL_CHUNK else np.zeros(
+            (flat.shape[0], self.in_features // int4.GROUP), np.float32)
+        out = np.empty((flat.shape[0], self.out_features), np.float32)
+        with kernel_threads(self.threads):
+            linear(flat, self.weight, out, x_sums)
+        result = torch.from_numpy(out)
+        if self.bias is not None:
+            result += self.bias
+        return result.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_dense(model: nn.Module, threads: int | None = None) -> int:
+    """Swap every eligible `nn.Linear` of `model` (loaded, not on meta) for `Int4Linear`;
+    returns how many were swapped. A tied lm_head gets its own int4 copy."""
+    threads = threads or physical_cores()
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.endswith(KEEP_FLOAT):
+            continue
+        if module.out_features % int4.BLOCK or module.in_features % int4.GROUP:
+            continue
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attribute, Int4Linear(module, threads))
+        swapped += 1
+    return swapped
