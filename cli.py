@@ -73,10 +73,13 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--ctx", default=None, type=click.IntRange(min=1), help="Context length to allocate.")
 @click.option("--quant", type=click.Choice(["int4", "none"]), default="int4", show_default=True,
               help="Routed experts as int4 (built once into the expert store) or in the checkpoint's precision.")
+@click.option("--dense-quant", type=click.Choice(["int4", "none"]), default="none", show_default=True,
+              help="Dense matrices (mixers, shared experts, lm_head) as int4 on the CPU, or as stored.")
 @click.option("--gpu-mem", default=None, help="GPU memory budget, e.g. 8G (planned; execution is on the CPU for now).")
 @click.option("--profile", default=None, help="Hardware profile: a name in profiles/ or a YAML file.")
 def run(model_dir: Path | None, demo: bool, ids_text: str | None, max_tokens: int, temperature: float,
-        seed: int | None, ctx: int | None, quant: str, gpu_mem: str | None, profile: str | None) -> None:
+        seed: int | None, ctx: int | None, quant: str, dense_quant: str, gpu_mem: str | None,
+        profile: str | None) -> None:
     """Generate from a prompt of token ids."""
     import offload
 
@@ -86,7 +89,7 @@ def run(model_dir: Path | None, demo: bool, ids_text: str | None, max_tokens: in
         model_dir = _demo_model()
     started = time.perf_counter()
     engine = offload.load(model_dir, quant=None if quant == "none" else quant, gpu_mem=gpu_mem,
-                          profile=profile, ctx=ctx)
+                          profile=profile, ctx=ctx, dense_quant=None if dense_quant == "none" else dense_quant)
     loaded = time.perf_counter()
     prompt = _parse_ids(ids_text) if ids_text else list(range(1, 9))
     click.echo(f"loaded {model_dir} ({engine.args.model_type}, {engine.args.num_hidden_layers} layers) "
