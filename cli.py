@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -10,12 +9,6 @@ from pathlib import Path
 import click
 
 DEMO_PRESET = "demo-qwen3-next"
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("OFFLOAD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "offload")
-    return Path(root)
 
 
 class OffloadGroup(click.Group):
@@ -44,7 +37,9 @@ def _demo_model() -> Path:
     """The cached demo checkpoint, built on first use."""
     from offload.synthetic import checkpoint_nbytes, preset_config, synthesize
 
-    path = _cache_dir() / DEMO_PRESET
+    from offload.paths import cache_root
+
+    path = cache_root() / DEMO_PRESET
     if (path / "config.json").is_file():
         return path
     config = preset_config(DEMO_PRESET)

@@ -14,7 +14,6 @@ layers and 512 experts.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,13 +28,13 @@ from kernels.membw import read_bandwidth  # noqa: E402
 from kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E402
 from kernels.threads import physical_cores  # noqa: E402
 from offload.config import args_from_dict  # noqa: E402
+from offload.paths import cache_root  # noqa: E402
 from offload.planner import INT4_BYTES, parameter_groups  # noqa: E402
 from offload.synthetic import preset_config, synthesize  # noqa: E402
 
 
 def slice_dir(layers: int, experts: int) -> Path:
-    root = Path(os.environ.get("OFFLOAD_CACHE") or Path.home() / ".cache" / "offload")
-    path = root / "bench" / f"qwen3-next-slice-{layers}l-{experts}e"
+    path = cache_root() / "bench" / f"qwen3-next-slice-{layers}l-{experts}e"
     if not (path / "config.json").is_file():
         print(f"building the slice checkpoint in {path} (once) ...", flush=True)
         synthesize(path, preset_config("qwen3-next-80b-a3b", layers=layers, experts=experts), overwrite=True)

@@ -30,7 +30,7 @@ class Engine:
         self.device = device
         self.dtype = model.embed_tokens.weight.dtype
         self.caches: list[Cache] = ARCHITECTURES[args.model_type].make_cache(args, ctx, self.dtype, device)
-        self.plan = None  # set by the planner once it exists; execution ignores it for now
+        self.plan = None  # the placement plan (set by load); execution does not follow it yet
         self.position = 0  # tokens of the current sequence held in the caches
 
     @property

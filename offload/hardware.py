@@ -17,6 +17,7 @@ import humanfriendly
 import yaml
 
 from offload.errors import OffloadError
+from offload.paths import config_root
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -195,7 +196,7 @@ def write_profile(profile: HardwareProfile, path: Path, comment: str = "") -> No
     temp.replace(path)
 
 
-DEFAULT_PROFILE_PATH = Path.home() / ".config" / "offload" / "profile.yaml"
+DEFAULT_PROFILE_PATH = config_root() / "profile.yaml"
 REFERENCE_PROFILE = "rtx4060-ddr5"  # the box offload is built for: an 8 GB GPU and a lot of RAM
 
 

@@ -38,6 +38,7 @@ from kernels import int4
 from offload.checkpoint import Checkpoint
 from offload.config import ModelArgs
 from offload.errors import OffloadError
+from offload.paths import cache_root
 
 MAGIC = b"OFFLDI4\0"
 VERSION = 1
@@ -67,9 +68,7 @@ def format_description() -> dict:
 
 
 def default_store_dir(model_dir: Path) -> Path:
-    root = os.environ.get("OFFLOAD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "offload")
-    return Path(root) / "stores" / f"{model_dir.resolve().name}-int4"
+    return cache_root() / "stores" / f"{Path(model_dir).resolve().name}-int4"
 
 
 @dataclass
