@@ -123,64 +123,77 @@ def _bf16_value(bits):
     return _bits_float(np.uint32(bits) << np.uint32(16))
 
 
-@njit(cache=True)
-def _best_scale(values, candidates, codes, best_codes):
-    """values float32 [32] -> bf16 bits of the scale; its codes in [-8, 7] go to best_codes [32].
-    codes: int32 [32] scratch."""
-    peak = np.float32(0.0)
-    for v in values:
-        if abs(v) > abs(peak):
-            peak = v
-    best_bits = np.uint16(0)
-    best_codes[:] = 0
-    if peak == 0:
-        return best_bits
-    best_error = np.float32(np.inf)
+@njit(cache=True, inline="always")
+def _quantize_group(block, g, candidates, codes, trial, rows, scales_out):
+    """Choose the scales of the 32 rows of one block over group g, all rows at once.
+
+    block float32 [in, 32] (the block transposed: a column's 32 rows are contiguous, so every
+    loop below runs across rows and vectorises); codes int32 [32, 32] receives the chosen codes
+    [column, row]; trial [32, 32] and rows [6, 32] are scratch; scales_out uint16 [32].
+    """
+    peak, best_error, dot, norm, scale, scale_bits = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5]
+    first = g * GROUP
+    for r in range(BLOCK):
+        peak[r] = 0.0
+        best_error[r] = np.inf
+        scales_out[r] = 0
+    for c in range(GROUP):
+        for r in range(BLOCK):
+            value = block[first + c, r]
+            if abs(value) > abs(peak[r]):
+                peak[r] = value
+    for r in range(BLOCK):
+        for c in range(GROUP):
+            codes[c, r] = 0
     for divisor in candidates:
-        scale = _bf16_value(_round_bf16(peak / divisor))
-        if scale == 0:
-            continue
-        inverse = np.float32(1.0) / scale
-        dot = np.float32(0.0)
-        norm = np.float32(0.0)
-        for i in range(values.shape[0]):
-            q = min(max(np.floor(values[i] * inverse + np.float32(0.5)), np.float32(-8.0)), np.float32(7.0))
-            codes[i] = np.int32(q)
-            dot += q * values[i]
-            norm += q * q
-        if norm == 0:
-            continue
-        bits = _round_bf16(dot / norm)  # least-squares scale for these codes
-        scale = _bf16_value(bits)
-        error = np.float32(0.0)
-        for i in range(values.shape[0]):
-            diff = values[i] - np.float32(codes[i]) * scale
-            error += diff * diff
-        if error < best_error:
-            best_error = error
-            best_bits = bits
-            best_codes[:] = codes
-    return best_bits
+        for r in range(BLOCK):  # a first scale from the peak, as its inverse
+            first_scale = _bf16_value(_round_bf16(peak[r] / divisor))
+            scale[r] = np.float32(1.0) / first_scale if first_scale != 0 else np.float32(0.0)
+            dot[r] = 0.0
+            norm[r] = 0.0
+        for c in range(GROUP):
+            for r in range(BLOCK):
+                value = block[first + c, r]
+                q = min(max(np.floor(value * scale[r] + np.float32(0.5)), np.float32(-8.0)), np.float32(7.0))
+                trial[c, r] = q
+                dot[r] += q * value
+                norm[r] += q * q
+        for r in range(BLOCK):  # the least-squares scale for these codes; NaN where unusable
+            usable = peak[r] != 0 and scale[r] != 0 and norm[r] != 0
+            bits = _round_bf16(dot[r] / norm[r]) if usable else np.uint16(0)
+            scale_bits[r] = np.float32(bits)  # < 2^16: exact in float32
+            scale[r] = _bf16_value(bits) if usable else np.float32(np.nan)
+            norm[r] = 0.0  # reused: the squared error of this candidate
+        for c in range(GROUP):
+            for r in range(BLOCK):
+                diff = block[first + c, r] - trial[c, r] * scale[r]
+                norm[r] += diff * diff
+        for r in range(BLOCK):
+            if norm[r] < best_error[r]:  # NaN never compares smaller
+                best_error[r] = norm[r]
+                scales_out[r] = np.uint16(scale_bits[r])
+                for c in range(GROUP):
+                    codes[c, r] = np.int32(trial[c, r])
 
 
 @njit(parallel=True, cache=True)
 def _quantize_kernel(w, candidates, packed, scales):
-    """w float32 [E, out, in] -> packed, scales (see layout); packed must start zeroed."""
+    """w float32 [E, out, in] -> packed, scales (see layout)."""
     experts, out_features, in_features = w.shape
     blocks = out_features // BLOCK
     for task in prange(experts * blocks):
         e = task // blocks
         b = task % blocks
-        codes = np.empty(GROUP, dtype=np.int32)
-        best_codes = np.empty(GROUP, dtype=np.int32)
-        for r in range(BLOCK):
-            k = r % 16
-            shift = 0 if r < 16 else 4
-            for g in range(in_features // GROUP):
-                scales[e, b, g * GROUP + r] = _best_scale(
-                    w[e, b * BLOCK + r, g * GROUP:(g + 1) * GROUP], candidates, codes, best_codes)
-                for i in range(GROUP):
-                    packed[e, b, (g * GROUP + i) * 16 + k] |= np.uint8((best_codes[i] + 8) << shift)
+        block = np.ascontiguousarray(w[e, b * BLOCK:(b + 1) * BLOCK].T)  # [in, 32]
+        codes = np.empty((GROUP, BLOCK), dtype=np.int32)
+        trial = np.empty((GROUP, BLOCK), dtype=np.float32)
+        rows = np.empty((6, BLOCK), dtype=np.float32)
+        for g in range(in_features // GROUP):
+            _quantize_group(block, g, candidates, codes, trial, rows, scales[e, b, g * GROUP:(g + 1) * GROUP])
+            for c in range(GROUP):
+                column = (g * GROUP + c) * 16
+                for k in range(16):
+                    packed[e, b, column + k] = np.uint8((codes[c, k] + 8) | ((codes[c, k + 16] + 8) << 4))
 
 
 def _prepared(w: np.ndarray) -> np.ndarray:
