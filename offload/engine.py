@@ -152,10 +152,24 @@ def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_di
     """Replace each MoE layer's float experts by the int4 executor (their weights are never read)."""
     import sys
 
+    from tqdm import tqdm
+
     from offload.experts import CpuExpertExecutor, Int4Experts
     from offload.store import open_store
 
-    store = open_store(model_dir, args, store_dir, announce=lambda line: print(line, file=sys.stderr))
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantising experts",
+                       disable=total < 64 * 2**20)  # small models build in a blink
+        bar.update(done - bar.n)
+
+    store = open_store(model_dir, args, store_dir, progress=progress,
+                       announce=lambda line: print(line, file=sys.stderr))
+    if bar is not None:
+        bar.close()
     executor = CpuExpertExecutor(store, args)
     for layer, block in enumerate(model.layers):
         if args.is_moe_layer(layer):
