@@ -9,6 +9,7 @@ are written the way people write them: `8GiB`, `8G` (binary, like GPU labels), `
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,14 @@ import yaml
 from offload.errors import OffloadError
 from offload.paths import config_root
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+def _profiles_dir() -> Path:
+    """The shipped profiles: the source tree's profiles/ (editable installs), else the copy a
+    regular install puts under <prefix>/share/offload/profiles."""
+    source = Path(__file__).resolve().parent.parent / "profiles"
+    return source if source.is_dir() else Path(sys.prefix) / "share" / "offload" / "profiles"
+
+
+PROFILES_DIR = _profiles_dir()
 
 
 class ProfileError(OffloadError):
