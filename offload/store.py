@@ -110,10 +110,10 @@ def store_is_current(store_dir: Path, model_dir: Path, args: ModelArgs) -> bool:
         meta = json.loads(manifest.read_text())
     except ValueError:
         return False
-    print_ = fingerprint(model_dir)
+    source = fingerprint(model_dir)
     return (meta.get("version") == VERSION and meta.get("format") == format_description()
-            and meta.get("fingerprint") == print_ and meta.get("layers") == _moe_layers(args)
-            and all(_layer_is_current(_layer_path(store_dir, layer), print_, layer) for layer in meta["layers"]))
+            and meta.get("fingerprint") == source and meta.get("layers") == _moe_layers(args)
+            and all(_layer_is_current(_layer_path(store_dir, layer), source, layer) for layer in meta["layers"]))
 
 
 def build_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | None = None,
@@ -130,9 +130,18 @@ def build_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | 
         raise StoreError(f"{model_dir}: no MoE layers, nothing to quantise")
     for dim, name in ((args.hidden_size, "hidden_size"), (args.moe_intermediate_size, "moe_intermediate_size")):
         if dim % int4.GROUP:
-            raise StoreError(f"{name} {dim} is not a multiple of {int4.GROUP}: the int4 experts need it; "
-                             "run with quant=None")
-    print_ = fingerprint(model_dir)
+            raise StoreError(f"{name} {dim} is not a multiple of {int4.GROUP}, which int4 experts need; "
+                             "run in the checkpoint's precision (--quant none, or quant=None)")
+    try:
+        return _build(model_dir, args, store_dir, layers, progress)
+    except OSError as e:
+        raise StoreError(f"{store_dir}: cannot write the expert store ({e.strerror or e}); choose another "
+                         "place with --out (offload quantize) or OFFLOAD_CACHE") from None
+
+
+def _build(model_dir: Path, args: ModelArgs, store_dir: Path, layers: list[int],
+           progress: Callable[[int, int], None] | None) -> Path:
+    source = fingerprint(model_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     manifest = store_dir / "store.json"
     if manifest.exists():
@@ -146,12 +155,12 @@ def build_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | 
     done = 0
     for layer in layers:
         path = _layer_path(store_dir, layer)
-        if not _layer_is_current(path, print_, layer):
-            _write_layer(path, checkpoint, layer, args, print_, lambda n: progress and progress(done + n, total))
+        if not _layer_is_current(path, source, layer):
+            _write_layer(path, checkpoint, layer, args, source, lambda n: progress and progress(done + n, total))
         done += int(layer_bytes)
         if progress:
             progress(done, total)
-    meta = {"version": VERSION, "format": format_description(), "fingerprint": print_, "layers": layers,
+    meta = {"version": VERSION, "format": format_description(), "fingerprint": source, "layers": layers,
             "source": str(model_dir.resolve())}
     temp = manifest.with_suffix(".json.tmp")
     temp.write_text(json.dumps(meta, indent=2))
@@ -159,14 +168,14 @@ def build_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | 
     return store_dir
 
 
-def _write_layer(path: Path, checkpoint: Checkpoint, layer: int, args: ModelArgs, print_: str,
+def _write_layer(path: Path, checkpoint: Checkpoint, layer: int, args: ModelArgs, source: str,
                  progress: Callable[[int], None]) -> None:
     experts, hidden, intermediate = args.num_experts, args.hidden_size, args.moe_intermediate_size
     shapes = {"gate_up_packed": ((experts, 2 * intermediate // int4.BLOCK, hidden * 16), "uint8"),
               "gate_up_scales": ((experts, 2 * intermediate // int4.BLOCK, hidden), "uint16"),
               "down_packed": ((experts, hidden // int4.BLOCK, intermediate * 16), "uint8"),
               "down_scales": ((experts, hidden // int4.BLOCK, intermediate), "uint16")}
-    header = {"version": VERSION, "format": format_description(), "fingerprint": print_, "layer": layer,
+    header = {"version": VERSION, "format": format_description(), "fingerprint": source, "layer": layer,
               "arrays": {}}
     offset = ALIGN  # the header fits the first page for any realistic model
     for name, (shape, dtype) in shapes.items():

@@ -113,3 +113,20 @@ def test_quantize_memory_does_not_grow_with_the_model(tmp_path):
     assert large_peak - small_peak < 2 * layer_bytes, (small_peak, large_peak)
     args = args_from_dict(json.loads((large / "config.json").read_text()))
     assert store_is_current(tmp_path / "l", large, args)
+
+
+def test_unwritable_store_and_odd_shapes_are_explained(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the store's parent directory should be")
+    result = CliRunner().invoke(main, ["quantize", str(tiny), "--out", str(blocked / "store")])
+    assert result.exit_code == 1 and "cannot write the expert store" in result.stderr
+    assert "Traceback" not in result.output
+    odd = synthesize(tmp_path / "odd", {**preset_config("tiny-qwen3-moe"), "moe_intermediate_size": 48})
+    result = CliRunner().invoke(main, ["run", "--model", str(odd), "--max-tokens", "2"])
+    assert result.exit_code == 1
+    assert "moe_intermediate_size 48 is not a multiple of 32" in result.stderr and "--quant none" in result.stderr
+    assert CliRunner().invoke(main, ["run", "--model", str(odd), "--max-tokens", "2", "--quant", "none"]).exit_code == 0
