@@ -108,12 +108,13 @@ class Engine:
 
 def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | None = None,
          profile: str | None = None, device: str | None = None, ctx: int | None = None,
-         store_dir: str | Path | None = None, dense_quant: str | None = None) -> Engine:
+         store_dir: str | Path | None = None, dense_quant: str | None = None, overlap: bool = False) -> Engine:
     """Load a Hugging Face checkpoint directory into an `Engine`.
 
     quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16);
     quant="int4" runs the routed experts from the int4 expert store (built on first use, in
     `store_dir` or the cache; see offload.store) with the CPU kernels.
+    overlap=True runs the int4 experts on a worker thread while the shared expert is computed.
     dense_quant="int4" runs the dense matrices (mixers, shared experts, lm_head) from int4 with
     the same kernels (quantised at load); None keeps them in the checkpoint's precision.
     gpu_mem ("8G", bytes, 0 for CPU only) and profile (a name in profiles/ or a YAML file) make
@@ -135,7 +136,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     with torch.device("meta"):
         model = architecture.Model(args)
     if quant == "int4":
-        _swap_in_int4_experts(model, args, model_dir, store_dir)
+        _swap_in_int4_experts(model, args, model_dir, store_dir, overlap)
     dtype = weights["embed_tokens.weight"].dtype if "embed_tokens.weight" in weights else None
     _fill(model, weights, dtype, str(model_dir))
     model.eval()
@@ -148,7 +149,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     return engine
 
 
-def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_dir) -> None:
+def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_dir, overlap: bool) -> None:
     """Replace each MoE layer's float experts by the int4 executor (their weights are never read)."""
     import sys
 
@@ -170,7 +171,7 @@ def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_di
                        announce=lambda line: print(line, file=sys.stderr))
     if bar is not None:
         bar.close()
-    executor = CpuExpertExecutor(store, args)
+    executor = CpuExpertExecutor(store, args, overlap=overlap)
     for layer, block in enumerate(model.layers):
         if args.is_moe_layer(layer):
             block.mlp.experts = Int4Experts(executor, layer)

@@ -4,9 +4,16 @@ swap: the float expert weights are never loaded).
 
 Few tokens (decode) go to `kernels.gemv.moe_decode`, many (prefill chunks) to
 `kernels.gemm.moe_prefill`. Scratch buffers are allocated once and shared by all layers.
+
+With `overlap`, the kernels run on a worker thread (they release the GIL) while the calling
+thread computes the shared expert; a layer's result is awaited before the next layer starts, so
+one set of buffers serves every layer.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,9 +28,10 @@ DECODE_MAX_TOKENS = 8  # up to this many tokens per call use the decode kernel
 
 
 class CpuExpertExecutor:
-    def __init__(self, store: ExpertStore, args: ModelArgs, threads: int | None = None):
+    def __init__(self, store: ExpertStore, args: ModelArgs, threads: int | None = None, overlap: bool = False):
         self.store = store
         self.threads = threads or physical_cores()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-experts") if overlap else None
         hidden, intermediate, top_k = args.hidden_size, args.moe_intermediate_size, args.num_experts_per_tok
         self.decode_scratch = gemv.DecodeScratch(DECODE_MAX_TOKENS, top_k, hidden, intermediate)
         self.prefill_scratch = gemm.PrefillScratch(PREFILL_CHUNK, top_k, hidden, intermediate)
@@ -47,6 +55,14 @@ class CpuExpertExecutor:
                 gemm.moe_prefill(x_np, ids, w, experts.gate_up, experts.down, out, scratch)
         return torch.from_numpy(out.copy())
 
+    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+              weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Begin `run` (on the worker thread when overlapping); the returned call yields its result."""
+        if self.worker is None:
+            out = self.run(layer, x, expert_ids, weights)
+            return lambda: out
+        return self.worker.submit(self.run, layer, x, expert_ids, weights).result
+
 
 class Int4Experts(nn.Module):
     """Stands in for `models.moe.Experts` of one layer; same call, computed from int4 on the CPU."""
@@ -58,3 +74,6 @@ class Int4Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.executor.run(self.layer, x, expert_ids, weights)
+
+    def start(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return self.executor.start(self.layer, x, expert_ids, weights)

@@ -97,3 +97,14 @@ def test_int4_dense_layers_match_transformers_on_rounded_weights(hf_checkpoint, 
     engine.reset()
     stepped = torch.cat([engine.feed(ids[:60])] + [engine.feed(ids[i:i + 1]) for i in range(60, 80)])
     assert (stepped - expected).abs().max().item() <= 1e-3
+
+
+def test_overlap_on_a_worker_thread_changes_nothing(hf_checkpoint):
+    checkpoint = hf_checkpoint("next")  # has shared experts: computed while the worker runs
+    ids = torch.randint(0, 160, (90,), generator=torch.Generator().manual_seed(14))
+    serial = offload.load(checkpoint.path, quant="int4")
+    overlapped = offload.load(checkpoint.path, quant="int4", overlap=True)
+    executor = next(m for m in overlapped.model.modules() if type(m).__name__ == "Int4Experts").executor
+    assert executor.worker is not None
+    assert torch.equal(serial.logits(ids), overlapped.logits(ids))
+    assert serial.generate(ids[:10], max_new_tokens=16) == overlapped.generate(ids[:10], max_new_tokens=16)

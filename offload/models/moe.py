@@ -6,6 +6,8 @@ I = one expert's intermediate size.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,6 +80,13 @@ class Experts(nn.Module):
             out.index_add_(0, tokens, y.float() * flat_weights[slots, None])
         return out
 
+    def start(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Begin computing the routed experts; the returned call yields the [T, D] fp32 result.
+        Executors that run elsewhere (another thread, another device) return before finishing,
+        so the caller can compute the shared expert meanwhile."""
+        out = self(x, expert_ids, weights)
+        return lambda: out
+
 
 class SparseMoeBlock(nn.Module):
     """Router + routed experts, plus an always-active shared expert when `shared_intermediate_size`.
@@ -98,7 +107,11 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D] in x's dtype."""
         weights, expert_ids = self.gate(x)
-        out = self.experts(x, expert_ids, weights)
-        if self.shared_expert is not None:
-            out += (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()
+        routed = self.experts.start(x, expert_ids, weights)
+        shared = None
+        if self.shared_expert is not None:  # overlaps the routed experts when they run elsewhere
+            shared = (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()
+        out = routed()
+        if shared is not None:
+            out = out + shared
         return out.to(x.dtype)
