@@ -35,9 +35,8 @@ def main(debug: bool) -> None:
 
 def _demo_model() -> Path:
     """The cached demo checkpoint, built on first use."""
-    from offload.synthetic import checkpoint_nbytes, preset_config, synthesize
-
     from offload.paths import cache_root
+    from offload.synthetic import checkpoint_nbytes, preset_config, synthesize
 
     path = cache_root() / DEMO_PRESET
     if (path / "config.json").is_file():
