@@ -12,7 +12,8 @@ DEMO_PRESET = "demo-qwen3-next"
 
 
 class OffloadGroup(click.Group):
-    """Turns OffloadError into one line on stderr and exit code 1 (a traceback with --debug)."""
+    """Turns OffloadError into one line on stderr and exit code 1, Ctrl-C into exit code 130
+    (a traceback with --debug)."""
 
     def invoke(self, ctx: click.Context):
         from offload.errors import OffloadError
@@ -24,6 +25,11 @@ class OffloadGroup(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             ctx.exit(1)
+        except KeyboardInterrupt:
+            if ctx.params.get("debug"):
+                raise
+            click.echo("\ninterrupted", err=True)  # files are written to temporary names: nothing half-done stays
+            ctx.exit(130)
 
 
 @click.group(cls=OffloadGroup, context_settings={"help_option_names": ["-h", "--help"]})

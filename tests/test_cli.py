@@ -61,3 +61,21 @@ def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-c", "from cli import main; main()", "--help"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "synth" in result.stdout and "run" in result.stdout
+
+
+def test_ctrl_c_leaves_no_traceback_and_no_partial_output(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "big"
+    process = subprocess.Popen([sys.executable, "-c", "from cli import main; main()", "synth", "qwen3-30b-a3b",
+                                str(out), "--layers", "6"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".big.partial-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not out.exists() and not list(tmp_path.glob(".big.partial-*"))
