@@ -5,7 +5,7 @@
 The slice has the real per-token shapes (hidden 2048, 512-wide experts, top-10, the real
 attention/DeltaNet mixers, the real vocabulary) with 8 layers (2 full attention) and 128 experts
 per layer, built once with `offload synth` into the cache. Prints: offload decode tok/s with int4
-experts; the bound for this run (the bytes a token reads: int4 routed experts at the kernels'
+experts (overlap off and on); the bound for this run (the bytes a token reads: int4 routed experts at the kernels'
 measured rate, everything else at RAM bandwidth); transformers bf16 on the same checkpoint as the
 peer; prefill tok/s for a 512-token prompt; and a second column scaled to the full model's 48
 layers and 512 experts.
@@ -100,8 +100,8 @@ def main() -> None:
         return (routed / kernel_rate + dense * dense_bytes_per_weight / bandwidth, routed * INT4_BYTES,
                 dense * dense_bytes_per_weight)
 
-    def measure(dense_quant):
-        engine = offload.load(path, quant="int4", dense_quant=dense_quant, ctx=1024)
+    def measure(dense_quant, overlap=False):
+        engine = offload.load(path, quant="int4", dense_quant=dense_quant, ctx=1024, overlap=overlap)
         decode = offload_decode(engine, options.tokens)
         engine.reset()
         start = time.perf_counter()
@@ -110,6 +110,7 @@ def main() -> None:
 
     decode, prefill = measure(None)
     decode_int4, prefill_int4 = measure("int4")
+    decode_overlap, _ = measure("int4", overlap=True)
     slice_bound, routed_bytes, dense_bytes = bound_seconds(args)
     full_bound, full_routed, full_dense = bound_seconds(full)
     # the full model: the slice's measured time per layer, scaled to 48 layers (experts per layer
@@ -130,6 +131,8 @@ def main() -> None:
           f"(bound {1 / slice_bound4:.1f} / {1 / full_bound4:.1f}: {slice_bound4 / decode_int4:.0%})")
     print(f"{'  ... prefill 512, dense int4':<34} {512 / prefill_int4:8.1f} tok/s "
           f"{512 / (prefill_int4 * scale):8.1f} tok/s")
+    print(f"{'  ... dense int4, overlap on':<34} {1 / decode_overlap:8.1f} tok/s "
+          f"({decode_int4 / decode_overlap:.2f}x of overlap off; experts on a worker thread)")
     if not options.skip_peer:
         peer_decode, peer_prefill = transformers_decode(path, min(options.tokens, 16))
         print(f"{'transformers bf16 decode':<34} {1 / peer_decode:8.1f} tok/s   ({peer_decode / decode:.1f}x slower)")
