@@ -35,7 +35,6 @@ class CpuExpertExecutor:
         hidden, intermediate, top_k = args.hidden_size, args.moe_intermediate_size, args.num_experts_per_tok
         self.decode_scratch = gemv.DecodeScratch(DECODE_MAX_TOKENS, top_k, hidden, intermediate)
         self.prefill_scratch = gemm.PrefillScratch(PREFILL_CHUNK, top_k, hidden, intermediate)
-        self.output = np.zeros((PREFILL_CHUNK, hidden), np.float32)
 
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], expert_ids [T, K], weights [T, K] -> float32 [T, D] (a new tensor)."""
@@ -44,7 +43,7 @@ class CpuExpertExecutor:
         x_np = x.detach().to(torch.float32).contiguous().numpy()
         ids = expert_ids.numpy()
         w = weights.to(torch.float32).contiguous().numpy()
-        out = self.output[:tokens] if tokens <= PREFILL_CHUNK else np.empty((tokens, x.shape[1]), np.float32)
+        out = np.empty((tokens, x.shape[1]), np.float32)  # handed to torch: the caller owns it
         with kernel_threads(self.threads):
             if tokens <= DECODE_MAX_TOKENS:
                 gemv.moe_decode(x_np, ids, w, experts.gate_up, experts.down, out, self.decode_scratch)
@@ -53,7 +52,7 @@ class CpuExpertExecutor:
             else:
                 scratch = gemm.PrefillScratch(tokens, ids.shape[1], x.shape[1], experts.down.shape[2])
                 gemm.moe_prefill(x_np, ids, w, experts.gate_up, experts.down, out, scratch)
-        return torch.from_numpy(out.copy())
+        return torch.from_numpy(out)
 
     def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
               weights: torch.Tensor) -> Callable[[], torch.Tensor]:

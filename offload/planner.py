@@ -42,6 +42,7 @@ GPU_EFFICIENCY = 0.7  # achieved fraction of a GPU's memory bandwidth / FLOP/s i
 CPU_INT4_EFFICIENCY = 0.5  # int4 kernel rate as a fraction of RAM bandwidth, when not measured
 CPU_FLOPS_PER_CORE = 3e9 * 32 * 0.5  # fp32 GEMM: 3 GHz x 2 AVX2 FMA x 8 lanes x 2 flops, at 50%
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+PREFETCH_GROUP = "expert prefetch buffers (2 layers)"  # present in a plan iff prefill can stream
 
 
 @dataclass
@@ -203,8 +204,7 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
             placement.append(Placement("workspace + CUDA context", "gpu", "-",
                                        _workspace_bytes(args) + CUDA_CONTEXT_BYTES))
             if with_stream:
-                placement.append(Placement("expert prefetch buffers (2 layers)", "gpu", expert_format,
-                                           stream_buffers))
+                placement.append(Placement(PREFETCH_GROUP, "gpu", expert_format, stream_buffers))
                 placement.append(Placement("pinned staging (2 layers)", "cpu", expert_format, stream_buffers))
         else:
             placement.append(Placement("workspace", "cpu", "-", _workspace_bytes(args)))
@@ -228,7 +228,7 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
             reason = (f"needs at least {format_size(minimum)} of GPU memory for {ctx} tokens of context "
                       f"(mixers, caches, routers, CUDA context), the budget is {format_size(gpu_budget)}; "
                       f"raise --gpu-mem, lower --ctx, or use --gpu-mem 0 to run on the CPU")
-        if fits and stream_buffers and not any(p.group.startswith("expert prefetch") for p in placement):
+        if fits and stream_buffers and not any(p.group == PREFETCH_GROUP for p in placement):
             notes.append("no room for expert prefetch buffers: prefill runs the experts on the CPU")
         moved = [g for g in optional if any(p.group == g and p.device == "cpu" for p in placement)]
         if fits and moved:
@@ -264,7 +264,6 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
     layers = args.num_hidden_layers
     top_k, experts = args.num_experts_per_tok, max(args.num_experts, 1)
     routed_active = groups.get("routed experts", 0) * top_k / experts  # weights per token
-    per_group = {p.group: p for p in plan.placement}
     gpu_dense_bytes = sum(p.nbytes for p in plan.placement
                           if p.device == "gpu" and p.group in ("mixers", "dense MLPs", "routers", "norms",
                                                                "shared experts", "lm_head"))
@@ -291,16 +290,16 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
     def cpu_experts_s(tokens: int) -> float:
         expert_time = tokens * routed_active / expert_rate
         cpu_flops = profile.cpu.physical_cores * CPU_FLOPS_PER_CORE  # dense layers: weights reused, FLOP-bound
-        dense_time = tokens * (2 * cpu_dense_params / cpu_flops + _gpu_flops_s(args, gpu, groups, tokens, plan))
+        dense_time = tokens * (2 * cpu_dense_params / cpu_flops + _gpu_flops_s(args, gpu, tokens, plan))
         return max(expert_time, dense_time) if gpu else expert_time + dense_time
 
     def stream_s(tokens: int) -> float:
         copy_time = groups.get("routed experts", 0) * INT4_BYTES / gpu.h2d_bandwidth
         compute = tokens * (2 * routed_active / (gpu.bf16_tflops * 1e12 * GPU_EFFICIENCY)
-                            + _gpu_flops_s(args, gpu, groups, tokens, plan))
+                            + _gpu_flops_s(args, gpu, tokens, plan))
         return max(copy_time, compute)
 
-    can_stream = gpu is not None and "expert prefetch buffers (2 layers)" in per_group
+    can_stream = gpu is not None and any(p.group == PREFETCH_GROUP for p in plan.placement)
     cpu_time = cpu_experts_s(prompt_tokens)
     strategy, prefill_s = "cpu", cpu_time
     prefill_bound = "CPU int4 kernel (routed experts)" if gpu or not cpu_dense_params else "CPU compute"
@@ -314,7 +313,7 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
                       prefill_tokens=prompt_tokens, prefill_strategy=strategy, stream_from_tokens=stream_from)
 
 
-def _gpu_flops_s(args: ModelArgs, gpu, groups: dict[str, int], tokens: int, plan: Plan) -> float:
+def _gpu_flops_s(args: ModelArgs, gpu, tokens: int, plan: Plan) -> float:
     """Seconds per prompt token of the dense GPU work (2 flops per weight, plus attention)."""
     if gpu is None:
         return 0.0
