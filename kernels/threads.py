@@ -21,9 +21,12 @@ def physical_cores() -> int:
 @contextmanager
 def kernel_threads(count: int | None = None) -> Iterator[int]:
     """Run the kernels called inside with `count` threads (default: physical cores)."""
-    count = count or physical_cores()
+    count = min(count or physical_cores(), numba.config.NUMBA_NUM_THREADS)
     previous = numba.get_num_threads()
-    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    if previous == count:  # the usual case: nothing to change (this runs per layer per token)
+        yield count
+        return
+    numba.set_num_threads(count)
     try:
         yield count
     finally:

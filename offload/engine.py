@@ -28,7 +28,7 @@ class Engine:
         self.args = args
         self.ctx = ctx
         self.device = device
-        self.dtype = model.embed_tokens.weight.dtype
+        self.dtype = model.compute_dtype
         self.caches: list[Cache] = ARCHITECTURES[args.model_type].make_cache(args, ctx, self.dtype, device)
         self.plan = None  # the placement plan (set by load); execution does not follow it yet
         self.position = 0  # tokens of the current sequence held in the caches
@@ -144,6 +144,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
         from offload.dense import quantize_dense
 
         quantize_dense(model)
+        _widen_float_parameters(model)
     engine = Engine(model, args, ctx, torch.device("cpu"))
     engine.plan = _plan(args, gpu_mem, profile, ctx, quant, str(model_dir))
     return engine
@@ -186,6 +187,17 @@ def _plan(args: ModelArgs, gpu_mem, profile, ctx: int, quant: str | None, name: 
     if budget and hardware.gpu is None:
         raise ProfileError(f"profile {hardware.name} has no GPU; use gpu_mem=0 or a profile with a GPU")
     return make_plan(args, hardware, budget, ctx=ctx, quant=quant or "none", model_name=name)
+
+
+def _widen_float_parameters(model: nn.Module) -> None:
+    """Compute in fp32 once the dense matrices are quantised: what stays float is small (norms,
+    conv, routers) and the kernels take fp32, so bf16 activations would only add conversions
+    (and run slower on CPUs without bf16 arithmetic). The embedding table keeps its dtype; only
+    the rows gathered per token are widened."""
+    for name, param in list(model.named_parameters()):
+        if param.is_floating_point() and param.dtype != torch.float32 and name != "embed_tokens.weight":
+            module_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(param.float(), requires_grad=False))
 
 
 def _fill(model: nn.Module, weights: dict, dtype: torch.dtype | None, source: str) -> None:

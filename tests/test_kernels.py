@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import gemm, gemv, int4
+from kernels import deltanet, gemm, gemv, int4
 from kernels.threads import kernel_threads, physical_cores
 
 
@@ -150,3 +150,32 @@ def test_dense_linear_matches_reference(tokens):
     expected = linear.linear_reference(x, weight, np.zeros((tokens, 96), np.float32))
     out = linear.linear(x, weight, np.full((tokens, 96), np.nan, np.float32), np.zeros((64, 5), np.float32))
     assert np.allclose(out, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("key_heads, value_heads, key_dim, value_dim, taps",
+                         [(2, 4, 16, 8, 4), (3, 3, 8, 16, 4), (1, 2, 32, 32, 2)])
+def test_deltanet_step_matches_reference(key_heads, value_heads, key_dim, value_dim, taps):
+    rng = np.random.default_rng(key_heads * 100 + value_dim)
+    per_key_head = value_heads // key_heads
+    channels = 2 * key_heads * key_dim + value_heads * value_dim
+
+    def f32(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    weights = (f32(channels, taps), f32(value_heads), f32(value_heads), f32(value_dim), np.float32(1e-6))
+    runs = []
+    for step in (deltanet.deltanet_step, deltanet.deltanet_step_reference):
+        conv_state, state = f32(channels, taps - 1), f32(value_heads, key_dim, value_dim, scale=0.3)
+        conv_state[:], state[:] = np.random.default_rng(0).standard_normal(conv_state.shape), 0.1
+        inputs = np.random.default_rng(1)
+        outs = []
+        for _ in range(3):  # steps continue from the updated states
+            qkvz = inputs.standard_normal((key_heads, 2 * key_dim + 2 * per_key_head * value_dim)).astype(np.float32)
+            ba = (inputs.standard_normal((key_heads, 2 * per_key_head)) * 3).astype(np.float32)
+            out = np.zeros((value_heads, value_dim), np.float32)
+            step(qkvz, ba, conv_state, *weights, state, np.empty(channels, np.float32), out)
+            outs.append(out)
+        runs.append((np.stack(outs), conv_state, state))
+    for got, expected in zip(*runs):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(runs[0][0]).max() > 0.1

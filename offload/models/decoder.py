@@ -33,10 +33,15 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args.rotary_dim, args.rope_theta)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' dtype: that of the norms (the embedding table may be kept narrower)."""
+        return self.norm.weight.dtype
+
     def forward(self, input_ids: torch.Tensor, caches: list[Cache], start: int,
                 last_only: bool = False) -> torch.Tensor:
         """input_ids [T] at positions start..start+T -> logits [T, V] (or [1, V] if last_only)."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids).to(self.compute_dtype)
         positions = torch.arange(start, start + input_ids.shape[0], device=x.device)
         cos, sin = self.rotary(positions, x.dtype)
         for layer, cache in zip(self.layers, caches):
