@@ -73,8 +73,9 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--ctx", default=None, type=click.IntRange(min=1), help="Context length to allocate.")
 @click.option("--quant", type=click.Choice(["int4", "none"]), default="int4", show_default=True,
               help="Routed experts as int4 (built once into the expert store) or in the checkpoint's precision.")
-@click.option("--dense-quant", type=click.Choice(["int4", "none"]), default="none", show_default=True,
-              help="Dense matrices (mixers, shared experts, lm_head) as int4 on the CPU, or as stored.")
+@click.option("--dense-quant", type=click.Choice(["auto", "int8", "int4", "none"]), default="auto", show_default=True,
+              help="Dense matrices on the CPU (mixers, shared experts, lm_head) as int8 or int4, or as stored; "
+                   "auto: int8 when the experts are int4.")
 @click.option("--gpu-mem", default=None, help="GPU memory budget, e.g. 8G (planned; execution is on the CPU for now).")
 @click.option("--profile", default=None, help="Hardware profile: a name in profiles/ or a YAML file.")
 def run(model_dir: Path | None, demo: bool, ids_text: str | None, max_tokens: int, temperature: float,

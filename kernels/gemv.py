@@ -31,15 +31,9 @@ from kernels.int4 import BLOCK, GROUP, Int4Weights, dequantize
 PREFETCH_BYTES = 1024  # how far ahead of the current group `_block_dot` prefetches packed weights
 
 
-@intrinsic
-def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
-    """out[0:32] += alpha * (W_block @ x) for one 32-row int4 block.
-
-    packed uint8 [in * 16], scales uint16 [in] (one block's slices of Int4Weights),
-    x float32 [in], x_group_sums float32 [in // 32] (sums of x over each group), out float32 [32].
-    Codes are stored as q + 8, so each group's sum is corrected by 8 * sum(x over the group).
-    """
-    signature = types.void(packed, scales, x, x_group_sums, alpha, out)
+def _block_dot_codegen(bits: int):
+    """LLVM code of `_block_dot` (bits=4, packed uint8) or `_block_dot8` (bits=8, packed int8)."""
+    column_bytes = BLOCK * bits // 8
 
     def codegen(context, builder, sig, args):
         arrays = [context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:4], args[:4])]
@@ -68,6 +62,20 @@ def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
             address = builder.bitcast(builder.gep(pointer, [index]), ir.VectorType(element, 8).as_pointer())
             return builder.load(address, align=align)
 
+        def column_rows(col):
+            """The 32 codes of column `col` as 4 float vectors: rows 0-7, 8-15, 16-23, 24-31."""
+            first = builder.mul(col, const(column_bytes))
+            if bits == 8:
+                return [builder.sitofp(builder.sext(load_vector(packed_ptr, builder.add(first, const(8 * octet)),
+                                                                i8, 1), v8i32), v8f)
+                        for octet in range(4)]
+            rows = [None] * 4
+            for half in range(2):  # bytes 0-7 (rows 0-7 | 16-23), bytes 8-15 (rows 8-15 | 24-31)
+                wide = builder.zext(load_vector(packed_ptr, builder.add(first, const(8 * half)), i8, 1), v8i32)
+                rows[half] = builder.uitofp(builder.and_(wide, ir.Constant(v8i32, [15] * 8)), v8f)
+                rows[2 + half] = builder.uitofp(builder.lshr(wide, ir.Constant(v8i32, [4] * 8)), v8f)
+            return rows
+
         function = builder.function
         entry = builder.block
         group_head, group_body = function.append_basic_block("group_head"), function.append_basic_block("group_body")
@@ -76,7 +84,7 @@ def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
         groups = builder.udiv(in_features, const(GROUP))
         builder.branch(group_head)
 
-        # for g in range(groups): totals[rows] += scale[g, rows] * (sum_c nibble[c, rows] x[c] - 8 sum_g x)
+        # for g in range(groups): totals[rows] += scale[g, rows] * (sum_c code[c, rows] x[c] - offset)
         builder.position_at_end(group_head)
         group = builder.phi(i64)
         totals = [builder.phi(v8f) for _ in range(4)]  # rows 0-7, 8-15, 16-23, 24-31
@@ -87,10 +95,10 @@ def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
 
         builder.position_at_end(group_body)
         first_column = builder.mul(group, const(GROUP))
-        # a group is 512 bytes (8 cache lines); ask for the lines PREFETCH_BYTES ahead now, so the
-        # short streams of a block (8-32 KB) do not wait for the hardware prefetcher to ramp up
-        ahead = builder.add(builder.mul(first_column, const(16)), const(PREFETCH_BYTES))
-        for line in range(GROUP * 16 // 64):
+        # a group is 8 (int4) or 16 (int8) cache lines; ask for the lines PREFETCH_BYTES ahead now,
+        # so the short streams of a block (8-64 KB) do not wait for the hardware prefetcher
+        ahead = builder.add(builder.mul(first_column, const(column_bytes)), const(PREFETCH_BYTES))
+        for line in range(GROUP * column_bytes // 64):
             address = builder.gep(packed_ptr, [builder.add(ahead, const(64 * line))])
             builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         builder.branch(column_body)
@@ -98,7 +106,7 @@ def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
         # two columns per iteration, 4 accumulators each: 8 independent FMA chains
         builder.position_at_end(column_body)
         column = builder.phi(i64)
-        partials = [builder.phi(v8f) for _ in range(8)]
+        partials = [builder.phi(v8f) for _ in range(8)]  # partials[4 * unroll + octet]
         column.add_incoming(const(0), group_body)
         for partial in partials:
             partial.add_incoming(zero, group_body)
@@ -106,13 +114,8 @@ def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
         for unroll in range(2):
             col = builder.add(first_column, builder.add(column, const(unroll)))
             x_col = splat(builder.load(builder.gep(x_ptr, [col])))
-            for half in range(2):  # bytes 0-7 (rows 0-7 | 16-23), bytes 8-15 (rows 8-15 | 24-31)
-                raw = load_vector(packed_ptr, builder.add(builder.mul(col, const(16)), const(8 * half)), i8, 1)
-                wide = builder.zext(raw, v8i32)
-                low = builder.uitofp(builder.and_(wide, ir.Constant(v8i32, [15] * 8)), v8f)
-                high = builder.uitofp(builder.lshr(wide, ir.Constant(v8i32, [4] * 8)), v8f)
-                updated.append(builder.call(fma, [low, x_col, partials[4 * unroll + 2 * half]]))
-                updated.append(builder.call(fma, [high, x_col, partials[4 * unroll + 2 * half + 1]]))
+            for octet, rows in enumerate(column_rows(col)):
+                updated.append(builder.call(fma, [rows, x_col, partials[4 * unroll + octet]]))
         next_column = builder.add(column, const(2))
         column.add_incoming(next_column, column_body)
         for partial, value in zip(partials, updated):
@@ -120,14 +123,15 @@ def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
         builder.cbranch(builder.icmp_unsigned("<", next_column, const(GROUP)), column_body, group_tail)
 
         builder.position_at_end(group_tail)
-        # updated[4u + 2h + n]: unroll u, byte half h, nibble n (0 low, 1 high)
-        row_sums = [builder.fadd(updated[i], updated[i + 4]) for i in (0, 2, 1, 3)]  # rows 0, 8, 16, 24
-        correction = splat(builder.fmul(builder.load(builder.gep(sums_ptr, [group])), ir.Constant(f32, 8.0)))
+        row_sums = [builder.fadd(updated[octet], updated[octet + 4]) for octet in range(4)]
+        if bits == 4:  # codes are q + 8: subtract 8 * sum(x over the group)
+            correction = splat(builder.fmul(builder.load(builder.gep(sums_ptr, [group])), ir.Constant(f32, 8.0)))
+            row_sums = [builder.fsub(row_sum, correction) for row_sum in row_sums]
         new_totals = []
         for octet, (total, row_sum) in enumerate(zip(totals, row_sums)):
-            bits = load_vector(scales_ptr, builder.add(first_column, const(8 * octet)), i16, 2)
-            scale = builder.bitcast(builder.shl(builder.zext(bits, v8i32), ir.Constant(v8i32, [16] * 8)), v8f)
-            new_totals.append(builder.call(fma, [scale, builder.fsub(row_sum, correction), total]))
+            scale_bits = load_vector(scales_ptr, builder.add(first_column, const(8 * octet)), i16, 2)
+            scale = builder.bitcast(builder.shl(builder.zext(scale_bits, v8i32), ir.Constant(v8i32, [16] * 8)), v8f)
+            new_totals.append(builder.call(fma, [scale, row_sum, total]))
         group.add_incoming(builder.add(group, const(1)), group_tail)
         for total, value in zip(totals, new_totals):
             total.add_incoming(value, group_tail)
@@ -140,7 +144,25 @@ def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
             builder.store(builder.call(fma, [alpha_vec, total, builder.load(address, align=4)]), address, align=4)
         return context.get_dummy_value()
 
-    return signature, codegen
+    return codegen
+
+
+@intrinsic
+def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
+    """out[0:32] += alpha * (W_block @ x) for one 32-row int4 block.
+
+    packed uint8 [in * 16], scales uint16 [in] (one block's slices of Int4Weights),
+    x float32 [in], x_group_sums float32 [in // 32] (sums of x over each group), out float32 [32].
+    Codes are stored as q + 8, so each group's sum is corrected by 8 * sum(x over the group).
+    """
+    return types.void(packed, scales, x, x_group_sums, alpha, out), _block_dot_codegen(4)
+
+
+@intrinsic
+def _block_dot8(typingctx, packed, scales, x, x_group_sums, alpha, out):
+    """`_block_dot` for one 32-row block of `kernels.int8` (packed int8 [in * 32]; x_group_sums
+    is not read: int8 codes are signed)."""
+    return types.void(packed, scales, x, x_group_sums, alpha, out), _block_dot_codegen(8)
 
 
 @njit(cache=True)

@@ -1,10 +1,11 @@
-"""Dense layers on the CPU from int4: a module swap for `nn.Linear` (dense_quant="int4").
+"""Dense layers on the CPU from int8 or int4: a module swap for `nn.Linear` (`dense_quant`).
 
 On the CPU every dense matrix is read once per decoded token, and in bf16 through torch that
 costs more than all the routed experts (Qwen3-Next: 4.1 GB of mixers, shared experts and lm_head
-per token against 0.85 GB of int4 experts). `Int4Linear` holds the matrix in the experts' int4
-format and runs it with `kernels.linear`. Routers and the shared-expert gate stay in float: they
-are small and decide which experts run. Matrices whose shape is not a multiple of 32 stay float.
+per token against 0.85 GB of int4 experts). `QuantizedLinear` holds the matrix in the
+`kernels.int8` (8.5 bits per weight, the default) or `kernels.int4` (4.5 bits) layout and runs it
+with `kernels.linear`. Routers and the shared-expert gate stay in float: they are small and
+decide which experts run. Matrices whose shape is not a multiple of 32 stay float.
 """
 
 from __future__ import annotations
@@ -13,22 +14,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels import int4
+from kernels import int4, int8
 from kernels.linear import linear
 from kernels.threads import kernel_threads, physical_cores
 from offload.config import PREFILL_CHUNK
 
+FORMATS = {"int8": int8, "int4": int4}
 KEEP_FLOAT = ("mlp.gate", "shared_expert_gate")  # module names ending so stay in float
 
 
-class Int4Linear(nn.Module):
-    def __init__(self, source: nn.Linear, threads: int):
+def _numpy_weight(weight: torch.Tensor) -> np.ndarray:
+    """The weight as numpy without widening it first (bf16 as its bit patterns)."""
+    weight = weight.detach().contiguous()
+    if weight.dtype == torch.bfloat16:
+        return weight.view(torch.int16).numpy().view(np.uint16)
+    return weight.to(torch.float32).numpy() if weight.dtype != torch.float16 else weight.numpy()
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(self, source: nn.Linear, fmt: str, threads: int):
         super().__init__()
-        weight = source.weight.detach().to(torch.float32).numpy()  # [out, in]
-        self.weight = int4.quantize(weight)
+        self.format = fmt
+        self.weight = FORMATS[fmt].quantize(_numpy_weight(source.weight))  # [1, out, in]
         self.bias = None if source.bias is None else source.bias.detach().to(torch.float32)
         self.threads = threads
-        self.out_features, self.in_features = weight.shape
+        _, self.out_features, self.in_features = self.weight.shape
         self.x_sums = np.zeros((PREFILL_CHUNK, self.in_features // int4.GROUP), np.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,10 +54,14 @@ class Int4Linear(nn.Module):
             result += self.bias
         return result.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.format}"
 
-def quantize_dense(model: nn.Module, threads: int | None = None) -> int:
-    """Swap every eligible `nn.Linear` of `model` (loaded, not on meta) for `Int4Linear`;
-    returns how many were swapped. A tied lm_head gets its own int4 copy."""
+
+def quantize_dense(model: nn.Module, fmt: str = "int8", threads: int | None = None) -> int:
+    """Swap every eligible `nn.Linear` of `model` (loaded, not on meta) for `QuantizedLinear`
+    in `fmt` ("int8" or "int4"); returns how many were swapped. A tied lm_head gets its own
+    quantised copy."""
     threads = threads or physical_cores()
     swapped = 0
     for name, module in list(model.named_modules()):
@@ -56,6 +70,7 @@ def quantize_dense(model: nn.Module, threads: int | None = None) -> int:
         if module.out_features % int4.BLOCK or module.in_features % int4.GROUP:
             continue
         parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attribute, Int4Linear(module, threads))
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attribute, QuantizedLinear(module, fmt, threads))
         swapped += 1
     return swapped

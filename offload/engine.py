@@ -108,21 +108,24 @@ class Engine:
 
 def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | None = None,
          profile: str | None = None, device: str | None = None, ctx: int | None = None,
-         store_dir: str | Path | None = None, dense_quant: str | None = None, overlap: bool = False) -> Engine:
+         store_dir: str | Path | None = None, dense_quant: str | None = "auto", overlap: bool = False) -> Engine:
     """Load a Hugging Face checkpoint directory into an `Engine`.
 
     quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16);
     quant="int4" runs the routed experts from the int4 expert store (built on first use, in
     `store_dir` or the cache; see offload.store) with the CPU kernels.
     overlap=True runs the int4 experts on a worker thread while the shared expert is computed.
-    dense_quant="int4" runs the dense matrices (mixers, shared experts, lm_head) from int4 with
-    the same kernels (quantised at load); None keeps them in the checkpoint's precision.
+    dense_quant="int8" or "int4" runs the dense matrices placed on the CPU (mixers, shared experts,
+    lm_head) from that format with the same kernels (quantised at load) and computes in fp32;
+    None keeps them in the checkpoint's precision. "auto" (the default) is "int8" when the
+    routed experts are int4 and None with quant=None (the checkpoint as it is, everywhere).
     gpu_mem ("8G", bytes, 0 for CPU only) and profile (a name in profiles/ or a YAML file) make
     the placement plan, kept as `engine.plan`; execution does not follow it yet: everything runs
     on the CPU. device is accepted and not used yet.
     """
-    if dense_quant not in (None, "int4"):
-        raise OffloadError(f"dense_quant={dense_quant!r} is not available; use 'int4' or None")
+    if dense_quant not in (None, "auto", "int8", "int4"):
+        raise OffloadError(f"dense_quant={dense_quant!r} is not a format offload has; use 'int8', 'int4', "
+                           "None (the checkpoint's precision) or 'auto'")
     if quant not in (None, "int4"):
         raise OffloadError(f"quant={quant!r} is not a format offload has; use quant='int4' (routed experts "
                            "as int4) or quant=None (the checkpoint's precision)")
@@ -130,6 +133,8 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     ctx = ctx or min(DEFAULT_CONTEXT, args.max_position_embeddings)
     if ctx <= 0:
         raise OffloadError(f"ctx must be positive, got {ctx}")
+    if dense_quant == "auto":  # every dense matrix runs on the CPU for now
+        dense_quant = "int8" if quant == "int4" else None
     checkpoint = Checkpoint(model_dir, args.fp8_block_size)
     architecture = ARCHITECTURES[args.model_type]
     weights = architecture.sanitize(checkpoint.lazy_all(), args)
@@ -140,13 +145,13 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     dtype = weights["embed_tokens.weight"].dtype if "embed_tokens.weight" in weights else None
     _fill(model, weights, dtype, str(model_dir))
     model.eval()
-    if dense_quant == "int4":
+    if dense_quant is not None:
         from offload.dense import quantize_dense
 
-        quantize_dense(model)
+        quantize_dense(model, dense_quant)
         _widen_float_parameters(model)
     engine = Engine(model, args, ctx, torch.device("cpu"))
-    engine.plan = _plan(args, gpu_mem, profile, ctx, quant, str(model_dir))
+    engine.plan = _plan(args, gpu_mem, profile, ctx, quant, dense_quant, str(model_dir))
     return engine
 
 
@@ -178,7 +183,7 @@ def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_di
             block.mlp.experts = Int4Experts(executor, layer)
 
 
-def _plan(args: ModelArgs, gpu_mem, profile, ctx: int, quant: str | None, name: str):
+def _plan(args: ModelArgs, gpu_mem, profile, ctx: int, quant: str | None, dense_quant: str | None, name: str):
     from offload.hardware import ProfileError, default_profile, load_profile, parse_size
     from offload.planner import make_plan
 
@@ -186,7 +191,8 @@ def _plan(args: ModelArgs, gpu_mem, profile, ctx: int, quant: str | None, name: 
     budget = parse_size(gpu_mem, "gpu_mem") if gpu_mem is not None else None
     if budget and hardware.gpu is None:
         raise ProfileError(f"profile {hardware.name} has no GPU; use gpu_mem=0 or a profile with a GPU")
-    return make_plan(args, hardware, budget, ctx=ctx, quant=quant or "none", model_name=name)
+    return make_plan(args, hardware, budget, ctx=ctx, quant=quant or "none", dense_quant=dense_quant,
+                     model_name=name)
 
 
 def _widen_float_parameters(model: nn.Module) -> None:

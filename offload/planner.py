@@ -10,9 +10,10 @@ Policy. With a GPU: mixers (attention / DeltaNet), norms, routers, shared expert
 the GPU in the checkpoint's precision, with the KV / recurrent caches; routed experts in RAM as
 int4; embeddings in RAM (a decode step gathers one row). Optional GPU items are dropped first
 when the budget is short: the expert prefetch buffers (then prefill runs experts on the CPU),
-then the shared experts, then lm_head (both to the CPU as int8). If the rest still does not fit,
-the plan fails and names the smallest budget that works. Without a GPU (budget 0 or none in the
-profile) everything is in RAM: dense matrices as int8, routed experts as int4.
+then the shared experts, then lm_head (both to the CPU in `dense_quant`, int8 by default). If the
+rest still does not fit, the plan fails and names the smallest budget that works. Without a GPU
+(budget 0 or none in the profile) everything is in RAM: dense matrices as int8 (or `dense_quant`),
+routers in fp32, routed experts as int4.
 
 Cost model (per token, per layer, then summed):
 - decode: the GPU runs the mixer, then the CPU runs the routed experts while the GPU runs the
@@ -34,7 +35,7 @@ from offload.config import FULL_ATTENTION, PREFILL_CHUNK, ModelArgs, checkpoint_
 from offload.hardware import HardwareProfile, format_size
 
 INT4_BYTES = 4.5 / 8  # kernels.int4: 4 bits + a bf16 scale per 32 weights
-INT8_BYTES = 1 + 2 / 128  # dense matrices on the CPU: int8 with a bf16 scale per 128 weights
+INT8_BYTES = 8.5 / 8  # kernels.int8 (dense matrices on the CPU): 8 bits + a bf16 scale per 32 weights
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context, cuBLAS workspace, allocator slack
 RAM_RESERVE_BYTES = 2 * 2**30  # Python, torch and the OS page cache's working minimum
 LAYER_SYNC_SECONDS = 40e-6  # per layer and token: two small copies, an event, a worker hand-off
@@ -159,8 +160,10 @@ def _workspace_bytes(args: ModelArgs) -> int:
 
 
 def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None = None, ctx: int = 4096,
-              quant: str = "int4", prompt_tokens: int = 2048, model_name: str = "") -> Plan:
-    """Place every tensor group; `gpu_budget` in bytes (None: the profile's GPU memory, 0: CPU only)."""
+              quant: str = "int4", prompt_tokens: int = 2048, model_name: str = "",
+              dense_quant: str | None = "int8") -> Plan:
+    """Place every tensor group; `gpu_budget` in bytes (None: the profile's GPU memory, 0: CPU only).
+    Dense matrices placed on the CPU are in `dense_quant` ("int8", "int4", or None: as stored)."""
     if gpu_budget is None:
         gpu_budget = profile.gpu.memory if profile.gpu else 0
     use_gpu = gpu_budget > 0 and profile.gpu is not None
@@ -182,9 +185,12 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
             return Placement(group, "cpu", expert_format, int(params * expert_bytes), params)
         if group == "embeddings":
             return Placement(group, "cpu", dense_format, params * dense_bytes, params)
-        if device == "gpu":
+        if device == "gpu" or dense_quant is None:
             return Placement(group, device, dense_format, params * dense_bytes, params)
-        return Placement(group, device, "int8", int(params * INT8_BYTES), params)
+        if group == "routers":  # small, and they choose the experts: float (fp32 beside quantised layers)
+            return Placement(group, device, "fp32", params * 4, params)
+        quant_bytes = INT8_BYTES if dense_quant == "int8" else INT4_BYTES
+        return Placement(group, device, dense_quant, int(params * quant_bytes), params)
 
     dense_groups = [g for g in ("mixers", "dense MLPs", "routers", "norms") if groups.get(g)]
     optional = ["shared experts", "lm_head"] if groups.get("shared experts") else ["lm_head"]
@@ -232,7 +238,7 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
             notes.append("no room for expert prefetch buffers: prefill runs the experts on the CPU")
         moved = [g for g in optional if any(p.group == g and p.device == "cpu" for p in placement)]
         if fits and moved:
-            notes.append(f"{' and '.join(moved)} on the CPU as int8 to fit the GPU budget")
+            notes.append(f"{' and '.join(moved)} on the CPU as {dense_quant or dense_format} to fit the GPU budget")
     gpu_bytes = gpu_total(placement)
     ram_bytes = sum(p.nbytes for p in placement if p.device == "cpu") + RAM_RESERVE_BYTES
     if fits and ram_bytes > profile.cpu.ram:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import offload
-from kernels import int4
+from kernels import int4, int8
+from offload.dense import QuantizedLinear
 
 TOLERANCE = 2e-4
 
@@ -41,7 +42,7 @@ def test_int4_logits_match_transformers_on_dequantized_experts(hf_checkpoint, na
     with torch.no_grad():
         expected = reference(ids[None]).logits[0]
         unquantized = checkpoint.model(ids[None]).logits[0]
-    engine = offload.load(checkpoint.path, quant="int4")
+    engine = offload.load(checkpoint.path, quant="int4", dense_quant=None)
     logits = engine.logits(ids)  # prefill: experts through the grouped prefill kernel
     assert (logits - expected).abs().max().item() <= TOLERANCE
     assert (unquantized - expected).abs().max().item() > 10 * TOLERANCE  # int4 really is in use
@@ -56,7 +57,7 @@ def test_int4_greedy_generation_matches_transformers(hf_checkpoint):
     ids = torch.randint(0, 160, (20,), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         expected = reference.generate(ids[None], max_new_tokens=32, do_sample=False)[0, 20:].tolist()
-    assert offload.load(checkpoint.path, quant="int4").generate(ids, max_new_tokens=32) == expected
+    assert offload.load(checkpoint.path, quant="int4", dense_quant=None).generate(ids, max_new_tokens=32) == expected
 
 
 def test_unknown_quant_is_explained(hf_checkpoint):
@@ -64,8 +65,8 @@ def test_unknown_quant_is_explained(hf_checkpoint):
         offload.load(hf_checkpoint("moe").path, quant="int8")
 
 
-def int4_round_dense(model) -> None:
-    """Round every dense matrix the way dense_quant="int4" does (same eligibility rule)."""
+def round_dense(model, fmt) -> None:
+    """Round every dense matrix the way dense_quant=fmt does (same eligibility rule)."""
     from torch import nn
 
     from offload.dense import KEEP_FLOAT
@@ -76,20 +77,24 @@ def int4_round_dense(model) -> None:
         for name, module in model.named_modules():
             if (isinstance(module, nn.Linear) and not name.endswith(KEEP_FLOAT)
                     and module.out_features % 32 == 0 and module.in_features % 32 == 0):
-                module.weight.copy_(torch.from_numpy(int4.dequantize(int4.quantize(module.weight.numpy()))[0]))
+                module.weight.copy_(torch.from_numpy(fmt.dequantize(fmt.quantize(module.weight.numpy()))[0]))
 
 
-@pytest.mark.parametrize("name", ["next", "moe-hub"])
-def test_int4_dense_layers_match_transformers_on_rounded_weights(hf_checkpoint, name):
+@pytest.mark.parametrize("name, fmt", [("next", int4), ("moe-hub", int4), ("next", int8), ("moe", int8)])
+def test_quantized_dense_layers_match_transformers_on_rounded_weights(hf_checkpoint, name, fmt):
     checkpoint = hf_checkpoint(name)
     reference = dequantized_reference(checkpoint.model)
-    int4_round_dense(reference)
+    round_dense(reference, fmt)
     ids = torch.randint(0, 160, (80,), generator=torch.Generator().manual_seed(13))
     with torch.no_grad():
         expected = reference(ids[None]).logits[0]
-    engine = offload.load(checkpoint.path, quant="int4", dense_quant="int4")
-    swapped = [m for m in engine.model.modules() if type(m).__name__ == "Int4Linear"]
+    dense_quant = fmt.__name__.rpartition(".")[2]
+    # int8 is the default for the dense layers once the experts are int4
+    engine = offload.load(checkpoint.path, quant="int4", **({"dense_quant": dense_quant} if fmt is int4 else {}))
+    swapped = [m for m in engine.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(swapped) >= 3 * engine.args.num_hidden_layers  # mixers' projections, lm_head, ...
+    assert {m.format for m in swapped} == {dense_quant}
+    assert engine.dtype == torch.float32
     # every projection now sums in the kernel's order rather than BLAS's; these random models
     # amplify fp32 rounding (see the decode test in test_models.py), so 1e-3 rather than 2e-4
     logits = engine.logits(ids)
@@ -103,7 +108,7 @@ def test_overlap_on_a_worker_thread_changes_nothing(hf_checkpoint):
     checkpoint = hf_checkpoint("next")  # has shared experts: computed while the worker runs
     ids = torch.randint(0, 160, (90,), generator=torch.Generator().manual_seed(14))
     serial = offload.load(checkpoint.path, quant="int4")
-    overlapped = offload.load(checkpoint.path, quant="int4", overlap=True)
+    overlapped = offload.load(checkpoint.path, quant="int4", overlap=True)  # both with int8 dense layers
     executor = next(m for m in overlapped.model.modules() if type(m).__name__ == "Int4Experts").executor
     assert executor.worker is not None
     assert torch.equal(serial.logits(ids), overlapped.logits(ids))

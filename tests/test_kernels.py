@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import deltanet, gemm, gemv, int4
+from kernels import deltanet, gemm, gemv, int4, int8
 from kernels.threads import kernel_threads, physical_cores
 
 
@@ -141,11 +141,12 @@ def test_bad_kernel_inputs_are_explained():
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 40])
-def test_dense_linear_matches_reference(tokens):
+@pytest.mark.parametrize("fmt", [int4, int8])
+def test_dense_linear_matches_reference(tokens, fmt):
     from kernels import linear
 
     rng = np.random.default_rng(tokens)
-    weight = int4.quantize(random_experts(rng, 1, 96, 160, 0.1))
+    weight = fmt.quantize(random_experts(rng, 1, 96, 160, 0.1))
     x = rng.standard_normal((tokens, 160)).astype(np.float32)
     expected = linear.linear_reference(x, weight, np.zeros((tokens, 96), np.float32))
     out = linear.linear(x, weight, np.full((tokens, 96), np.nan, np.float32), np.zeros((64, 5), np.float32))
@@ -179,3 +180,25 @@ def test_deltanet_step_matches_reference(key_heads, value_heads, key_dim, value_
     for got, expected in zip(*runs):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     assert np.abs(runs[0][0]).max() > 0.1
+
+
+def test_int8_round_trip_layout_and_chunks(monkeypatch):
+    rng = np.random.default_rng(8)
+    w = random_experts(rng, 2, 96, 64, 0.05)
+    w[0, 5, 32:64] = 0  # an all-zero group
+    monkeypatch.setattr(int8, "CHUNK_WEIGHTS", 32 * 64)  # several chunks per matrix
+    q = int8.quantize(w)
+    assert q.packed.shape == (2, 3, 64 * 32) and q.bits_per_weight == 8.5
+    back = int8.dequantize(q)
+    error = np.sqrt(((back - w) ** 2).mean() / (w ** 2).mean())
+    assert error < 0.007  # rounding alone: (max|w| / 127) / sqrt(12) ~ 0.5% of a gaussian RMS
+    assert np.all(back[0, 5, 32:64] == 0)
+    # the layout: row 32b + r of column c is byte 32c + r of block b
+    codes = q.packed.astype(np.float32)
+    scale = int4._bf16_to_float(q.scales[1, 2, 32 * 1 + 7])  # block 2, group 1, row 7
+    assert back[1, 64 + 7, 40] == codes[1, 2, 32 * 40 + 7] * scale
+    # bf16 input gives the same codes as its float32 value
+    bits = int4._float_to_bf16(w)
+    assert np.array_equal(int8.quantize(bits).packed, int8.quantize(int4._bf16_to_float(bits)).packed)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        int8.quantize(np.zeros((40, 64), np.float32))
