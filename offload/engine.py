@@ -108,13 +108,18 @@ class Engine:
 
 def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | None = None,
          profile: str | None = None, device: str | None = None, ctx: int | None = None,
-         store_dir: str | Path | None = None, dense_quant: str | None = "auto", overlap: bool = False) -> Engine:
+         store_dir: str | Path | None = None, dense_quant: str | None = "auto", overlap: bool = False,
+         prefill: str = "auto") -> Engine:
     """Load a Hugging Face checkpoint directory into an `Engine`.
 
     quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16);
     quant="int4" runs the routed experts from the int4 expert store (built on first use, in
     `store_dir` or the cache; see offload.store) with the CPU kernels.
     overlap=True runs the int4 experts on a worker thread while the shared expert is computed.
+    prefill picks how prompt chunks reach the int4 experts: "cpu" (grouped int4 kernels, path a),
+    "stream" (whole layers copied to the device, dequantised and run there, path b; with the
+    device = CPU without CUDA) or "auto" (the plan's choice by prompt length; "cpu" while
+    everything executes on the CPU, where streaming cannot win).
     dense_quant="int8" or "int4" runs the dense matrices placed on the CPU (mixers, shared experts,
     lm_head) from that format with the same kernels (quantised at load) and computes in fp32;
     None keeps them in the checkpoint's precision. "auto" (the default) is "int8" when the
@@ -133,6 +138,10 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     ctx = ctx or min(DEFAULT_CONTEXT, args.max_position_embeddings)
     if ctx <= 0:
         raise OffloadError(f"ctx must be positive, got {ctx}")
+    if prefill not in ("auto", "cpu", "stream"):
+        raise OffloadError(f"prefill={prefill!r} is not a prefill path; use 'cpu', 'stream' or 'auto'")
+    if prefill == "stream" and quant != "int4":
+        raise OffloadError("prefill='stream' streams the int4 experts; use it with quant='int4'")
     if dense_quant == "auto":  # every dense matrix runs on the CPU for now
         dense_quant = "int8" if quant == "int4" else None
     checkpoint = Checkpoint(model_dir, args.fp8_block_size)
@@ -141,7 +150,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     with torch.device("meta"):
         model = architecture.Model(args)
     if quant == "int4":
-        _swap_in_int4_experts(model, args, model_dir, store_dir, overlap)
+        _swap_in_int4_experts(model, args, model_dir, store_dir, overlap, "stream" if prefill == "stream" else "cpu")
     dtype = weights["embed_tokens.weight"].dtype if "embed_tokens.weight" in weights else None
     _fill(model, weights, dtype, str(model_dir))
     model.eval()
@@ -155,7 +164,8 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     return engine
 
 
-def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_dir, overlap: bool) -> None:
+def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_dir, overlap: bool,
+                          prefill: str) -> None:
     """Replace each MoE layer's float experts by the int4 executor (their weights are never read)."""
     import sys
 
@@ -177,7 +187,7 @@ def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_di
                        announce=lambda line: print(line, file=sys.stderr))
     if bar is not None:
         bar.close()
-    executor = CpuExpertExecutor(store, args, overlap=overlap)
+    executor = CpuExpertExecutor(store, args, overlap=overlap, prefill=prefill)
     for layer, block in enumerate(model.layers):
         if args.is_moe_layer(layer):
             block.mlp.experts = Int4Experts(executor, layer)

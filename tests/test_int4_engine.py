@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,47 @@ def test_overlap_on_a_worker_thread_changes_nothing(hf_checkpoint):
     assert executor.worker is not None
     assert torch.equal(serial.logits(ids), overlapped.logits(ids))
     assert serial.generate(ids[:10], max_new_tokens=16) == overlapped.generate(ids[:10], max_new_tokens=16)
+
+
+@pytest.mark.parametrize("name", ["next", "moe"])
+def test_streamed_prefill_matches_transformers(hf_checkpoint, name):
+    """Prefill path (b): layers streamed to the device (the CPU here), dequantised by torch."""
+    checkpoint = hf_checkpoint(name)
+    reference = dequantized_reference(checkpoint.model)
+    ids = torch.randint(0, 160, (150,), generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    streamed = offload.load(checkpoint.path, quant="int4", dense_quant=None, prefill="stream")
+    assert (streamed.logits(ids) - expected).abs().max().item() <= TOLERANCE
+    executor = next(m for m in streamed.model.modules() if type(m).__name__ == "Int4Experts").executor
+    assert executor.streamer is not None  # the streamed path ran
+    kernels = offload.load(checkpoint.path, quant="int4", dense_quant=None, prefill="cpu")
+    prompt = ids[:40]
+    assert streamed.generate(prompt, max_new_tokens=16) == kernels.generate(prompt, max_new_tokens=16)
+
+
+def test_streamer_double_buffers_layers_in_order(hf_checkpoint):
+    from offload.store import open_store
+    from offload.transfer import ExpertStreamer, dequantize_int4
+
+    checkpoint = hf_checkpoint("next")
+    engine = offload.load(checkpoint.path, quant="int4", dense_quant=None)
+    store = open_store(checkpoint.path, engine.args)
+    streamer = ExpertStreamer(store, torch.device("cpu"))
+    assert len(streamer.order) >= 2
+    for _ in range(2):  # two prompt chunks: every layer comes back right, through two slots
+        for layer in streamer.order:
+            arrays = streamer.get(layer)
+            host = store.layers[layer]
+            assert np.array_equal(arrays["gate_up_packed"].numpy(), host.gate_up.packed)
+            assert np.array_equal(arrays["down_scales"].numpy().view(np.uint16), host.down.scales)
+            weight = dequantize_int4(arrays["down_packed"], arrays["down_scales"], torch.float32)
+            assert torch.equal(weight, torch.from_numpy(int4.dequantize(host.down)))
+    assert len({id(slot["gate_up_packed"]) for slot in streamer.slots}) == 2
+
+
+def test_bad_prefill_is_explained(hf_checkpoint):
+    with pytest.raises(offload.OffloadError, match="not a prefill path"):
+        offload.load(hf_checkpoint("moe").path, quant="int4", prefill="gpu")
+    with pytest.raises(offload.OffloadError, match="use it with quant='int4'"):
+        offload.load(hf_checkpoint("moe").path, prefill="stream")

@@ -13,6 +13,33 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """The routed SwiGLU experts: x [T, D], expert_ids [T, K] indexing gate_up_proj [E, 2I, D] and
+    down_proj [E, D, I] (tensors, or anything with `.shape` that yields one expert's matrix when
+    indexed), weights [T, K] fp32 -> [T, D] fp32.
+
+    Tokens are grouped by expert so each expert's weights are read once per call.
+    """
+    top_k = expert_ids.shape[1]
+    flat_ids = expert_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)  # slots sorted by expert
+    counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    flat_weights = weights.reshape(-1)
+    begin = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        slots = order[begin:begin + count]
+        begin += count
+        tokens = slots // top_k
+        gate, up = F.linear(x[tokens], gate_up_proj[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down_proj[expert])
+        out.index_add_(0, tokens, y.float() * flat_weights[slots, None])
+    return out
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and the shared expert."""
 
@@ -57,28 +84,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, D], expert_ids [T, K], weights [T, K] fp32 -> [T, D] fp32.
-
-        Tokens are grouped by expert so each expert's weights are read once per call.
-        """
-        num_experts = self.gate_up_proj.shape[0]
-        top_k = expert_ids.shape[1]
-        flat_ids = expert_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)  # slots sorted by expert
-        counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        flat_weights = weights.reshape(-1)
-        begin = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            slots = order[begin:begin + count]
-            begin += count
-            tokens = slots // top_k
-            gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
-            out.index_add_(0, tokens, y.float() * flat_weights[slots, None])
-        return out
+        """x [T, D], expert_ids [T, K], weights [T, K] fp32 -> [T, D] fp32."""
+        return grouped_experts(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
 
     def start(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Begin computing the routed experts; the returned call yields the [T, D] fp32 result.
