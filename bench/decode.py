@@ -4,11 +4,13 @@
 
 The slice has the real per-token shapes (hidden 2048, 512-wide experts, top-10, the real
 attention/DeltaNet mixers, the real vocabulary) with 8 layers (2 full attention) and 128 experts
-per layer, built once with `offload synth` into the cache. Prints: offload decode tok/s with int4
-experts (overlap off and on); the bound for this run (the bytes a token reads: int4 routed experts at the kernels'
-measured rate, everything else at RAM bandwidth); transformers bf16 on the same checkpoint as the
-peer; prefill tok/s for a 512-token prompt; and a second column scaled to the full model's 48
-layers and 512 experts.
+per layer, built once with `offload synth` into the cache. Prints, all with int4 routed experts:
+decode tok/s with the dense layers as int8 (the default), int4 and bf16, overlap off and on, as a
+fraction of the bound for this run (every weight a token reads, at this run's measured int4
+kernel rate or RAM bandwidth, whichever is slower); prefill tok/s for 512 and 2048-token prompts
+by path (a) (CPU kernels) and (b) (streamed layers; the device is the CPU here); transformers
+bf16 on the same checkpoint as the peer; and a second column scaled to the full model (48 layers,
+512 experts) by the weights a token reads.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E
 from kernels.threads import physical_cores  # noqa: E402
 from offload.config import args_from_dict  # noqa: E402
 from offload.paths import cache_root  # noqa: E402
-from offload.planner import INT4_BYTES, parameter_groups  # noqa: E402
+from offload.planner import INT4_BYTES, INT8_BYTES, parameter_groups  # noqa: E402
 from offload.synthetic import preset_config, synthesize  # noqa: E402
 
 
@@ -93,51 +95,69 @@ def main() -> None:
     kernel_rate = decode_throughput(gate_up, down, 1, 10, 40)
     del gate_up, down
 
-    def bound_seconds(model_args, dense_bytes_per_weight=2.0) -> tuple[float, float, float]:
+    def read_per_token(model_args) -> tuple[float, float]:
+        """Weights a decode step reads: (routed experts, everything else but the embedding rows)."""
         groups = parameter_groups(model_args)
         routed = groups["routed experts"] * model_args.num_experts_per_tok / model_args.num_experts
-        dense = sum(n for g, n in groups.items() if g not in ("routed experts", "embeddings"))
-        return (routed / kernel_rate + dense * dense_bytes_per_weight / bandwidth, routed * INT4_BYTES,
-                dense * dense_bytes_per_weight)
+        return routed, sum(n for g, n in groups.items() if g not in ("routed experts", "embeddings"))
 
-    def measure(dense_quant, overlap=False):
-        engine = offload.load(path, quant="int4", dense_quant=dense_quant, ctx=1024, overlap=overlap)
-        decode = offload_decode(engine, options.tokens)
+    def bound_seconds(model_args, dense_bytes_per_weight: float) -> float:
+        """A step's floor: routed experts at the measured int4 kernel rate, dense matrices at the
+        same rate scaled by their bytes per weight (the kernels are bound by bytes or by FMAs,
+        whichever is slower; the int4 rate is the measured one)."""
+        routed, dense = read_per_token(model_args)
+        dense_rate = min(kernel_rate, bandwidth / dense_bytes_per_weight)
+        return routed / kernel_rate + dense / dense_rate
+
+    def prefill_seconds(engine, tokens: int) -> float:
         engine.reset()
         start = time.perf_counter()
-        engine.feed(np.arange(512) % 1000 + 1, all_logits=False)
-        return decode, time.perf_counter() - start
+        engine.feed(np.arange(tokens) % 1000 + 1, all_logits=False)
+        return time.perf_counter() - start
 
-    decode, prefill = measure(None)
+    def measure(dense_quant, overlap=False, prefill_lengths=(512,), prefill="cpu"):
+        engine = offload.load(path, quant="int4", dense_quant=dense_quant, ctx=2048 + 64, overlap=overlap,
+                              prefill=prefill)
+        decode = offload_decode(engine, options.tokens)
+        return decode, {n: prefill_seconds(engine, n) for n in prefill_lengths}
+
+    print("measuring (a few minutes) ...", flush=True)
+    decode_bf16, prefill_bf16 = measure(None)
+    decode, prefill = measure("int8", prefill_lengths=(512, 2048))
     decode_int4, prefill_int4 = measure("int4")
-    decode_overlap, _ = measure("int4", overlap=True)
-    slice_bound, routed_bytes, dense_bytes = bound_seconds(args)
-    full_bound, full_routed, full_dense = bound_seconds(full)
-    # the full model: the slice's measured time per layer, scaled to 48 layers (experts per layer
-    # do not change the work per token; they change only the RAM needed)
-    scale = full.num_hidden_layers / args.num_hidden_layers
+    decode_overlap, _ = measure("int8", overlap=True, prefill_lengths=())
+    _, prefill_stream = measure("int8", prefill_lengths=(512, 2048), prefill="stream")
+    # the full model: the slice's time scaled by the weights a token reads (decode streams
+    # weights; experts per layer change only the RAM needed, not the work per token)
+    scale = sum(read_per_token(full)) / sum(read_per_token(args))
+
     print(f"machine: {threads} threads; RAM read {bandwidth / 1e9:.1f} GB/s; int4 kernels {kernel_rate / 1e9:.1f} "
           f"G weights/s (batch 1)")
-    print(f"per token: routed experts {routed_bytes / 1e6:.0f} MB int4, dense {dense_bytes / 1e6:.0f} MB bf16 "
-          f"(slice); full model {full_routed / 1e6:.0f} MB + {full_dense / 1e6:.0f} MB")
-    print(f"{'':<34} {'slice':>12} {'full model':>12}")
-    print(f"{'offload decode, int4 experts':<34} {1 / decode:8.1f} tok/s {1 / (decode * scale):8.1f} tok/s")
-    print(f"{'bound (bytes read per token)':<34} {1 / slice_bound:8.1f} tok/s {1 / full_bound:8.1f} tok/s "
-          f"-> {slice_bound / decode:.0%} of the bound")
-    print(f"{'offload prefill, 512 tokens':<34} {512 / prefill:8.1f} tok/s {512 / (prefill * scale):8.1f} tok/s")
-    slice_bound4 = bound_seconds(args, INT4_BYTES)[0]
-    full_bound4 = bound_seconds(full, INT4_BYTES)[0]
-    print(f"{'  ... with dense_quant=int4':<34} {1 / decode_int4:8.1f} tok/s {1 / (decode_int4 * scale):8.1f} tok/s "
-          f"(bound {1 / slice_bound4:.1f} / {1 / full_bound4:.1f}: {slice_bound4 / decode_int4:.0%})")
-    print(f"{'  ... prefill 512, dense int4':<34} {512 / prefill_int4:8.1f} tok/s "
-          f"{512 / (prefill_int4 * scale):8.1f} tok/s")
-    print(f"{'  ... dense int4, overlap on':<34} {1 / decode_overlap:8.1f} tok/s "
-          f"({decode_int4 / decode_overlap:.2f}x of overlap off; experts on a worker thread)")
+    routed, dense = read_per_token(args)
+    full_routed, full_dense = read_per_token(full)
+    print(f"weights read per token: routed experts {routed / 1e6:.0f} M (int4), dense {dense / 1e6:.0f} M "
+          f"(slice); full model {full_routed / 1e6:.0f} M + {full_dense / 1e6:.0f} M")
+    print(f"{'':<40} {'slice':>12} {'full model':>12}  ratio")
+
+    def row(label: str, seconds: float, tokens: int = 1, note: str = "") -> None:
+        print(f"{label:<40} {tokens / seconds:8.1f} tok/s {tokens / (seconds * scale):8.1f} tok/s  {note}")
+
+    for name, seconds, bytes_per_weight in (("int8", decode, INT8_BYTES), ("int4", decode_int4, INT4_BYTES)):
+        bound = bound_seconds(args, bytes_per_weight)
+        row(f"decode, dense {name}", seconds, note=f"{bound / seconds:.0%} of the kernel bound "
+            f"({1 / bound:.1f} tok/s: every weight a token reads at this run's int4 kernel rate)")
+    row("decode, dense int8, overlap on", decode_overlap, note=f"{decode / decode_overlap:.2f}x of overlap off")
+    row("decode, dense bf16 (dense_quant=None)", decode_bf16, note=f"int8 is {decode_bf16 / decode:.2f}x faster")
+    for tokens in (512, 2048):
+        row(f"prefill {tokens}, (a) CPU kernels", prefill[tokens], tokens)
+        row(f"prefill {tokens}, (b) streamed (device = CPU)", prefill_stream[tokens], tokens,
+            f"(a) is {prefill_stream[tokens] / prefill[tokens]:.1f}x faster")
+    row("prefill 512, dense int4", prefill_int4[512], 512)
+    row("prefill 512, dense bf16", prefill_bf16[512], 512)
     if not options.skip_peer:
         peer_decode, peer_prefill = transformers_decode(path, min(options.tokens, 16))
-        print(f"{'transformers bf16 decode':<34} {1 / peer_decode:8.1f} tok/s   ({peer_decode / decode:.1f}x slower)")
-        print(f"{'transformers bf16 prefill, 512':<34} {512 / peer_prefill:8.1f} tok/s   "
-              f"(offload {peer_prefill / prefill:.2f}x)")
+        row("transformers bf16 decode", peer_decode, note=f"offload (int8 dense) {peer_decode / decode:.1f}x faster")
+        row("transformers bf16 prefill 512", peer_prefill, 512, f"offload {peer_prefill / prefill[512]:.1f}x faster")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Numba's thread count is per calling thread, so a worker thread that runs kernels
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from typing import Iterator
@@ -13,6 +14,7 @@ import numba
 import psutil
 
 
+@functools.cache  # psutil reads /sys on every call, and this runs per layer per token
 def physical_cores() -> int:
     """The default thread count: one per physical core (SMT siblings share the FMA units)."""
     return min(psutil.cpu_count(logical=False) or os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS)
