@@ -17,7 +17,7 @@ from offload.config import DEFAULT_CONTEXT, PREFILL_CHUNK, ModelArgs, load_confi
 from offload.errors import OffloadError
 from offload.models import ARCHITECTURES
 from offload.models.cache import Cache, cache_nbytes
-from offload.sampling import sample
+from offload.sampling import Sampler, SamplingParams
 
 
 class Engine:
@@ -32,6 +32,8 @@ class Engine:
         self.caches: list[Cache] = ARCHITECTURES[args.model_type].make_cache(args, ctx, self.dtype, device)
         self.plan = None  # the placement plan (set by load); execution does not follow it yet
         self.position = 0  # tokens of the current sequence held in the caches
+        self.history: list[int] = []  # the ids `stream` has fed in the current sequence
+        self.stop_ids = set(args.eos_token_ids)  # ends generation (load adds generation_config.json's)
 
     @property
     def cache_nbytes(self) -> int:
@@ -56,6 +58,7 @@ class Engine:
         for cache in self.caches:
             cache.reset()
         self.position = 0
+        self.history = []
 
     def feed(self, input_ids: Sequence[int] | torch.Tensor, all_logits: bool = True) -> torch.Tensor:
         """Append tokens to the current sequence; float32 logits of each new token [T, vocab]
@@ -85,25 +88,33 @@ class Engine:
             self.reset()
 
     def stream(self, input_ids: Sequence[int] | torch.Tensor, max_new_tokens: int = 32,
-               temperature: float = 0.0, seed: int | None = None) -> Iterator[int]:
-        """Yield new token ids of a fresh sequence one at a time; stops after an end-of-sequence
-        token or `max_new_tokens`."""
+               temperature: float = 0.0, seed: int | None = None, sampling: SamplingParams | None = None,
+               fresh: bool = True) -> Iterator[int]:
+        """Yield new token ids one at a time; stops after a stop token (`stop_ids`, yielded) or
+        `max_new_tokens`. `sampling` (or just temperature and seed) chooses the tokens. With
+        fresh=False the input continues the current sequence (a chat's next turn) instead of
+        starting a new one. Tokens are fed as they are drawn, except the last one."""
         ids = self._ids(input_ids)
-        self._check_room(ids.shape[0] + max_new_tokens)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.reset()
+        sampler = Sampler(sampling or SamplingParams(temperature=temperature, seed=seed))
+        if fresh:
+            self.reset()
+            self.history = []
+        self._check_room(self.position + ids.shape[0] + max_new_tokens)
         logits = self.feed(ids, all_logits=False)[-1]
+        self.history += ids.tolist()
         for step in range(max_new_tokens):
-            token = sample(logits, temperature, generator)
+            token = sampler(logits, self.history)
             yield token
-            if token in self.args.eos_token_ids or step == max_new_tokens - 1:
+            if token in self.stop_ids or step == max_new_tokens - 1:
                 return
             logits = self.feed([token], all_logits=False)[-1]
+            self.history.append(token)
 
     def generate(self, input_ids: Sequence[int] | torch.Tensor, max_new_tokens: int = 32,
-                 temperature: float = 0.0, seed: int | None = None) -> list[int]:
+                 temperature: float = 0.0, seed: int | None = None,
+                 sampling: SamplingParams | None = None) -> list[int]:
         """New token ids after `input_ids` (greedy when temperature == 0)."""
-        return list(self.stream(input_ids, max_new_tokens, temperature, seed))
+        return list(self.stream(input_ids, max_new_tokens, temperature, seed, sampling))
 
 
 def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | None = None,
@@ -160,6 +171,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
         quantize_dense(model, dense_quant)
         _widen_float_parameters(model)
     engine = Engine(model, args, ctx, torch.device("cpu"))
+    engine.stop_ids |= _generation_stop_ids(Path(model_dir))
     engine.plan = _plan(args, gpu_mem, profile, ctx, quant, dense_quant, str(model_dir))
     return engine
 
@@ -203,6 +215,18 @@ def _plan(args: ModelArgs, gpu_mem, profile, ctx: int, quant: str | None, dense_
         raise ProfileError(f"profile {hardware.name} has no GPU; use gpu_mem=0 or a profile with a GPU")
     return make_plan(args, hardware, budget, ctx=ctx, quant=quant or "none", dense_quant=dense_quant,
                      model_name=name)
+
+
+def _generation_stop_ids(model_dir: Path) -> set[int]:
+    """eos_token_id of generation_config.json (an id or a list), if the checkpoint has one."""
+    import json
+
+    path = model_dir / "generation_config.json"
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    except (OSError, ValueError) as error:
+        raise OffloadError(f"{path}: not readable JSON ({error}); fix or delete the file") from None
+    return set(eos) if isinstance(eos, list) else set() if eos is None else {eos}
 
 
 def _widen_float_parameters(model: nn.Module) -> None:

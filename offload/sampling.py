@@ -1,15 +1,98 @@
-"""Choosing the next token from logits."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, repetition
+penalty, reproducible with a seed.
+
+The order is the one llama.cpp and transformers use: repetition penalty on the raw logits, then
+temperature, then the truncations (top-k, top-p, min-p) on the resulting distribution, then a
+draw. Temperature 0 is greedy (after the penalty).
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Sequence
+
 import torch
 
+from offload.errors import OffloadError
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> int:
-    """logits [V] -> token id. Greedy (argmax) when temperature == 0, else softmax(logits / T)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens; 0: all
+    top_p: float = 1.0  # keep the smallest set whose probability reaches p; 1: all
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one; 0: none
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence; 1: off
+    seed: int | None = None  # a seed makes sampling reproducible
+
+    def __post_init__(self):
+        checks = [(self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top_k must be >= 0"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise OffloadError(f"{message}; got {self}")
+
+    def with_(self, **changes) -> SamplingParams:
+        return replace(self, **changes)
+
+
+def generation_defaults(model_dir: str | Path) -> SamplingParams:
+    """Sampling settings from the checkpoint's generation_config.json (greedy if it has none or
+    says do_sample = false)."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return SamplingParams()
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise OffloadError(f"{path}: not readable JSON ({error}); fix or delete the file") from None
+    known = {f.name for f in fields(SamplingParams)} - {"seed"}
+    values = {name: config[name] for name in known if isinstance(config.get(name), (int, float))}
+    if not config.get("do_sample", bool(values.get("temperature"))):
+        values["temperature"] = 0.0
+    return SamplingParams(**values)
+
+
+def processed_logits(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = ()) -> torch.Tensor:
+    """logits [V] -> the float32 logits the draw uses: penalised, tempered and truncated (-inf)."""
+    logits = logits.float().clone()
+    if params.repetition_penalty != 1.0 and len(history):
+        seen = torch.unique(torch.as_tensor(list(history), dtype=torch.long))
+        scores = logits[seen]
+        logits[seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
+    if params.temperature == 0:
+        return logits
+    logits /= params.temperature
+    if 0 < params.top_k < logits.numel():
+        threshold = torch.topk(logits, params.top_k).values[-1]
+        logits[logits < threshold] = float("-inf")
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(ordered, dim=-1) >= params.top_p  # mass before this token already >= p
+        logits[order[drop]] = float("-inf")
+    if params.min_p > 0:
+        probs = torch.softmax(logits, dim=-1)
+        logits[probs < params.min_p * probs.max()] = float("-inf")
+    return logits
+
+
+class Sampler:
+    """Draws tokens for one sequence with `params`; its own generator makes a seeded run repeat."""
+
+    def __init__(self, params: SamplingParams = SamplingParams()):
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+        logits = processed_logits(logits, self.params, history)
+        if self.params.temperature == 0:
+            return int(torch.argmax(logits))
+        return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.generator))

@@ -1,0 +1,74 @@
+"""Sampling: masks on known distributions, penalties, seeds, generation_config.json defaults."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from offload.errors import OffloadError
+from offload.sampling import Sampler, SamplingParams, generation_defaults, processed_logits
+
+PROBS = torch.tensor([0.4, 0.3, 0.2, 0.1])
+LOGITS = PROBS.log()
+
+
+def kept(params: SamplingParams) -> list[int]:
+    return torch.isfinite(processed_logits(LOGITS, params)).nonzero().flatten().tolist()
+
+
+def test_truncations_keep_the_right_tokens():
+    assert kept(SamplingParams(temperature=1.0)) == [0, 1, 2, 3]
+    assert kept(SamplingParams(temperature=1.0, top_k=2)) == [0, 1]
+    assert kept(SamplingParams(temperature=1.0, top_p=0.65)) == [0, 1]  # 0.4 < 0.65 <= 0.4 + 0.3
+    assert kept(SamplingParams(temperature=1.0, top_p=0.7001)) == [0, 1, 2]
+    assert kept(SamplingParams(temperature=1.0, min_p=0.45)) == [0, 1, 2]  # p >= 0.45 x 0.4
+    assert kept(SamplingParams(temperature=1.0, top_k=3, min_p=0.6)) == [0, 1]
+    # temperature reshapes before truncation: at T = 0.5, p ~ [0.53, 0.3, 0.13, 0.03]
+    assert kept(SamplingParams(temperature=0.5, top_p=0.8)) == [0, 1]
+
+
+def test_repetition_penalty_pushes_seen_tokens_down():
+    logits = torch.tensor([2.0, 1.9, -1.0, -1.1])
+    penalised = processed_logits(logits, SamplingParams(repetition_penalty=1.5), history=[0, 2, 0])
+    assert penalised.tolist() == pytest.approx([2.0 / 1.5, 1.9, -1.5, -1.1])
+    greedy = Sampler(SamplingParams(repetition_penalty=1.5))
+    assert greedy(logits, history=[0]) == 1 and greedy(logits) == 0
+
+
+def test_draws_follow_the_distribution_and_seeds_repeat():
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=3))
+    draws = [sampler(LOGITS) for _ in range(4000)]
+    frequencies = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
+    assert torch.allclose(frequencies, PROBS, atol=0.03)
+    again = Sampler(SamplingParams(temperature=1.0, seed=3))
+    assert [again(LOGITS) for _ in range(4000)] == draws
+    other = Sampler(SamplingParams(temperature=1.0, seed=4))
+    assert [other(LOGITS) for _ in range(200)] != draws[:200]
+    truncated = Sampler(SamplingParams(temperature=1.0, top_k=2, seed=0))
+    assert set(truncated(LOGITS) for _ in range(500)) == {0, 1}
+
+
+def test_greedy_ignores_the_seed():
+    assert Sampler(SamplingParams(seed=1))(LOGITS) == Sampler(SamplingParams(seed=2))(LOGITS) == 0
+
+
+def test_bad_settings_are_explained():
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"min_p": 2}, {"top_k": -3},
+                {"repetition_penalty": 0}):
+        with pytest.raises(OffloadError, match=next(iter(bad))):
+            SamplingParams(**bad)
+
+
+def test_defaults_come_from_generation_config(tmp_path):
+    assert generation_defaults(tmp_path) == SamplingParams()
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95, "eos_token_id": [1, 2]}))
+    params = generation_defaults(tmp_path)
+    assert (params.temperature, params.top_k, params.top_p, params.min_p) == (0.6, 20, 0.95, 0.0)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    assert generation_defaults(tmp_path).temperature == 0.0
+    (tmp_path / "generation_config.json").write_text("{oops")
+    with pytest.raises(OffloadError, match="generation_config.json: not readable JSON"):
+        generation_defaults(tmp_path)
