@@ -42,14 +42,16 @@ def main(debug: bool) -> None:
 def _demo_model() -> Path:
     """The cached demo checkpoint, built on first use."""
     from offload.paths import cache_root
-    from offload.synthetic import checkpoint_nbytes, preset_config, synthesize
+    from offload.synthetic import checkpoint_nbytes, preset_config, synthesize, write_tokenizer
 
     path = cache_root() / DEMO_PRESET
     if (path / "config.json").is_file():
+        if not (path / "tokenizer.json").is_file():  # cached by an older version
+            write_tokenizer(path, preset_config(DEMO_PRESET)["vocab_size"])
         return path
     config = preset_config(DEMO_PRESET)
     click.echo(f"Building the demo model (random weights, {checkpoint_nbytes(config) / 2**20:.0f} MiB) "
-               f"in {path} ...", err=True)
+               f"in {path}, once ...", err=True)
     synthesize(path, config, overwrite=True)
     return path
 
@@ -61,54 +63,201 @@ def _parse_ids(text: str) -> list[int]:
         raise click.BadParameter(f"{text!r} is not a list of token ids; write e.g. '1 2 3'") from None
 
 
-@main.command()
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Checkpoint directory.")
-@click.option("--demo", is_flag=True, help="Use the built-in demo model (random weights).")
-@click.option("--ids", "ids_text", default=None, help="Prompt as token ids, e.g. '1 2 3'.")
-@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=1),
-              help="Tokens to generate.")
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="Sampling temperature; 0 is greedy.")
-@click.option("--seed", default=None, type=int, help="Random seed for sampling.")
-@click.option("--ctx", default=None, type=click.IntRange(min=1), help="Context length to allocate.")
-@click.option("--quant", type=click.Choice(["int4", "none"]), default="int4", show_default=True,
-              help="Routed experts as int4 (built once into the expert store) or in the checkpoint's precision.")
-@click.option("--dense-quant", type=click.Choice(["auto", "int8", "int4", "none"]), default="auto", show_default=True,
-              help="Dense matrices on the CPU (mixers, shared experts, lm_head) as int8 or int4, or as stored; "
-                   "auto: int8 when the experts are int4.")
-@click.option("--gpu-mem", default=None, help="GPU memory budget, e.g. 8G (planned; execution is on the CPU for now).")
-@click.option("--profile", default=None, help="Hardware profile: a name in profiles/ or a YAML file.")
-def run(model_dir: Path | None, demo: bool, ids_text: str | None, max_tokens: int, temperature: float,
-        seed: int | None, ctx: int | None, quant: str, dense_quant: str, gpu_mem: str | None,
-        profile: str | None) -> None:
-    """Generate from a prompt of token ids."""
-    import offload
+def model_options(command):
+    """Which model and how to place it: shared by run, chat and bench."""
+    options = [
+        click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Checkpoint directory."),
+        click.option("--demo", is_flag=True, help="Use the built-in demo model (random weights, meaningless text)."),
+        click.option("--ctx", default=None, type=click.IntRange(min=1), help="Context length to allocate [4096]."),
+        click.option("--quant", type=click.Choice(["int4", "none"]), default="int4", show_default=True,
+                     help="Routed experts as int4 (built once into the expert store) or as stored."),
+        click.option("--dense-quant", type=click.Choice(["auto", "int8", "int4", "none"]), default="auto",
+                     show_default=True, help="Dense matrices on the CPU as int8 or int4, or as stored; "
+                                             "auto: int8 when the experts are int4."),
+        click.option("--gpu-mem", default=None, help="GPU memory budget, e.g. 8G (planned; execution is on the CPU for now)."),
+        click.option("--profile", default=None, help="Hardware profile: a name in profiles/ or a YAML file."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def sampling_options(command):
+    options = [
+        click.option("--max-tokens", default=None, type=click.IntRange(min=1), help="Tokens to generate at most [256; chat 1024]."),
+        click.option("--temperature", default=None, type=click.FloatRange(min=0.0),
+                     help="Sampling temperature; 0 is greedy [generation_config.json, else 0]."),
+        click.option("--top-k", default=None, type=click.IntRange(min=0), help="Keep the k most likely tokens (0: all)."),
+        click.option("--top-p", default=None, type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus sampling mass."),
+        click.option("--min-p", default=None, type=click.FloatRange(0.0, 1.0), help="Drop tokens below min-p x the top one."),
+        click.option("--repeat-penalty", "repetition_penalty", default=None, type=click.FloatRange(min=0.0, min_open=True),
+                     help="Penalise tokens already in the sequence (1: off)."),
+        click.option("--seed", default=None, type=int, help="Random seed: the same seed repeats a run."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _model_dir(model_dir: Path | None, demo: bool) -> Path:
+    from offload.errors import OffloadError
 
     if demo == (model_dir is not None):
         raise click.UsageError("give exactly one of --model DIR or --demo")
     if demo:
-        model_dir = _demo_model()
+        return _demo_model()
+    if not model_dir.exists():
+        raise OffloadError(f"{model_dir} does not exist; give the folder of a Hugging Face checkpoint "
+                           "(config.json, *.safetensors, tokenizer.json)")
+    return model_dir
+
+
+def _load(model_dir: Path, ctx, quant: str, dense_quant: str, gpu_mem, profile):
+    """(engine, load seconds), with a one-line progress note on stderr."""
+    import offload
+
+    click.echo(f"loading {model_dir} ...", err=True)
     started = time.perf_counter()
-    engine = offload.load(model_dir, quant=None if quant == "none" else quant, gpu_mem=gpu_mem,
-                          profile=profile, ctx=ctx, dense_quant=None if dense_quant == "none" else dense_quant)
-    loaded = time.perf_counter()
-    prompt = _parse_ids(ids_text) if ids_text else list(range(1, 9))
-    click.echo(f"loaded {model_dir} ({engine.args.model_type}, {engine.args.num_hidden_layers} layers) "
-               f"in {loaded - started:.1f} s", err=True)
-    click.echo(f"prompt: {' '.join(map(str, prompt))}", err=True)
-    generated = []
-    first_token_at = None
-    for token in engine.stream(prompt, max_new_tokens=max_tokens, temperature=temperature, seed=seed):
-        if first_token_at is None:
-            first_token_at = time.perf_counter()
-        generated.append(token)
-        click.echo(f"{token} ", nl=False)
+    engine = offload.load(model_dir, quant=None if quant == "none" else quant, gpu_mem=gpu_mem, profile=profile,
+                          ctx=ctx, dense_quant=None if dense_quant == "none" else dense_quant)
+    return engine, time.perf_counter() - started
+
+
+def _sampling(model_dir: Path, **flags):
+    from offload.sampling import generation_defaults
+
+    chosen = {name: value for name, value in flags.items() if value is not None}
+    return generation_defaults(model_dir).with_(**chosen)
+
+
+def _memory_line(engine) -> str:
+    import psutil
+
+    from offload.hardware import format_size
+
+    return f"RAM {format_size(psutil.Process().memory_info().rss)}, GPU 0 B (CPU execution)"
+
+
+def _thinking_printer(hide: bool, dim: bool):
+    """A function showing (is_thinking, text) pieces: thinking dimmed on a terminal, or hidden."""
+    def show(pieces) -> None:
+        for thinking, text in pieces:
+            if thinking and hide:
+                continue
+            if thinking and dim:
+                text = click.style(text, dim=True)
+            click.echo(text, nl=False)
         sys.stdout.flush()
-    done = time.perf_counter()
+    return show
+
+
+@main.command()
+@model_options
+@click.option("--prompt", "-p", "prompt_text", default=None, help="The prompt text.")
+@click.option("--file", "-f", "prompt_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="Read the prompt from a file ('-' for stdin).")
+@click.option("--ids", "ids_text", default=None, help="The prompt as token ids, e.g. '1 2 3' (no tokenizer needed).")
+@click.option("--system", default=None, help="A system message (chat mode).")
+@click.option("--chat/--raw", "chat_mode", default=None,
+              help="Apply the model's chat template to the prompt, or send it as it is [chat if the model has a template].")
+@sampling_options
+@click.option("--hide-thinking", is_flag=True, help="Do not show <think> ... </think> blocks.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, timings) instead.")
+def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text, prompt_file, ids_text, system,
+        chat_mode, hide_thinking, as_json, **sampling_flags) -> None:
+    """Generate from one prompt (--prompt, -f FILE, --ids or stdin), streaming the text."""
+    import json
+
+    from offload.conversation import Stats, generate
+    from offload.errors import OffloadError
+    from offload.tokenizer import ThinkingFilter, Tokenizer
+
+    given = [x is not None for x in (prompt_text, prompt_file, ids_text)]
+    if sum(given) > 1:
+        raise click.UsageError("give one prompt: --prompt, --file or --ids")
+    if not any(given):
+        if sys.stdin.isatty():
+            raise click.UsageError("give a prompt with --prompt TEXT, --file FILE, --ids '1 2 3' or on stdin")
+        prompt_text = sys.stdin.read()
+    elif prompt_file is not None:
+        prompt_text = prompt_file.read()
+    max_tokens = sampling_flags.pop("max_tokens") or 256
+    model_dir = _model_dir(model_dir, demo)
+    tokenizer = Tokenizer(model_dir) if ids_text is None or (model_dir / "tokenizer.json").is_file() else None
+    sampling = _sampling(model_dir, **sampling_flags)
+    engine, load_s = _load(model_dir, ctx, quant, dense_quant, gpu_mem, profile)
+    if ids_text is not None:
+        prompt_ids = _parse_ids(ids_text)
+    else:
+        if chat_mode is None:
+            chat_mode = tokenizer.chat_template is not None
+        if chat_mode:
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": prompt_text}]
+            prompt_ids = tokenizer.chat_ids(messages)
+        else:
+            prompt_ids = tokenizer.encode(prompt_text)
+    if not prompt_ids:
+        raise OffloadError("the prompt is empty; give some text")
+    if len(prompt_ids) > engine.ctx:
+        raise OffloadError(f"the prompt is {len(prompt_ids)} tokens, longer than the context of {engine.ctx}; "
+                           "pass a larger --ctx or a shorter prompt")
+    max_tokens = min(max_tokens, engine.ctx - len(prompt_ids))
+    if max_tokens < 1:
+        raise OffloadError(f"the prompt fills the context of {engine.ctx}; pass a larger --ctx")
+    click.echo(f"loaded in {load_s:.1f} s ({engine.args.model_type}, {engine.args.num_hidden_layers} layers)",
+               err=True)
+
+    stats = Stats()
+    tokens = generate(engine, prompt_ids, sampling, max_tokens, stats)
+    if as_json:
+        generated = list(tokens)
+        shown = [t for t in generated if t not in engine.stop_ids]
+        result = {"model": str(model_dir), "text": tokenizer.decode(shown) if tokenizer else None,
+                  "token_ids": generated, "prompt_tokens": len(prompt_ids), "generated_tokens": len(generated),
+                  "finish_reason": stats.finish_reason,
+                  "timings": {"load_s": round(load_s, 3), "prefill_s": round(stats.prefill_s, 4),
+                              "prefill_tok_s": round(stats.prefill_rate, 2), "decode_s": round(stats.decode_s, 4),
+                              "decode_tok_s": round(stats.decode_rate, 2)},
+                  "sampling": {k: v for k, v in vars(sampling).items()}}
+        click.echo(json.dumps(result, indent=2))
+        return
+    if tokenizer is None:
+        for token in tokens:
+            click.echo(f"{token} ", nl=False)
+            sys.stdout.flush()
+    else:
+        show = _thinking_printer(hide_thinking, sys.stdout.isatty())
+        detokenize, split = tokenizer.detokenizer(), ThinkingFilter()
+        for token in tokens:
+            if token not in engine.stop_ids:
+                show(split(detokenize(token)))
+        show(split.flush())
     click.echo()
-    decode_rate = (len(generated) - 1) / (done - first_token_at) if len(generated) > 1 else float("nan")
-    click.echo(f"prompt {len(prompt)} tokens at {len(prompt) / (first_token_at - loaded):.1f} tok/s, "
-               f"generated {len(generated)} tokens at {decode_rate:.1f} tok/s", err=True)
+    click.echo(f"{stats.line()}; {_memory_line(engine)}", err=True)
+
+
+@main.command()
+@model_options
+@sampling_options
+@click.option("--system", default=None, help="A system message for the conversation.")
+@click.option("--hide-thinking", is_flag=True, help="Do not show <think> ... </think> blocks.")
+def chat(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, system, hide_thinking, **sampling_flags) -> None:
+    """Talk with a model: an interactive chat (type /help), or a conversation piped in, one
+    message per line."""
+    from offload.conversation import Conversation
+    from offload.repl import Repl
+    from offload.tokenizer import Tokenizer
+
+    max_tokens = sampling_flags.pop("max_tokens") or 1024
+    model_dir = _model_dir(model_dir, demo)
+    tokenizer = Tokenizer(model_dir)
+    tokenizer.render([{"role": "user", "content": "hi"}])  # fails now, not after the first message, if no template
+    sampling = _sampling(model_dir, **sampling_flags)
+    engine, load_s = _load(model_dir, ctx, quant, dense_quant, gpu_mem, profile)
+    conversation = Conversation(engine, tokenizer, sampling, max_tokens, system)
+    click.echo(f"loaded {model_dir.name} in {load_s:.1f} s", err=True)
+    Repl(conversation, hide_thinking=hide_thinking, memory=lambda: _memory_line(engine)).run()
 
 
 @main.command()

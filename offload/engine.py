@@ -88,14 +88,16 @@ class Engine:
             self.reset()
 
     def stream(self, input_ids: Sequence[int] | torch.Tensor, max_new_tokens: int = 32,
-               temperature: float = 0.0, seed: int | None = None, sampling: SamplingParams | None = None,
-               fresh: bool = True) -> Iterator[int]:
+               temperature: float = 0.0, seed: int | None = None,
+               sampling: SamplingParams | Sampler | None = None, fresh: bool = True) -> Iterator[int]:
         """Yield new token ids one at a time; stops after a stop token (`stop_ids`, yielded) or
-        `max_new_tokens`. `sampling` (or just temperature and seed) chooses the tokens. With
+        `max_new_tokens`. `sampling` (or just temperature and seed) chooses the tokens; pass a
+        `Sampler` to keep one random stream across calls (a chat's turns). With
         fresh=False the input continues the current sequence (a chat's next turn) instead of
         starting a new one. Tokens are fed as they are drawn, except the last one."""
         ids = self._ids(input_ids)
-        sampler = Sampler(sampling or SamplingParams(temperature=temperature, seed=seed))
+        sampler = sampling if isinstance(sampling, Sampler) else \
+            Sampler(sampling or SamplingParams(temperature=temperature, seed=seed))
         if fresh:
             self.reset()
             self.history = []

@@ -9,6 +9,7 @@ are written the way people write them: `8GiB`, `8G` (binary, like GPU labels), `
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,9 @@ class HardwareProfile:
         return out
 
 
+SIZE_PATTERN = re.compile(r"^\s*\d+(\.\d*)?\s*([kmgtpe](i?b)?|b|bytes?)?\s*$", re.IGNORECASE)
+
+
 def parse_size(text: str | int | float, what: str = "size") -> int:
     """'8G', '8GiB', '8 GB', 8589934592 -> bytes (G, GB and GiB all mean 2^30, as on GPU labels)."""
     if isinstance(text, bool):
@@ -85,6 +89,8 @@ def parse_size(text: str | int | float, what: str = "size") -> int:
             raise ProfileError(f"{what}: {text!r} is a rate, not a size; write e.g. 8GiB")
         if str(text).strip().startswith("-"):
             raise ProfileError(f"{what}: must not be negative, got {text!r}")
+        if not SIZE_PATTERN.match(str(text)):  # humanfriendly reads "8 bananas" as 8 bytes
+            raise ProfileError(f"{what}: {text!r} is not a size; write e.g. 8GiB, 8G or 512MiB")
         try:
             value = int(humanfriendly.parse_size(str(text), binary=True))
         except humanfriendly.InvalidSize:

@@ -171,12 +171,61 @@ def synthesize(out_dir: str | Path, config: dict[str, Any], seed: int = 0,
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_tokenizer(partial, args.vocab_size)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         partial.rename(out_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out_dir
+
+
+# What the synthetic tokenizer learns its merges from: a few sentences, so that words become
+# tokens and the demo's text looks like text (the model's weights are random all the same).
+_CORPUS = """\
+offload runs huge sparse mixture-of-experts language models on ordinary machines.
+The routed experts stay in RAM as int4 and are computed by Numba kernels on the CPU, while the
+attention and DeltaNet mixers, the norms, the router and the shared expert run on the GPU.
+Decode speed is bounded by the bytes of expert weights read per token: with ten experts of
+five hundred and twelve active per token, most of the model is never read for a given token.
+Hello! How are you today? I am fine, thank you. What would you like to talk about?
+Tell me a story about a small robot who learns to read, one page at a time.
+The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 10 100 1000 2026
+def main():\n    print("hello, world")\n    return 0
+"""
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# ChatML, as Qwen models use it
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A small byte-level BPE tokenizer (trained here, deterministic) with ChatML special tokens
+    and chat template: tokenizer.json, tokenizer_config.json and generation_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 4096), special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise OffloadError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer; use >= 300")
+    tokenizer.save(str(directory / "tokenizer.json"))
+    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE,
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+        "model_max_length": 131072}, indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps({
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "do_sample": False}, indent=2) + "\n")
 
 
 def _assign_shards(shapes: dict[str, tuple[int, ...]], itemsize: int,

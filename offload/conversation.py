@@ -1,0 +1,126 @@
+"""Generating text: one prompt (`complete`) or a multi-turn chat (`Conversation`), streamed as
+text pieces, with the timings the CLI reports.
+
+A chat keeps the model's caches between turns: the next turn's rendered prompt usually starts
+with exactly the tokens already fed, and then only the new tokens are prefilled. When it does
+not (the template re-renders earlier turns differently, or the history was edited), the turn
+starts a fresh sequence; the recurrent DeltaNet state cannot be rolled back to a common prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from offload.engine import Engine
+from offload.sampling import Sampler, SamplingParams
+from offload.tokenizer import Tokenizer
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0  # tokens prefilled for this answer (only the new ones in a chat)
+    prefill_s: float = 0.0
+    generated_tokens: int = 0
+    decode_s: float = 0.0
+    finish_reason: str = ""  # "stop" (a stop token), "length" (max tokens) or "interrupted"
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def prefill_rate(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_rate(self) -> float:
+        """Tokens per second after the first (which comes with the prefill)."""
+        return (self.generated_tokens - 1) / self.decode_s if self.generated_tokens > 1 and self.decode_s else 0.0
+
+    def line(self) -> str:
+        return (f"prompt {self.prompt_tokens} tokens at {self.prefill_rate:.1f} tok/s, "
+                f"generated {self.generated_tokens} tokens at {self.decode_rate:.1f} tok/s")
+
+
+def generate(engine: Engine, prompt_ids: list[int], sampling: SamplingParams | Sampler, max_tokens: int,
+             stats: Stats, fresh: bool = True) -> Iterator[int]:
+    """`engine.stream` with timings recorded into `stats` as it goes."""
+    stats.prompt_tokens = len(prompt_ids)
+    started = time.perf_counter()
+    first_at = None
+    stats.finish_reason = "interrupted"
+    for token in engine.stream(prompt_ids, max_tokens, sampling=sampling, fresh=fresh):
+        now = time.perf_counter()
+        if first_at is None:
+            first_at = now
+            stats.prefill_s = now - started
+        stats.decode_s = now - first_at
+        stats.generated_tokens += 1
+        stats.token_ids.append(token)
+        yield token
+    stats.finish_reason = "stop" if stats.token_ids and stats.token_ids[-1] in engine.stop_ids else "length"
+
+
+def text_pieces(tokenizer: Tokenizer, tokens: Iterator[int], stop_ids: set[int]) -> Iterator[str]:
+    """Decoded text as tokens arrive; stop tokens are not shown."""
+    detokenize = tokenizer.detokenizer()
+    for token in tokens:
+        if token not in stop_ids:
+            piece = detokenize(token)
+            if piece:
+                yield piece
+
+
+class Conversation:
+    """A chat with one model: messages, the chat template and the engine's caches across turns."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, sampling: SamplingParams = SamplingParams(),
+                 max_tokens: int = 1024, system: str | None = None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.sampling = sampling  # settable; one random stream runs across the turns
+        self.max_tokens = max_tokens
+        self.system = system
+        self.messages: list[dict[str, str]] = []
+        self.fed: list[int] = []  # the ids held in the engine's caches
+        self.last = Stats()
+        self._sampler: Sampler | None = None
+
+    def _current_sampler(self) -> Sampler:
+        if self._sampler is None or self._sampler.params != self.sampling:
+            self._sampler = Sampler(self.sampling)
+        return self._sampler
+
+    def reset(self) -> None:
+        """Forget the turns (the system prompt stays)."""
+        self.messages = []
+        self.fed = []
+        self.engine.reset()
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+        self.fed = []  # the prompt changes from its first token
+
+    def _rendered(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def ask(self, text: str) -> Iterator[str]:
+        """Add a user message and stream the answer as text pieces. The answer (or as much of it
+        as was generated, if the caller stops early) is added to the messages."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.tokenizer.chat_ids(self._rendered())
+        continues = bool(self.fed) and ids[:len(self.fed)] == self.fed and len(ids) > len(self.fed)
+        new_ids = ids[len(self.fed):] if continues else ids
+        self.last = Stats()
+        tokens = generate(self.engine, new_ids, self._current_sampler(), self.max_tokens, self.last,
+                          fresh=not continues)
+        try:
+            yield from text_pieces(self.tokenizer, tokens, self.engine.stop_ids)
+        finally:  # also on errors (e.g. the context is full) and when the caller stops early
+            answer = [t for t in self.last.token_ids if t not in self.engine.stop_ids]
+            if self.last.token_ids:
+                self.messages.append({"role": "assistant", "content": self.tokenizer.decode(answer)})
+            else:  # nothing came back: the turn did not happen
+                self.messages.pop()
+            # an interrupted step may have left a layer's cache half-updated: start over next turn
+            self.fed = list(self.engine.history) if self.last.finish_reason != "interrupted" else []

@@ -1,0 +1,177 @@
+"""What a person touches: `offload run` with text, the tokenizer and chat template, a chat's
+turns, and the errors of a first try."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import offload
+from cli import main
+from offload.conversation import Conversation
+from offload.tokenizer import Detokenizer, ThinkingFilter, Tokenizer, TokenizerError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Qwen3-Next checkpoint with offload synth's tokenizer and ChatML template."""
+    path = tmp_path_factory.mktemp("front") / "tiny"
+    result = CliRunner().invoke(main, ["synth", "tiny-qwen3-next", str(path)])
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    return CliRunner()
+
+
+def run(runner, *args, input=None):
+    return runner.invoke(main, ["run", *map(str, args)], input=input)
+
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello! How are you?"},
+            {"role": "assistant", "content": "Fine, thank you."}, {"role": "user", "content": "Tell me a story 🙂"}]
+
+
+def test_chat_template_matches_transformers(tiny):
+    from transformers import AutoTokenizer
+
+    ours, theirs = Tokenizer(tiny), AutoTokenizer.from_pretrained(tiny)
+    for messages in (MESSAGES[1:2], MESSAGES):
+        for generation_prompt in (True, False):
+            expected = theirs.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+            expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+            assert ours.chat_ids(messages, generation_prompt) == list(expected)
+    assert ours.encode("Hello world") == theirs.encode("Hello world", add_special_tokens=False)
+
+
+def test_templates_run_sandboxed(tiny, tmp_path):
+    shutil.copytree(tiny, tmp_path / "m")
+    template = tmp_path / "m" / "chat_template.jinja"  # takes precedence over tokenizer_config.json
+    template.write_text("{% for m in messages %}{{ m.content | tojson }}{% if not loop.last %},{% endif %}"
+                        "{% endfor %}{% if messages | length > 2 %}{{ raise_exception('too many') }}{% endif %}")
+    tokenizer = Tokenizer(tmp_path / "m")
+    assert tokenizer.render([{"role": "user", "content": 'é"'}, {"role": "user", "content": "b"}]) == '"é\\"","b"'
+    with pytest.raises(TokenizerError, match="too many"):
+        tokenizer.render([{"role": "user", "content": "x"}] * 3)
+    template.write_text("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(TokenizerError, match="chat template failed"):
+        Tokenizer(tmp_path / "m").render([{"role": "user", "content": "x"}])
+
+
+def test_streamed_text_equals_decoded_text(tiny):
+    tokenizer = Tokenizer(tiny)
+    text = "héllo wörld, 你好 🙂 and some ascii"
+    ids = tokenizer.encode(text)
+    detokenize = Detokenizer(tokenizer)
+    pieces = [detokenize(i) for i in ids]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in piece for piece in pieces)  # no half characters shown
+
+
+def test_thinking_blocks_are_split_across_pieces():
+    split = ThinkingFilter()
+    pieces = []
+    for chunk in ["Hi <th", "ink>plan", " it</thi", "nk>Answer <", "b>"]:
+        pieces += split(chunk)
+    pieces += split.flush()
+    thinking = "".join(text for flag, text in pieces if flag)
+    answer = "".join(text for flag, text in pieces if not flag)
+    assert thinking == "plan it" and answer == "Hi Answer <b>"
+
+
+def test_a_chat_reuses_its_caches_and_matches_a_fresh_run(tiny):
+    engine = offload.load(tiny)
+    tokenizer = Tokenizer(tiny)
+    chat = Conversation(engine, tokenizer, max_tokens=6, system="You are terse.")
+    first = "".join(chat.ask("Hello! How are you?"))
+    assert chat.messages[-1] == {"role": "assistant", "content": first}
+    second_tokens = []
+    list(chat.ask("Tell me more."))
+    second_tokens = chat.last.token_ids
+    full_prompt = tokenizer.chat_ids([{"role": "system", "content": "You are terse."}] + chat.messages[:-1])
+    # the second turn prefilled only what the first had not fed
+    assert chat.last.prompt_tokens < len(full_prompt) and chat.fed[:len(full_prompt) - 4] == full_prompt[:-4] or \
+        chat.last.prompt_tokens == len(full_prompt)
+    fresh = offload.load(tiny).generate(full_prompt, max_new_tokens=6)
+    assert second_tokens == fresh
+
+
+def test_run_streams_text_and_reports(runner, tiny):
+    result = run(runner, "--model", tiny, "-p", "Hello! How are you?", "--max-tokens", 8)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+    assert "prompt 24 tokens at" in result.stderr and "generated" in result.stderr and "RAM" in result.stderr
+
+
+def test_run_json_stdin_file_and_raw(runner, tiny, tmp_path):
+    prompt = "Tell me a story about a small robot"
+    record = json.loads(run(runner, "--model", tiny, "-p", prompt, "--max-tokens", 6, "--json").stdout)
+    tokenizer = Tokenizer(tiny)
+    assert record["prompt_tokens"] == len(tokenizer.chat_ids([{"role": "user", "content": prompt}]))
+    shown = [t for t in record["token_ids"] if t not in (0, 2)]  # <|endoftext|>, <|im_end|>: stop ids
+    assert record["text"] == tokenizer.decode(shown)
+    assert set(record["timings"]) >= {"prefill_tok_s", "decode_tok_s", "load_s"}
+    from_stdin = json.loads(run(runner, "--model", tiny, "--max-tokens", 6, "--json", input=prompt).stdout)
+    (tmp_path / "prompt.txt").write_text(prompt)
+    from_file = json.loads(run(runner, "--model", tiny, "-f", tmp_path / "prompt.txt", "--max-tokens", 6,
+                               "--json").stdout)
+    assert from_stdin["token_ids"] == from_file["token_ids"] == record["token_ids"]
+    raw = json.loads(run(runner, "--model", tiny, "-p", prompt, "--raw", "--max-tokens", 6, "--json").stdout)
+    assert raw["prompt_tokens"] == len(tokenizer.encode(prompt))
+
+
+def test_run_sampling_flags_and_seed(runner, tiny):
+    args = ["--model", tiny, "-p", "Hello", "--max-tokens", 12, "--json", "--temperature", 1.5, "--top-k", 50,
+            "--top-p", 0.95, "--min-p", 0.01, "--repeat-penalty", 1.1]
+    first = json.loads(run(runner, *args, "--seed", 5).stdout)
+    assert json.loads(run(runner, *args, "--seed", 5).stdout)["token_ids"] == first["token_ids"]
+    assert first["sampling"]["top_k"] == 50 and first["sampling"]["seed"] == 5
+    others = {tuple(json.loads(run(runner, *args, "--seed", s).stdout)["token_ids"]) for s in (6, 7, 8)}
+    assert others != {tuple(first["token_ids"])}
+
+
+def _broken(tiny, tmp_path, what):
+    path = tmp_path / what
+    shutil.copytree(tiny, path)
+    if what == "no-tokenizer":
+        (path / "tokenizer.json").unlink()
+    elif what == "truncated":
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[:len(data) // 2])
+    elif what == "corrupt":
+        (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + b"\0" * 64)
+    elif what == "llama":
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    elif what == "not-a-model":
+        shutil.rmtree(path)
+        path.mkdir()
+        (path / "notes.txt").write_text("hello")
+    return path
+
+
+@pytest.mark.parametrize("what, extra, message", [
+    ("missing", [], "does not exist"),
+    ("not-a-model", [], "config.json"),
+    ("llama", [], "llama"),
+    ("truncated", [], "model.safetensors"),
+    ("corrupt", [], "model.safetensors"),
+    ("no-tokenizer", [], "no tokenizer.json"),
+    ("ok", ["--gpu-mem", "8 bananas"], "gpu"),
+    ("ok", ["--profile", "no-such-profile"], "no-such-profile"),
+    ("ok", ["--ctx", "8"], "longer than the context of 8"),
+])
+def test_first_try_errors_are_one_clear_line(runner, tiny, tmp_path, what, extra, message):
+    path = tmp_path / "missing" if what == "missing" else tiny if what == "ok" else _broken(tiny, tmp_path, what)
+    result = run(runner, "--model", path, "-p", "Tell me a story about a small robot", "--quant", "none", *extra)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and message in lines[0].lower() or message in lines[0], result.stderr
+    assert "Traceback" not in result.output
