@@ -100,6 +100,7 @@ def sampling_options(command):
 
 
 def _model_dir(model_dir: Path | None, demo: bool) -> Path:
+    from offload.config import load_config
     from offload.errors import OffloadError
 
     if demo == (model_dir is not None):
@@ -109,6 +110,7 @@ def _model_dir(model_dir: Path | None, demo: bool) -> Path:
     if not model_dir.exists():
         raise OffloadError(f"{model_dir} does not exist; give the folder of a Hugging Face checkpoint "
                            "(config.json, *.safetensors, tokenizer.json)")
+    load_config(model_dir)  # not a model, or an unsupported one: say so before anything else
     return model_dir
 
 
