@@ -142,12 +142,15 @@ def _memory_line(engine) -> str:
 
 def _thinking_printer(hide: bool, dim: bool):
     """A function showing (is_thinking, text) pieces: thinking dimmed on a terminal, or hidden."""
+    from offload.repl import printable
+
     def show(pieces) -> None:
         for thinking, text in pieces:
             if thinking and hide:
                 continue
-            if thinking and dim:
-                text = click.style(text, dim=True)
+            if dim:  # a terminal: show control characters, do not obey them
+                text = printable(text)
+                text = click.style(text, dim=True) if thinking else text
             click.echo(text, nl=False)
         sys.stdout.flush()
     return show

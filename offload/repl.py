@@ -37,6 +37,14 @@ MULTILINE = '"""'
 SETTINGS = {f.name: f.type for f in fields(SamplingParams)} | {"max_tokens": "int"}
 
 
+CONTROL = {code: f"\\x{code:02x}" for code in range(32) if chr(code) not in "\n\t"} | {127: "\\x7f"}
+
+
+def printable(text: str) -> str:
+    """Control characters (a model can emit escape sequences) shown as \\xNN, not obeyed by the terminal."""
+    return text.translate(CONTROL)
+
+
 class Repl:
     def __init__(self, conversation: Conversation, hide_thinking: bool = False,
                  memory: Callable[[], str] = lambda: ""):
@@ -122,6 +130,7 @@ class Repl:
         for thinking, text in pieces:
             if thinking and self.hide_thinking:
                 continue
+            text = printable(text) if self.interactive else text
             click.echo(click.style(text, dim=True) if thinking and self.interactive else text, nl=False)
         sys.stdout.flush()
 
