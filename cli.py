@@ -266,6 +266,59 @@ def chat(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, system, hid
 
 
 @main.command()
+@model_options
+@click.option("--prompt-lengths", default="128,512,2048", show_default=True,
+              help="Prompt lengths to measure, comma-separated.")
+@click.option("--decode-tokens", default=32, show_default=True, type=click.IntRange(min=2),
+              help="Tokens generated after each prompt.")
+def bench(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_lengths, decode_tokens) -> None:
+    """Measure prefill and decode speed on this machine, beside the plan's prediction."""
+    import statistics
+
+    import numpy as np
+
+    from offload.dense import QuantizedLinear
+    from offload.planner import make_plan
+
+    try:
+        lengths = sorted({int(n) for n in prompt_lengths.split(",")})
+    except ValueError:
+        raise click.BadParameter(f"{prompt_lengths!r} is not a list of lengths; write e.g. 128,512") from None
+    if not lengths or lengths[0] < 1:
+        raise click.BadParameter("prompt lengths must be positive")
+    model_dir = _model_dir(model_dir, demo)
+    hardware, source = _resolve_profile(profile)
+    needed = lengths[-1] + decode_tokens
+    engine, load_s = _load(model_dir, ctx or max(needed, 512), quant, dense_quant, gpu_mem, profile)
+    if needed > engine.ctx:
+        raise click.BadParameter(f"the longest prompt plus {decode_tokens} tokens needs --ctx {needed}")
+    click.echo(f"{model_dir.name}: {engine.args.model_type}, {engine.args.num_hidden_layers} layers, "
+               f"loaded in {load_s:.1f} s; execution on the CPU, planned with profile {hardware.name}")
+    if source != profile:
+        click.echo(f"  ({source})")
+    dense_format = next((m.format for m in engine.model.modules() if isinstance(m, QuantizedLinear)), None)
+    rng = np.random.default_rng(0)
+    engine.feed(rng.integers(1, engine.args.vocab_size, 16), all_logits=False)  # compile / warm up
+    click.echo(f"{'prompt':>8} {'prefill tok/s':>14} {'(plan)':>8} {'decode tok/s':>14} {'(plan)':>8}")
+    for length in lengths:
+        engine.reset()
+        prompt = rng.integers(1, engine.args.vocab_size, length)
+        started = time.perf_counter()
+        engine.feed(prompt, all_logits=False)
+        prefill = length / (time.perf_counter() - started)
+        steps = []
+        for token in rng.integers(1, engine.args.vocab_size, decode_tokens):
+            started = time.perf_counter()
+            engine.feed([int(token)], all_logits=False)
+            steps.append(time.perf_counter() - started)
+        decode = 1 / statistics.median(steps)
+        predicted = make_plan(engine.args, hardware, 0, ctx=engine.ctx, quant=quant,
+                              dense_quant=dense_format, prompt_tokens=length).predicted
+        click.echo(f"{length:>8} {prefill:>14.1f} {predicted.prefill_tok_s:>8.1f} {decode:>14.1f} "
+                   f"{predicted.decode_tok_s:>8.1f}")
+
+
+@main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Store directory (default: a folder under ~/.cache/offload/stores).")

@@ -39,6 +39,10 @@ INT8_BYTES = 8.5 / 8  # kernels.int8 (dense matrices on the CPU): 8 bits + a bf1
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context, cuBLAS workspace, allocator slack
 RAM_RESERVE_BYTES = 2 * 2**30  # Python, torch and the OS page cache's working minimum
 LAYER_SYNC_SECONDS = 40e-6  # per layer and token: two small copies, an event, a worker hand-off
+# per layer and token when the CPU runs everything: torch operations and Python between the
+# kernels (measured ~10 ms per decode step of an 8-layer Qwen3-Next slice, 2-core Zen 3)
+CPU_LAYER_SECONDS = 1.2e-3
+CPU_PREFILL_LAYER_SECONDS = 3e-3  # the same per layer and prompt chunk (the chunked delta rule's many ops)
 GPU_EFFICIENCY = 0.7  # achieved fraction of a GPU's memory bandwidth / FLOP/s in small kernels
 CPU_INT4_EFFICIENCY = 0.5  # int4 kernel rate as a fraction of RAM bandwidth, when not measured
 CPU_FLOPS_PER_CORE = 3e9 * 32 * 0.5  # fp32 GEMM: 3 GHz x 2 AVX2 FMA x 8 lanes x 2 flops, at 50%
@@ -285,7 +289,8 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
     cpu_dense_s = cpu_dense_bytes / profile.cpu.ram_bandwidth
     gpu_s = gpu_dense_bytes / (gpu.memory_bandwidth * GPU_EFFICIENCY) if gpu else 0.0
     sync_s = layers * LAYER_SYNC_SECONDS if gpu else 0.0
-    parts = {"RAM bandwidth (routed experts)" if expert_rate >= profile.cpu.ram_bandwidth / INT4_BYTES * 0.99
+    cpu_layers_s = 0.0 if gpu else layers * CPU_LAYER_SECONDS
+    parts = {"work between the kernels (torch, Python)": cpu_layers_s,"RAM bandwidth (routed experts)" if expert_rate >= profile.cpu.ram_bandwidth / INT4_BYTES * 0.99
              else "CPU int4 kernel (routed experts)": experts_s,
              "RAM bandwidth (dense layers on the CPU)": cpu_dense_s,
              "GPU memory bandwidth": gpu_s, "GPU-CPU synchronisation": sync_s}
@@ -297,7 +302,9 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
         expert_time = tokens * routed_active / expert_rate
         cpu_flops = profile.cpu.physical_cores * CPU_FLOPS_PER_CORE  # dense layers: weights reused, FLOP-bound
         dense_time = tokens * (2 * cpu_dense_params / cpu_flops + _gpu_flops_s(args, gpu, tokens, plan))
-        return max(expert_time, dense_time) if gpu else expert_time + dense_time
+        if gpu:
+            return max(expert_time, dense_time)
+        return expert_time + dense_time + layers * CPU_PREFILL_LAYER_SECONDS * math.ceil(tokens / PREFILL_CHUNK)
 
     def stream_s(tokens: int) -> float:
         copy_time = groups.get("routed experts", 0) * INT4_BYTES / gpu.h2d_bandwidth

@@ -174,3 +174,15 @@ def test_first_try_errors_are_one_clear_line(runner, tiny, tmp_path, what, extra
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and message in lines[0].lower() or message in lines[0], result.stderr
     assert "Traceback" not in result.output
+
+
+def test_bench_measures_beside_the_plan(runner, tiny):
+    result = runner.invoke(main, ["bench", "--model", str(tiny), "--prompt-lengths", "8,40", "--decode-tokens", "4",
+                                  "--profile", "cpu-only-2core"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["8", "40"]
+    assert all(len(row) == 5 and all(float(x) > 0 for x in row[1:]) for row in rows)
+    assert "planned with profile cpu-only-2core" in result.stdout
+    bad = runner.invoke(main, ["bench", "--model", str(tiny), "--prompt-lengths", "8,x"])
+    assert bad.exit_code == 2 and "not a list of lengths" in bad.stderr
