@@ -58,19 +58,24 @@ class QuantizedLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.format}"
 
 
-def quantize_dense(model: nn.Module, fmt: str = "int8", threads: int | None = None) -> int:
+def quantize_dense(model: nn.Module, fmt: str = "int8", threads: int | None = None, progress: bool = False) -> int:
     """Swap every eligible `nn.Linear` of `model` (loaded, not on meta) for `QuantizedLinear`
     in `fmt` ("int8" or "int4"); returns how many were swapped. A tied lm_head gets its own
-    quantised copy."""
+    quantised copy. `progress` shows a bar (weights done, ETA)."""
+    from tqdm import tqdm
+
     threads = threads or physical_cores()
+    eligible = [(name, module) for name, module in model.named_modules()
+                if isinstance(module, nn.Linear) and not name.endswith(KEEP_FLOAT)
+                and not module.out_features % int4.BLOCK and not module.in_features % int4.GROUP]
+    bar = tqdm(total=sum(m.weight.numel() for _, m in eligible), desc=f"quantising dense layers to {fmt}",
+               unit="w", unit_scale=True, disable=not progress, leave=False)
     swapped = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or name.endswith(KEEP_FLOAT):
-            continue
-        if module.out_features % int4.BLOCK or module.in_features % int4.GROUP:
-            continue
+    for name, module in eligible:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attribute, QuantizedLinear(module, fmt, threads))
         swapped += 1
+        bar.update(module.weight.numel())
+    bar.close()
     return swapped

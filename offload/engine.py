@@ -20,6 +20,9 @@ from offload.models.cache import Cache, cache_nbytes
 from offload.sampling import Sampler, SamplingParams
 
 
+PROGRESS_BYTES = 256 * 2**20  # models smaller than this load without a progress bar
+
+
 class Engine:
     """A model ready to run. One sequence at a time."""
 
@@ -170,7 +173,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     if dense_quant is not None:
         from offload.dense import quantize_dense
 
-        quantize_dense(model, dense_quant)
+        quantize_dense(model, dense_quant, progress=_total_bytes(model) >= PROGRESS_BYTES)
         _widen_float_parameters(model)
     engine = Engine(model, args, ctx, torch.device("cpu"))
     engine.stop_ids |= _generation_stop_ids(Path(model_dir))
@@ -197,6 +200,11 @@ def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_di
                        disable=total < 64 * 2**20)  # small models build in a blink
         bar.update(done - bar.n)
 
+    import kernels
+
+    if not kernels.compiled():
+        print(f"compiling the CPU kernels (first run only, ~15 s; cached in {kernels.cache_dir()}) ...",
+              file=sys.stderr)
     store = open_store(model_dir, args, store_dir, progress=progress,
                        announce=lambda line: print(line, file=sys.stderr))
     if bar is not None:
@@ -231,6 +239,10 @@ def _generation_stop_ids(model_dir: Path) -> set[int]:
     return set(eos) if isinstance(eos, list) else set() if eos is None else {eos}
 
 
+def _total_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def _widen_float_parameters(model: nn.Module) -> None:
     """Compute in fp32 once the dense matrices are quantised: what stays float is small (norms,
     conv, routers) and the kernels take fp32, so bf16 activations would only add conversions
@@ -244,8 +256,13 @@ def _widen_float_parameters(model: nn.Module) -> None:
 
 def _fill(model: nn.Module, weights: dict, dtype: torch.dtype | None, source: str) -> None:
     """Replace every meta parameter of `model` by its checkpoint tensor (cast to `dtype`)."""
+    from tqdm import tqdm
+
     loaded: dict[str, torch.Tensor] = {}  # by checkpoint name, so tied weights share storage
-    for name, param in list(model.named_parameters(remove_duplicate=False)):
+    parameters = list(model.named_parameters(remove_duplicate=False))
+    total = sum(p.numel() * p.element_size() for _, p in parameters)
+    bar = tqdm(parameters, desc="loading weights", unit=" tensors", disable=total < PROGRESS_BYTES, leave=False)
+    for name, param in bar:
         if name not in weights:
             raise CheckpointError(f"{source}: tensor model.{name} is missing from the checkpoint; "
                                   "download the model again")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import zlib
 from pathlib import Path
@@ -194,6 +195,17 @@ The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 10 100 1000 202
 def main():\n    print("hello, world")\n    return 0
 """
 
+def _corpus() -> list[str]:
+    """_CORPUS and lines of pronounceable made-up words: enough distinct pairs for a few thousand
+    merges, so that every id of a demo model's vocabulary decodes to letters (a random model
+    picks ids uniformly; ids the tokenizer lacks would print nothing)."""
+    rng = random.Random(0)
+    syllables = [consonant + vowel for consonant in "bdfghklmnprstvz" for vowel in "aeiou"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(4000)]
+    made_up = [" ".join(rng.choice(words) for _ in range(12)) + rng.choice(".,?!") for _ in range(3000)]
+    return _CORPUS.splitlines() * 4 + made_up
+
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 # ChatML, as Qwen models use it
@@ -215,7 +227,7 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 4096), special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
+    tokenizer.train_from_iterator(_corpus(), trainer)
     if tokenizer.get_vocab_size() > vocab_size:
         raise OffloadError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer; use >= 300")
     tokenizer.save(str(directory / "tokenizer.json"))

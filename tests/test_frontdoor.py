@@ -106,7 +106,8 @@ def test_run_streams_text_and_reports(runner, tiny):
     result = run(runner, "--model", tiny, "-p", "Hello! How are you?", "--max-tokens", 8)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip()
-    assert "prompt 24 tokens at" in result.stderr and "generated" in result.stderr and "RAM" in result.stderr
+    tokens = len(Tokenizer(tiny).chat_ids([{"role": "user", "content": "Hello! How are you?"}]))
+    assert f"prompt {tokens} tokens at" in result.stderr and "generated" in result.stderr and "RAM" in result.stderr
 
 
 def test_run_json_stdin_file_and_raw(runner, tiny, tmp_path):
