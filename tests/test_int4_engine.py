@@ -158,3 +158,27 @@ def test_bad_prefill_is_explained(hf_checkpoint):
         offload.load(hf_checkpoint("moe").path, quant="int4", prefill="gpu")
     with pytest.raises(offload.OffloadError, match="use it with quant='int4'"):
         offload.load(hf_checkpoint("moe").path, prefill="stream")
+
+
+@pytest.mark.gpu
+def test_streamer_on_cuda_matches_the_cpu(hf_checkpoint):
+    """Path (b) with a real device: pinned staging, the copy stream and events."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from offload.store import open_store
+    from offload.transfer import ExpertStreamer, streamed_experts
+
+    checkpoint = hf_checkpoint("next")
+    engine = offload.load(checkpoint.path, quant="int4", dense_quant=None)
+    store = open_store(checkpoint.path, engine.args)
+    gpu, cpu = ExpertStreamer(store, torch.device("cuda")), ExpertStreamer(store, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(16)
+    for _ in range(2):
+        for layer in gpu.order:
+            x = torch.randn(64, engine.args.hidden_size, generator=generator)
+            ids = torch.randint(0, engine.args.num_experts, (64, engine.args.num_experts_per_tok), generator=generator)
+            weights = torch.rand(ids.shape, generator=generator)
+            on_gpu = streamed_experts(gpu.get(layer), x.cuda(), ids, weights)
+            gpu.release(layer)
+            on_cpu = streamed_experts(cpu.get(layer), x, ids, weights)
+            assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
