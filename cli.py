@@ -233,7 +233,7 @@ def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text,
             sys.stdout.flush()
     else:
         show = _thinking_printer(hide_thinking, sys.stdout.isatty())
-        detokenize, split = tokenizer.detokenizer(), ThinkingFilter()
+        detokenize, split = tokenizer.detokenizer(), ThinkingFilter(tokenizer.opens_thinking(prompt_ids))
         for token in tokens:
             if token not in engine.stop_ids:
                 show(split(detokenize(token)))

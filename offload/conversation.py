@@ -83,6 +83,7 @@ class Conversation:
         self.messages: list[dict[str, str]] = []
         self.fed: list[int] = []  # the ids held in the engine's caches
         self.last = Stats()
+        self.thinking = False
         self._sampler: Sampler | None = None
 
     def _current_sampler(self) -> Sampler:
@@ -112,6 +113,7 @@ class Conversation:
         continues = bool(self.fed) and ids[:len(self.fed)] == self.fed and len(ids) > len(self.fed)
         new_ids = ids[len(self.fed):] if continues else ids
         self.last = Stats()
+        self.thinking = self.tokenizer.opens_thinking(ids)  # the answer starts inside <think>
         tokens = generate(self.engine, new_ids, self._current_sampler(), self.max_tokens, self.last,
                           fresh=not continues)
         try:

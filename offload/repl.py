@@ -113,12 +113,14 @@ class Repl:
             self._answer(text)
 
     def _answer(self, text: str) -> None:
-        split = ThinkingFilter()
+        split = None
         pieces = self.conversation.ask(text)
         try:
             for piece in pieces:
+                split = split or ThinkingFilter(self.conversation.thinking)
                 self._show(split(piece))
-            self._show(split.flush())
+            if split:
+                self._show(split.flush())
             click.echo()
         except KeyboardInterrupt:
             pieces.close()

@@ -69,6 +69,12 @@ class Tokenizer:
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables) -> list[int]:
         return self.encode(self.render(messages, add_generation_prompt, **variables))
 
+    def opens_thinking(self, ids: list[int]) -> bool:
+        """Whether a prompt ends inside a <think> block (thinking models' templates open it), so
+        the answer starts with thinking and no tag of its own."""
+        text = self.decode(ids[-8:]).rstrip()
+        return text.endswith(THINK_START)
+
     def detokenizer(self) -> Detokenizer:
         return Detokenizer(self)
 

@@ -187,3 +187,15 @@ def test_bench_measures_beside_the_plan(runner, tiny):
     assert "planned with profile cpu-only-2core" in result.stdout
     bad = runner.invoke(main, ["bench", "--model", str(tiny), "--prompt-lengths", "8,x"])
     assert bad.exit_code == 2 and "not a list of lengths" in bad.stderr
+
+
+def test_a_template_that_opens_thinking_starts_the_answer_inside_it(tiny, tmp_path):
+    shutil.copytree(tiny, tmp_path / "thinking")
+    config = json.loads((tmp_path / "thinking" / "tokenizer_config.json").read_text())
+    config["chat_template"] += "{%- if add_generation_prompt %}{{- '<think>\\n' }}{%- endif %}"
+    (tmp_path / "thinking" / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer(tmp_path / "thinking")
+    assert tokenizer.opens_thinking(tokenizer.chat_ids(MESSAGES[1:2]))
+    assert not Tokenizer(tiny).opens_thinking(Tokenizer(tiny).chat_ids(MESSAGES[1:2]))
+    split = ThinkingFilter(thinking=True)
+    assert split("weighing it</think>The answer") == [(True, "weighing it"), (False, "The answer")]
