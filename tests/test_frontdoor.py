@@ -199,3 +199,49 @@ def test_a_template_that_opens_thinking_starts_the_answer_inside_it(tiny, tmp_pa
     assert not Tokenizer(tiny).opens_thinking(Tokenizer(tiny).chat_ids(MESSAGES[1:2]))
     split = ThinkingFilter(thinking=True)
     assert split("weighing it</think>The answer") == [(True, "weighing it"), (False, "The answer")]
+
+
+QWEN_STYLE_TEMPLATE = """\
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}{% if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{% endif %}
+{{- '# Tools\\n<tools>' }}{% for tool in tools %}{{- '\\n' + tool | tojson }}{% endfor %}{{- '\\n</tools><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(last_user=messages | length - 1) %}
+{%- for message in messages[::-1] %}
+{%- if message.role == 'user' and ns.last_user == messages | length - 1 %}{% set ns.last_user = messages | length - 1 - loop.index0 %}{% endif %}
+{%- endfor %}
+{%- for message in messages %}
+{%- if message.role == 'system' %}{% continue %}{% endif %}
+{%- set content = message.content if message.content is string else '' %}
+{%- if message.role == 'assistant' and '</think>' in content %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+{%- endif %}
+{{- '<|im_start|>' + message.role + '\\n' + content }}
+{%- if message.tool_calls %}{% for call in message.tool_calls %}
+{{- '\\n<tool_call>' + call.function | tojson + '</tool_call>' }}{% endfor %}{% endif %}
+{{- '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{% endif %}
+{%- endif %}
+"""
+
+
+def test_a_qwen_style_template_matches_transformers(tiny, tmp_path):
+    """Namespaces, reversed loops, continue, string tests and methods, tojson, tools and extra
+    variables render as transformers renders them."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny, tmp_path / "qwen")
+    (tmp_path / "qwen" / "chat_template.jinja").write_text(QWEN_STYLE_TEMPLATE)
+    ours, theirs = Tokenizer(tmp_path / "qwen"), AutoTokenizer.from_pretrained(tmp_path / "qwen")
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"city": "string, e.g. Zürich"}}}]
+    messages = MESSAGES + [{"role": "assistant", "content": "<think>\nhm</think>\n\nOnce upon a time",
+                            "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Zürich"}}}]},
+                           {"role": "user", "content": "And then?"}]
+    for variables in ({}, {"enable_thinking": False}, {"tools": tools}):
+        expected = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **variables)
+        assert ours.render(messages, True, **variables) == expected
+        assert ours.chat_ids(messages, True, **variables) == theirs.encode(expected, add_special_tokens=False)
