@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from offload.engine import Engine
+from offload.errors import OffloadError
 from offload.sampling import Sampler, SamplingParams
 from offload.tokenizer import Tokenizer
 
@@ -112,9 +113,14 @@ class Conversation:
         ids = self.tokenizer.chat_ids(self._rendered())
         continues = bool(self.fed) and ids[:len(self.fed)] == self.fed and len(ids) > len(self.fed)
         new_ids = ids[len(self.fed):] if continues else ids
+        room = self.engine.ctx - (len(self.fed) if continues else 0) - len(new_ids)
+        if room < 1:
+            self.messages.pop()
+            raise OffloadError(f"the conversation needs {len(ids)} tokens and the context holds {self.engine.ctx}; "
+                               "/reset to start over, or restart with a larger --ctx")
         self.last = Stats()
         self.thinking = self.tokenizer.opens_thinking(ids)  # the answer starts inside <think>
-        tokens = generate(self.engine, new_ids, self._current_sampler(), self.max_tokens, self.last,
+        tokens = generate(self.engine, new_ids, self._current_sampler(), min(self.max_tokens, room), self.last,
                           fresh=not continues)
         try:
             yield from text_pieces(self.tokenizer, tokens, self.engine.stop_ids)

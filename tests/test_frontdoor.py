@@ -91,15 +91,31 @@ def test_a_chat_reuses_its_caches_and_matches_a_fresh_run(tiny):
     chat = Conversation(engine, tokenizer, max_tokens=6, system="You are terse.")
     first = "".join(chat.ask("Hello! How are you?"))
     assert chat.messages[-1] == {"role": "assistant", "content": first}
-    second_tokens = []
+    fed = list(chat.fed)
+    assert fed == engine.history and len(fed) >= len(tokenizer.chat_ids(chat.messages[:1]))
     list(chat.ask("Tell me more."))
-    second_tokens = chat.last.token_ids
     full_prompt = tokenizer.chat_ids([{"role": "system", "content": "You are terse."}] + chat.messages[:-1])
-    # the second turn prefilled only what the first had not fed
-    assert chat.last.prompt_tokens < len(full_prompt) and chat.fed[:len(full_prompt) - 4] == full_prompt[:-4] or \
-        chat.last.prompt_tokens == len(full_prompt)
-    fresh = offload.load(tiny).generate(full_prompt, max_new_tokens=6)
-    assert second_tokens == fresh
+    if full_prompt[:len(fed)] == fed:  # the history re-renders to the fed tokens: only the rest is prefilled
+        assert chat.last.prompt_tokens == len(full_prompt) - len(fed)
+    else:
+        assert chat.last.prompt_tokens == len(full_prompt)
+    # either way the answer is the one a fresh run on the whole conversation gives
+    assert chat.last.token_ids == offload.load(tiny).generate(full_prompt, max_new_tokens=6)
+
+
+def test_a_turn_continues_the_caches_when_the_history_renders_the_same(tiny):
+    tokenizer, engine = Tokenizer(tiny), offload.load(tiny)
+    chat = Conversation(engine, tokenizer, max_tokens=4)
+    chat.messages = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Fine."}]
+    history = tokenizer.chat_ids(chat.messages, add_generation_prompt=False)
+    engine.reset()
+    engine.feed(history)  # the caches hold exactly the rendered history
+    engine.history = chat.fed = list(history)
+    list(chat.ask("And you?"))
+    full_prompt = tokenizer.chat_ids(chat.messages[:-1])
+    assert full_prompt[:len(history)] == history  # ChatML renders a history the same way every turn
+    assert chat.last.prompt_tokens == len(full_prompt) - len(history)  # only the new turn was prefilled
+    assert chat.last.token_ids == offload.load(tiny).generate(full_prompt, max_new_tokens=4)
 
 
 def test_run_streams_text_and_reports(runner, tiny):
@@ -245,3 +261,14 @@ def test_a_qwen_style_template_matches_transformers(tiny, tmp_path):
         expected = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **variables)
         assert ours.render(messages, True, **variables) == expected
         assert ours.chat_ids(messages, True, **variables) == theirs.encode(expected, add_special_tokens=False)
+
+
+def test_a_full_context_is_explained_and_the_chat_goes_on(tiny):
+    chat = Conversation(offload.load(tiny, ctx=64), Tokenizer(tiny), max_tokens=1000)
+    first = "".join(chat.ask("Hi"))
+    assert chat.engine.position <= 64 and len(chat.messages) == 2 and first is not None
+    with pytest.raises(offload.OffloadError, match="context holds 64; /reset"):
+        list(chat.ask("Tell me a long story about a small robot who learns to read, one page at a time."))
+    assert len(chat.messages) == 2  # the failed turn left no trace
+    chat.reset()
+    assert "".join(chat.ask("Hi")) == first
