@@ -2,7 +2,8 @@
 
 Tokens are sorted by expert. Work is split into (expert, 32-row block) tasks: a task reads its
 block of int4 weights from RAM once (16 KB-32 KB, then hot in L1/L2) and applies it to every
-token routed to that expert with the decode kernel's `_block_dot`. So each expert's weights
+token routed to that expert with the decode kernel's inner loop, two tokens per decoded column
+(`_block_dot_pair`). So each expert's weights
 cross the memory bus once per call however many tokens it serves, all in one Numba parallel
 region (no BLAS thread pool competing with Numba's).
 
@@ -18,8 +19,19 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.gemv import _block_dot, _check, _group_sums, _silu
+from kernels.gemv import _block_dot, _block_dot_pair, _check, _group_sums, _silu
 from kernels.int4 import BLOCK, GROUP, Int4Weights
+
+
+@njit(cache=True, inline="always")
+def _swiglu_rows(gate_up, hidden, hidden_sums, position, b):
+    """hidden[position, block b] = silu(gate) * up, and the block's sum (one group of down's input)."""
+    total = np.float32(0.0)
+    for r in range(BLOCK):
+        h = _silu(gate_up[position, 0, b * BLOCK + r]) * gate_up[position, 1, b * BLOCK + r]
+        hidden[position, b * BLOCK + r] = h
+        total += h
+    hidden_sums[position, b] = total
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -29,41 +41,48 @@ def _moe_prefill(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_sca
     gate_blocks = gu_packed.shape[1] // 2
     out_blocks = dn_packed.shape[1]
     _group_sums(x, x_sums)
+    one = np.float32(1.0)
 
-    # gate_up: task = (active expert, row block), over all of that expert's tokens.
+    # gate_up: task = (active expert, row block), over all of that expert's tokens, two at a time.
     # hidden rows are indexed by sorted slot: slot s of expert e is order[offsets[e] + i].
     for task in prange(active.shape[0] * gate_blocks):
         e = active[task // gate_blocks]
         b = task % gate_blocks
         rows = slice(b * BLOCK, (b + 1) * BLOCK)
-        for position in range(offsets[e], offsets[e + 1]):
-            t = order[position] // top_k
-            gate = gate_up[position, 0, rows]
-            up = gate_up[position, 1, rows]
-            gate[:] = 0
-            up[:] = 0
-            _block_dot(gu_packed[e, b], gu_scales[e, b], x[t], x_sums[t], np.float32(1.0), gate)
-            _block_dot(gu_packed[e, gate_blocks + b], gu_scales[e, gate_blocks + b], x[t], x_sums[t],
-                       np.float32(1.0), up)
-            total = np.float32(0.0)
-            for r in range(BLOCK):
-                h = _silu(gate[r]) * up[r]
-                hidden[position, b * BLOCK + r] = h
-                total += h
-            hidden_sums[position, b] = total
+        first, end = offsets[e], offsets[e + 1]
+        for position in range(first, end):
+            gate_up[position, :, rows] = 0
+        for half in (0, 1):  # gate rows, then up rows
+            packed, scales = gu_packed[e, half * gate_blocks + b], gu_scales[e, half * gate_blocks + b]
+            for position in range(first, end - 1, 2):
+                t0, t1 = order[position] // top_k, order[position + 1] // top_k
+                _block_dot_pair(packed, scales, x[t0], x[t1], x_sums[t0], x_sums[t1], one, one,
+                                gate_up[position, half, rows], gate_up[position + 1, half, rows])
+            if (end - first) % 2:
+                t = order[end - 1] // top_k
+                _block_dot(packed, scales, x[t], x_sums[t], one, gate_up[end - 1, half, rows])
+        for position in range(first, end):
+            _swiglu_rows(gate_up, hidden, hidden_sums, position, b)
 
     # down: task = output row block, over every (expert, token) pair; a token's rows are only
     # written by the task that owns the block, so experts accumulate without races.
     for b in prange(out_blocks):
+        rows = slice(b * BLOCK, (b + 1) * BLOCK)
         for t in range(tokens):
-            out[t, b * BLOCK:(b + 1) * BLOCK] = 0
+            out[t, rows] = 0
         for i in range(active.shape[0]):
             e = active[i]
-            for position in range(offsets[e], offsets[e + 1]):
-                slot = order[position]
-                t = slot // top_k
-                _block_dot(dn_packed[e, b], dn_scales[e, b], hidden[position], hidden_sums[position],
-                           np.float32(weights[t, slot % top_k]), out[t, b * BLOCK:(b + 1) * BLOCK])
+            first, end = offsets[e], offsets[e + 1]
+            for position in range(first, end - 1, 2):
+                s0, s1 = order[position], order[position + 1]
+                _block_dot_pair(dn_packed[e, b], dn_scales[e, b], hidden[position], hidden[position + 1],
+                                hidden_sums[position], hidden_sums[position + 1],
+                                np.float32(weights[s0 // top_k, s0 % top_k]), np.float32(weights[s1 // top_k, s1 % top_k]),
+                                out[s0 // top_k, rows], out[s1 // top_k, rows])
+            if (end - first) % 2:
+                s = order[end - 1]
+                _block_dot(dn_packed[e, b], dn_scales[e, b], hidden[end - 1], hidden_sums[end - 1],
+                           np.float32(weights[s // top_k, s % top_k]), out[s // top_k, rows])
 
 
 class PrefillScratch:

@@ -31,15 +31,25 @@ from kernels.int4 import BLOCK, GROUP, Int4Weights, dequantize
 PREFETCH_BYTES = 1024  # how far ahead of the current group `_block_dot` prefetches packed weights
 
 
-def _block_dot_codegen(bits: int):
-    """LLVM code of `_block_dot` (bits=4, packed uint8) or `_block_dot8` (bits=8, packed int8)."""
+def _block_dot_codegen(bits: int, tokens: int = 1):
+    """LLVM code of `_block_dot` (bits=4, packed uint8), `_block_dot8` (bits=8, packed int8) or,
+    with tokens=2, `_block_dot_pair` (two tokens per decoded column).
+
+    Arguments: packed, scales, then per token x, then per token x_group_sums, then per token
+    alpha, then per token out. Eight FMA chains either way: one token unrolls two columns."""
     column_bytes = BLOCK * bits // 8
+    unroll = 2 // tokens
 
     def codegen(context, builder, sig, args):
-        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:4], args[:4])]
-        packed_ptr, scales_ptr, x_ptr, sums_ptr = (a.data for a in arrays)
-        out_ptr = context.make_array(sig.args[5])(context, builder, args[5]).data
-        in_features = builder.extract_value(arrays[2].shape, 0)
+        def data(index):
+            return context.make_array(sig.args[index])(context, builder, args[index]).data
+
+        packed_ptr, scales_ptr = data(0), data(1)
+        x_ptrs = [data(2 + t) for t in range(tokens)]
+        sums_ptrs = [data(2 + tokens + t) for t in range(tokens)]
+        alphas = [args[2 + 2 * tokens + t] for t in range(tokens)]
+        out_ptrs = [data(2 + 3 * tokens + t) for t in range(tokens)]
+        in_features = builder.extract_value(context.make_array(sig.args[2])(context, builder, args[2]).shape, 0)
 
         i64, i32, i16, i8, f32 = (ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8),
                                   ir.FloatType())
@@ -87,7 +97,7 @@ def _block_dot_codegen(bits: int):
         # for g in range(groups): totals[rows] += scale[g, rows] * (sum_c code[c, rows] x[c] - offset)
         builder.position_at_end(group_head)
         group = builder.phi(i64)
-        totals = [builder.phi(v8f) for _ in range(4)]  # rows 0-7, 8-15, 16-23, 24-31
+        totals = [builder.phi(v8f) for _ in range(4 * tokens)]  # per token: rows 0-7, 8-15, 16-23, 24-31
         group.add_incoming(const(0), entry)
         for total in totals:
             total.add_incoming(zero, entry)
@@ -103,45 +113,56 @@ def _block_dot_codegen(bits: int):
             builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         builder.branch(column_body)
 
-        # two columns per iteration, 4 accumulators each: 8 independent FMA chains
+        # unroll x tokens x 4 accumulators: 8 independent FMA chains
         builder.position_at_end(column_body)
         column = builder.phi(i64)
-        partials = [builder.phi(v8f) for _ in range(8)]  # partials[4 * unroll + octet]
+        partials = [builder.phi(v8f) for _ in range(4 * unroll * tokens)]  # [4 (u tokens + t) + octet]
         column.add_incoming(const(0), group_body)
         for partial in partials:
             partial.add_incoming(zero, group_body)
         updated = []
-        for unroll in range(2):
-            col = builder.add(first_column, builder.add(column, const(unroll)))
-            x_col = splat(builder.load(builder.gep(x_ptr, [col])))
-            for octet, rows in enumerate(column_rows(col)):
-                updated.append(builder.call(fma, [rows, x_col, partials[4 * unroll + octet]]))
-        next_column = builder.add(column, const(2))
+        for u in range(unroll):
+            col = builder.add(first_column, builder.add(column, const(u)))
+            rows = column_rows(col)  # decoded once, used by every token
+            for t in range(tokens):
+                x_col = splat(builder.load(builder.gep(x_ptrs[t], [col])))
+                for octet in range(4):
+                    updated.append(builder.call(fma, [rows[octet], x_col, partials[4 * (u * tokens + t) + octet]]))
+        next_column = builder.add(column, const(unroll))
         column.add_incoming(next_column, column_body)
         for partial, value in zip(partials, updated):
             partial.add_incoming(value, column_body)
         builder.cbranch(builder.icmp_unsigned("<", next_column, const(GROUP)), column_body, group_tail)
 
         builder.position_at_end(group_tail)
-        row_sums = [builder.fadd(updated[octet], updated[octet + 4]) for octet in range(4)]
-        if bits == 4:  # codes are q + 8: subtract 8 * sum(x over the group)
-            correction = splat(builder.fmul(builder.load(builder.gep(sums_ptr, [group])), ir.Constant(f32, 8.0)))
-            row_sums = [builder.fsub(row_sum, correction) for row_sum in row_sums]
-        new_totals = []
-        for octet, (total, row_sum) in enumerate(zip(totals, row_sums)):
+        scales = []
+        for octet in range(4):
             scale_bits = load_vector(scales_ptr, builder.add(first_column, const(8 * octet)), i16, 2)
-            scale = builder.bitcast(builder.shl(builder.zext(scale_bits, v8i32), ir.Constant(v8i32, [16] * 8)), v8f)
-            new_totals.append(builder.call(fma, [scale, row_sum, total]))
+            scales.append(builder.bitcast(builder.shl(builder.zext(scale_bits, v8i32), ir.Constant(v8i32, [16] * 8)), v8f))
+        new_totals = []
+        for t in range(tokens):
+            row_sums = [updated[4 * t + octet] for octet in range(4)]
+            for u in range(1, unroll):
+                row_sums = [builder.fadd(row_sum, updated[4 * (u * tokens + t) + octet])
+                            for octet, row_sum in enumerate(row_sums)]
+            if bits == 4:  # codes are q + 8: subtract 8 * sum(x over the group)
+                group_sum = builder.load(builder.gep(sums_ptrs[t], [group]))
+                correction = splat(builder.fmul(group_sum, ir.Constant(f32, 8.0)))
+                row_sums = [builder.fsub(row_sum, correction) for row_sum in row_sums]
+            for octet in range(4):
+                new_totals.append(builder.call(fma, [scales[octet], row_sums[octet], totals[4 * t + octet]]))
         group.add_incoming(builder.add(group, const(1)), group_tail)
         for total, value in zip(totals, new_totals):
             total.add_incoming(value, group_tail)
         builder.branch(group_head)
 
         builder.position_at_end(done)
-        alpha_vec = splat(args[4])
-        for octet, total in enumerate(totals):
-            address = builder.bitcast(builder.gep(out_ptr, [const(8 * octet)]), v8f.as_pointer())
-            builder.store(builder.call(fma, [alpha_vec, total, builder.load(address, align=4)]), address, align=4)
+        for t in range(tokens):
+            alpha_vec = splat(alphas[t])
+            for octet in range(4):
+                address = builder.bitcast(builder.gep(out_ptrs[t], [const(8 * octet)]), v8f.as_pointer())
+                total = totals[4 * t + octet]
+                builder.store(builder.call(fma, [alpha_vec, total, builder.load(address, align=4)]), address, align=4)
         return context.get_dummy_value()
 
     return codegen
@@ -156,6 +177,14 @@ def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
     Codes are stored as q + 8, so each group's sum is corrected by 8 * sum(x over the group).
     """
     return types.void(packed, scales, x, x_group_sums, alpha, out), _block_dot_codegen(4)
+
+
+@intrinsic
+def _block_dot_pair(typingctx, packed, scales, x0, x1, sums0, sums1, alpha0, alpha1, out0, out1):
+    """`_block_dot` for two tokens at once: each column's codes are decoded once and used twice,
+    which halves the decoding work per multiply-add (prefill, where an expert serves many tokens)."""
+    signature = types.void(packed, scales, x0, x1, sums0, sums1, alpha0, alpha1, out0, out1)
+    return signature, _block_dot_codegen(4, tokens=2)
 
 
 @intrinsic
