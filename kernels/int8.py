@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.int4 import BLOCK, GROUP, _as_float32, _bf16_to_float, _float_to_bf16
+from numba import njit, prange
+
+from kernels.int4 import BLOCK, GROUP, _as_float32, _bf16_to_float, _bf16_value, _float_to_bf16, _round_bf16
 
 LIMIT = 127  # codes are in [-127, 127]: symmetric, so -128 is never used
 CHUNK_WEIGHTS = 1 << 22  # weights quantised per step
@@ -64,14 +66,56 @@ def _check_shape(out_features: int, in_features: int) -> None:
                          f"and in ({in_features}) a multiple of {GROUP}")
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def _quantize_rows(w, packed, scales):
+    """w float32 [32 n, in] -> packed int8 [n, in * 32] and scales uint16 [n, in] (see `quantize`)."""
+    in_features = w.shape[1]
+    limit = np.float32(LIMIT)
+    for b in prange(w.shape[0] // BLOCK):
+        for r in range(BLOCK):
+            row = w[b * BLOCK + r]
+            for g in range(in_features // GROUP):
+                peak = np.float32(0.0)
+                for c in range(g * GROUP, (g + 1) * GROUP):
+                    peak = max(peak, abs(row[c]))
+                scale = _bf16_value(_round_bf16(peak / limit))
+                inverse = np.float32(1.0) / scale if scale != 0 else np.float32(0.0)
+                dot = np.float32(0.0)
+                norm = np.float32(0.0)
+                for c in range(g * GROUP, (g + 1) * GROUP):
+                    q = min(max(np.rint(row[c] * inverse), -limit), limit)
+                    packed[b, BLOCK * c + r] = np.int8(q)
+                    dot += q * row[c]
+                    norm += q * q
+                scales[b, g * GROUP + r] = _round_bf16(dot / norm if norm != 0 else np.float32(0.0))
+
+
 def quantize(w: np.ndarray) -> Int8Weights:
     """[E, out, in] (or [out, in]) float32 / float16 / bf16-bits -> Int8Weights.
 
     Per (row, group): scale = max|w| / 127 rounded to bf16, codes rounded to nearest, then the
     scale refined by least squares for those codes (the bf16 rounding of the first scale would
-    otherwise bias the whole group by up to 0.4%). Works through CHUNK_WEIGHTS at a time, so a
-    150k x 2k lm_head needs tens of MB of temporaries, not gigabytes.
+    otherwise bias the whole group by up to 0.4%). Widens CHUNK_WEIGHTS at a time to float32, so
+    a 150k x 2k lm_head needs tens of MB of temporaries, not gigabytes.
     """
+    w = np.asarray(w)
+    if w.ndim == 2:
+        w = w[None]
+    experts, out_features, in_features = w.shape
+    _check_shape(out_features, in_features)
+    packed = np.empty((experts, out_features // BLOCK, in_features * 32), np.int8)
+    scales = np.empty((experts, out_features // BLOCK, in_features), np.uint16)
+    rows = max(BLOCK, CHUNK_WEIGHTS // in_features // BLOCK * BLOCK)
+    for e in range(experts):
+        for begin in range(0, out_features, rows):
+            part = np.ascontiguousarray(_as_float32(w[e, begin:begin + rows]))
+            blocks = slice(begin // BLOCK, (begin + part.shape[0]) // BLOCK)
+            _quantize_rows(part, packed[e, blocks], scales[e, blocks])
+    return Int8Weights(packed, scales, (experts, out_features, in_features))
+
+
+def quantize_reference(w: np.ndarray) -> Int8Weights:
+    """NumPy reference of `quantize` (the same steps, whole-array)."""
     w = np.asarray(w)
     if w.ndim == 2:
         w = w[None]

@@ -203,3 +203,8 @@ def test_int8_round_trip_layout_and_chunks(monkeypatch):
     assert np.array_equal(int8.quantize(bits).packed, int8.quantize(int4._bf16_to_float(bits)).packed)
     with pytest.raises(ValueError, match="multiple of 32"):
         int8.quantize(np.zeros((40, 64), np.float32))
+    # the Numba quantiser against the NumPy reference: the same codes, scales within a bf16 ulp
+    # (float32 sums in a different order)
+    reference = int8.quantize_reference(w)
+    assert np.array_equal(q.packed, reference.packed)
+    assert np.abs(q.scales.astype(np.int32) - reference.scales.astype(np.int32)).max() <= 1
