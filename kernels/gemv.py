@@ -36,9 +36,8 @@ def _block_dot_codegen(bits: int, tokens: int = 1):
     with tokens=2, `_block_dot_pair` (two tokens per decoded column).
 
     Arguments: packed, scales, then per token x, then per token x_group_sums, then per token
-    alpha, then per token out. Eight FMA chains either way: one token unrolls two columns."""
+    alpha, then per token out. Eight FMA chains either way."""
     column_bytes = BLOCK * bits // 8
-    unroll = 2 // tokens
 
     def codegen(context, builder, sig, args):
         def data(index):
@@ -72,99 +71,105 @@ def _block_dot_codegen(bits: int, tokens: int = 1):
             address = builder.bitcast(builder.gep(pointer, [index]), ir.VectorType(element, 8).as_pointer())
             return builder.load(address, align=align)
 
-        def column_rows(col):
-            """The 32 codes of column `col` as 4 float vectors: rows 0-7, 8-15, 16-23, 24-31."""
+        def column_rows(col, octets):
+            """Codes of column `col` as float vectors of 8 rows, for `octets` (0: rows 0-7, 1: 8-15,
+            2: 16-23, 3: 24-31). int4 byte k holds rows k (low nibble) and 16 + k (high)."""
             first = builder.mul(col, const(column_bytes))
             if bits == 8:
-                return [builder.sitofp(builder.sext(load_vector(packed_ptr, builder.add(first, const(8 * octet)),
-                                                                i8, 1), v8i32), v8f)
-                        for octet in range(4)]
-            rows = [None] * 4
-            for half in range(2):  # bytes 0-7 (rows 0-7 | 16-23), bytes 8-15 (rows 8-15 | 24-31)
+                return {octet: builder.sitofp(builder.sext(load_vector(packed_ptr, builder.add(first, const(8 * octet)),
+                                                                       i8, 1), v8i32), v8f)
+                        for octet in octets}
+            rows = {}
+            for half in sorted({octet % 2 for octet in octets}):  # bytes 0-7: rows 0-7 | 16-23; 8-15: 8-15 | 24-31
                 wide = builder.zext(load_vector(packed_ptr, builder.add(first, const(8 * half)), i8, 1), v8i32)
                 rows[half] = builder.uitofp(builder.and_(wide, ir.Constant(v8i32, [15] * 8)), v8f)
                 rows[2 + half] = builder.uitofp(builder.lshr(wide, ir.Constant(v8i32, [4] * 8)), v8f)
             return rows
 
-        function = builder.function
-        entry = builder.block
-        group_head, group_body = function.append_basic_block("group_head"), function.append_basic_block("group_body")
-        column_body, group_tail = function.append_basic_block("column_body"), function.append_basic_block("group_tail")
-        done = function.append_basic_block("done")
-        groups = builder.udiv(in_features, const(GROUP))
-        builder.branch(group_head)
+        def emit_pass(octets, groups):
+            """for g in range(groups): totals[t][rows] += scale[g, rows] * (sum_c code[c, rows] x_t[c] - offset),
+            then out_t[rows] += alpha_t * totals[t][rows], for the rows of `octets`."""
+            function = builder.function
+            entry = builder.block
+            group_head, group_body = function.append_basic_block("group_head"), function.append_basic_block("group_body")
+            column_body, group_tail = function.append_basic_block("column_body"), function.append_basic_block("group_tail")
+            done = function.append_basic_block("done")
+            builder.branch(group_head)
+            slots = [(t, octet) for t in range(tokens) for octet in octets]
 
-        # for g in range(groups): totals[rows] += scale[g, rows] * (sum_c code[c, rows] x[c] - offset)
-        builder.position_at_end(group_head)
-        group = builder.phi(i64)
-        totals = [builder.phi(v8f) for _ in range(4 * tokens)]  # per token: rows 0-7, 8-15, 16-23, 24-31
-        group.add_incoming(const(0), entry)
-        for total in totals:
-            total.add_incoming(zero, entry)
-        builder.cbranch(builder.icmp_unsigned("<", group, groups), group_body, done)
+            builder.position_at_end(group_head)
+            group = builder.phi(i64)
+            totals = {slot: builder.phi(v8f) for slot in slots}
+            group.add_incoming(const(0), entry)
+            for total in totals.values():
+                total.add_incoming(zero, entry)
+            builder.cbranch(builder.icmp_unsigned("<", group, groups), group_body, done)
 
-        builder.position_at_end(group_body)
-        first_column = builder.mul(group, const(GROUP))
-        # a group is 8 (int4) or 16 (int8) cache lines; ask for the lines PREFETCH_BYTES ahead now,
-        # so the short streams of a block (8-64 KB) do not wait for the hardware prefetcher
-        ahead = builder.add(builder.mul(first_column, const(column_bytes)), const(PREFETCH_BYTES))
-        for line in range(GROUP * column_bytes // 64):
-            address = builder.gep(packed_ptr, [builder.add(ahead, const(64 * line))])
-            builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        builder.branch(column_body)
+            builder.position_at_end(group_body)
+            first_column = builder.mul(group, const(GROUP))
+            # a group is 8 (int4) or 16 (int8) cache lines; ask for the lines PREFETCH_BYTES ahead now,
+            # so the short streams of a block (8-64 KB) do not wait for the hardware prefetcher
+            ahead = builder.add(builder.mul(first_column, const(column_bytes)), const(PREFETCH_BYTES))
+            for line in range(GROUP * column_bytes // 64):
+                address = builder.gep(packed_ptr, [builder.add(ahead, const(64 * line))])
+                builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            builder.branch(column_body)
 
-        # unroll x tokens x 4 accumulators: 8 independent FMA chains
-        builder.position_at_end(column_body)
-        column = builder.phi(i64)
-        partials = [builder.phi(v8f) for _ in range(4 * unroll * tokens)]  # [4 (u tokens + t) + octet]
-        column.add_incoming(const(0), group_body)
-        for partial in partials:
-            partial.add_incoming(zero, group_body)
-        updated = []
-        for u in range(unroll):
-            col = builder.add(first_column, builder.add(column, const(u)))
-            rows = column_rows(col)  # decoded once, used by every token
-            for t in range(tokens):
-                x_col = splat(builder.load(builder.gep(x_ptrs[t], [col])))
-                for octet in range(4):
-                    updated.append(builder.call(fma, [rows[octet], x_col, partials[4 * (u * tokens + t) + octet]]))
-        next_column = builder.add(column, const(unroll))
-        column.add_incoming(next_column, column_body)
-        for partial, value in zip(partials, updated):
-            partial.add_incoming(value, column_body)
-        builder.cbranch(builder.icmp_unsigned("<", next_column, const(GROUP)), column_body, group_tail)
+            # two columns per iteration (two partial sums per row), each decoded once for every token
+            builder.position_at_end(column_body)
+            column = builder.phi(i64)
+            partials = {(u, slot): builder.phi(v8f) for u in range(2) for slot in slots}
+            column.add_incoming(const(0), group_body)
+            for partial in partials.values():
+                partial.add_incoming(zero, group_body)
+            updated = {}
+            for u in range(2):
+                col = builder.add(first_column, builder.add(column, const(u)))
+                rows = column_rows(col, octets)
+                for t in range(tokens):
+                    x_col = splat(builder.load(builder.gep(x_ptrs[t], [col])))
+                    for octet in octets:
+                        key = (u, (t, octet))
+                        updated[key] = builder.call(fma, [rows[octet], x_col, partials[key]])
+            next_column = builder.add(column, const(2))
+            column.add_incoming(next_column, column_body)
+            for key, partial in partials.items():
+                partial.add_incoming(updated[key], column_body)
+            builder.cbranch(builder.icmp_unsigned("<", next_column, const(GROUP)), column_body, group_tail)
 
-        builder.position_at_end(group_tail)
-        scales = []
-        for octet in range(4):
-            scale_bits = load_vector(scales_ptr, builder.add(first_column, const(8 * octet)), i16, 2)
-            scales.append(builder.bitcast(builder.shl(builder.zext(scale_bits, v8i32), ir.Constant(v8i32, [16] * 8)), v8f))
-        new_totals = []
-        for t in range(tokens):
-            row_sums = [updated[4 * t + octet] for octet in range(4)]
-            for u in range(1, unroll):
-                row_sums = [builder.fadd(row_sum, updated[4 * (u * tokens + t) + octet])
-                            for octet, row_sum in enumerate(row_sums)]
+            builder.position_at_end(group_tail)
+            scales = {}
+            for octet in octets:
+                scale_bits = load_vector(scales_ptr, builder.add(first_column, const(8 * octet)), i16, 2)
+                scales[octet] = builder.bitcast(builder.shl(builder.zext(scale_bits, v8i32), ir.Constant(v8i32, [16] * 8)), v8f)
+            corrections = {}
             if bits == 4:  # codes are q + 8: subtract 8 * sum(x over the group)
-                group_sum = builder.load(builder.gep(sums_ptrs[t], [group]))
-                correction = splat(builder.fmul(group_sum, ir.Constant(f32, 8.0)))
-                row_sums = [builder.fsub(row_sum, correction) for row_sum in row_sums]
-            for octet in range(4):
-                new_totals.append(builder.call(fma, [scales[octet], row_sums[octet], totals[4 * t + octet]]))
-        group.add_incoming(builder.add(group, const(1)), group_tail)
-        for total, value in zip(totals, new_totals):
-            total.add_incoming(value, group_tail)
-        builder.branch(group_head)
+                for t in range(tokens):
+                    group_sum = builder.load(builder.gep(sums_ptrs[t], [group]))
+                    corrections[t] = splat(builder.fmul(group_sum, ir.Constant(f32, 8.0)))
+            for slot in slots:
+                row_sum = builder.fadd(updated[(0, slot)], updated[(1, slot)])
+                if bits == 4:
+                    row_sum = builder.fsub(row_sum, corrections[slot[0]])
+                totals[slot].add_incoming(builder.call(fma, [scales[slot[1]], row_sum, totals[slot]]), group_tail)
+            group.add_incoming(builder.add(group, const(1)), group_tail)
+            builder.branch(group_head)
 
-        builder.position_at_end(done)
-        for t in range(tokens):
-            alpha_vec = splat(alphas[t])
-            for octet in range(4):
+            builder.position_at_end(done)
+            for t, octet in slots:
                 address = builder.bitcast(builder.gep(out_ptrs[t], [const(8 * octet)]), v8f.as_pointer())
-                total = totals[4 * t + octet]
-                builder.store(builder.call(fma, [alpha_vec, total, builder.load(address, align=4)]), address, align=4)
+                result = builder.call(fma, [splat(alphas[t]), totals[(t, octet)], builder.load(address, align=4)])
+                builder.store(result, address, align=4)
+
+        groups = builder.udiv(in_features, const(GROUP))
+        # One token: one pass over the block, all 4 octets. Two tokens: a pass per byte half (2
+        # octets each), so that 2 columns x 2 tokens x 2 octets is again 8 accumulators (16 would
+        # spill) and every row sums its columns exactly as the one-token kernel does.
+        for octets in ([(0, 1, 2, 3)] if tokens == 1 else [(0, 2), (1, 3)]):
+            emit_pass(octets, groups)
         return context.get_dummy_value()
 
+    return codegen
     return codegen
 
 
