@@ -171,8 +171,10 @@ def _thinking_printer(hide: bool, dim: bool):
 def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text, prompt_file, ids_text, system,
         chat_mode, hide_thinking, as_json, **sampling_flags) -> None:
     """Generate from one prompt (--prompt, -f FILE, --ids or stdin), streaming the text."""
+    import dataclasses
     import json
 
+    from offload.config import DEFAULT_CONTEXT, load_config
     from offload.conversation import Stats, generate
     from offload.errors import OffloadError
     from offload.tokenizer import ThinkingFilter, Tokenizer
@@ -190,7 +192,6 @@ def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text,
     model_dir = _model_dir(model_dir, demo)
     tokenizer = Tokenizer(model_dir) if ids_text is None or (model_dir / "tokenizer.json").is_file() else None
     sampling = _sampling(model_dir, **sampling_flags)
-    engine, load_s = _load(model_dir, ctx, quant, dense_quant, gpu_mem, profile)
     if ids_text is not None:
         prompt_ids = _parse_ids(ids_text)
     else:
@@ -204,12 +205,13 @@ def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text,
             prompt_ids = tokenizer.encode(prompt_text)
     if not prompt_ids:
         raise OffloadError("the prompt is empty; give some text")
-    if len(prompt_ids) > engine.ctx:
-        raise OffloadError(f"the prompt is {len(prompt_ids)} tokens, longer than the context of {engine.ctx}; "
-                           "pass a larger --ctx or a shorter prompt")
-    max_tokens = min(max_tokens, engine.ctx - len(prompt_ids))
-    if max_tokens < 1:
-        raise OffloadError(f"the prompt fills the context of {engine.ctx}; pass a larger --ctx")
+    args = load_config(model_dir)
+    ctx = ctx or min(DEFAULT_CONTEXT, args.max_position_embeddings)  # as offload.load chooses it
+    if len(prompt_ids) >= ctx:  # said before loading, which can take minutes
+        raise OffloadError(f"the prompt is {len(prompt_ids)} tokens, too long for the context of {ctx} (the "
+                           "answer needs room too); pass a larger --ctx or a shorter prompt")
+    max_tokens = min(max_tokens, ctx - len(prompt_ids))
+    engine, load_s = _load(model_dir, ctx, quant, dense_quant, gpu_mem, profile)
     click.echo(f"loaded in {load_s:.1f} s ({engine.args.model_type}, {engine.args.num_hidden_layers} layers)",
                err=True)
 
@@ -224,7 +226,7 @@ def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text,
                   "timings": {"load_s": round(load_s, 3), "prefill_s": round(stats.prefill_s, 4),
                               "prefill_tok_s": round(stats.prefill_rate, 2), "decode_s": round(stats.decode_s, 4),
                               "decode_tok_s": round(stats.decode_rate, 2)},
-                  "sampling": {k: v for k, v in vars(sampling).items()}}
+                  "sampling": dataclasses.asdict(sampling)}
         click.echo(json.dumps(result, indent=2))
         return
     if tokenizer is None:

@@ -182,7 +182,7 @@ def _broken(tiny, tmp_path, what):
     ("no-tokenizer", [], "no tokenizer.json"),
     ("ok", ["--gpu-mem", "8 bananas"], "gpu"),
     ("ok", ["--profile", "no-such-profile"], "no-such-profile"),
-    ("ok", ["--ctx", "8"], "longer than the context of 8"),
+    ("ok", ["--ctx", "8"], "too long for the context of 8"),
 ])
 def test_first_try_errors_are_one_clear_line(runner, tiny, tmp_path, what, extra, message):
     path = tmp_path / "missing" if what == "missing" else tiny if what == "ok" else _broken(tiny, tmp_path, what)
