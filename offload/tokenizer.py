@@ -55,7 +55,8 @@ class Tokenizer:
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables) -> str:
         """The chat template applied to `messages` ([{"role": ..., "content": ...}, ...])."""
         if self.chat_template is None:
-            raise TokenizerError("this model has no chat template; run with --raw to send the prompt as it is")
+            raise TokenizerError("this model has no chat template (no chat_template in tokenizer_config.json, no "
+                                 "chat_template.jinja): add one, or use `offload run --raw` to send text as it is")
         from jinja2.exceptions import TemplateError
 
         try:
