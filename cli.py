@@ -170,7 +170,9 @@ def _thinking_printer(hide: bool, dim: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, timings) instead.")
 def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text, prompt_file, ids_text, system,
         chat_mode, hide_thinking, as_json, **sampling_flags) -> None:
-    """Generate from one prompt (--prompt, -f FILE, --ids or stdin), streaming the text."""
+    """Generate text from one prompt, streamed.
+
+    The prompt comes from --prompt, --file, --ids or stdin; a stats line follows on stderr."""
     import dataclasses
     import json
 
@@ -250,8 +252,10 @@ def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text,
 @click.option("--system", default=None, help="A system message for the conversation.")
 @click.option("--hide-thinking", is_flag=True, help="Do not show <think> ... </think> blocks.")
 def chat(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, system, hide_thinking, **sampling_flags) -> None:
-    """Talk with a model: an interactive chat (type /help), or a conversation piped in, one
-    message per line."""
+    """Chat with a model, interactively or piped.
+
+    On a terminal: line editing, history, /help for commands, Ctrl-C stops an answer, Ctrl-D
+    leaves. Piped in: one message per line."""
     from offload.conversation import Conversation
     from offload.repl import Repl
     from offload.tokenizer import Tokenizer
@@ -274,7 +278,10 @@ def chat(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, system, hid
 @click.option("--decode-tokens", default=32, show_default=True, type=click.IntRange(min=2),
               help="Tokens generated after each prompt.")
 def bench(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_lengths, decode_tokens) -> None:
-    """Measure prefill and decode speed on this machine, beside the plan's prediction."""
+    """Measure prefill and decode speed vs the plan.
+
+    For each prompt length: prefill tok/s and the median decode step, beside the planner's
+    prediction for this machine's profile."""
     import statistics
 
     import numpy as np
@@ -325,7 +332,9 @@ def bench(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_len
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Store directory (default: a folder under ~/.cache/offload/stores).")
 def quantize(model_dir: Path, out: Path | None) -> None:
-    """Build the int4 expert store of MODEL_DIR (resumes an interrupted build)."""
+    """Build the int4 expert store of MODEL_DIR.
+
+    Resumes an interrupted build; an up-to-date store is left as it is."""
     from tqdm import tqdm
 
     from offload.config import load_config
@@ -427,7 +436,9 @@ def _resolve_profile(profile: str | None):
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model_dir: Path | None, preset: str | None, gpu_mem: str | None, ctx: int, profile: str | None,
          prompt_tokens: int, quant: str, as_json: bool) -> None:
-    """Show where a model's tensors go on a machine, and how fast it will run."""
+    """Show where a model's tensors go, how fast.
+
+    Placement, GPU and RAM ledgers and predicted speeds for a checkpoint or a preset."""
     import json
 
     from offload.config import args_from_dict, load_config
