@@ -115,29 +115,20 @@ def quantize(w: np.ndarray) -> Int8Weights:
 
 
 def quantize_reference(w: np.ndarray) -> Int8Weights:
-    """NumPy reference of `quantize` (the same steps, whole-array)."""
-    w = np.asarray(w)
+    """NumPy reference of `quantize`: the same steps on the whole array at once."""
+    w = _as_float32(np.asarray(w))
     if w.ndim == 2:
         w = w[None]
     experts, out_features, in_features = w.shape
     _check_shape(out_features, in_features)
-    packed = np.empty((experts, out_features // BLOCK, in_features * 32), np.int8)
-    scales = np.empty((experts, out_features // BLOCK, in_features), np.uint16)
-    rows = max(BLOCK, CHUNK_WEIGHTS // in_features // BLOCK * BLOCK)
-    for e in range(experts):
-        for begin in range(0, out_features, rows):
-            part = _as_float32(w[e, begin:begin + rows])
-            groups = part.reshape(-1, GROUP)
-            scale = _bf16_to_float(_float_to_bf16(np.abs(groups).max(axis=1) / LIMIT))
-            inverse = np.divide(1, scale, out=np.zeros_like(scale), where=scale != 0)
-            codes = np.clip(np.rint(groups * inverse[:, None]), -LIMIT, LIMIT)
-            norm = (codes * codes).sum(axis=1)
-            fitted = np.divide((codes * groups).sum(axis=1), norm, out=np.zeros_like(norm), where=norm != 0)
-            chunk = pack(codes.reshape(1, *part.shape).astype(np.int8),
-                         _float_to_bf16(fitted).reshape(1, part.shape[0], in_features // GROUP))
-            packed[e, begin // BLOCK:(begin + part.shape[0]) // BLOCK] = chunk.packed[0]
-            scales[e, begin // BLOCK:(begin + part.shape[0]) // BLOCK] = chunk.scales[0]
-    return Int8Weights(packed, scales, (experts, out_features, in_features))
+    groups = w.reshape(-1, GROUP)
+    scale = _bf16_to_float(_float_to_bf16(np.abs(groups).max(axis=1) / LIMIT))
+    inverse = np.divide(1, scale, out=np.zeros_like(scale), where=scale != 0)
+    codes = np.clip(np.rint(groups * inverse[:, None]), -LIMIT, LIMIT)
+    norm = (codes * codes).sum(axis=1)
+    fitted = np.divide((codes * groups).sum(axis=1), norm, out=np.zeros_like(norm), where=norm != 0)
+    return pack(codes.reshape(w.shape).astype(np.int8),
+                _float_to_bf16(fitted).reshape(experts, out_features, in_features // GROUP))
 
 
 def pack(codes: np.ndarray, scale_bits: np.ndarray) -> Int8Weights:
