@@ -140,22 +140,6 @@ def _memory_line(engine) -> str:
     return f"RAM {format_size(psutil.Process().memory_info().rss)}, GPU 0 B (CPU execution)"
 
 
-def _thinking_printer(hide: bool, dim: bool):
-    """A function showing (is_thinking, text) pieces: thinking dimmed on a terminal, or hidden."""
-    from offload.repl import printable
-
-    def show(pieces) -> None:
-        for thinking, text in pieces:
-            if thinking and hide:
-                continue
-            if dim:  # a terminal: show control characters, do not obey them
-                text = printable(text)
-                text = click.style(text, dim=True) if thinking else text
-            click.echo(text, nl=False)
-        sys.stdout.flush()
-    return show
-
-
 @main.command()
 @model_options
 @click.option("--prompt", "-p", "prompt_text", default=None, help="The prompt text.")
@@ -177,8 +161,9 @@ def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text,
     import json
 
     from offload.config import DEFAULT_CONTEXT, load_config
-    from offload.conversation import Stats, generate
+    from offload.conversation import Stats, generate, text_pieces
     from offload.errors import OffloadError
+    from offload.repl import show
     from offload.tokenizer import ThinkingFilter, Tokenizer
 
     given = [x is not None for x in (prompt_text, prompt_file, ids_text)]
@@ -236,12 +221,11 @@ def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text,
             click.echo(f"{token} ", nl=False)
             sys.stdout.flush()
     else:
-        show = _thinking_printer(hide_thinking, sys.stdout.isatty())
-        detokenize, split = tokenizer.detokenizer(), ThinkingFilter(tokenizer.opens_thinking(prompt_ids))
-        for token in tokens:
-            if token not in engine.stop_ids:
-                show(split(detokenize(token)))
-        show(split.flush())
+        terminal = sys.stdout.isatty()
+        split = ThinkingFilter(tokenizer.opens_thinking(prompt_ids))
+        for piece in text_pieces(tokenizer, tokens, engine.stop_ids):
+            show(split(piece), hide_thinking, terminal)
+        show(split.flush(), hide_thinking, terminal)
     click.echo()
     click.echo(f"{stats.line()}; {_memory_line(engine)}", err=True)
 

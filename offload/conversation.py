@@ -113,7 +113,7 @@ class Conversation:
         ids = self.tokenizer.chat_ids(self._rendered())
         continues = bool(self.fed) and ids[:len(self.fed)] == self.fed and len(ids) > len(self.fed)
         new_ids = ids[len(self.fed):] if continues else ids
-        room = self.engine.ctx - (len(self.fed) if continues else 0) - len(new_ids)
+        room = self.engine.ctx - len(ids)  # continuing or not, the caches end up holding all of ids
         if room < 1:
             self.messages.pop()
             raise OffloadError(f"the conversation needs {len(ids)} tokens and the context holds {self.engine.ctx}; "

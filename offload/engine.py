@@ -17,7 +17,7 @@ from offload.config import DEFAULT_CONTEXT, PREFILL_CHUNK, ModelArgs, load_confi
 from offload.errors import OffloadError
 from offload.models import ARCHITECTURES
 from offload.models.cache import Cache, cache_nbytes
-from offload.sampling import Sampler, SamplingParams
+from offload.sampling import Sampler, SamplingParams, generation_stop_ids
 
 
 PROGRESS_BYTES = 256 * 2**20  # models smaller than this load without a progress bar
@@ -103,7 +103,6 @@ class Engine:
             Sampler(sampling or SamplingParams(temperature=temperature, seed=seed))
         if fresh:
             self.reset()
-            self.history = []
         self._check_room(self.position + ids.shape[0] + max_new_tokens)
         logits = self.feed(ids, all_logits=False)[-1]
         self.history += ids.tolist()
@@ -176,7 +175,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
         quantize_dense(model, dense_quant, progress=_total_bytes(model) >= PROGRESS_BYTES)
         _widen_float_parameters(model)
     engine = Engine(model, args, ctx, torch.device("cpu"))
-    engine.stop_ids |= _generation_stop_ids(Path(model_dir))
+    engine.stop_ids |= generation_stop_ids(model_dir)
     engine.plan = _plan(args, gpu_mem, profile, ctx, quant, dense_quant, str(model_dir))
     return engine
 
@@ -227,18 +226,6 @@ def _plan(args: ModelArgs, gpu_mem, profile, ctx: int, quant: str | None, dense_
                      model_name=name)
 
 
-def _generation_stop_ids(model_dir: Path) -> set[int]:
-    """eos_token_id of generation_config.json (an id or a list), if the checkpoint has one."""
-    import json
-
-    path = model_dir / "generation_config.json"
-    try:
-        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
-    except (OSError, ValueError) as error:
-        raise OffloadError(f"{path}: not readable JSON ({error}); fix or delete the file") from None
-    return set(eos) if isinstance(eos, list) else set() if eos is None else {eos}
-
-
 def _total_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -260,8 +247,8 @@ def _fill(model: nn.Module, weights: dict, dtype: torch.dtype | None, source: st
 
     loaded: dict[str, torch.Tensor] = {}  # by checkpoint name, so tied weights share storage
     parameters = list(model.named_parameters(remove_duplicate=False))
-    total = sum(p.numel() * p.element_size() for _, p in parameters)
-    bar = tqdm(parameters, desc="loading weights", unit=" tensors", disable=total < PROGRESS_BYTES, leave=False)
+    bar = tqdm(parameters, desc="loading weights", unit=" tensors", disable=_total_bytes(model) < PROGRESS_BYTES,
+               leave=False)
     for name, param in bar:
         if name not in weights:
             raise CheckpointError(f"{source}: tensor model.{name} is missing from the checkpoint; "

@@ -45,6 +45,18 @@ def printable(text: str) -> str:
     return text.translate(CONTROL)
 
 
+def show(pieces: list[tuple[bool, str]], hide_thinking: bool, terminal: bool) -> None:
+    """Write (is_thinking, text) pieces to stdout: thinking dimmed on a terminal, or not at all;
+    on a terminal control characters are shown, not obeyed."""
+    for thinking, text in pieces:
+        if thinking and hide_thinking:
+            continue
+        if terminal:
+            text = click.style(printable(text), dim=True) if thinking else printable(text)
+        click.echo(text, nl=False)
+    sys.stdout.flush()
+
+
 class Repl:
     def __init__(self, conversation: Conversation, hide_thinking: bool = False,
                  memory: Callable[[], str] = lambda: ""):
@@ -116,7 +128,7 @@ class Repl:
         split = None
         pieces = self.conversation.ask(text)
         try:
-            for piece in pieces:
+            for piece in pieces:  # `thinking` is known once the turn has rendered its prompt
                 split = split or ThinkingFilter(self.conversation.thinking)
                 self._show(split(piece))
             if split:
@@ -129,12 +141,7 @@ class Repl:
             click.echo(f"error: {error}", err=True)
 
     def _show(self, pieces: list[tuple[bool, str]]) -> None:
-        for thinking, text in pieces:
-            if thinking and self.hide_thinking:
-                continue
-            text = printable(text) if self.interactive else text
-            click.echo(click.style(text, dim=True) if thinking and self.interactive else text, nl=False)
-        sys.stdout.flush()
+        show(pieces, self.hide_thinking, self.interactive)
 
     def _command(self, text: str) -> bool:
         """Run a slash command; False to leave."""

@@ -39,16 +39,28 @@ class SamplingParams:
         return replace(self, **changes)
 
 
-def generation_defaults(model_dir: str | Path) -> SamplingParams:
-    """Sampling settings from the checkpoint's generation_config.json (greedy if it has none or
-    says do_sample = false)."""
+def generation_config(model_dir: str | Path) -> dict:
+    """The checkpoint's generation_config.json ({} if it has none)."""
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
-        return SamplingParams()
+        return {}
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise OffloadError(f"{path}: not readable JSON ({error}); fix or delete the file") from None
+    return config if isinstance(config, dict) else {}
+
+
+def generation_stop_ids(model_dir: str | Path) -> set[int]:
+    """eos_token_id of generation_config.json (an id or a list)."""
+    eos = generation_config(model_dir).get("eos_token_id")
+    return set(eos) if isinstance(eos, list) else set() if eos is None else {eos}
+
+
+def generation_defaults(model_dir: str | Path) -> SamplingParams:
+    """Sampling settings from the checkpoint's generation_config.json (greedy if it has none or
+    says do_sample = false)."""
+    config = generation_config(model_dir)
     known = {f.name for f in fields(SamplingParams)} - {"seed"}
     values = {name: config[name] for name in known if isinstance(config.get(name), (int, float))}
     if not config.get("do_sample", bool(values.get("temperature"))):
