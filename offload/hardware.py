@@ -21,6 +21,7 @@ import yaml
 from offload.errors import OffloadError
 from offload.paths import config_root
 
+
 def _profiles_dir() -> Path:
     """The shipped profiles: the source tree's profiles/ (editable installs), else the copy a
     regular install puts under <prefix>/share/offload/profiles."""

@@ -195,6 +195,7 @@ The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 10 100 1000 202
 def main():\n    print("hello, world")\n    return 0
 """
 
+
 def _corpus() -> list[str]:
     """_CORPUS and lines of pronounceable made-up words: enough distinct pairs for a few thousand
     merges, so that every id of a demo model's vocabulary decodes to letters (a random model

@@ -55,10 +55,10 @@ class ExpertStreamer:
         self.device = device
         self.cuda = device.type == "cuda"
         self.order = sorted(store.layers)  # MoE layers, in the order a forward pass meets them
-        first = _host_arrays(store, self.order[0])
-        self.slots = [{name: torch.empty(a.shape, dtype=torch.uint8 if a.dtype == np.uint8 else torch.int16,
-                                     device=device)
-                       for name, a in first.items()} for _ in range(2)]
+        first = _host_arrays(store, self.order[0])  # every MoE layer has the same shapes
+        dtypes = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint16): torch.int16}  # bf16 scales as bits
+        self.slots = [{name: torch.empty(a.shape, dtype=dtypes[a.dtype], device=device) for name, a in first.items()}
+                      for _ in range(2)]
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-copy")
         self.pending: dict[int, tuple[int, Future]] = {}  # layer -> (slot, copy in flight or done)
         self.next_slot = 0
@@ -124,8 +124,8 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
     bits = scales.to(torch.int32).bitwise_and(0xFFFF).bitwise_left_shift(16).view(torch.float32)
     per_row = bits.reshape(experts, blocks, columns // GROUP, BLOCK)  # [E, blocks, groups, 32 rows]
     weight = codes.reshape(experts, blocks, columns // GROUP, GROUP, BLOCK).to(torch.float32) * per_row[:, :, :, None]
-    return weight.reshape(experts, blocks, columns, BLOCK).transpose(2, 3).reshape(experts, blocks * BLOCK,
-                                                                                     columns).to(dtype)
+    weight = weight.reshape(experts, blocks, columns, BLOCK).transpose(2, 3)  # [E, blocks, 32 rows, in]
+    return weight.reshape(experts, blocks * BLOCK, columns).to(dtype)
 
 
 class _Int4Experts:
