@@ -1,7 +1,9 @@
 """The engine: a loaded model, its caches, and prefill / decode / generate.
 
-`load()` builds the architecture's torch model on the meta device and fills it tensor by tensor
-from the checkpoint, so no tensor is held twice. Caches are allocated once for `ctx` positions.
+`load()` makes the placement plan first (and refuses one that does not fit), builds the
+architecture's torch model on the meta device, fills it tensor by tensor from the checkpoint (so
+no tensor is held twice) and places it as the plan says (`offload.placement`). Caches are
+allocated once for `ctx` positions on the execution device.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from offload.config import DEFAULT_CONTEXT, PREFILL_CHUNK, ModelArgs, load_confi
 from offload.errors import OffloadError
 from offload.models import ARCHITECTURES
 from offload.models.cache import Cache, cache_nbytes
+from offload.models.decoder import run_stages
 from offload.sampling import Sampler, SamplingParams, generation_stop_ids
 
 
@@ -24,16 +27,28 @@ PROGRESS_BYTES = 256 * 2**20  # models smaller than this load without a progress
 
 
 class Engine:
-    """A model ready to run. One sequence at a time."""
+    """A model ready to run. One sequence at a time.
 
-    def __init__(self, model: nn.Module, args: ModelArgs, ctx: int, device: torch.device):
+    `device` is where the activations live (CUDA, or the CPU: CPU-only, or standing in for a GPU);
+    `plan` is the placement plan and `placement` what was done with it (set by `load`).
+    `prefill` chooses the path of a prompt's routed experts: "cpu" (the int4 kernels), "stream"
+    (whole layers streamed to the device), "auto" (streamed from the plan's `stream_from_tokens`).
+    With `pipelined`, prompt chunks run two at a time: one chunk's mixers on the device while the
+    other's routed experts run on the CPU (on by default on CUDA)."""
+
+    def __init__(self, model: nn.Module, args: ModelArgs, ctx: int, device: torch.device, executor=None,
+                 prefill: str = "cpu"):
         self.model = model
         self.args = args
         self.ctx = ctx
         self.device = device
         self.dtype = model.compute_dtype
         self.caches: list[Cache] = ARCHITECTURES[args.model_type].make_cache(args, ctx, self.dtype, device)
-        self.plan = None  # the placement plan (set by load); execution does not follow it yet
+        self.executor = executor  # the int4 routed experts' CpuExpertExecutor, if any
+        self.prefill = prefill
+        self.pipelined = device.type == "cuda" and executor is not None and bool(executor.lanes)
+        self.plan = None
+        self.placement: list[dict] = []
         self.position = 0  # tokens of the current sequence held in the caches
         self.history: list[int] = []  # the ids `stream` has fed in the current sequence
         self.stop_ids = set(args.eos_token_ids)  # ends generation (load adds generation_config.json's)
@@ -49,7 +64,7 @@ class Engine:
         if int(ids.min()) < 0 or int(ids.max()) >= self.args.vocab_size:
             raise OffloadError(f"token ids must be in [0, {self.args.vocab_size}); got "
                                f"{int(ids.min())}..{int(ids.max())}")
-        return ids.to(self.device)
+        return ids.cpu()  # the embedding table is in RAM
 
     def _check_room(self, needed: int) -> None:
         if needed > self.ctx:
@@ -60,8 +75,28 @@ class Engine:
         """Start a new sequence."""
         for cache in self.caches:
             cache.reset()
+        if self.executor is not None:
+            self.executor.reset()
         self.position = 0
         self.history = []
+
+    def streams(self, prompt_tokens: int) -> bool:
+        """Whether a prompt of this many tokens runs its routed experts streamed to the device."""
+        from offload.experts import DECODE_MAX_TOKENS
+        from offload.planner import PREFETCH_GROUP
+
+        if self.executor is None or prompt_tokens <= DECODE_MAX_TOKENS or self.prefill == "cpu":
+            return False
+        if self.prefill == "stream":
+            return True
+        threshold = self.plan.predicted.stream_from_tokens if self.plan and self.plan.predicted else None
+        can_stream = self.plan is not None and any(p.group == PREFETCH_GROUP for p in self.plan.placement)
+        return can_stream and threshold is not None and prompt_tokens >= threshold
+
+    @property
+    def gpu_peak_bytes(self) -> int:
+        """The most device memory offload has held at once (0 unless on CUDA)."""
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
 
     def feed(self, input_ids: Sequence[int] | torch.Tensor, all_logits: bool = True) -> torch.Tensor:
         """Append tokens to the current sequence; float32 logits of each new token [T, vocab]
@@ -71,16 +106,19 @@ class Engine:
         """
         ids = self._ids(input_ids)
         self._check_room(self.position + ids.shape[0])
-        outputs = []
+        streamed = self.streams(ids.shape[0])
+        if self.executor is not None:
+            self.executor.stream = streamed
+        starts = range(0, ids.shape[0], PREFILL_CHUNK)
+        stages = [self.model.stages(ids[begin:begin + PREFILL_CHUNK], self.caches, self.position + begin,
+                                    last_only=not all_logits) for begin in starts]
         with torch.inference_mode():
-            for begin in range(0, ids.shape[0], PREFILL_CHUNK):
-                chunk = ids[begin:begin + PREFILL_CHUNK]
-                is_last = begin + PREFILL_CHUNK >= ids.shape[0]
-                logits = self.model(chunk, self.caches, self.position, last_only=not all_logits)
-                self.position += chunk.shape[0]
-                if all_logits or is_last:
-                    outputs.append(logits.float())
-        return torch.cat(outputs).cpu()
+            if self.pipelined and len(stages) > 1 and not streamed:
+                logits = _run_two_at_a_time(stages)
+            else:
+                logits = [run_stages(chunk) for chunk in stages]
+        self.position += ids.shape[0]
+        return torch.cat([chunk.float() for chunk in (logits if all_logits else logits[-1:])]).cpu()
 
     def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Logits of a fresh sequence: input_ids [T] -> float32 [T, vocab]. No state is kept."""
@@ -121,27 +159,53 @@ class Engine:
         return list(self.stream(input_ids, max_new_tokens, temperature, seed, sampling))
 
 
+def _run_two_at_a_time(stages: list) -> list[torch.Tensor]:
+    """Run prompt chunks' `stages` generators with two in flight, in turns: while one chunk's
+    routed experts run on the CPU, the device works through what the other chunk queued (its
+    mixers of the same layer). Legal because chunks enter every layer in order: chunk c+1's
+    mixer of layer l reads the caches as chunk c's mixer of layer l left them and nothing of
+    chunk c's experts. Returns each chunk's logits, in order."""
+    results: list[torch.Tensor | None] = [None] * len(stages)
+    in_flight: list[int] = []
+    waiting = list(range(len(stages)))
+    while in_flight or waiting:
+        while len(in_flight) < 2 and waiting:
+            in_flight.append(waiting.pop(0))
+        for index in list(in_flight):
+            try:
+                next(stages[index])
+            except StopIteration as done:
+                results[index] = done.value
+                in_flight.remove(index)
+    return results
+
+
 def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | None = None,
          profile: str | None = None, device: str | None = None, ctx: int | None = None,
          store_dir: str | Path | None = None, dense_quant: str | None = "auto", overlap: bool = False,
          prefill: str = "auto") -> Engine:
-    """Load a Hugging Face checkpoint directory into an `Engine`.
+    """Load a Hugging Face checkpoint directory into an `Engine`, placed as its plan says.
 
     quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16);
     quant="int4" runs the routed experts from the int4 expert store (built on first use, in
     `store_dir` or the cache; see offload.store) with the CPU kernels.
-    overlap=True runs the int4 experts on a worker thread while the shared expert is computed.
+    gpu_mem ("8G", bytes, 0 for CPU only) and profile (a name in profiles/ or a YAML file; default
+    this machine's detected one, else the reference box) make the placement plan, kept as
+    `engine.plan` and executed: mixers, norms, routers, shared experts and lm_head on the GPU in
+    the checkpoint's precision, routed experts (and embeddings) in RAM. A plan that does not fit
+    is refused before anything loads; `gpu_mem` caps what offload allocates on the GPU.
+    device: where the GPU groups run. None picks CUDA when torch sees it (without it the
+    model runs on the CPU, with a one-line notice if gpu_mem asked for a GPU); "cuda", "cuda:1";
+    "cpu" with a gpu_mem > 0 runs the GPU plan on the CPU as a stand-in (tests).
+    dense_quant: the format of dense matrices the plan puts on the CPU — "int8" or "int4" (from
+    then on a CPU-only model computes in fp32), None (the checkpoint's precision), or "auto"
+    (int8 when the routed experts are int4).
     prefill picks how prompt chunks reach the int4 experts: "cpu" (grouped int4 kernels, path a),
-    "stream" (whole layers copied to the device, dequantised and run there, path b; with the
-    device = CPU without CUDA) or "auto" (the plan's choice by prompt length; "cpu" while
-    everything executes on the CPU, where streaming cannot win).
-    dense_quant="int8" or "int4" runs the dense matrices placed on the CPU (mixers, shared experts,
-    lm_head) from that format with the same kernels (quantised at load) and computes in fp32;
-    None keeps them in the checkpoint's precision. "auto" (the default) is "int8" when the
-    routed experts are int4 and None with quant=None (the checkpoint as it is, everywhere).
-    gpu_mem ("8G", bytes, 0 for CPU only) and profile (a name in profiles/ or a YAML file) make
-    the placement plan, kept as `engine.plan`; execution does not follow it yet: everything runs
-    on the CPU. device is accepted and not used yet.
+    "stream" (whole layers copied to the device, dequantised and run there, path b) or "auto"
+    (streamed for prompts of at least the plan's `stream_from_tokens`, when the plan has room for
+    the prefetch buffers).
+    overlap=True runs the int4 experts on a worker thread while the shared expert is computed
+    (a model executing on the CPU only; slower on small CPUs).
     """
     if dense_quant not in (None, "auto", "int8", "int4"):
         raise OffloadError(f"dense_quant={dense_quant!r} is not a format offload has; use 'int8', 'int4', "
@@ -157,32 +221,92 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
         raise OffloadError(f"prefill={prefill!r} is not a prefill path; use 'cpu', 'stream' or 'auto'")
     if prefill == "stream" and quant != "int4":
         raise OffloadError("prefill='stream' streams the int4 experts; use it with quant='int4'")
-    if dense_quant == "auto":  # every dense matrix runs on the CPU for now
+    if dense_quant == "auto":
         dense_quant = "int8" if quant == "int4" else None
+    execution, hardware, budget = _execution_device(device, gpu_mem, profile)
+    plan = _plan(args, hardware, budget, ctx, quant, dense_quant, str(model_dir))
+    if not plan.fits:
+        raise OffloadError(f"{Path(model_dir).name} does not fit: {plan.reason}")
+    hybrid = plan.gpu_budget > 0
+    if execution.type == "cuda":
+        _cap_gpu_memory(execution, plan.gpu_budget)
     checkpoint = Checkpoint(model_dir, args.fp8_block_size)
     architecture = ARCHITECTURES[args.model_type]
     weights = architecture.sanitize(checkpoint.lazy_all(), args)
     with torch.device("meta"):
         model = architecture.Model(args)
+    executor = None
     if quant == "int4":
-        _swap_in_int4_experts(model, args, model_dir, store_dir, overlap, "stream" if prefill == "stream" else "cpu")
+        executor = _swap_in_int4_experts(model, args, model_dir, store_dir, overlap, execution, hybrid)
     dtype = weights["embed_tokens.weight"].dtype if "embed_tokens.weight" in weights else None
     _fill(model, weights, dtype, str(model_dir))
     model.eval()
-    if dense_quant is not None:
-        from offload.dense import quantize_dense
+    from offload.placement import executed_placement, place
+    from offload.planner import PREFETCH_GROUP
 
-        quantize_dense(model, dense_quant, progress=_total_bytes(model) >= PROGRESS_BYTES)
-        _widen_float_parameters(model)
-    engine = Engine(model, args, ctx, torch.device("cpu"))
+    nbytes = place(model, plan, execution, progress=_total_bytes(model) >= PROGRESS_BYTES)
+    if executor is not None and hybrid and any(p.group == PREFETCH_GROUP for p in plan.placement):
+        executor.prepare_streaming()
+    engine = Engine(model, args, ctx, execution, executor, prefill)
     engine.stop_ids |= generation_stop_ids(model_dir)
-    engine.plan = _plan(args, gpu_mem, profile, ctx, quant, dense_quant, str(model_dir))
+    engine.plan = plan
+    expert_nbytes = executor.store.nbytes if executor is not None else 0
+    engine.placement = executed_placement(plan, execution, nbytes, engine.caches, expert_nbytes, executor)
     return engine
 
 
+def _execution_device(device: str | None, gpu_mem, profile: str | None):
+    """(execution device, hardware profile, GPU budget for the plan: None = the profile's GPU)."""
+    import sys
+
+    from offload.hardware import ProfileError, default_profile, load_profile, parse_size
+
+    hardware = load_profile(profile) if profile else default_profile()[0]
+    budget = parse_size(gpu_mem, "gpu_mem") if gpu_mem is not None else None
+    if device is None:
+        if budget == 0:
+            return torch.device("cpu"), hardware, 0
+        if not torch.cuda.is_available():
+            if budget:
+                print("note: torch sees no CUDA device, so everything runs on the CPU (gpu_mem is ignored)",
+                      file=sys.stderr)
+            return torch.device("cpu"), hardware, 0
+        device = "cuda"
+    try:
+        execution = torch.device(device)
+    except RuntimeError:
+        raise OffloadError(f"device={device!r} is not a device; use 'cuda', 'cuda:N' or 'cpu'") from None
+    if execution.type == "cpu":  # a stand-in for the GPU only when a GPU budget is asked for
+        return execution, hardware, budget or 0
+    if execution.type != "cuda":
+        raise OffloadError(f"device={device!r}: offload runs on CUDA GPUs or the CPU; use 'cuda' or 'cpu'")
+    if not torch.cuda.is_available():
+        raise OffloadError(f"device={device!r}, but torch sees no CUDA device; install a CUDA build of torch, "
+                           "or run on the CPU with gpu_mem=0")
+    if execution.index is not None and execution.index >= torch.cuda.device_count():
+        raise OffloadError(f"device={device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    if budget and hardware.gpu is None:
+        raise ProfileError(f"profile {hardware.name} has no GPU; use gpu_mem=0 or a profile with a GPU")
+    if budget is None:
+        budget = hardware.gpu.memory if hardware.gpu else 0
+    return execution, hardware, budget
+
+
+def _cap_gpu_memory(device: torch.device, budget: int) -> None:
+    """Make the allocator refuse to grow past the plan's GPU budget (the CUDA context aside), so a
+    large card behaves like the one planned for."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    if budget > total:
+        raise OffloadError(f"gpu_mem is {budget / 2**30:.1f} GiB but the GPU has {total / 2**30:.1f} GiB; "
+                           "lower --gpu-mem")
+    torch.cuda.set_per_process_memory_fraction(budget / total, device)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
 def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_dir, overlap: bool,
-                          prefill: str) -> None:
-    """Replace each MoE layer's float experts by the int4 executor (their weights are never read)."""
+                          device: torch.device, hybrid: bool):
+    """Replace each MoE layer's float experts by the int4 executor (their weights are never read);
+    returns the executor."""
     import sys
 
     from tqdm import tqdm
@@ -208,18 +332,18 @@ def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_di
                        announce=lambda line: print(line, file=sys.stderr))
     if bar is not None:
         bar.close()
-    executor = CpuExpertExecutor(store, args, overlap=overlap, prefill=prefill)
+    executor = CpuExpertExecutor(store, args, overlap=overlap, device=device, hybrid=hybrid)
     for layer, block in enumerate(model.layers):
         if args.is_moe_layer(layer):
             block.mlp.experts = Int4Experts(executor, layer)
+    return executor
 
 
-def _plan(args: ModelArgs, gpu_mem, profile, ctx: int, quant: str | None, dense_quant: str | None, name: str):
-    from offload.hardware import ProfileError, default_profile, load_profile, parse_size
+def _plan(args: ModelArgs, hardware, budget: int | None, ctx: int, quant: str | None, dense_quant: str | None,
+          name: str):
+    from offload.hardware import ProfileError
     from offload.planner import make_plan
 
-    hardware = load_profile(profile) if profile else default_profile()[0]
-    budget = parse_size(gpu_mem, "gpu_mem") if gpu_mem is not None else None
     if budget and hardware.gpu is None:
         raise ProfileError(f"profile {hardware.name} has no GPU; use gpu_mem=0 or a profile with a GPU")
     return make_plan(args, hardware, budget, ctx=ctx, quant=quant or "none", dense_quant=dense_quant,
@@ -228,17 +352,6 @@ def _plan(args: ModelArgs, gpu_mem, profile, ctx: int, quant: str | None, dense_
 
 def _total_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _widen_float_parameters(model: nn.Module) -> None:
-    """Compute in fp32 once the dense matrices are quantised: what stays float is small (norms,
-    conv, routers) and the kernels take fp32, so bf16 activations would only add conversions
-    (and run slower on CPUs without bf16 arithmetic). The embedding table keeps its dtype; only
-    the rows gathered per token are widened."""
-    for name, param in list(model.named_parameters()):
-        if param.is_floating_point() and param.dtype != torch.float32 and name != "embed_tokens.weight":
-            module_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(module_name), leaf, nn.Parameter(param.float(), requires_grad=False))
 
 
 def _fill(model: nn.Module, weights: dict, dtype: torch.dtype | None, source: str) -> None:

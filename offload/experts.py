@@ -5,13 +5,24 @@ swap: the float expert weights are never loaded).
 Few tokens (decode) go to `kernels.gemv.moe_decode`, many (prefill chunks) to
 `kernels.gemm.moe_prefill`. Scratch buffers are allocated once and shared by all layers.
 
-With prefill="stream", chunks of more than DECODE_MAX_TOKENS tokens run instead from whole
+With `stream` set, chunks of more than DECODE_MAX_TOKENS tokens run instead from whole
 layers streamed to the device (`offload.transfer`, prefill path b), the next layer's copy
 overlapping this layer's compute.
 
-With `overlap`, the kernels run on a worker thread (they release the GIL) while the calling
-thread computes the shared expert; a layer's result is awaited before the next layer starts, so
-one set of buffers serves every layer.
+When the model executes on a GPU (`device`, or the CPU standing in for one), a call crosses
+through a `HostLane`: the router's output is copied into pinned host buffers and an event
+recorded (`start`, which returns at once, so the device goes on to the shared expert); the
+returned call waits for the event, runs the kernels on the calling thread (they release the GIL;
+the device keeps working on what was queued) and queues the result's copy back. Two lanes are
+used in turn, so two prompt chunks can be in flight (`Engine` pipelines prefill).
+
+Hot-expert caching slots in at `start`: a layer's experts may be split into a device-resident
+part (computed on the device from the same expert_ids and weights) and this host part, the two
+results summed on the device in the returned call.
+
+With `overlap`, on a model executing on the CPU, the kernels run on a worker thread while the
+calling thread computes the shared expert; a layer's result is awaited before the next layer
+starts, so one set of buffers serves every layer.
 """
 
 from __future__ import annotations
@@ -26,50 +37,73 @@ from torch import nn
 from kernels import gemm, gemv
 from kernels.threads import kernel_threads, physical_cores
 from offload.config import PREFILL_CHUNK, ModelArgs
+from offload.host import HostLane, numpy_view
 from offload.store import ExpertStore
 
 DECODE_MAX_TOKENS = 8  # up to this many tokens per call use the decode kernel
 
 
 class CpuExpertExecutor:
+    """The routed experts of every MoE layer. `device` is where the model's activations live;
+    `hybrid` says they cross to the CPU through host lanes (a GPU plan: on CUDA, or on the CPU
+    standing in for it). `stream` (set per prompt by the engine) sends chunks of more than
+    DECODE_MAX_TOKENS tokens to the streamed path instead of the kernels."""
+
     def __init__(self, store: ExpertStore, args: ModelArgs, threads: int | None = None, overlap: bool = False,
-                 prefill: str = "cpu", device: torch.device | str = "cpu"):
+                 stream: bool = False, device: torch.device | str = "cpu", hybrid: bool = False):
         self.store = store
-        self.prefill = prefill
+        self.stream = stream
         self.device = torch.device(device)
-        self.streamer = None  # created on the first streamed chunk
+        self.streamer = None  # created by `prepare_streaming` or on the first streamed chunk
         self.threads = threads or physical_cores()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-experts") if overlap else None
         hidden, intermediate, top_k = args.hidden_size, args.moe_intermediate_size, args.num_experts_per_tok
         self.decode_scratch = gemv.DecodeScratch(DECODE_MAX_TOKENS, top_k, hidden, intermediate)
         self.prefill_scratch = gemm.PrefillScratch(PREFILL_CHUNK, top_k, hidden, intermediate)
+        self.lanes = [HostLane(PREFILL_CHUNK, hidden, top_k, self.device) for _ in range(2)] if hybrid else []
+        self.next_lane = 0
 
-    def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, D], expert_ids [T, K], weights [T, K] -> float32 [T, D] (a new tensor)."""
-        tokens = x.shape[0]
-        if tokens > DECODE_MAX_TOKENS and self.prefill == "stream":
-            return self._run_streamed(layer, x, expert_ids, weights)
-        experts = self.store.layers[layer]
-        x_np = x.detach().to(torch.float32).contiguous().numpy()
-        ids = expert_ids.numpy()
-        w = weights.to(torch.float32).contiguous().numpy()
-        out = np.empty((tokens, x.shape[1]), np.float32)  # handed to torch: the caller owns it
-        with kernel_threads(self.threads):
-            if tokens <= DECODE_MAX_TOKENS:
-                gemv.moe_decode(x_np, ids, w, experts.gate_up, experts.down, out, self.decode_scratch)
-            elif tokens <= PREFILL_CHUNK:
-                gemm.moe_prefill(x_np, ids, w, experts.gate_up, experts.down, out, self.prefill_scratch)
-            else:
-                scratch = gemm.PrefillScratch(tokens, ids.shape[1], x.shape[1], experts.down.shape[2])
-                gemm.moe_prefill(x_np, ids, w, experts.gate_up, experts.down, out, scratch)
-        return torch.from_numpy(out)
+    def reset(self) -> None:
+        """Forget calls that were started and never finished (an interrupted forward pass)."""
+        for lane in self.lanes:
+            lane.busy = False
+        self.next_lane = 0
 
-    def _run_streamed(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
-                      weights: torch.Tensor) -> torch.Tensor:
-        from offload.transfer import ExpertStreamer, streamed_experts
+    def prepare_streaming(self) -> None:
+        """Allocate the streamer's two device slots now (the plan counts them in the budget)."""
+        from offload.transfer import ExpertStreamer
 
         if self.streamer is None:
             self.streamer = ExpertStreamer(self.store, self.device)
+
+    def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], expert_ids [T, K], weights [T, K] on the CPU -> float32 [T, D] (a new tensor)."""
+        if x.shape[0] > DECODE_MAX_TOKENS and self.stream:
+            return self._run_streamed(layer, x, expert_ids, weights)
+        out = np.empty((x.shape[0], x.shape[1]), np.float32)  # handed to torch: the caller owns it
+        self._kernels(layer, numpy_view(x), numpy_view(expert_ids, torch.int64), numpy_view(weights), out)
+        return torch.from_numpy(out)
+
+    def _kernels(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray,
+                 out: np.ndarray) -> None:
+        """The int4 kernels: x float32 [T, D], expert_ids int64 [T, K], weights float32 [T, K] ->
+        out float32 [T, D] (overwritten)."""
+        experts = self.store.layers[layer]
+        tokens = x.shape[0]
+        with kernel_threads(self.threads):
+            if tokens <= DECODE_MAX_TOKENS:
+                gemv.moe_decode(x, expert_ids, weights, experts.gate_up, experts.down, out, self.decode_scratch)
+            elif tokens <= PREFILL_CHUNK:
+                gemm.moe_prefill(x, expert_ids, weights, experts.gate_up, experts.down, out, self.prefill_scratch)
+            else:
+                scratch = gemm.PrefillScratch(tokens, expert_ids.shape[1], x.shape[1], experts.down.shape[2])
+                gemm.moe_prefill(x, expert_ids, weights, experts.gate_up, experts.down, out, scratch)
+
+    def _run_streamed(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                      weights: torch.Tensor) -> torch.Tensor:
+        from offload.transfer import streamed_experts
+
+        self.prepare_streaming()
         arrays = self.streamer.get(layer)
         out = streamed_experts(arrays, x.to(self.device), expert_ids, weights)
         self.streamer.release(layer)
@@ -77,11 +111,32 @@ class CpuExpertExecutor:
 
     def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
               weights: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """Begin `run` (on the worker thread when overlapping); the returned call yields its result."""
+        """Begin the layer's routed experts; the returned call yields float32 [T, D] on x's device."""
+        if self.lanes and not (self.stream and x.shape[0] > DECODE_MAX_TOKENS):
+            return self._start_crossing(layer, x, expert_ids, weights)
         if self.worker is None:
             out = self.run(layer, x, expert_ids, weights)
             return lambda: out
         return self.worker.submit(self.run, layer, x, expert_ids, weights).result
+
+    def _start_crossing(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                        weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Inputs to a host lane now (asynchronously on CUDA); kernels and the way back on the call."""
+        lane = self.lanes[self.next_lane]
+        if lane.busy:
+            raise RuntimeError("both host lanes are in use: finish a layer call before starting a third")
+        self.next_lane ^= 1
+        if x.shape[0] > lane.x.shape[0]:  # a direct call with more tokens than a prompt chunk
+            out = self.run(layer, x.cpu(), expert_ids.cpu(), weights.cpu()).to(x.device)
+            return lambda: out
+        tokens = lane.send(x, expert_ids, weights)
+
+        def finish() -> torch.Tensor:
+            lane.wait()
+            self._kernels(layer, lane.x[:tokens].numpy(), lane.expert_ids[:tokens].numpy(),
+                          lane.weights[:tokens].numpy(), lane.out[:tokens].numpy())
+            return lane.receive(tokens)
+        return finish
 
 
 class Int4Experts(nn.Module):

@@ -48,6 +48,8 @@ CPU_INT4_EFFICIENCY = 0.5  # int4 kernel rate as a fraction of RAM bandwidth, wh
 CPU_FLOPS_PER_CORE = 3e9 * 32 * 0.5  # fp32 GEMM: 3 GHz x 2 AVX2 FMA x 8 lanes x 2 flops, at 50%
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 PREFETCH_GROUP = "expert prefetch buffers (2 layers)"  # present in a plan iff prefill can stream
+STAGING_GROUP = "pinned staging (2 layers)"
+KEEP_FLOAT = ("mlp.gate", "shared_expert_gate")  # linear layers (by name ending) that stay float
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Plan:
     params_active: int
     predicted: Prediction | None = None
     notes: list[str] = field(default_factory=list)
+    activations: str = "bf16"  # dtype the model computes in: the GPU's, or fp32 on a CPU with quantised layers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,7 +101,8 @@ class Plan:
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
-def _group_of(name: str) -> str:
+def group_of(name: str) -> str:
+    """The tensor group of a checkpoint tensor, by its name."""
     if name == "model.embed_tokens.weight":
         return "embeddings"
     if name == "lm_head.weight":
@@ -120,7 +124,7 @@ def parameter_groups(args: ModelArgs) -> dict[str, int]:
     """Parameters per tensor group (a tied lm_head counts once, as embeddings)."""
     groups: dict[str, int] = {}
     for name, shape in checkpoint_shapes(args).items():
-        groups[_group_of(name)] = groups.get(_group_of(name), 0) + math.prod(shape)
+        groups[group_of(name)] = groups.get(group_of(name), 0) + math.prod(shape)
     return groups
 
 
@@ -163,38 +167,53 @@ def _workspace_bytes(args: ModelArgs) -> int:
 # --- planning ----------------------------------------------------------------------------------
 
 
+def quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether `dense_quant` turns this checkpoint tensor into int8/int4 on the CPU: the matrices of
+    linear layers whose sizes are multiples of 32, except the routers and the shared-expert gate
+    (small, and they decide which experts run). The routed experts have their own format."""
+    return (len(shape) == 2 and name.endswith(".weight") and group_of(name) not in ("embeddings", "routed experts")
+            and not name[:-len(".weight")].endswith(KEEP_FLOAT) and not shape[0] % 32 and not shape[1] % 32)
+
+
 def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None = None, ctx: int = 4096,
               quant: str = "int4", prompt_tokens: int = 2048, model_name: str = "",
               dense_quant: str | None = "int8") -> Plan:
     """Place every tensor group; `gpu_budget` in bytes (None: the profile's GPU memory, 0: CPU only).
-    Dense matrices placed on the CPU are in `dense_quant` ("int8", "int4", or None: as stored)."""
+    Dense matrices placed on the CPU are in `dense_quant` ("int8", "int4", or None: as stored).
+    Sizes are those the loader allocates for this placement, tensor by tensor."""
     if gpu_budget is None:
         gpu_budget = profile.gpu.memory if profile.gpu else 0
     use_gpu = gpu_budget > 0 and profile.gpu is not None
     dense_bytes = DTYPE_BYTES.get(args.torch_dtype, 2) if args.fp8_block_size is None else 2
     dense_format = {4: "fp32", 2: "bf16"}[dense_bytes] if args.torch_dtype != "float16" else "fp16"
+    # Without a GPU and with quantised dense matrices the model computes in fp32 (the CPU kernels'
+    # activations); what stays float is widened to it. Otherwise everything keeps the checkpoint's dtype.
+    compute_bytes = 4 if not use_gpu and dense_quant else dense_bytes
     expert_bytes, expert_format = (INT4_BYTES, "int4") if quant == "int4" else (dense_bytes, dense_format)
-    groups = parameter_groups(args)
-    if args.tie_word_embeddings:
-        groups["lm_head"] = groups["embeddings"]  # the head is a second copy on its device
-    kv, linear_state = cache_bytes(args, ctx, dense_bytes)
+    tensors: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for name, shape in checkpoint_shapes(args).items():
+        tensors.setdefault(group_of(name), []).append((name, shape))
+    if args.tie_word_embeddings:  # the head is a second copy on its device
+        tensors["lm_head"] = [("lm_head.weight", tensors["embeddings"][0][1])]
+    groups = {group: sum(math.prod(shape) for _, shape in items) for group, items in tensors.items()}
+    kv, linear_state = cache_bytes(args, ctx, compute_bytes)
     total, active = parameter_counts(args)
-    layer_experts = groups.get("routed experts", 0) * expert_bytes / args.num_hidden_layers
+    moe_layers = sum(args.is_moe_layer(layer) for layer in range(args.num_hidden_layers))
+    layer_experts = groups.get("routed experts", 0) * expert_bytes / max(moe_layers, 1)
 
     def on(device: str, group: str) -> Placement:
         params = groups.get(group, 0)
-        if group in ("norms",):
-            return Placement(group, device, "fp32", params * 4, params)
         if group == "routed experts":
             return Placement(group, "cpu", expert_format, int(params * expert_bytes), params)
         if group == "embeddings":
             return Placement(group, "cpu", dense_format, params * dense_bytes, params)
         if device == "gpu" or dense_quant is None:
             return Placement(group, device, dense_format, params * dense_bytes, params)
-        if group == "routers":  # small, and they choose the experts: float (fp32 beside quantised layers)
-            return Placement(group, device, "fp32", params * 4, params)
         quant_bytes = INT8_BYTES if dense_quant == "int8" else INT4_BYTES
-        return Placement(group, device, dense_quant, int(params * quant_bytes), params)
+        quantized = [math.prod(shape) for name, shape in tensors[group] if quantizable(name, shape)]
+        nbytes = int(sum(quantized) * quant_bytes) + (params - sum(quantized)) * compute_bytes
+        fmt = dense_quant if quantized else {4: "fp32", 2: dense_format}[compute_bytes]
+        return Placement(group, device, fmt, nbytes, params)
 
     dense_groups = [g for g in ("mixers", "dense MLPs", "routers", "norms") if groups.get(g)]
     optional = ["shared experts", "lm_head"] if groups.get("shared experts") else ["lm_head"]
@@ -207,7 +226,8 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
         placement += [on(device, g) for g in dense_groups]
         placement += [on(device if g in gpu_optional else "cpu", g) for g in optional]
         placement.append(on("cpu", "routed experts"))
-        placement.append(Placement(f"KV cache ({ctx} positions)", device, dense_format, kv))
+        cache_format = {4: "fp32", 2: dense_format}[compute_bytes]
+        placement.append(Placement(f"KV cache ({ctx} positions)", device, cache_format, kv))
         if linear_state:
             placement.append(Placement("DeltaNet state", device, "fp32", linear_state))
         if use_gpu:
@@ -215,7 +235,7 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
                                        _workspace_bytes(args) + CUDA_CONTEXT_BYTES))
             if with_stream:
                 placement.append(Placement(PREFETCH_GROUP, "gpu", expert_format, stream_buffers))
-                placement.append(Placement("pinned staging (2 layers)", "cpu", expert_format, stream_buffers))
+                placement.append(Placement(STAGING_GROUP, "cpu", expert_format, stream_buffers))
         else:
             placement.append(Placement("workspace", "cpu", "-", _workspace_bytes(args)))
         return placement
@@ -253,7 +273,8 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
     plan = Plan(model=model_name or args.model_type, profile=profile.name, gpu_budget=gpu_budget if use_gpu else 0,
                 ctx=ctx, quant=quant, fits=fits, reason=reason, placement=placement, gpu_bytes=gpu_bytes,
                 ram_bytes=ram_bytes, ram_available=profile.cpu.ram, minimum_gpu_bytes=minimum,
-                params_total=total, params_active=active, notes=notes)
+                params_total=total, params_active=active, notes=notes,
+                activations={4: "fp32", 2: dense_format}[compute_bytes])
     plan.predicted = predict(args, profile, plan, groups, prompt_tokens)
     return plan
 

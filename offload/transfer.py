@@ -19,13 +19,13 @@ down packed uint8 [E, D/32, I*16], scales uint16 [E, D/32, I] (the `kernels.int4
 
 from __future__ import annotations
 
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from kernels.int4 import BLOCK, GROUP
+from offload.host import torch_view
 from offload.models.moe import grouped_experts
 from offload.store import ExpertStore
 
@@ -36,15 +36,6 @@ def _host_arrays(store: ExpertStore, layer: int) -> dict[str, np.ndarray]:
     experts = store.layers[layer]
     return {"gate_up_packed": experts.gate_up.packed, "gate_up_scales": experts.gate_up.scales,
             "down_packed": experts.down.packed, "down_scales": experts.down.scales}
-
-
-def _as_torch(array: np.ndarray) -> torch.Tensor:
-    """A zero-copy tensor over a (read-only, memory-mapped) store array; uint16 as int16 bits.
-    It is only ever a copy source, so torch's warning about read-only memory does not apply."""
-    array = np.asarray(array.view(np.int16) if array.dtype == np.uint16 else array)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
 
 
 class ExpertStreamer:
@@ -75,10 +66,10 @@ class ExpertStreamer:
         arrays = _host_arrays(self.store, layer)
         if not self.cuda:
             for name, target in self.slots[slot].items():
-                target.copy_(_as_torch(arrays[name]))
+                target.copy_(torch_view(arrays[name]))
             return
         for name, staging in self.staging[slot].items():
-            staging.copy_(_as_torch(arrays[name]))
+            staging.copy_(torch_view(arrays[name]))
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.released[slot])  # the slot's last reader is done
             for name, target in self.slots[slot].items():

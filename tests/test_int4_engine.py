@@ -70,14 +70,13 @@ def round_dense(model, fmt) -> None:
     """Round every dense matrix the way dense_quant=fmt does (same eligibility rule)."""
     from torch import nn
 
-    from offload.dense import KEEP_FLOAT
+    from offload.planner import quantizable
 
     if model.config.tie_word_embeddings:  # the head gets its own rounded copy; embeddings stay exact
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     with torch.no_grad():
         for name, module in model.named_modules():
-            if (isinstance(module, nn.Linear) and not name.endswith(KEEP_FLOAT)
-                    and module.out_features % 32 == 0 and module.in_features % 32 == 0):
+            if isinstance(module, nn.Linear) and quantizable(f"{name}.weight", tuple(module.weight.shape)):
                 module.weight.copy_(torch.from_numpy(fmt.dequantize(fmt.quantize(module.weight.numpy()))[0]))
 
 

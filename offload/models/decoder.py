@@ -1,8 +1,13 @@
-"""The frame both architectures share: embedding -> decoder layers -> final norm -> lm_head."""
+"""The frame both architectures share: embedding -> decoder layers -> final norm -> lm_head.
+
+A forward pass is also available in stages (`CausalLM.stages`): a generator that pauses in each
+MoE layer once the routed experts have been started, so that an engine can interleave two prompt
+chunks (one chunk's mixers run while the other's experts do). `forward` runs the stages through.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 from torch import nn
@@ -19,6 +24,26 @@ def feed_forward(args: ModelArgs, layer: int, shared_intermediate_size: int = 0)
         return SparseMoeBlock(args.hidden_size, args.num_experts, args.num_experts_per_tok,
                               args.moe_intermediate_size, args.norm_topk_prob, shared_intermediate_size)
     return MLP(args.hidden_size, args.intermediate_size)
+
+
+class DecoderLayer(nn.Module):
+    """x + mixer(norm(x)), then x + mlp(norm(x)). Subclasses build `input_layernorm`,
+    `post_attention_layernorm`, `mlp` and define `mix`, the first half."""
+
+    def mix(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def begin_feed_forward(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start the second half; the returned call yields x + mlp(norm(x))."""
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, SparseMoeBlock):
+            finish = self.mlp.begin(h)
+            return lambda: x + finish()
+        out = x + self.mlp(h)
+        return lambda: out
+
+    def forward(self, x, cos, sin, cache: Cache, start: int) -> torch.Tensor:
+        return self.begin_feed_forward(self.mix(x, cos, sin, cache, start))()
 
 
 class CausalLM(nn.Module):
@@ -38,14 +63,34 @@ class CausalLM(nn.Module):
         """The activations' dtype: that of the norms (the embedding table may be kept narrower)."""
         return self.norm.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, caches: list[Cache], start: int,
-                last_only: bool = False) -> torch.Tensor:
-        """input_ids [T] at positions start..start+T -> logits [T, V] (or [1, V] if last_only)."""
+    def stages(self, input_ids: torch.Tensor, caches: list[Cache], start: int,
+               last_only: bool = False) -> Generator[None, None, torch.Tensor]:
+        """`forward` as a generator: it yields after starting each MoE layer's feed-forward and
+        returns the logits. Work queued before a yield only reads this chunk's activations and
+        the caches as the earlier chunks left them, so another chunk may run between yields as
+        long as chunks enter each layer in order."""
         x = self.embed_tokens(input_ids).to(self.compute_dtype)
         positions = torch.arange(start, start + input_ids.shape[0], device=x.device)
         cos, sin = self.rotary(positions, x.dtype)
         for layer, cache in zip(self.layers, caches):
-            x = layer(x, cos, sin, cache, start)
+            finish = layer.begin_feed_forward(layer.mix(x, cos, sin, cache, start))
+            if isinstance(layer.mlp, SparseMoeBlock):
+                yield
+            x = finish()
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x))
+
+    def forward(self, input_ids: torch.Tensor, caches: list[Cache], start: int,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [T] at positions start..start+T -> logits [T, V] (or [1, V] if last_only)."""
+        return run_stages(self.stages(input_ids, caches, start, last_only))
+
+
+def run_stages(stages: Generator[None, None, torch.Tensor]) -> torch.Tensor:
+    """Run a `CausalLM.stages` generator to the end; its result."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value

@@ -111,14 +111,22 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = MLP(hidden_size, shared_intermediate_size)
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> [T, D] in x's dtype."""
+    def begin(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Route x [T, D], start the routed experts and compute the shared expert (meanwhile, when
+        the experts run elsewhere); the returned call yields the block's output [T, D] in x's dtype."""
         weights, expert_ids = self.gate(x)
         routed = self.experts.start(x, expert_ids, weights)
         shared = None
-        if self.shared_expert is not None:  # overlaps the routed experts when they run elsewhere
+        if self.shared_expert is not None:
             shared = (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()
-        out = routed()
-        if shared is not None:
-            out = out + shared
-        return out.to(x.dtype)
+
+        def finish() -> torch.Tensor:
+            out = routed()
+            if shared is not None:
+                out = out + shared
+            return out.to(x.dtype)
+        return finish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, D] in x's dtype."""
+        return self.begin(x)()

@@ -14,6 +14,7 @@ from offload.config import Qwen3MoeArgs
 from offload.models.attention import apply_rope, cached_attention
 from offload.models.cache import Cache, KVCache
 from offload.models.hub import sanitize  # noqa: F401  (part of the architecture's interface)
+from offload.models import decoder
 from offload.models.decoder import CausalLM, feed_forward
 
 
@@ -54,7 +55,7 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(decoder.DecoderLayer):
     def __init__(self, args: Qwen3MoeArgs, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -62,9 +63,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = feed_forward(args, layer)
 
-    def forward(self, x, cos, sin, cache: KVCache, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def mix(self, x, cos, sin, cache: KVCache, start: int) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
 
 
 class Model(CausalLM):

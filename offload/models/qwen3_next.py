@@ -12,18 +12,15 @@ Dk / Dv = DeltaNet key / value head dims, C = conv channels (2 Hk Dk + Hv Dv), K
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from kernels.deltanet import deltanet_step
-from kernels.threads import kernel_threads
 
 from offload.config import LINEAR_ATTENTION, Qwen3NextArgs
 from offload.models.attention import apply_rope, cached_attention
 from offload.models.cache import Cache, KVCache, LinearAttentionCache
 from offload.models.hub import sanitize  # noqa: F401  (part of the architecture's interface)
+from offload.models import decoder
 from offload.models.decoder import CausalLM, feed_forward
 
 DELTA_CHUNK_SIZE = 64  # tokens per chunk of the chunked delta rule (prefill)
@@ -109,13 +106,10 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.num_value_heads))
         self.norm = RMSNormGated(self.value_head_dim, args.rms_norm_eps)
         self.out_proj = nn.Linear(value_dim, args.hidden_size, bias=False)
-        self._mixed = None  # [C] scratch of `_fused_step`, allocated on first use
 
     def forward(self, x: torch.Tensor, cache: LinearAttentionCache) -> torch.Tensor:
         """x [T, D] -> [T, D]; reads and advances `cache`."""
         num_tokens = x.shape[0]
-        if num_tokens == 1 and x.device.type == "cpu" and x.dtype == torch.float32:
-            return self.out_proj(self._fused_step(x, cache))
         per_key_head = self.num_value_heads // self.num_key_heads
         value_width = per_key_head * self.value_head_dim
         qkvz = self.in_proj_qkvz(x).view(num_tokens, self.num_key_heads, -1)
@@ -143,20 +137,6 @@ class GatedDeltaNet(nn.Module):
         out = self.norm(out.to(x.dtype), z.reshape(num_tokens, self.num_value_heads, self.value_head_dim))
         return self.out_proj(out.reshape(num_tokens, -1))
 
-    def _fused_step(self, x: torch.Tensor, cache: LinearAttentionCache) -> torch.Tensor:
-        """The same as `forward` between the projections, for one fp32 token on the CPU, by
-        `kernels.deltanet.deltanet_step` (one parallel region instead of ~60 small torch ops)."""
-        if self._mixed is None:
-            self._mixed = np.empty(self.conv_dim, np.float32)
-        out = torch.empty(self.num_value_heads, self.value_head_dim)
-        qkvz = self.in_proj_qkvz(x).float().reshape(self.num_key_heads, -1)
-        ba = self.in_proj_ba(x).float().reshape(self.num_key_heads, -1)
-        with kernel_threads():
-            deltanet_step(qkvz.numpy(), ba.numpy(), cache.conv_state.numpy(), _numpy(self.conv1d.weight[:, 0]),
-                          _numpy(self.A_log), _numpy(self.dt_bias), _numpy(self.norm.weight),
-                          np.float32(self.norm.eps), cache.recurrent_state.numpy(), self._mixed, out.numpy())
-        return out.reshape(1, -1)
-
     def _causal_conv(self, mixed: torch.Tensor, cache: LinearAttentionCache) -> torch.Tensor:
         """Depthwise causal conv + silu over [T, C], continuing from the cached last K-1 inputs.
 
@@ -172,11 +152,6 @@ class GatedDeltaNet(nn.Module):
         for k in range(1, kernel_size):
             out += source[:, k:k + num_tokens] * weight[:, k:k + 1]
         return F.silu(out).to(mixed.dtype).transpose(0, 1)  # [T, C]
-
-
-def _numpy(param: torch.Tensor) -> np.ndarray:
-    """A float32 C-contiguous numpy view of a parameter (a copy only if it is not one already)."""
-    return param.detach().float().contiguous().numpy()
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -244,7 +219,7 @@ def gated_delta_chunked(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return out.transpose(0, 1)  # [T, Hv, Dv]
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(decoder.DecoderLayer):
     def __init__(self, args: Qwen3NextArgs, layer: int):
         super().__init__()
         self.is_linear = args.layer_type(layer) == LINEAR_ATTENTION
@@ -256,14 +231,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = feed_forward(args, layer, args.shared_expert_intermediate_size)
 
-    def forward(self, x, cos, sin, cache: Cache, start: int) -> torch.Tensor:
+    def mix(self, x, cos, sin, cache: Cache, start: int) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.is_linear:
-            h = self.linear_attn(h, cache)
-        else:
-            h = self.self_attn(h, cos, sin, cache, start)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+            return x + self.linear_attn(h, cache)
+        return x + self.self_attn(h, cos, sin, cache, start)
 
 
 class Model(CausalLM):

@@ -1,0 +1,127 @@
+"""Executing the plan: every tensor group on the device and in the format `Plan.placement` gives.
+
+`load()` fills the model in RAM in the checkpoint's precision (with the routed experts already
+swapped for the int4 executor), then `place()` reads the plan group by group; this is the one
+place that maps plan groups to modules:
+- groups on "gpu" move to the execution device (CUDA, or the CPU standing in for a GPU) in the
+  checkpoint's precision;
+- groups on "cpu" stay in RAM: dense matrices become `QuantizedLinear` where the plan gives them
+  int8/int4, embeddings stay as stored, the routed experts stay with the int4 executor (which
+  crosses through its host lanes). On CUDA each RAM-resident module is wrapped in `OnHost`;
+- a plan that computes in fp32 on the CPU widens what stays float, and a DeltaNet mixer placed
+  on the CPU in fp32 becomes `FusedDeltaNet`.
+It returns what it did, group by group (`Engine.placement`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from offload.dense import QuantizedLinear, hub_name, quantize_dense
+from offload.host import OnHost
+from offload.models.cache import KVCache, LinearAttentionCache
+from offload.planner import PREFETCH_GROUP, STAGING_GROUP, Plan, group_of
+
+QUANTIZED = ("int8", "int4")
+
+
+def _group(module_name: str, leaf: str = "weight") -> str:
+    return group_of(hub_name(f"{module_name}.{leaf}" if module_name else leaf))
+
+
+def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = False) -> dict[str, int]:
+    """Move, quantise and wrap `model`'s modules as `plan` says; returns the bytes of each tensor
+    group as placed (routed experts from the int4 store are counted by the caller)."""
+    where = {p.group: p for p in plan.placement}
+    for fmt in QUANTIZED:
+        groups = {g for g, p in where.items() if p.device == "cpu" and p.format == fmt}
+        names = {name for name, module in model.named_modules()
+                 if isinstance(module, nn.Linear) and _group(name) in groups}
+        if names:
+            quantize_dense(model, fmt, names, progress=progress)
+    nbytes: dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        for leaf, param in list(module.named_parameters(recurse=False)):
+            group = _group(module_name, leaf)
+            placed = where.get(group)
+            target = device if placed is not None and placed.device == "gpu" else torch.device("cpu")
+            dtype = param.dtype
+            if plan.activations == "fp32" and param.is_floating_point() and group != "embeddings":
+                dtype = torch.float32  # quantised layers compute in fp32 on the CPU: so does the rest
+            if (target, dtype) != (param.device, param.dtype):
+                param = nn.Parameter(param.detach().to(target, dtype), requires_grad=False)
+                setattr(module, leaf, param)
+            nbytes[group] = nbytes.get(group, 0) + param.nbytes
+        if isinstance(module, QuantizedLinear):
+            group = _group(module_name)
+            nbytes[group] = nbytes.get(group, 0) + module.nbytes
+    model.rotary.to(device)
+    if device.type != "cpu":
+        _wrap_host_modules(model, {g for g, p in where.items() if p.device == "cpu"}, device)
+    if plan.activations == "fp32" and "mixers" in where and where["mixers"].device == "cpu":
+        _fuse_deltanet_steps(model)
+    return nbytes
+
+
+def _groups_within(module: nn.Module, prefix: str) -> set[str] | None:
+    """The tensor groups a module holds; None if it holds routed int4 experts (which cross to the
+    CPU by themselves)."""
+    groups = set()
+    for name, sub in module.named_modules(prefix=prefix):
+        if type(sub).__name__ == "Int4Experts":
+            return None
+        groups |= {_group(name, leaf) for leaf, _ in sub.named_parameters(recurse=False)}
+        if isinstance(sub, QuantizedLinear):
+            groups.add(_group(name))
+    return groups
+
+
+def _wrap_host_modules(module: nn.Module, host_groups: set[str], device: torch.device, prefix: str = "") -> None:
+    """Wrap each largest module whose tensors all stay in RAM in `OnHost`."""
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        groups = _groups_within(child, full)
+        if groups and groups <= host_groups:
+            setattr(module, name, OnHost(child, device))
+        elif groups is None or groups:
+            _wrap_host_modules(child, host_groups, device, f"{full}.")
+
+
+def _fuse_deltanet_steps(model: nn.Module) -> None:
+    from offload.deltanet import FusedDeltaNet
+
+    for layer in model.layers:
+        if hasattr(layer, "linear_attn"):
+            layer.linear_attn = FusedDeltaNet(layer.linear_attn)
+
+
+def torch_device_name(device: torch.device) -> str:
+    """"cuda:0" rather than "cuda": the device a tensor really lands on."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def executed_placement(plan: Plan, device: torch.device, nbytes: dict[str, int], caches: list,
+                       expert_nbytes: int, executor=None) -> list[dict]:
+    """`plan.placement` as executed: each entry with the torch device it runs on and the bytes
+    actually allocated (the workspace entries, not tensors of offload's own, keep the plan's figure)."""
+    measured = dict(nbytes)
+    measured["routed experts"] = measured.get("routed experts", 0) + expert_nbytes
+    streamer = executor.streamer if executor is not None else None
+    if streamer is not None:
+        measured[PREFETCH_GROUP] = sum(t.nbytes for slot in streamer.slots for t in slot.values())
+        measured[STAGING_GROUP] = sum(t.nbytes for slot in getattr(streamer, "staging", []) for t in slot.values())
+    executed = []
+    for entry in plan.placement:
+        if entry.group.startswith("KV cache"):
+            size = sum(c.nbytes for c in caches if isinstance(c, KVCache))
+        elif entry.group == "DeltaNet state":
+            size = sum(c.nbytes for c in caches if isinstance(c, LinearAttentionCache))
+        else:
+            size = measured.get(entry.group, entry.nbytes if entry.group.startswith("workspace") else 0)
+        executed.append({"group": entry.group, "device": entry.device,
+                         "torch_device": torch_device_name(device) if entry.device == "gpu" else "cpu",
+                         "format": entry.format, "nbytes": int(size)})
+    return executed
