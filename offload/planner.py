@@ -341,7 +341,7 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
     if can_stream:
         if stream_s(prompt_tokens) < cpu_time:
             strategy, prefill_s, prefill_bound = "stream", stream_s(prompt_tokens), "host-to-device bandwidth"
-        stream_from = _crossing(cpu_experts_s, stream_s)
+        stream_from = _crossing(cpu_experts_s, stream_s, plan.ctx)
     return Prediction(decode_tok_s=1 / decode_s, decode_bound=decode_bound,
                       prefill_tok_s=prompt_tokens / prefill_s, prefill_bound=prefill_bound,
                       prefill_tokens=prompt_tokens, prefill_strategy=strategy, stream_from_tokens=stream_from)
@@ -357,8 +357,9 @@ def _gpu_flops_s(args: ModelArgs, gpu, tokens: int, plan: Plan) -> float:
     return (2 * dense + attention) / (gpu.bf16_tflops * 1e12 * GPU_EFFICIENCY)
 
 
-def _crossing(cpu_time, stream_time, limit: int = 1 << 20) -> int | None:
-    """Smallest prompt length at which streaming is faster (binary search; None if never)."""
+def _crossing(cpu_time, stream_time, limit: int) -> int | None:
+    """Smallest prompt length at which streaming is faster, up to `limit` (the context: no prompt
+    is longer) by binary search; None if it never is."""
     if stream_time(limit) >= cpu_time(limit):
         return None
     low, high = 1, limit

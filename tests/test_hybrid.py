@@ -1,0 +1,227 @@
+"""The plan executed: GPU groups on the execution device, routed experts through the host lanes
+to the int4 kernels. Without CUDA the CPU stands in for the GPU (device="cpu" with a GPU budget):
+the same code, the same crossings, checked against transformers. `gpu`-marked tests run the
+CUDA-only parts (pinned lanes, events, streams, the memory cap)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import offload
+from offload.dense import QuantizedLinear
+from offload.experts import Int4Experts
+from offload.host import OnHost
+from offload.planner import PREFETCH_GROUP, STAGING_GROUP
+from test_int4_engine import dequantized_reference
+
+TOLERANCE = 2e-4
+STAND_IN = dict(gpu_mem="8G", profile="rtx4060-ddr5", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+
+
+def executor_of(engine):
+    return next(m for m in engine.model.modules() if isinstance(m, Int4Experts)).executor
+
+
+def assert_placement_agrees(engine, torch_device: str) -> None:
+    planned, executed = engine.plan.placement, engine.placement
+    assert [e["group"] for e in executed] == [p.group for p in planned]
+    for plan_entry, done in zip(planned, executed):
+        assert done["device"] == plan_entry.device and done["format"] == plan_entry.format, done
+        assert done["torch_device"] == (torch_device if plan_entry.device == "gpu" else "cpu")
+        if plan_entry.group != STAGING_GROUP or torch_device.startswith("cuda"):  # staging is CUDA's
+            assert done["nbytes"] == plan_entry.nbytes, (plan_entry, done)
+
+
+@pytest.mark.parametrize("name", ["next", "moe-hub"])
+def test_stand_in_places_every_group_as_planned(hf_checkpoint, name):
+    engine = offload.load(hf_checkpoint(name).path, quant="int4", **STAND_IN)
+    assert engine.plan.gpu_budget > 0 and engine.device == torch.device("cpu")
+    assert_placement_agrees(engine, "cpu")
+    on_gpu = {p.group for p in engine.plan.placement if p.device == "gpu"}
+    assert {"mixers", "routers", "norms", "lm_head"} <= on_gpu
+    # the GPU groups run in the checkpoint's precision, through torch (no CPU kernels swapped in)
+    assert not any(isinstance(m, QuantizedLinear) for m in engine.model.modules())
+    assert not any(type(m).__name__ == "FusedDeltaNet" for m in engine.model.modules())
+    assert executor_of(engine).lanes  # routed experts cross through the host lanes
+    if name == "next":
+        assert PREFETCH_GROUP in {p["group"] for p in engine.placement}
+        assert executor_of(engine).streamer is not None  # allocated at load: it is in the budget
+
+
+def test_a_short_budget_moves_shared_experts_and_lm_head_to_the_cpu(hf_checkpoint):
+    path = hf_checkpoint("next").path
+    roomy = offload.load(path, quant="int4", **STAND_IN)
+    engine = offload.load(path, quant="int4", **{**STAND_IN, "gpu_mem": roomy.plan.minimum_gpu_bytes})
+    where = {p["group"]: p for p in engine.placement}
+    assert where["shared experts"]["device"] == where["lm_head"]["device"] == "cpu"
+    assert where["lm_head"]["format"] == "int8" and isinstance(engine.model.lm_head, QuantizedLinear)
+    # this model's shared expert (48 wide) has no int8 shape: it stays float, as the plan says
+    assert where["shared experts"]["format"] == "fp32"
+    assert_placement_agrees(engine, "cpu")
+    assert engine.generate(list(range(1, 30)), max_new_tokens=8)  # runs end to end
+
+
+def test_a_plan_that_does_not_fit_fails_before_loading(hf_checkpoint):
+    path = hf_checkpoint("moe").path
+    minimum = offload.load(path, quant="int4", **STAND_IN).plan.minimum_gpu_bytes
+    with pytest.raises(offload.OffloadError, match="does not fit: needs at least .* of GPU memory"):
+        offload.load(path, quant="int4", **{**STAND_IN, "gpu_mem": minimum - 1})
+
+
+def stepped_reference(model, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+    """transformers' logits for a prefill of ids[:prefix], then one cached decode step per token:
+    the oracle of step-by-step decode (the recurrence rounds differently from the chunked form)."""
+    with torch.no_grad():
+        out = model(ids[None, :prefix], use_cache=True)
+        key = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.2x
+        logits = [out.logits[0]]
+        for i in range(prefix, ids.shape[0]):
+            out = model(ids[None, i:i + 1], use_cache=True, **{key: out[key]})
+            logits.append(out.logits[0])
+    return torch.cat(logits).float()
+
+
+@pytest.mark.parametrize("name", ["next", "moe"])
+@pytest.mark.parametrize("prefill", ["cpu", "stream"])
+def test_stand_in_matches_transformers(hf_checkpoint, name, prefill):
+    """Prefill by path (a) or (b), then step-by-step decode, which on the stand-in runs the torch
+    decode step a GPU runs (`gated_delta_step` for Qwen3-Next), against transformers."""
+    checkpoint = hf_checkpoint(name)
+    reference = dequantized_reference(checkpoint.model)
+    ids = torch.randint(0, 160, (150,), generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    engine = offload.load(checkpoint.path, quant="int4", dense_quant=None, prefill=prefill, **STAND_IN)
+    assert engine.streams(150) == (prefill == "stream")
+    assert (engine.logits(ids) - expected).abs().max().item() <= TOLERANCE
+    engine.reset()
+    stepped = torch.cat([engine.feed(ids[:100])] + [engine.feed(ids[i:i + 1]) for i in range(100, 150)])
+    assert (stepped - stepped_reference(reference, ids, 100)).abs().max().item() <= TOLERANCE
+
+
+def test_pipelined_prefill_is_the_sequential_prefill(hf_checkpoint):
+    """Two prompt chunks in flight (chunk c+1's mixers while chunk c's experts run) changes no bit:
+    every layer still sees its chunks in order."""
+    engine = offload.load(hf_checkpoint("next").path, quant="int4", dense_quant=None, prefill="cpu", **STAND_IN)
+    ids = torch.randint(0, 160, (1000,), generator=torch.Generator().manual_seed(22))  # two chunks of 512
+    sequential = engine.logits(ids)
+    engine.pipelined = True
+    assert torch.equal(engine.logits(ids), sequential)
+    engine.reset()
+    engine.feed(ids[:1000], all_logits=False)
+    after_pipelined = engine.feed(ids[:1])  # the caches were left as a sequential prefill leaves them
+    engine.pipelined = False
+    engine.reset()
+    engine.feed(ids[:1000], all_logits=False)
+    assert torch.equal(engine.feed(ids[:1]), after_pipelined)
+
+
+def test_the_engine_chooses_the_prefill_path_per_prompt(hf_checkpoint):
+    engine = offload.load(hf_checkpoint("next").path, quant="int4", dense_quant=None, **STAND_IN)
+    threshold = engine.plan.predicted.stream_from_tokens
+    assert threshold is not None and 8 < threshold < engine.ctx
+    assert not engine.streams(threshold - 1) and engine.streams(threshold)
+    executor = executor_of(engine)
+    engine.logits(torch.arange(threshold - 1) % 150)
+    assert not executor.streamer.pending  # the kernels ran it
+    engine.logits(torch.arange(threshold) % 150)
+    assert executor.streamer.pending  # whole layers were streamed
+
+
+@pytest.mark.parametrize("name", ["next", "moe"])
+def test_bf16_stand_in_agrees_with_fp32_as_transformers_in_bf16_does(hf_checkpoint, tmp_path, name):
+    """A bf16 checkpoint computes in bf16 on the (stand-in) GPU. Its distance from fp32 on the same
+    weights is bf16's own: within 1.5x of transformers' bf16 distance (these random models
+    amplify rounding, so no fixed tolerance would say more)."""
+    rounded = copy.deepcopy(hf_checkpoint(name).model).to(torch.bfloat16)
+    rounded.save_pretrained(tmp_path / "bf16")
+    fp32 = dequantized_reference(copy.deepcopy(rounded).to(torch.float32))  # the same weights in fp32
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    ids = torch.randint(0, 160, (100,), generator=torch.Generator().manual_seed(23))
+    engine = offload.load(tmp_path / "bf16", quant="int4", dense_quant=None, **STAND_IN)
+    assert engine.dtype == torch.bfloat16
+    assert next(p for p in engine.placement if p["group"] == "mixers")["format"] == "bf16"
+    prefilled = engine.logits(ids)
+    engine.reset()
+    stepped = torch.cat([engine.feed(ids[:60])] + [engine.feed(ids[i:i + 1]) for i in range(60, 100)])
+    with torch.no_grad():
+        cases = [(prefilled, fp32(ids[None]).logits[0], bf16(ids[None]).logits[0].float()),
+                 (stepped, stepped_reference(fp32, ids, 60), stepped_reference(bf16, ids, 60))]
+    for ours, exact, theirs in cases:
+        assert (ours - exact).abs().mean() <= 1.5 * (theirs - exact).abs().mean()
+        assert (ours - exact).abs().max() <= 1.5 * (theirs - exact).abs().max()
+
+
+def test_cpu_only_plans_run_the_cpu_kernels(hf_checkpoint):
+    engine = offload.load(hf_checkpoint("next").path, quant="int4", gpu_mem=0)
+    assert engine.plan.gpu_budget == 0 and all(p["device"] == "cpu" for p in engine.placement)
+    assert_placement_agrees(engine, "cpu")
+    assert engine.dtype == torch.float32  # int8 dense layers: the CPU computes in fp32
+    assert sum(type(m).__name__ == "FusedDeltaNet" for m in engine.model.modules()) == 3
+    assert not executor_of(engine).lanes
+
+
+def test_without_cuda_a_gpu_budget_falls_back_to_the_cpu_with_a_notice(hf_checkpoint, capfd):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    engine = offload.load(hf_checkpoint("moe").path, quant="int4", gpu_mem="8G", profile="rtx4060-ddr5")
+    assert "no CUDA device" in capfd.readouterr().err
+    assert engine.plan.gpu_budget == 0 and engine.device.type == "cpu"
+    with pytest.raises(offload.OffloadError, match="torch sees no CUDA device"):
+        offload.load(hf_checkpoint("moe").path, quant="int4", gpu_mem="8G", device="cuda")
+    with pytest.raises(offload.OffloadError, match="is not a device"):
+        offload.load(hf_checkpoint("moe").path, quant="int4", gpu_mem="8G", device="gpu0")
+
+
+# --- CUDA ---------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", ["next", "moe"])
+def test_cuda_matches_transformers_and_the_plan(hf_checkpoint, name):
+    checkpoint = hf_checkpoint(name)
+    reference = dequantized_reference(checkpoint.model)
+    ids = torch.randint(0, 160, (150,), generator=torch.Generator().manual_seed(24))
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    for prefill in ("cpu", "stream"):
+        engine = offload.load(checkpoint.path, quant="int4", dense_quant=None, prefill=prefill,
+                              gpu_mem="8G", profile="rtx4060-ddr5")
+        assert engine.device.type == "cuda"
+        assert_placement_agrees(engine, f"cuda:{torch.cuda.current_device()}")
+        assert engine.model.norm.weight.is_cuda and isinstance(engine.model.embed_tokens, OnHost)
+        lanes = executor_of(engine).lanes
+        assert all(lane.x.is_pinned() and lane.out.is_pinned() for lane in lanes)
+        assert (engine.logits(ids) - expected).abs().max().item() <= 1e-3  # TF32-free, but cuBLAS sums differently
+        engine.reset()
+        stepped = torch.cat([engine.feed(ids[:100])] + [engine.feed(ids[i:i + 1]) for i in range(100, 150)])
+        assert (stepped - expected).abs().max().item() <= 1e-3
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_pipelined_prefill_and_the_memory_cap(hf_checkpoint):
+    engine = offload.load(hf_checkpoint("next").path, quant="int4", dense_quant=None, prefill="cpu",
+                          gpu_mem="8G", profile="rtx4060-ddr5")
+    assert engine.pipelined
+    ids = torch.randint(0, 160, (1000,), generator=torch.Generator().manual_seed(25))
+    pipelined = engine.logits(ids)
+    engine.pipelined = False
+    sequential = engine.logits(ids)
+    assert (pipelined - sequential).abs().max().item() <= 1e-4  # same work, same order per layer
+    assert engine.gpu_peak_bytes <= engine.plan.gpu_bytes * 1.05
+    total = torch.cuda.get_device_properties(0).total_memory
+    if total > 16 * 2**30:  # the cap holds: a big card behaves like the planned 8 GB one
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(9 * 2**30, dtype=torch.uint8, device="cuda")
