@@ -74,7 +74,11 @@ def model_options(command):
         click.option("--dense-quant", type=click.Choice(["auto", "int8", "int4", "none"]), default="auto",
                      show_default=True, help="Dense matrices on the CPU as int8 or int4, or as stored; "
                                              "auto: int8 when the experts are int4."),
-        click.option("--gpu-mem", default=None, help="GPU memory budget, e.g. 8G (planned; execution is on the CPU for now)."),
+        click.option("--gpu-mem", default=None,
+                     help="GPU memory budget, e.g. 8G; 0 runs everything on the CPU [the profile's GPU memory]."),
+        click.option("--device", default=None,
+                     help="Where the GPU's share runs: cuda, cuda:N, or cpu (a stand-in, with --gpu-mem) "
+                          "[cuda when torch sees one]."),
         click.option("--profile", default=None, help="Hardware profile: a name in profiles/ or a YAML file."),
     ]
     for option in reversed(options):
@@ -114,14 +118,14 @@ def _model_dir(model_dir: Path | None, demo: bool) -> Path:
     return model_dir
 
 
-def _load(model_dir: Path, ctx, quant: str, dense_quant: str, gpu_mem, profile):
+def _load(model_dir: Path, ctx, quant: str, dense_quant: str, gpu_mem, profile, device):
     """(engine, load seconds), with a one-line progress note on stderr."""
     import offload
 
     click.echo(f"loading {model_dir} ...", err=True)
     started = time.perf_counter()
     engine = offload.load(model_dir, quant=None if quant == "none" else quant, gpu_mem=gpu_mem, profile=profile,
-                          ctx=ctx, dense_quant=None if dense_quant == "none" else dense_quant)
+                          ctx=ctx, dense_quant=None if dense_quant == "none" else dense_quant, device=device)
     return engine, time.perf_counter() - started
 
 
@@ -132,12 +136,30 @@ def _sampling(model_dir: Path, **flags):
     return generation_defaults(model_dir).with_(**chosen)
 
 
+def _execution_words(engine) -> str:
+    from offload.placement import torch_device_name
+
+    if not engine.plan.gpu_budget:
+        return "execution on the CPU"
+    if engine.device.type != "cuda":
+        return "the GPU's share on the CPU (stand-in), routed experts on the CPU"
+    return f"the GPU's share on {torch_device_name(engine.device)}, routed experts on the CPU"
+
+
 def _memory_line(engine) -> str:
     import psutil
 
     from offload.hardware import format_size
 
-    return f"RAM {format_size(psutil.Process().memory_info().rss)}, GPU 0 B (CPU execution)"
+    ram = f"RAM {format_size(psutil.Process().memory_info().rss)}"
+    if not engine.plan.gpu_budget:
+        return f"{ram}, GPU 0 B (CPU execution)"
+    if engine.device.type != "cuda":
+        return f"{ram} (the GPU plan runs on the CPU, standing in for a GPU)"
+    from offload.placement import torch_device_name
+
+    return (f"{ram}, GPU peak {format_size(engine.gpu_peak_bytes)} of {format_size(engine.plan.gpu_bytes)} "
+            f"planned ({torch_device_name(engine.device)})")
 
 
 @main.command()
@@ -152,8 +174,9 @@ def _memory_line(engine) -> str:
 @sampling_options
 @click.option("--hide-thinking", is_flag=True, help="Do not show <think> ... </think> blocks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, timings) instead.")
-def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text, prompt_file, ids_text, system,
-        chat_mode, hide_thinking, as_json, **sampling_flags) -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Show where each tensor group runs, once loaded.")
+def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, device, profile, prompt_text, prompt_file, ids_text,
+        system, chat_mode, hide_thinking, as_json, verbose, **sampling_flags) -> None:
     """Generate text from one prompt, streamed.
 
     The prompt comes from --prompt, --file, --ids or stdin; a stats line follows on stderr."""
@@ -198,9 +221,13 @@ def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text,
         raise OffloadError(f"the prompt is {len(prompt_ids)} tokens, too long for the context of {ctx} (the "
                            "answer needs room too); pass a larger --ctx or a shorter prompt")
     max_tokens = min(max_tokens, ctx - len(prompt_ids))
-    engine, load_s = _load(model_dir, ctx, quant, dense_quant, gpu_mem, profile)
+    engine, load_s = _load(model_dir, ctx, quant, dense_quant, gpu_mem, profile, device)
     click.echo(f"loaded in {load_s:.1f} s ({engine.args.model_type}, {engine.args.num_hidden_layers} layers)",
                err=True)
+    if verbose:
+        from offload.placement import describe
+
+        click.echo("\n".join(describe(engine.placement)), err=True)
 
     stats = Stats()
     tokens = generate(engine, prompt_ids, sampling, max_tokens, stats)
@@ -235,7 +262,8 @@ def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_text,
 @sampling_options
 @click.option("--system", default=None, help="A system message for the conversation.")
 @click.option("--hide-thinking", is_flag=True, help="Do not show <think> ... </think> blocks.")
-def chat(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, system, hide_thinking, **sampling_flags) -> None:
+def chat(model_dir, demo, ctx, quant, dense_quant, gpu_mem, device, profile, system, hide_thinking,
+         **sampling_flags) -> None:
     """Chat with a model, interactively or piped.
 
     On a terminal: line editing, history, /help for commands, Ctrl-C stops an answer, Ctrl-D
@@ -249,7 +277,7 @@ def chat(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, system, hid
     tokenizer = Tokenizer(model_dir)
     tokenizer.render([{"role": "user", "content": "hi"}])  # fails now, not after the first message, if no template
     sampling = _sampling(model_dir, **sampling_flags)
-    engine, load_s = _load(model_dir, ctx, quant, dense_quant, gpu_mem, profile)
+    engine, load_s = _load(model_dir, ctx, quant, dense_quant, gpu_mem, profile, device)
     conversation = Conversation(engine, tokenizer, sampling, max_tokens, system)
     click.echo(f"loaded {model_dir.name} in {load_s:.1f} s", err=True)
     Repl(conversation, hide_thinking=hide_thinking, memory=lambda: _memory_line(engine)).run()
@@ -261,7 +289,7 @@ def chat(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, system, hid
               help="Prompt lengths to measure, comma-separated.")
 @click.option("--decode-tokens", default=32, show_default=True, type=click.IntRange(min=2),
               help="Tokens generated after each prompt.")
-def bench(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_lengths, decode_tokens) -> None:
+def bench(model_dir, demo, ctx, quant, dense_quant, gpu_mem, device, profile, prompt_lengths, decode_tokens) -> None:
     """Measure prefill and decode speed vs the plan.
 
     For each prompt length: prefill tok/s and the median decode step, beside the planner's
@@ -282,11 +310,11 @@ def bench(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_len
     model_dir = _model_dir(model_dir, demo)
     hardware, source = _resolve_profile(profile)
     needed = lengths[-1] + decode_tokens
-    engine, load_s = _load(model_dir, ctx or max(needed, 512), quant, dense_quant, gpu_mem, profile)
+    engine, load_s = _load(model_dir, ctx or max(needed, 512), quant, dense_quant, gpu_mem, profile, device)
     if needed > engine.ctx:
         raise click.BadParameter(f"the longest prompt plus {decode_tokens} tokens needs --ctx {needed}")
     click.echo(f"{model_dir.name}: {engine.args.model_type}, {engine.args.num_hidden_layers} layers, "
-               f"loaded in {load_s:.1f} s; execution on the CPU, planned with profile {hardware.name}")
+               f"loaded in {load_s:.1f} s; {_execution_words(engine)}, planned with profile {hardware.name}")
     if source != profile:
         click.echo(f"  ({source})")
     dense_format = next((m.format for m in engine.model.modules() if isinstance(m, QuantizedLinear)), None)
@@ -305,7 +333,7 @@ def bench(model_dir, demo, ctx, quant, dense_quant, gpu_mem, profile, prompt_len
             engine.feed([int(token)], all_logits=False)
             steps.append(time.perf_counter() - started)
         decode = 1 / statistics.median(steps)
-        predicted = make_plan(engine.args, hardware, 0, ctx=engine.ctx, quant=quant,
+        predicted = make_plan(engine.args, hardware, engine.plan.gpu_budget, ctx=engine.ctx, quant=quant,
                               dense_quant=dense_format, prompt_tokens=length).predicted
         click.echo(f"{length:>8} {prefill:>14.1f} {predicted.prefill_tok_s:>8.1f} {decode:>14.1f} "
                    f"{predicted.decode_tok_s:>8.1f}")

@@ -117,7 +117,11 @@ def parse_rate(text: str | int | float, what: str = "bandwidth") -> float:
 
 
 def format_size(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f}GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f}MiB"
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.1f}GiB"
+    if nbytes >= 2**20 or nbytes == 0:
+        return f"{nbytes / 2**20:.0f}MiB"
+    return f"{nbytes / 2**10:.0f}KiB"
 
 
 def format_rate(bytes_per_s: float) -> str:

@@ -125,3 +125,15 @@ def executed_placement(plan: Plan, device: torch.device, nbytes: dict[str, int],
                          "torch_device": torch_device_name(device) if entry.device == "gpu" else "cpu",
                          "format": entry.format, "nbytes": int(size)})
     return executed
+
+
+def describe(executed: list[dict]) -> list[str]:
+    """`Engine.placement` as aligned lines: group, where it runs (planned device), format, size."""
+    from offload.hardware import format_size
+
+    lines = [f"  {'tensor group':<36} {'runs on':<14} {'format':<6} {'size':>10}"]
+    for entry in executed:
+        where = entry["torch_device"] + (" (GPU)" if entry["device"] == "gpu" and entry["torch_device"] == "cpu"
+                                         else "")
+        lines.append(f"  {entry['group']:<36} {where:<14} {entry['format']:<6} {format_size(entry['nbytes']):>10}")
+    return lines

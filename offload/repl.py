@@ -164,6 +164,10 @@ class Repl:
             click.echo(f"last answer: {last.line() if last.generated_tokens else 'none yet'}")
             click.echo(f"context: {conversation.engine.position} of {conversation.engine.ctx} tokens; "
                        f"{self.memory()}")
+            if conversation.engine.placement:
+                from offload.placement import describe
+
+                click.echo("placement:\n" + "\n".join(describe(conversation.engine.placement)))
             settings = {k: v for k, v in vars(conversation.sampling).items()} | {"max_tokens": conversation.max_tokens}
             click.echo("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
         elif name == "save":
