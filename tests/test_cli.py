@@ -9,6 +9,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+import offload
 from cli import main
 
 
@@ -35,9 +36,11 @@ def test_run_model_dir(runner, tmp_path):
     synth = runner.invoke(main, ["synth", "tiny-qwen3-moe", str(out), "--layers", "2"])
     assert synth.exit_code == 0, synth.output
     assert "wrote" in synth.stdout and json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
-    result = runner.invoke(main, ["run", "--model", str(out), "--max-tokens", "3", "--ids", "5 6 7"])
+    result = runner.invoke(main, ["run", "--model", str(out), "--max-tokens", "3", "--ids", "5 6 7",
+                                  "--temperature", "0", "--json"])
     assert result.exit_code == 0, result.output
-    assert "generated" in result.stderr and result.stdout.strip()
+    record = json.loads(result.stdout)
+    assert record["token_ids"] == offload.load(out, quant="int4").generate([5, 6, 7], max_new_tokens=3)
 
 
 @pytest.mark.parametrize("args, message", [
