@@ -62,6 +62,9 @@ class CpuExpertExecutor:
         self.prefill_scratch = gemm.PrefillScratch(PREFILL_CHUNK, top_k, hidden, intermediate)
         self.lanes = [HostLane(PREFILL_CHUNK, hidden, top_k, self.device) for _ in range(2)] if hybrid else []
         self.next_lane = 0
+        # False: the CPU waits until the device has finished everything queued (the shared expert,
+        # the other chunk's mixers) before running the kernels; only to measure what concurrency buys
+        self.concurrent = True
 
     def reset(self) -> None:
         """Forget calls that were started and never finished (an interrupted forward pass)."""
@@ -133,6 +136,8 @@ class CpuExpertExecutor:
 
         def finish() -> torch.Tensor:
             lane.wait()
+            if not self.concurrent and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             self._kernels(layer, lane.x[:tokens].numpy(), lane.expert_ids[:tokens].numpy(),
                           lane.weights[:tokens].numpy(), lane.out[:tokens].numpy())
             return lane.receive(tokens)
