@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import offload
@@ -41,6 +42,20 @@ def test_run_model_dir(runner, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["token_ids"] == offload.load(out, quant="int4").generate([5, 6, 7], max_new_tokens=3)
+
+
+def test_run_verbose_shows_where_each_group_runs(runner, tmp_path):
+    out = tmp_path / "tiny"
+    assert runner.invoke(main, ["synth", "tiny-qwen3-next", str(out)]).exit_code == 0
+    result = runner.invoke(main, ["run", "--model", str(out), "--ids", "5 6 7", "--max-tokens", "2", "-v",
+                                  "--gpu-mem", "8G", "--device", "cpu", "--profile", "rtx4060-ddr5"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split() for line in result.stderr.splitlines() if line.startswith("  ")}
+    assert rows["mixers"][1:3] == ["cpu", "(GPU)"] and rows["routed"][3] == "int4"
+    assert "standing in for a GPU" in result.stderr
+    if not torch.cuda.is_available():
+        cuda = runner.invoke(main, ["run", "--model", str(out), "--ids", "5 6 7", "--device", "cuda"])
+        assert cuda.exit_code == 1 and cuda.stderr.count("error:") == 1 and "no CUDA device" in cuda.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -69,6 +69,25 @@ def test_a_short_budget_moves_shared_experts_and_lm_head_to_the_cpu(hf_checkpoin
     assert engine.generate(list(range(1, 30)), max_new_tokens=8)  # runs end to end
 
 
+def test_ram_resident_modules_are_the_ones_wrapped_for_a_gpu(hf_checkpoint):
+    """On CUDA each largest module whose groups the plan keeps in RAM runs through `OnHost`; the
+    choice is made here with the CPU as the target, where the wrappers change no result."""
+    from offload.placement import _wrap_host_modules
+
+    path = hf_checkpoint("next").path
+    roomy = offload.load(path, quant="int4", **STAND_IN)
+    engine = offload.load(path, quant="int4", **{**STAND_IN, "gpu_mem": roomy.plan.minimum_gpu_bytes})
+    ids = torch.arange(40) % 160
+    before = engine.logits(ids)
+    host_groups = {p.group for p in engine.plan.placement if p.device == "cpu"}
+    _wrap_host_modules(engine.model, host_groups, torch.device("cpu"))
+    wrapped = sorted(name for name, m in engine.model.named_modules() if isinstance(m, OnHost))
+    layers = range(len(engine.model.layers))
+    assert wrapped == sorted(["embed_tokens", "lm_head"] + [f"layers.{i}.mlp.shared_expert" for i in layers]
+                             + [f"layers.{i}.mlp.shared_expert_gate" for i in layers])
+    assert torch.equal(engine.logits(ids), before)
+
+
 def test_a_plan_that_does_not_fit_fails_before_loading(hf_checkpoint):
     path = hf_checkpoint("moe").path
     minimum = offload.load(path, quant="int4", **STAND_IN).plan.minimum_gpu_bytes
