@@ -126,6 +126,17 @@ def test_stand_in_matches_transformers(hf_checkpoint, name, prefill):
     assert (stepped - stepped_reference(reference, ids, 100)).abs().max().item() <= TOLERANCE
 
 
+def test_stand_in_with_float_experts_in_ram_matches_transformers(hf_checkpoint):
+    """quant=None: the routed experts stay float, in RAM as the plan says, computed by torch there."""
+    checkpoint = hf_checkpoint("next")
+    ids = torch.randint(0, 160, (60,), generator=torch.Generator().manual_seed(26))
+    engine = offload.load(checkpoint.path, quant=None, **STAND_IN)
+    experts = next(p for p in engine.placement if p["group"] == "routed experts")
+    assert experts["device"] == "cpu" and experts["format"] == "fp32"
+    assert_placement_agrees(engine, "cpu")
+    assert (engine.logits(ids) - checkpoint.logits(ids)).abs().max().item() <= TOLERANCE
+
+
 def test_pipelined_prefill_is_the_sequential_prefill(hf_checkpoint):
     """Two prompt chunks in flight (chunk c+1's mixers while chunk c's experts run) changes no bit:
     every layer still sees its chunks in order."""
