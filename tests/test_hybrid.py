@@ -108,7 +108,7 @@ def stepped_reference(model, ids: torch.Tensor, prefix: int) -> torch.Tensor:
     return torch.cat(logits).float()
 
 
-@pytest.mark.parametrize("name", ["next", "moe"])
+@pytest.mark.parametrize("name", ["next", "next-hub", "moe", "moe-hub", "moe-window"])
 @pytest.mark.parametrize("prefill", ["cpu", "stream"])
 def test_stand_in_matches_transformers(hf_checkpoint, name, prefill):
     """Prefill by path (a) or (b), then step-by-step decode, which on the stand-in runs the torch
