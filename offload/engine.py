@@ -259,7 +259,7 @@ def _execution_device(device: str | None, gpu_mem, profile: str | None):
     """(execution device, hardware profile, GPU budget for the plan: None = the profile's GPU)."""
     import sys
 
-    from offload.hardware import ProfileError, default_profile, load_profile, parse_size
+    from offload.hardware import default_profile, load_profile, parse_size
 
     hardware = load_profile(profile) if profile else default_profile()[0]
     budget = parse_size(gpu_mem, "gpu_mem") if gpu_mem is not None else None
@@ -285,8 +285,6 @@ def _execution_device(device: str | None, gpu_mem, profile: str | None):
                            "or run on the CPU with gpu_mem=0")
     if execution.index is not None and execution.index >= torch.cuda.device_count():
         raise OffloadError(f"device={device!r}: there are {torch.cuda.device_count()} CUDA devices")
-    if budget and hardware.gpu is None:
-        raise ProfileError(f"profile {hardware.name} has no GPU; use gpu_mem=0 or a profile with a GPU")
     if budget is None:
         budget = hardware.gpu.memory if hardware.gpu else 0
     return execution, hardware, budget
