@@ -230,3 +230,10 @@ def test_int8_round_trip_layout_and_chunks(monkeypatch):
     reference = int8.quantize_reference(w)
     assert np.array_equal(q.packed, reference.packed)
     assert np.abs(q.scales.astype(np.int32) - reference.scales.astype(np.int32)).max() <= 1
+
+
+def test_bandwidth_probe_reads_every_value():
+    from kernels.membw import SUM_BLOCK, _sum_blocks
+
+    values = np.random.default_rng(10).random(8 * SUM_BLOCK, dtype=np.float32)
+    assert np.isclose(_sum_blocks(values), values.sum(dtype=np.float64), rtol=1e-4)
