@@ -74,6 +74,9 @@ def model_options(command):
         click.option("--dense-quant", type=click.Choice(["auto", "int8", "int4", "none"]), default="auto",
                      show_default=True, help="Dense matrices on the CPU as int8 or int4, or as stored; "
                                              "auto: int8 when the experts are int4."),
+        click.option("--exact", is_flag=True,
+                     help="Keep the routed experts' activations in fp32 (slower; reproduces transformers on the "
+                          "int4 weights) instead of int8 with integer dot products."),
         click.option("--gpu-mem", default=None,
                      help="GPU memory budget, e.g. 8G; 0 runs everything on the CPU [the profile's GPU memory]."),
         click.option("--device", default=None,
@@ -118,14 +121,15 @@ def _model_dir(model_dir: Path | None, demo: bool) -> Path:
     return model_dir
 
 
-def _load(model_dir: Path, ctx, quant: str, dense_quant: str, gpu_mem, profile, device):
+def _load(model_dir: Path, ctx, quant: str, dense_quant: str, exact: bool, gpu_mem, profile, device):
     """(engine, load seconds), with a one-line progress note on stderr."""
     import offload
 
     click.echo(f"loading {model_dir} ...", err=True)
     started = time.perf_counter()
     engine = offload.load(model_dir, quant=None if quant == "none" else quant, gpu_mem=gpu_mem, profile=profile,
-                          ctx=ctx, dense_quant=None if dense_quant == "none" else dense_quant, device=device)
+                          ctx=ctx, dense_quant=None if dense_quant == "none" else dense_quant, device=device,
+                          exact=exact)
     return engine, time.perf_counter() - started
 
 
@@ -175,7 +179,7 @@ def _memory_line(engine) -> str:
 @click.option("--hide-thinking", is_flag=True, help="Do not show <think> ... </think> blocks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, timings) instead.")
 @click.option("--verbose", "-v", is_flag=True, help="Show where each tensor group runs, once loaded.")
-def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, device, profile, prompt_text, prompt_file, ids_text,
+def run(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profile, prompt_text, prompt_file, ids_text,
         system, chat_mode, hide_thinking, as_json, verbose, **sampling_flags) -> None:
     """Generate text from one prompt, streamed.
 
@@ -221,7 +225,7 @@ def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, device, profile, prom
         raise OffloadError(f"the prompt is {len(prompt_ids)} tokens, too long for the context of {ctx} (the "
                            "answer needs room too); pass a larger --ctx or a shorter prompt")
     max_tokens = min(max_tokens, ctx - len(prompt_ids))
-    engine, load_s = _load(model_dir, ctx, quant, dense_quant, gpu_mem, profile, device)
+    engine, load_s = _load(model_dir, ctx, quant, dense_quant, exact, gpu_mem, profile, device)
     click.echo(f"loaded in {load_s:.1f} s ({engine.args.model_type}, {engine.args.num_hidden_layers} layers)",
                err=True)
     if verbose:
@@ -262,7 +266,7 @@ def run(model_dir, demo, ctx, quant, dense_quant, gpu_mem, device, profile, prom
 @sampling_options
 @click.option("--system", default=None, help="A system message for the conversation.")
 @click.option("--hide-thinking", is_flag=True, help="Do not show <think> ... </think> blocks.")
-def chat(model_dir, demo, ctx, quant, dense_quant, gpu_mem, device, profile, system, hide_thinking,
+def chat(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profile, system, hide_thinking,
          **sampling_flags) -> None:
     """Chat with a model, interactively or piped.
 
@@ -277,7 +281,7 @@ def chat(model_dir, demo, ctx, quant, dense_quant, gpu_mem, device, profile, sys
     tokenizer = Tokenizer(model_dir)
     tokenizer.render([{"role": "user", "content": "hi"}])  # fails now, not after the first message, if no template
     sampling = _sampling(model_dir, **sampling_flags)
-    engine, load_s = _load(model_dir, ctx, quant, dense_quant, gpu_mem, profile, device)
+    engine, load_s = _load(model_dir, ctx, quant, dense_quant, exact, gpu_mem, profile, device)
     conversation = Conversation(engine, tokenizer, sampling, max_tokens, system)
     click.echo(f"loaded {model_dir.name} in {load_s:.1f} s", err=True)
     Repl(conversation, hide_thinking=hide_thinking, memory=lambda: _memory_line(engine)).run()
@@ -289,7 +293,8 @@ def chat(model_dir, demo, ctx, quant, dense_quant, gpu_mem, device, profile, sys
               help="Prompt lengths to measure, comma-separated.")
 @click.option("--decode-tokens", default=32, show_default=True, type=click.IntRange(min=2),
               help="Tokens generated after each prompt.")
-def bench(model_dir, demo, ctx, quant, dense_quant, gpu_mem, device, profile, prompt_lengths, decode_tokens) -> None:
+def bench(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profile, prompt_lengths,
+          decode_tokens) -> None:
     """Measure prefill and decode speed vs the plan.
 
     For each prompt length: prefill tok/s and the median decode step, beside the planner's
@@ -310,7 +315,7 @@ def bench(model_dir, demo, ctx, quant, dense_quant, gpu_mem, device, profile, pr
     model_dir = _model_dir(model_dir, demo)
     hardware, source = _resolve_profile(profile)
     needed = lengths[-1] + decode_tokens
-    engine, load_s = _load(model_dir, ctx or max(needed, 512), quant, dense_quant, gpu_mem, profile, device)
+    engine, load_s = _load(model_dir, ctx or max(needed, 512), quant, dense_quant, exact, gpu_mem, profile, device)
     if needed > engine.ctx:
         raise click.BadParameter(f"the longest prompt plus {decode_tokens} tokens needs --ctx {needed}")
     click.echo(f"{model_dir.name}: {engine.args.model_type}, {engine.args.num_hidden_layers} layers, "

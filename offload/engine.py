@@ -183,12 +183,14 @@ def _run_two_at_a_time(stages: list) -> list[torch.Tensor]:
 def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | None = None,
          profile: str | None = None, device: str | None = None, ctx: int | None = None,
          store_dir: str | Path | None = None, dense_quant: str | None = "auto", overlap: bool = False,
-         prefill: str = "auto") -> Engine:
+         prefill: str = "auto", exact: bool = False) -> Engine:
     """Load a Hugging Face checkpoint directory into an `Engine`, placed as its plan says.
 
     quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16);
     quant="int4" runs the routed experts from the int4 expert store (built on first use, in
-    `store_dir` or the cache; see offload.store) with the CPU kernels.
+    `store_dir` or the cache; see offload.store) with the CPU kernels: the fast ones (activations
+    quantised to int8, integer dot products) or, with exact=True, those that keep activations in
+    fp32 and reproduce transformers on the int4 weights.
     gpu_mem ("8G", bytes, 0 for CPU only) and profile (a name in profiles/ or a YAML file; default
     this machine's detected one, else the reference box) make the placement plan, kept as
     `engine.plan` and executed: mixers, norms, routers, shared experts and lm_head on the GPU in
@@ -237,7 +239,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
         model = architecture.Model(args)
     executor = None
     if quant == "int4":
-        executor = _swap_in_int4_experts(model, args, model_dir, store_dir, overlap, execution, hybrid)
+        executor = _swap_in_int4_experts(model, args, model_dir, store_dir, overlap, execution, hybrid, exact)
     dtype = weights["embed_tokens.weight"].dtype if "embed_tokens.weight" in weights else None
     _fill(model, weights, dtype, str(model_dir))
     model.eval()
@@ -302,7 +304,7 @@ def _cap_gpu_memory(device: torch.device, budget: int) -> None:
 
 
 def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_dir, overlap: bool,
-                          device: torch.device, hybrid: bool):
+                          device: torch.device, hybrid: bool, exact: bool):
     """Replace each MoE layer's float experts by the int4 executor (their weights are never read);
     returns the executor."""
     import sys
@@ -324,13 +326,13 @@ def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_di
     import kernels
 
     if not kernels.compiled():
-        print(f"compiling the CPU kernels (first run only, ~15 s; cached in {kernels.cache_dir()}) ...",
+        print(f"compiling the CPU kernels (first run only, ~20 s; cached in {kernels.cache_dir()}) ...",
               file=sys.stderr)
     store = open_store(model_dir, args, store_dir, progress=progress,
                        announce=lambda line: print(line, file=sys.stderr))
     if bar is not None:
         bar.close()
-    executor = CpuExpertExecutor(store, args, overlap=overlap, device=device, hybrid=hybrid)
+    executor = CpuExpertExecutor(store, args, overlap=overlap, device=device, hybrid=hybrid, exact=exact)
     for layer, block in enumerate(model.layers):
         if args.is_moe_layer(layer):
             block.mlp.experts = Int4Experts(executor, layer)

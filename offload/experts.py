@@ -2,8 +2,11 @@
 the Numba kernels, behind a torch module that replaces the model's float `Experts` (a module
 swap: the float expert weights are never loaded).
 
-Few tokens (decode) go to `kernels.gemv.moe_decode`, many (prefill chunks) to
-`kernels.gemm.moe_prefill`. Scratch buffers are allocated once and shared by all layers.
+Few tokens (decode) go to a decode kernel, many (prefill chunks) to a prefill kernel: by default
+the fast ones (`kernels.q8`: activations quantised to int8, integer dot products), with `exact`
+the fp32-activation ones (`kernels.gemv.moe_decode`, `kernels.gemm.moe_prefill`), which
+reproduce transformers on the int4 weights. Scratch buffers are allocated once and shared by
+all layers.
 
 With `stream` set, chunks of more than DECODE_MAX_TOKENS tokens run instead from whole
 layers streamed to the device (`offload.transfer`, prefill path b), the next layer's copy
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels import gemm, gemv
+from kernels import gemm, gemv, q8
 from kernels.threads import kernel_threads, physical_cores
 from offload.config import PREFILL_CHUNK, ModelArgs
 from offload.host import HostLane, numpy_view
@@ -50,16 +53,21 @@ class CpuExpertExecutor:
     DECODE_MAX_TOKENS tokens to the streamed path instead of the kernels."""
 
     def __init__(self, store: ExpertStore, args: ModelArgs, threads: int | None = None, overlap: bool = False,
-                 stream: bool = False, device: torch.device | str = "cpu", hybrid: bool = False):
+                 stream: bool = False, device: torch.device | str = "cpu", hybrid: bool = False,
+                 exact: bool = False):
         self.store = store
+        self.exact = exact
         self.stream = stream
         self.device = torch.device(device)
         self.streamer = None  # created by `prepare_streaming` or on the first streamed chunk
         self.threads = threads or physical_cores()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-experts") if overlap else None
         hidden, intermediate, top_k = args.hidden_size, args.moe_intermediate_size, args.num_experts_per_tok
-        self.decode_scratch = gemv.DecodeScratch(DECODE_MAX_TOKENS, top_k, hidden, intermediate)
-        self.prefill_scratch = gemm.PrefillScratch(PREFILL_CHUNK, top_k, hidden, intermediate)
+        if exact:
+            self.decode_scratch = gemv.DecodeScratch(DECODE_MAX_TOKENS, top_k, hidden, intermediate)
+            self.prefill_scratch = gemm.PrefillScratch(PREFILL_CHUNK, top_k, hidden, intermediate)
+        else:
+            self.fast_scratch = q8.FastScratch(PREFILL_CHUNK, top_k, hidden, intermediate)
         self.lanes = [HostLane(PREFILL_CHUNK, hidden, top_k, self.device) for _ in range(2)] if hybrid else []
         self.next_lane = 0
         # False: the CPU waits until the device has finished everything queued (the shared expert,
@@ -92,14 +100,17 @@ class CpuExpertExecutor:
         """The int4 kernels: x float32 [T, D], expert_ids int64 [T, K], weights float32 [T, K] ->
         out float32 [T, D] (overwritten)."""
         experts = self.store.layers[layer]
-        tokens = x.shape[0]
+        tokens, top_k = expert_ids.shape
+        sizes = (tokens, top_k, x.shape[1], experts.down.shape[2])
         with kernel_threads(self.threads):
-            if tokens <= DECODE_MAX_TOKENS:
+            if not self.exact:
+                scratch = self.fast_scratch if tokens <= PREFILL_CHUNK else q8.FastScratch(*sizes)
+                kernel = q8.moe_decode_fast if tokens <= DECODE_MAX_TOKENS else q8.moe_prefill_fast
+                kernel(x, expert_ids, weights, experts.gate_up, experts.down, out, scratch)
+            elif tokens <= DECODE_MAX_TOKENS:
                 gemv.moe_decode(x, expert_ids, weights, experts.gate_up, experts.down, out, self.decode_scratch)
-            elif tokens <= PREFILL_CHUNK:
-                gemm.moe_prefill(x, expert_ids, weights, experts.gate_up, experts.down, out, self.prefill_scratch)
             else:
-                scratch = gemm.PrefillScratch(tokens, expert_ids.shape[1], x.shape[1], experts.down.shape[2])
+                scratch = self.prefill_scratch if tokens <= PREFILL_CHUNK else gemm.PrefillScratch(*sizes)
                 gemm.moe_prefill(x, expert_ids, weights, experts.gate_up, experts.down, out, scratch)
 
     def _run_streamed(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,

@@ -118,7 +118,7 @@ def test_stand_in_matches_transformers(hf_checkpoint, name, prefill):
     ids = torch.randint(0, 160, (150,), generator=torch.Generator().manual_seed(21))
     with torch.no_grad():
         expected = reference(ids[None]).logits[0]
-    engine = offload.load(checkpoint.path, quant="int4", dense_quant=None, prefill=prefill, **STAND_IN)
+    engine = offload.load(checkpoint.path, quant="int4", dense_quant=None, prefill=prefill, exact=True, **STAND_IN)
     assert engine.streams(150) == (prefill == "stream")
     assert (engine.logits(ids) - expected).abs().max().item() <= TOLERANCE
     engine.reset()
@@ -176,7 +176,7 @@ def test_bf16_stand_in_agrees_with_fp32_as_transformers_in_bf16_does(hf_checkpoi
     fp32 = dequantized_reference(copy.deepcopy(rounded).to(torch.float32))  # the same weights in fp32
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     ids = torch.randint(0, 160, (100,), generator=torch.Generator().manual_seed(23))
-    engine = offload.load(tmp_path / "bf16", quant="int4", dense_quant=None, **STAND_IN)
+    engine = offload.load(tmp_path / "bf16", quant="int4", dense_quant=None, exact=True, **STAND_IN)
     assert engine.dtype == torch.bfloat16
     assert next(p for p in engine.placement if p["group"] == "mixers")["format"] == "bf16"
     prefilled = engine.logits(ids)
@@ -226,7 +226,7 @@ def test_cuda_matches_transformers_and_the_plan(hf_checkpoint, name):
     with torch.no_grad():
         expected = reference(ids[None]).logits[0]
     for prefill in ("cpu", "stream"):
-        engine = offload.load(checkpoint.path, quant="int4", dense_quant=None, prefill=prefill,
+        engine = offload.load(checkpoint.path, quant="int4", dense_quant=None, prefill=prefill, exact=True,
                               gpu_mem="8G", profile="rtx4060-ddr5")
         assert engine.device.type == "cuda"
         assert_placement_agrees(engine, f"cuda:{torch.cuda.current_device()}")

@@ -1,0 +1,499 @@
+"""Fast kernels: activations quantised to int8, int4 weights times int8 by integer dot products.
+
+The exact kernels (`gemv`, `gemm`) turn every weight into an fp32 FMA. Here each activation
+vector is quantised once to int8 and the weights' 4-bit codes are multiplied by it with the CPU's
+integer dot-product instructions (`kernels.isa`: AVX512-VNNI, AVX-VNNI, AVX2 or portable), four
+products per 32-bit lane: 4x the multiply-adds per instruction, as llama.cpp does.
+
+Activation format (`quantize_activations`), per token, D a multiple of 32:
+    q       int8    [D]        round(x / scale), per group of 32 values
+    scales  float32 [D // 32]  max|x| / 127 over the group (0 for an all-zero group)
+    sums    int32   [D // 32]  sum of q over the group (cancels the int4 codes' offset of 8)
+
+One 32-row int4 block times one token (`_q8_block_dot`), group g by group: the 64 bytes of each
+4-column quad (column c: 16 bytes, low nibbles rows 0-15, high nibbles rows 16-31; see
+`kernels.int4`) are split into nibbles and transposed so each 32-bit lane holds one row's four
+codes, then dotted with the four activations broadcast to every lane. 16 dot instructions per
+group on zmm; the group's integer sums become floats once:
+    out[r] += alpha * sum_g (dot_g[r] - 8 sums[g]) * w_scale[r, g] * scales[g]
+Integer sums are exact, and the float part is the same code on every path, so all paths give
+the same bits.
+
+Decode (`moe_decode_fast`) is `gemv.moe_decode` with these blocks: gate_up per (token, expert,
+row block), whose 32 rows of silu(gate) * up are one group of down's input and are quantised
+right there; then down per (token, output block) over the token's experts. Prefill
+(`moe_prefill_fast`) is `gemm.moe_prefill` likewise, tokens grouped by expert, two tokens per
+decoded quad (`_q8_block_dot_pair`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import literally, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from kernels import isa as paths
+from kernels.gemv import PREFETCH_BYTES, _check, _silu
+from kernels.int4 import BLOCK, GROUP, Int4Weights
+
+QUADS = GROUP // 4  # 4-column quads per group
+# lane r*4 + j of a transposed quad <- byte j*16 + r of the packed quad (row r, column j)
+_TRANSPOSE = [j * 16 + r for r in range(16) for j in range(4)]
+
+
+# --- activations ----------------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _quantize_group(values, q, scales, sums, g):
+    """values float32 [32] -> q int8 [32], scales[g], sums[g]."""
+    amax = np.float32(0.0)
+    for v in values:
+        amax = max(amax, abs(v))
+    scale = amax / np.float32(127.0)
+    total = 0
+    for i in range(GROUP):
+        code = 0 if scale == 0 else int(min(max(np.rint(values[i] / scale), -127.0), 127.0))
+        q[i] = code
+        total += code
+    scales[g] = scale
+    sums[g] = total
+
+
+@njit(cache=True, nogil=True)
+def quantize_activations(x, q, scales, sums):
+    """x float32 [T, D] -> q int8 [T, D], scales float32 [T, D/32], sums int32 [T, D/32]."""
+    for t in range(x.shape[0]):
+        for g in range(x.shape[1] // GROUP):
+            _quantize_group(x[t, g * GROUP:(g + 1) * GROUP], q[t, g * GROUP:(g + 1) * GROUP], scales[t], sums[t], g)
+
+
+def quantize_activations_reference(x: np.ndarray):
+    """NumPy `quantize_activations`: (q, scales, sums)."""
+    groups = x.reshape(x.shape[0], -1, GROUP)
+    scales = np.abs(groups).max(axis=2) / np.float32(127.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(scales[..., None] == 0, 0, np.clip(np.rint(groups / scales[..., None]), -127, 127))
+    q = q.astype(np.int8)
+    return q.reshape(x.shape), scales.astype(np.float32), q.astype(np.int32).sum(axis=2).astype(np.int32)
+
+
+# --- the block kernel ---------------------------------------------------------------------------------
+
+def _dot4(builder, path: int, acc, weights, activations):
+    """acc <16 x i32> + per lane sum of 4 products of weights (<64 x i8>, unsigned) and
+    activations (<64 x i8>, signed)."""
+    i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+    v8i32, v16i32 = ir.VectorType(i32, 8), ir.VectorType(i32, 16)
+    module = builder.module
+    if path == paths.VNNI512:
+        dot = cgutils.get_or_insert_function(module, ir.FunctionType(v16i32, [v16i32] * 3),
+                                             "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(dot, [acc, builder.bitcast(weights, v16i32), builder.bitcast(activations, v16i32)])
+    if path == paths.PORTABLE:
+        v64i32, v32i32 = ir.VectorType(i32, 64), ir.VectorType(i32, 32)
+        products = builder.mul(builder.zext(weights, v64i32), builder.sext(activations, v64i32))
+        pairs = builder.add(builder.shuffle_vector(products, products, ir.Constant(v32i32, list(range(0, 64, 2)))),
+                            builder.shuffle_vector(products, products, ir.Constant(v32i32, list(range(1, 64, 2)))))
+        quads = builder.add(builder.shuffle_vector(pairs, pairs, ir.Constant(v16i32, list(range(0, 32, 2)))),
+                            builder.shuffle_vector(pairs, pairs, ir.Constant(v16i32, list(range(1, 32, 2)))))
+        return builder.add(acc, quads)
+
+    def half(vector, which, lanes):
+        return builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(i32, lanes),
+                                                                  list(range(which * lanes, (which + 1) * lanes))))
+
+    v32i8, v16i16 = ir.VectorType(i8, 32), ir.VectorType(i16, 16)
+    results = []
+    for which in (0, 1):
+        acc_half = half(acc, which, 8)
+        w_half, x_half = half(weights, which, 32), half(activations, which, 32)
+        if path == paths.AVXVNNI:
+            dot = cgutils.get_or_insert_function(module, ir.FunctionType(v8i32, [v8i32] * 3),
+                                                 "llvm.x86.avx512.vpdpbusd.256")
+            results.append(builder.call(dot, [acc_half, builder.bitcast(w_half, v8i32), builder.bitcast(x_half, v8i32)]))
+        else:  # AVX2: u8 x s8 pairs to i16 (at most 2 x 15 x 127: no saturation), then pairs to i32
+            pairs = cgutils.get_or_insert_function(module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                                   "llvm.x86.avx2.pmadd.ub.sw")
+            widen = cgutils.get_or_insert_function(module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                                   "llvm.x86.avx2.pmadd.wd")
+            summed = builder.call(widen, [builder.call(pairs, [w_half, x_half]), ir.Constant(v16i16, [1] * 16)])
+            results.append(builder.add(acc_half, summed))
+    return builder.shuffle_vector(results[0], results[1], ir.Constant(v16i32, list(range(16))))
+
+
+def _block_dot_codegen(path: int, tokens: int = 1):
+    """LLVM code of `_q8_block_dot` (tokens=1) or `_q8_block_dot_pair` (tokens=2: each quad's
+    codes are split and transposed once for both tokens). Arguments: path, packed, scales, then
+    per token (xq, x_scales, x_sums), then per token alpha, then per token out."""
+
+    def codegen(context, builder, sig, args):
+        def data(index):
+            return context.make_array(sig.args[index])(context, builder, args[index]).data
+
+        packed_ptr, scales_ptr = data(1), data(2)
+        xq_ptrs = [data(3 + 3 * t) for t in range(tokens)]
+        x_scales_ptrs = [data(4 + 3 * t) for t in range(tokens)]
+        x_sums_ptrs = [data(5 + 3 * t) for t in range(tokens)]
+        alphas = [args[3 + 3 * tokens + t] for t in range(tokens)]
+        out_ptrs = [data(3 + 4 * tokens + t) for t in range(tokens)]
+        in_features = builder.extract_value(context.make_array(sig.args[3])(context, builder, args[3]).shape, 0)
+
+        i8, i16, i32, i64, f32 = (ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType())
+        v16i32, v16f, v64i8 = ir.VectorType(i32, 16), ir.VectorType(f32, 16), ir.VectorType(i8, 64)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0i8")
+        zero_f, zero_i = ir.Constant(v16f, [0.0] * 16), ir.Constant(v16i32, [0] * 16)
+
+        def const(value):
+            return ir.Constant(i64, value)
+
+        def splat(scalar, vector_type):
+            vec = builder.insert_element(ir.Constant(vector_type, ir.Undefined), scalar, ir.Constant(i32, 0))
+            return builder.shuffle_vector(vec, vec, ir.Constant(v16i32, [0] * 16))
+
+        def load(pointer, offset, vector_type, align):
+            return builder.load(builder.bitcast(builder.gep(pointer, [offset]), vector_type.as_pointer()), align=align)
+
+        function = builder.function
+        entry = builder.block
+        head, body, done = (function.append_basic_block(name) for name in ("group_head", "group_body", "done"))
+        groups = builder.udiv(in_features, const(GROUP))
+        builder.branch(head)
+
+        builder.position_at_end(head)
+        group = builder.phi(i64)
+        totals = [[builder.phi(v16f), builder.phi(v16f)] for _ in range(tokens)]  # rows 0-15, rows 16-31
+        group.add_incoming(const(0), entry)
+        for total in (total for per_token in totals for total in per_token):
+            total.add_incoming(zero_f, entry)
+        builder.cbranch(builder.icmp_unsigned("<", group, groups), body, done)
+
+        builder.position_at_end(body)
+        first_column = builder.mul(group, const(GROUP))
+        group_bytes = builder.mul(first_column, const(16))
+        for line in range(GROUP * 16 // 64):  # this group's 8 lines, PREFETCH_BYTES ahead
+            address = builder.gep(packed_ptr, [builder.add(group_bytes, const(PREFETCH_BYTES + 64 * line))])
+            builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        dots = [[zero_i, zero_i] for _ in range(tokens)]
+        low_mask, shift = ir.Constant(v64i8, [15] * 64), ir.Constant(v64i8, [4] * 64)
+        transpose = ir.Constant(ir.VectorType(i32, 64), _TRANSPOSE)
+        for quad in range(QUADS):
+            codes = load(packed_ptr, builder.add(group_bytes, const(64 * quad)), v64i8, 1)
+            rows = [builder.shuffle_vector(nibbles, nibbles, transpose)
+                    for nibbles in (builder.and_(codes, low_mask), builder.lshr(codes, shift))]
+            for t in range(tokens):
+                column = builder.add(first_column, const(4 * quad))
+                quad_x = builder.load(builder.bitcast(builder.gep(xq_ptrs[t], [column]), i32.as_pointer()), align=1)
+                activations = builder.bitcast(splat(quad_x, v16i32), v64i8)
+                for half in (0, 1):
+                    dots[t][half] = _dot4(builder, path, dots[t][half], rows[half], activations)
+        w_scales = []
+        for half in (0, 1):
+            bits = load(scales_ptr, builder.add(first_column, const(16 * half)), ir.VectorType(i16, 16), 2)
+            w_scales.append(builder.bitcast(builder.shl(builder.zext(bits, v16i32), ir.Constant(v16i32, [16] * 16)), v16f))
+        for t in range(tokens):
+            offset = splat(builder.mul(builder.load(builder.gep(x_sums_ptrs[t], [group])), ir.Constant(i32, 8)), v16i32)
+            x_scale = splat(builder.load(builder.gep(x_scales_ptrs[t], [group])), v16f)
+            for half in (0, 1):
+                exact = builder.sitofp(builder.sub(dots[t][half], offset), v16f)
+                value = builder.call(fma, [exact, builder.fmul(w_scales[half], x_scale), totals[t][half]])
+                totals[t][half].add_incoming(value, builder.block)
+        group.add_incoming(builder.add(group, const(1)), builder.block)
+        builder.branch(head)
+
+        builder.position_at_end(done)
+        for t in range(tokens):
+            for half in (0, 1):
+                address = builder.bitcast(builder.gep(out_ptrs[t], [const(16 * half)]), v16f.as_pointer())
+                result = builder.call(fma, [splat(alphas[t], v16f), totals[t][half], builder.load(address, align=4)])
+                builder.store(result, address, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def _q8_block_dot(typingctx, path, packed, scales, xq, x_scales, x_sums, alpha, out):
+    """out[0:32] += alpha * (W_block @ x) for one 32-row int4 block and one int8 token.
+
+    path: a `kernels.isa` path, a compile-time literal. packed uint8 [in * 16], scales uint16
+    [in] (one block's slices of Int4Weights); xq int8 [in], x_scales float32 [in // 32], x_sums
+    int32 [in // 32] (`quantize_activations`); out float32 [32]."""
+    if not isinstance(path, types.IntegerLiteral):
+        return None
+    return (types.void(path, packed, scales, xq, x_scales, x_sums, alpha, out),
+            _block_dot_codegen(path.literal_value))
+
+
+@intrinsic
+def _q8_block_dot_pair(typingctx, path, packed, scales, xq0, x_scales0, x_sums0, xq1, x_scales1, x_sums1,
+                       alpha0, alpha1, out0, out1):
+    """`_q8_block_dot` for two tokens (prefill: an expert's block applied to its tokens two at a
+    time); each token's result is the same bits as `_q8_block_dot` gives it."""
+    if not isinstance(path, types.IntegerLiteral):
+        return None
+    signature = types.void(path, packed, scales, xq0, x_scales0, x_sums0, xq1, x_scales1, x_sums1,
+                           alpha0, alpha1, out0, out1)
+    return signature, _block_dot_codegen(path.literal_value, tokens=2)
+
+
+# --- decode -------------------------------------------------------------------------------------------
+
+@njit(parallel=True, nogil=True, cache=True)
+def _moe_decode_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums):
+    literally(path)
+    tokens, top_k = expert_ids.shape
+    gate_blocks = gu_packed.shape[1] // 2  # I / 32
+    out_blocks = dn_packed.shape[1]  # D / 32
+    quantize_activations(x, xq, x_scales, x_sums)
+
+    # gate_up for every (token, expert, row block); h = silu(gate) * up, quantised as one group
+    for task in prange(tokens * top_k * gate_blocks):
+        t = task // (top_k * gate_blocks)
+        j = (task // gate_blocks) % top_k
+        b = task % gate_blocks
+        e = expert_ids[t, j]
+        rows = slice(b * BLOCK, (b + 1) * BLOCK)
+        gate = gate_up[t, j, 0, rows]
+        up = gate_up[t, j, 1, rows]
+        gate[:] = 0
+        up[:] = 0
+        _q8_block_dot(path, gu_packed[e, b], gu_scales[e, b], xq[t], x_scales[t], x_sums[t], np.float32(1.0), gate)
+        _q8_block_dot(path, gu_packed[e, gate_blocks + b], gu_scales[e, gate_blocks + b], xq[t], x_scales[t],
+                      x_sums[t], np.float32(1.0), up)
+        for r in range(BLOCK):
+            gate[r] = _silu(gate[r]) * up[r]  # gate now holds h
+        _quantize_group(gate, hq[t, j, rows], h_scales[t, j], h_sums[t, j], b)
+
+    # down for every (token, output block), summed over the token's experts
+    for task in prange(tokens * out_blocks):
+        t = task // out_blocks
+        b = task % out_blocks
+        rows = out[t, b * BLOCK:(b + 1) * BLOCK]
+        rows[:] = 0
+        for j in range(top_k):
+            e = expert_ids[t, j]
+            _q8_block_dot(path, dn_packed[e, b], dn_scales[e, b], hq[t, j], h_scales[t, j], h_sums[t, j],
+                          np.float32(weights[t, j]), rows)
+
+
+# One compiled entry per path: a global constant is a compile-time literal for `_moe_decode_fast`.
+_VNNI512, _AVXVNNI, _AVX2, _PORTABLE = paths.VNNI512, paths.AVXVNNI, paths.AVX2, paths.PORTABLE
+
+
+@njit(nogil=True, cache=True)
+def _decode_vnni512(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, x_scales, x_sums,
+                    gate_up, hq, h_scales, h_sums):
+    _moe_decode_fast(_VNNI512, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums)
+
+
+@njit(nogil=True, cache=True)
+def _decode_avxvnni(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, x_scales, x_sums,
+                    gate_up, hq, h_scales, h_sums):
+    _moe_decode_fast(_AVXVNNI, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums)
+
+
+@njit(nogil=True, cache=True)
+def _decode_avx2(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, x_scales, x_sums,
+                 gate_up, hq, h_scales, h_sums):
+    _moe_decode_fast(_AVX2, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums)
+
+
+@njit(nogil=True, cache=True)
+def _decode_portable(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, x_scales, x_sums,
+                     gate_up, hq, h_scales, h_sums):
+    _moe_decode_fast(_PORTABLE, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums)
+
+
+_DECODE = {paths.VNNI512: _decode_vnni512, paths.AVXVNNI: _decode_avxvnni, paths.AVX2: _decode_avx2,
+           paths.PORTABLE: _decode_portable}
+
+
+# --- prefill ------------------------------------------------------------------------------------------
+
+@njit(parallel=True, nogil=True, cache=True)
+def _moe_prefill_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                      xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums):
+    literally(path)
+    tokens, top_k = expert_ids.shape
+    gate_blocks = gu_packed.shape[1] // 2
+    out_blocks = dn_packed.shape[1]
+    quantize_activations(x, xq, x_scales, x_sums)
+    one = np.float32(1.0)
+
+    # gate_up: task = (active expert, row block) over that expert's tokens, two at a time; rows of
+    # gate_up / hq are indexed by sorted slot: slot s of expert e is order[offsets[e] + i]
+    for task in prange(active.shape[0] * gate_blocks):
+        e = active[task // gate_blocks]
+        b = task % gate_blocks
+        rows = slice(b * BLOCK, (b + 1) * BLOCK)
+        first, end = offsets[e], offsets[e + 1]
+        for position in range(first, end):
+            gate_up[position, :, rows] = 0
+        for half in (0, 1):  # gate rows, then up rows
+            packed, scales = gu_packed[e, half * gate_blocks + b], gu_scales[e, half * gate_blocks + b]
+            for position in range(first, end - 1, 2):
+                t0, t1 = order[position] // top_k, order[position + 1] // top_k
+                _q8_block_dot_pair(path, packed, scales, xq[t0], x_scales[t0], x_sums[t0], xq[t1], x_scales[t1],
+                                   x_sums[t1], one, one, gate_up[position, half, rows], gate_up[position + 1, half, rows])
+            if (end - first) % 2:
+                t = order[end - 1] // top_k
+                _q8_block_dot(path, packed, scales, xq[t], x_scales[t], x_sums[t], one, gate_up[end - 1, half, rows])
+        for position in range(first, end):
+            gate = gate_up[position, 0, rows]
+            for r in range(BLOCK):
+                gate[r] = _silu(gate[r]) * gate_up[position, 1, b * BLOCK + r]  # gate now holds h
+            _quantize_group(gate, hq[position, rows], h_scales[position], h_sums[position], b)
+
+    # down: task = output row block over every (expert, token) pair; a token's rows are written
+    # only by the task that owns the block, so experts accumulate without races
+    for b in prange(out_blocks):
+        rows = slice(b * BLOCK, (b + 1) * BLOCK)
+        for t in range(tokens):
+            out[t, rows] = 0
+        for i in range(active.shape[0]):
+            e = active[i]
+            first, end = offsets[e], offsets[e + 1]
+            for position in range(first, end - 1, 2):
+                s0, s1 = order[position], order[position + 1]
+                _q8_block_dot_pair(path, dn_packed[e, b], dn_scales[e, b], hq[position], h_scales[position],
+                                   h_sums[position], hq[position + 1], h_scales[position + 1], h_sums[position + 1],
+                                   np.float32(weights[s0 // top_k, s0 % top_k]),
+                                   np.float32(weights[s1 // top_k, s1 % top_k]), out[s0 // top_k, rows],
+                                   out[s1 // top_k, rows])
+            if (end - first) % 2:
+                s = order[end - 1]
+                _q8_block_dot(path, dn_packed[e, b], dn_scales[e, b], hq[end - 1], h_scales[end - 1], h_sums[end - 1],
+                              np.float32(weights[s // top_k, s % top_k]), out[s // top_k, rows])
+
+
+@njit(nogil=True, cache=True)
+def _prefill_vnni512(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                     xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums):
+    _moe_prefill_fast(_VNNI512, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                                xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums)
+
+
+@njit(nogil=True, cache=True)
+def _prefill_avxvnni(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                     xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums):
+    _moe_prefill_fast(_AVXVNNI, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                                xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums)
+
+
+@njit(nogil=True, cache=True)
+def _prefill_avx2(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                  xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums):
+    _moe_prefill_fast(_AVX2, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                             xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums)
+
+
+@njit(nogil=True, cache=True)
+def _prefill_portable(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                      xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums):
+    _moe_prefill_fast(_PORTABLE, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
+                                 xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums)
+
+
+_PREFILL = {paths.VNNI512: _prefill_vnni512, paths.AVXVNNI: _prefill_avxvnni, paths.AVX2: _prefill_avx2,
+            paths.PORTABLE: _prefill_portable}
+
+
+class FastScratch:
+    """Buffers of `moe_decode_fast` and `moe_prefill_fast` for up to `tokens` tokens (one slot per
+    token and routed expert); allocate once, reuse."""
+
+    def __init__(self, tokens: int, top_k: int, hidden_size: int, intermediate_size: int):
+        slots = tokens * top_k
+        self.top_k = top_k
+        self.xq = np.zeros((tokens, hidden_size), np.int8)
+        self.x_scales = np.zeros((tokens, hidden_size // GROUP), np.float32)
+        self.x_sums = np.zeros((tokens, hidden_size // GROUP), np.int32)
+        self.gate_up = np.zeros((slots, 2, intermediate_size), np.float32)
+        self.hq = np.zeros((slots, intermediate_size), np.int8)
+        self.h_scales = np.zeros((slots, intermediate_size // GROUP), np.float32)
+        self.h_sums = np.zeros((slots, intermediate_size // GROUP), np.int32)
+
+    def check(self, tokens: int, top_k: int) -> None:
+        if self.xq.shape[0] < tokens or self.top_k != top_k:
+            raise ValueError(f"scratch is for {self.xq.shape[0]} tokens x {self.top_k} experts, "
+                             f"got {tokens} x {top_k}")
+
+
+def _path(path: int | None) -> int:
+    path = paths.best() if path is None else path
+    if path not in paths.available():
+        raise ValueError(f"this CPU cannot run the {paths.NAMES[path]} kernels")
+    return path
+
+
+def moe_decode_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights, out,
+                    scratch: FastScratch, path: int | None = None) -> np.ndarray:
+    """`gemv.moe_decode` with int8 activations and integer dot products (`path`: a `kernels.isa`
+    path this CPU runs; default the best). Returns `out`."""
+    _check(x, expert_ids, weights, gate_up, down, out)
+    tokens, top_k = expert_ids.shape
+    scratch.check(tokens, top_k)
+    slots = (tokens, top_k)
+    _DECODE[_path(path)](x, expert_ids.astype(np.int64, copy=False), weights.astype(np.float32, copy=False),
+                         gate_up.packed, gate_up.scales, down.packed, down.scales, out,
+                         scratch.xq[:tokens], scratch.x_scales[:tokens], scratch.x_sums[:tokens],
+                         scratch.gate_up[:tokens * top_k].reshape(*slots, *scratch.gate_up.shape[1:]),
+                         scratch.hq[:tokens * top_k].reshape(*slots, -1),
+                         scratch.h_scales[:tokens * top_k].reshape(*slots, -1),
+                         scratch.h_sums[:tokens * top_k].reshape(*slots, -1))
+    return out
+
+
+def moe_prefill_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights, out,
+                     scratch: FastScratch, path: int | None = None) -> np.ndarray:
+    """`gemm.moe_prefill` with int8 activations and integer dot products: tokens grouped by
+    expert, each (expert, row block) task applying its block to the expert's tokens two at a
+    time. Returns `out`."""
+    _check(x, expert_ids, weights, gate_up, down, out)
+    tokens, top_k = expert_ids.shape
+    scratch.check(tokens, top_k)
+    flat = expert_ids.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    counts = np.bincount(flat, minlength=gate_up.shape[0])
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    _PREFILL[_path(path)](x, expert_ids.astype(np.int64, copy=False), weights.astype(np.float32, copy=False),
+                          gate_up.packed, gate_up.scales, down.packed, down.scales, out,
+                          scratch.xq[:tokens], scratch.x_scales[:tokens], scratch.x_sums[:tokens],
+                          order, offsets, np.flatnonzero(counts), scratch.gate_up, scratch.hq, scratch.h_scales,
+                          scratch.h_sums)
+    return out
+
+
+def moe_reference_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights) -> np.ndarray:
+    """NumPy reference of `moe_decode_fast`: the same int8 arithmetic (quantised x, exact integer
+    group dots, quantised hidden state), summed in float64."""
+    from kernels.int4 import scales_float32, unpack_codes
+
+    codes_gu, codes_dn = unpack_codes(gate_up).astype(np.int64), unpack_codes(down).astype(np.int64)
+    scales_gu, scales_dn = scales_float32(gate_up).astype(np.float64), scales_float32(down).astype(np.float64)
+    xq, xs, _ = quantize_activations_reference(x)
+    intermediate = gate_up.shape[1] // 2
+    out = np.zeros(x.shape, np.float64)
+
+    def product(codes, scales, q, q_scales):  # codes [rows, in], scales [rows, in/32], q [in] -> [rows]
+        dots = (codes.reshape(codes.shape[0], -1, GROUP) * q.astype(np.int64).reshape(-1, GROUP)).sum(axis=2)
+        return (dots * scales * q_scales).sum(axis=1)
+
+    for t in range(x.shape[0]):
+        for j in range(expert_ids.shape[1]):
+            e = expert_ids[t, j]
+            projected = product(codes_gu[e], scales_gu[e], xq[t], xs[t]).astype(np.float32)
+            gate, up = projected[:intermediate], projected[intermediate:]
+            hq, hs, _ = quantize_activations_reference((gate / (np.float32(1) + np.exp(-gate)) * up)[None])
+            out[t] += weights[t, j] * product(codes_dn[e], scales_dn[e], hq[0], hs[0])
+    return out.astype(np.float32)

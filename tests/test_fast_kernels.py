@@ -1,0 +1,98 @@
+"""The fast kernels (int8 activations, integer dot products): every instruction path this CPU has
+against the NumPy reference of the same arithmetic, the paths against each other, the choice of
+path, and the accuracy they cost on real weights and activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import isa, q8
+from test_int4_quality import load_bench
+from test_kernels import make_experts, routing
+
+PATHS = isa.available()
+
+
+def test_activation_quantisation_matches_reference_exactly():
+    rng = np.random.default_rng(30)
+    x = rng.standard_normal((3, 128)).astype(np.float32) * 4
+    x[0, :32] = 0  # an all-zero group
+    x[1, 32:64] *= 1000  # a group of large values
+    x[2, 70] = -50  # an outlier: it sets its group's scale and lands on -127
+    q, scales, sums = np.empty((3, 128), np.int8), np.empty((3, 4), np.float32), np.empty((3, 4), np.int32)
+    q8.quantize_activations(x, q, scales, sums)
+    expected_q, expected_scales, expected_sums = q8.quantize_activations_reference(x)
+    assert np.array_equal(q, expected_q) and np.array_equal(scales, expected_scales)
+    assert np.array_equal(sums, expected_sums)
+    assert np.all(q[0, :32] == 0) and scales[0, 0] == 0 and q[2, 70] == -127
+    restored = (q.reshape(3, 4, 32) * scales[..., None]).reshape(x.shape)
+    assert np.abs(restored - x).max() <= scales.max() / 2 * 1.0001  # within half a step
+
+
+@pytest.mark.parametrize("experts, top_k, tokens", [(5, 1, 1), (9, 3, 4), (13, 4, 37), (12, 2, 64)])
+def test_every_path_matches_the_reference_and_each_other(experts, top_k, tokens):
+    rng = np.random.default_rng(experts * tokens)
+    hidden, intermediate = 128, 96
+    gate_up, down = make_experts(rng, experts, hidden, intermediate)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    ids, weights = routing(rng, tokens, experts, top_k, skip_last=top_k < experts)  # some experts idle
+    expected = q8.moe_reference_fast(x, ids, weights, gate_up, down)
+    scratch = q8.FastScratch(64, top_k, hidden, intermediate)
+    decoded, prefilled = {}, {}
+    for path in PATHS:
+        kernel = q8.moe_decode_fast if tokens <= 8 else q8.moe_prefill_fast  # as the executor chooses
+        decoded[path] = q8.moe_decode_fast(x[:8], ids[:8], weights[:8], gate_up, down,
+                                           np.full_like(x[:8], np.nan), scratch, path).copy()
+        prefilled[path] = kernel(x, ids, weights, gate_up, down, np.full_like(x, np.nan), scratch, path).copy()
+        # integer sums are exact; only a hidden value rounding to the other int8 step moves a result
+        assert np.abs(prefilled[path] - expected).max() <= 1e-3 * np.abs(expected).max()
+        assert np.abs(decoded[path] - expected[:8]).max() <= 1e-3 * np.abs(expected).max()
+    for path in PATHS:  # the same float code after exact integer sums: the same bits on every path
+        assert np.array_equal(decoded[path], decoded[PATHS[0]])
+        assert np.array_equal(prefilled[path], prefilled[PATHS[0]])
+
+
+def test_fast_is_close_to_exact():
+    from kernels import gemv
+
+    rng = np.random.default_rng(31)
+    gate_up, down = make_experts(rng, 8, 256, 128)
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    ids, weights = routing(rng, 4, 8, 3)
+    exact = gemv.moe_reference(x, ids, weights, gate_up, down, np.zeros_like(x))
+    fast = q8.moe_decode_fast(x, ids, weights, gate_up, down, np.empty_like(x), q8.FastScratch(4, 3, 256, 128))
+    relative = np.sqrt(((fast - exact) ** 2).sum() / (exact ** 2).sum())
+    assert 1e-4 < relative < 0.02  # int8 activations: ~1% on Gaussian data, and not nothing
+
+
+def test_paths_are_chosen_from_cpu_features():
+    zen4 = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}
+    assert isa.supported(zen4) == [isa.VNNI512, isa.AVXVNNI, isa.AVX2, isa.PORTABLE]
+    assert isa.supported({"avx2", "avxvnni"}) == [isa.AVXVNNI, isa.AVX2, isa.PORTABLE]  # Alder Lake
+    assert isa.supported({"avx2", "fma"}) == [isa.AVX2, isa.PORTABLE]  # Zen 3
+    assert isa.supported({"avx512f", "avx512vnni"}) == [isa.PORTABLE]  # neither BW nor VL, nor AVX2
+    assert isa.supported(set()) == [isa.PORTABLE]
+    assert isa.available() == isa.supported(set(isa.host_features()))
+
+
+def test_the_path_can_be_forced_and_a_wrong_one_is_refused(monkeypatch):
+    assert isa.best() == PATHS[0]
+    monkeypatch.setenv("OFFLOAD_ISA", "portable")
+    assert isa.best() == isa.PORTABLE
+    monkeypatch.setenv("OFFLOAD_ISA", "sse9")
+    with pytest.raises(ValueError, match="not a path this CPU runs"):
+        isa.best()
+    missing = [p for p in (isa.VNNI512, isa.AVXVNNI, isa.AVX2) if p not in PATHS]
+    if missing:
+        monkeypatch.setenv("OFFLOAD_ISA", isa.NAMES[missing[0]])
+        with pytest.raises(ValueError, match="not a path this CPU runs"):
+            isa.best()
+
+
+def test_int8_activations_cost_almost_nothing_on_real_weights_and_activations():
+    """all-MiniLM-L6-v2's FFN matrices on the activations real sentences produce: the int8
+    activations' extra error over fp32 activations (both with int4 weights) is within 10%."""
+    exact, fast = load_bench().activation_quality()
+    assert 0.03 < exact < 0.1  # int4 weights really are in use
+    assert fast <= 1.10 * exact
