@@ -5,10 +5,12 @@
 Prints: DRAM read bandwidth (1 thread and all threads); then, for the Qwen3-Next-80B expert
 shape (hidden 2048, expert 512, top-10) and the Qwen3-30B one (2048, 768, top-8), decode at
 batch 1/2/4/8 and a 512-token prefill over a pool of >= 2 GiB of experts (fresh random experts
-every call, so the weights come from RAM): G weights/s, GB/s, and the fraction of the DRAM bound
-at 4.5 bits/weight; beside them the peers, torch bf16 F.linear and torch's int4 CPU kernel
-(decode) and dequantise-then-torch-bf16-matmul (prefill). Last: int4 quality on real weights
-(all-MiniLM-L6-v2's FFN matrices) against llama.cpp's Q4_0, and a summary line.
+every call, so the weights come from RAM): the fast kernels (int8 activations, this CPU's
+integer dot-product path) in G weights/s, GB/s and as a fraction of the DRAM bound at 4.5
+bits/weight, the exact kernels (fp32 activations) beside them; then the peers, torch bf16
+F.linear and torch's int4 CPU kernel (decode) and dequantise-then-torch-bf16-matmul (prefill).
+Last: int4 quality on real weights (all-MiniLM-L6-v2's FFN matrices) against llama.cpp's Q4_0,
+what int8 activations add on those matrices' real inputs, and a summary line.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import gemm, int4  # noqa: E402
+from kernels import gemm, int4, isa, q8  # noqa: E402
 from kernels.membw import read_bandwidth  # noqa: E402
 from kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E402
 from kernels.threads import kernel_threads, physical_cores  # noqa: E402
@@ -40,25 +42,28 @@ def dram_bandwidth(values: np.ndarray, threads: int) -> float:
     return read_bandwidth(values, threads) / 1e9
 
 
-def bench_decode(gate_up, down, batch, top_k, calls, rng) -> tuple[float, float]:
-    """(G weights/s, GB/s) of `moe_decode`, random distinct experts per call."""
-    rate = decode_throughput(gate_up, down, batch, top_k, calls, seed=int(rng.integers(1 << 31)))
+def bench_decode(gate_up, down, batch, top_k, calls, rng, exact: bool = False) -> tuple[float, float]:
+    """(G weights/s, GB/s) of the fast (or exact) decode kernel, random distinct experts per call."""
+    rate = decode_throughput(gate_up, down, batch, top_k, calls, seed=int(rng.integers(1 << 31)), exact=exact)
     return rate / 1e9, rate * BYTES_PER_WEIGHT / 1e9
 
 
-def bench_prefill(gate_up, down, tokens, top_k, layer_experts, calls, rng) -> tuple[float, float]:
-    """(tokens/s for one layer, G weights/s read) of `moe_prefill`; each call is a fresh layer
-    of `layer_experts` experts drawn from the pool."""
+def bench_prefill(gate_up, down, tokens, top_k, layer_experts, calls, rng, exact: bool = False) -> tuple[float, float]:
+    """(tokens/s for one layer, G weights/s read) of the fast (or exact) prefill kernel; each
+    call is a fresh layer of `layer_experts` experts drawn from the pool."""
     experts, _, hidden = gate_up.shape
     intermediate = down.shape[2]
     x = rng.standard_normal((tokens, hidden)).astype(np.float32)
     out = np.empty_like(x)
-    scratch = gemm.PrefillScratch(tokens, top_k, hidden, intermediate)
+    if exact:
+        scratch, kernel = gemm.PrefillScratch(tokens, top_k, hidden, intermediate), gemm.moe_prefill
+    else:
+        scratch, kernel = q8.FastScratch(tokens, top_k, hidden, intermediate), q8.moe_prefill_fast
     weights = np.full((tokens, top_k), 1 / top_k, np.float32)
     layers = [rng.choice(experts, layer_experts, replace=False) for _ in range(calls)]
     routes = [layer[np.argsort(rng.random((tokens, layer_experts)), axis=1)[:, :top_k]] for layer in layers]
-    gemm.moe_prefill(x, routes[0], weights, gate_up, down, out, scratch)
-    seconds = median_seconds(lambda i: gemm.moe_prefill(x, routes[i], weights, gate_up, down, out, scratch), calls)
+    kernel(x, routes[0], weights, gate_up, down, out, scratch)
+    seconds = median_seconds(lambda i: kernel(x, routes[i], weights, gate_up, down, out, scratch), calls)
     used = np.mean([len(np.unique(r)) for r in routes])
     return tokens / seconds, used * 3 * hidden * intermediate / seconds / 1e9
 
@@ -260,7 +265,9 @@ def main() -> None:
     print(f"DRAM read: {bandwidth_one:.1f} GB/s (1 thread), {bandwidth:.1f} GB/s ({threads} threads) "
           f"-> decode bound at {int4.FORMAT.bits_per_weight} bits/weight: {bound:.1f} G weights/s\n", flush=True)
 
-    header = f"{'shape':<15} {'case':<13} {'offload int4':>23} {'DRAM bound':>10} {'torch bf16':>11} {'torch int4':>11}"
+    print(f"fast kernels: {isa.NAMES[isa.best()]} path (this CPU has {', '.join(isa.NAMES[p] for p in isa.available())})")
+    header = (f"{'shape':<15} {'case':<13} {'offload int4, fast':>23} {'exact':>10} {'DRAM bound':>10} "
+              f"{'torch bf16':>11} {'torch int4':>11}")
     print(header)
     print("-" * len(header))
     summary = {}
@@ -271,9 +278,13 @@ def main() -> None:
         # ours first, then the peers: torch's and Numba's thread pools are kept apart
         with kernel_threads(threads):
             gate_up, down = pool_for(hidden, intermediate, pool_bytes, max(8 * top_k, layer_experts))
+            exact_rows = {}
             for batch in (1, 2, 4, 8):
                 rows[batch] = bench_decode(gate_up, down, batch, top_k, calls, rng)
+                exact_rows[batch] = bench_decode(gate_up, down, batch, top_k, calls, rng, exact=True)
             prefill = bench_prefill(gate_up, down, tokens, top_k, layer_experts, max(3, calls // 20), rng)
+            exact_prefill = bench_prefill(gate_up, down, tokens, top_k, layer_experts, max(3, calls // 20), rng,
+                                          exact=True)
         peer_prefill = peer_dequant_bf16_prefill(gate_up, down, tokens, top_k, layer_experts, 2, rng)
         del gate_up, down
         bf16 = torch_bf16_pool(max(int(pool_bytes / (expert_bytes / BYTES_PER_WEIGHT * 2)), 8 * top_k),
@@ -285,16 +296,20 @@ def main() -> None:
         del int4_torch
         for batch, (gws, gbs) in rows.items():
             print(f"{name:<15} {f'decode x{batch}':<13} {gws:6.1f} Gw/s {gbs:5.1f} GB/s "
-                  f"{gws / bound:4.0%} {bound:6.1f} Gw/s {peers_bf16[batch]:6.1f} Gw/s "
+                  f"{gws / bound:4.0%} {exact_rows[batch][0]:5.1f} Gw/s {bound:6.1f} Gw/s {peers_bf16[batch]:6.1f} Gw/s "
                   f"{peers_int4[batch]:6.1f} Gw/s", flush=True)
         tok_s, gws = prefill
         summary[name] = (rows[1][0], tok_s, peer_prefill)
-        print(f"{name:<15} {f'prefill {tokens}':<13} {tok_s:7.0f} tok/s/layer ({gws:.1f} Gw/s read)  "
-              f"dequant+bf16 matmul: {peer_prefill:.0f} tok/s/layer ({tok_s / peer_prefill:.1f}x)", flush=True)
+        print(f"{name:<15} {f'prefill {tokens}':<13} {tok_s:7.0f} tok/s/layer ({gws:.1f} Gw/s read); exact "
+              f"{exact_prefill[0]:.0f} ({tok_s / exact_prefill[0]:.1f}x); dequant+bf16 matmul: {peer_prefill:.0f} "
+              f"({tok_s / peer_prefill:.1f}x)", flush=True)
 
     ours, q4_0, bits = quality_vs_q4_0()
     print(f"\nquality on all-MiniLM-L6-v2 FFN weights: offload int4 {bits} bits/weight relative RMS error "
           f"{ours:.4f}, llama.cpp Q4_0 4.5 bits/weight {q4_0:.4f} ({ours / q4_0:.2f}x)")
+    exact_error, fast_error = activation_quality()
+    print(f"on those matrices' real inputs (5 sentences): output error {exact_error:.4f} with fp32 activations, "
+          f"{fast_error:.4f} with int8 activations ({fast_error / exact_error:.3f}x)")
     next_decode, next_prefill, next_peer = summary["qwen3-next-80b"]
     print(f"summary: decode batch 1 {next_decode:.1f} G weights/s = {next_decode / bound:.0%} of the DRAM bound "
           f"({bound:.1f}); prefill {next_prefill / next_peer:.1f}x dequant+bf16; error {ours / q4_0:.2f}x Q4_0 "

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from kernels import gemv
+from kernels import gemv, q8
 from kernels.int4 import BLOCK, FORMAT, Int4Weights
 
 
@@ -44,17 +44,23 @@ def median_seconds(run, calls: int) -> float:
 
 
 def decode_throughput(gate_up: Int4Weights, down: Int4Weights, batch: int, top_k: int, calls: int,
-                      seed: int = 0) -> float:
-    """Weights/s of `moe_decode` (median call), distinct random experts per call."""
+                      seed: int = 0, exact: bool = False) -> float:
+    """Weights/s of the decode kernel (median call), distinct random experts per call: the fast
+    one (`q8.moe_decode_fast`, this CPU's best path), or with `exact` `gemv.moe_decode`."""
     rng = np.random.default_rng(seed)
     experts, _, hidden = gate_up.shape
     intermediate = down.shape[2]
     x = rng.standard_normal((batch, hidden)).astype(np.float32)
     out = np.empty_like(x)
     weights = np.full((batch, top_k), 1 / top_k, np.float32)
-    scratch = gemv.DecodeScratch(batch, top_k, hidden, intermediate)
+    if exact:
+        scratch = gemv.DecodeScratch(batch, top_k, hidden, intermediate)
+        kernel = gemv.moe_decode
+    else:
+        scratch = q8.FastScratch(batch, top_k, hidden, intermediate)
+        kernel = q8.moe_decode_fast
     routes = [rng.choice(experts, batch * top_k, replace=False).reshape(batch, top_k) for _ in range(calls)]
     for route in routes[: max(1, calls // 4)]:  # warm-up: page tables, huge pages, clocks
-        gemv.moe_decode(x, route, weights, gate_up, down, out, scratch)
-    seconds = median_seconds(lambda i: gemv.moe_decode(x, routes[i], weights, gate_up, down, out, scratch), calls)
+        kernel(x, route, weights, gate_up, down, out, scratch)
+    seconds = median_seconds(lambda i: kernel(x, routes[i], weights, gate_up, down, out, scratch), calls)
     return batch * top_k * 3 * hidden * intermediate / seconds
