@@ -39,8 +39,11 @@ from kernels.gemv import PREFETCH_BYTES, _check, _silu
 from kernels.int4 import BLOCK, GROUP, Int4Weights
 
 QUADS = GROUP // 4  # 4-column quads per group
+TOKEN_TILE = 64  # tokens per pass of a dense matrix (`linear_fast`): their int8 activations stay in L2
 # lane r*4 + j of a transposed quad <- byte j*16 + r of the packed quad (row r, column j)
 _TRANSPOSE = [j * 16 + r for r in range(16) for j in range(4)]
+# int8 weights: a quad is 128 bytes (column j: 32 bytes, row r at byte 32j + r); rows 0-15, 16-31
+_TRANSPOSE8 = [[j * 32 + half * 16 + r for r in range(16) for j in range(4)] for half in (0, 1)]
 
 
 # --- activations ----------------------------------------------------------------------------------
@@ -123,10 +126,15 @@ def _dot4(builder, path: int, acc, weights, activations):
     return builder.shuffle_vector(results[0], results[1], ir.Constant(v16i32, list(range(16))))
 
 
-def _block_dot_codegen(path: int, tokens: int = 1):
+def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
     """LLVM code of `_q8_block_dot` (tokens=1) or `_q8_block_dot_pair` (tokens=2: each quad's
-    codes are split and transposed once for both tokens). Arguments: path, packed, scales, then
-    per token (xq, x_scales, x_sums), then per token alpha, then per token out."""
+    codes are split and transposed once for both tokens), for int4 (bits=4) or int8 weights.
+    Arguments: path, packed, scales, then per token (xq, x_scales, x_sums), then per token
+    alpha, then per token out.
+
+    int8 weights are signed, and the dot instructions multiply unsigned by signed bytes: each
+    product w x is taken as |w| (x sign(w)), as llama.cpp does (|w| <= 127, so AVX2's 16-bit pair
+    sums cannot saturate either); x_sums are not needed."""
 
     def codegen(context, builder, sig, args):
         def data(index):
@@ -166,6 +174,7 @@ def _block_dot_codegen(path: int, tokens: int = 1):
         builder.position_at_end(head)
         group = builder.phi(i64)
         totals = [[builder.phi(v16f), builder.phi(v16f)] for _ in range(tokens)]  # rows 0-15, rows 16-31
+        column_bytes = BLOCK * bits // 8
         group.add_incoming(const(0), entry)
         for total in (total for per_token in totals for total in per_token):
             total.add_incoming(zero_f, entry)
@@ -173,32 +182,50 @@ def _block_dot_codegen(path: int, tokens: int = 1):
 
         builder.position_at_end(body)
         first_column = builder.mul(group, const(GROUP))
-        group_bytes = builder.mul(first_column, const(16))
-        for line in range(GROUP * 16 // 64):  # this group's 8 lines, PREFETCH_BYTES ahead
+        group_bytes = builder.mul(first_column, const(column_bytes))
+        for line in range(GROUP * column_bytes // 64):  # this group's lines, PREFETCH_BYTES ahead
             address = builder.gep(packed_ptr, [builder.add(group_bytes, const(PREFETCH_BYTES + 64 * line))])
             builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         dots = [[zero_i, zero_i] for _ in range(tokens)]
         low_mask, shift = ir.Constant(v64i8, [15] * 64), ir.Constant(v64i8, [4] * 64)
         transpose = ir.Constant(ir.VectorType(i32, 64), _TRANSPOSE)
+        zero_b = ir.Constant(v64i8, [0] * 64)
         for quad in range(QUADS):
-            codes = load(packed_ptr, builder.add(group_bytes, const(64 * quad)), v64i8, 1)
-            rows = [builder.shuffle_vector(nibbles, nibbles, transpose)
-                    for nibbles in (builder.and_(codes, low_mask), builder.lshr(codes, shift))]
+            if bits == 4:
+                codes = load(packed_ptr, builder.add(group_bytes, const(64 * quad)), v64i8, 1)
+                rows = [builder.shuffle_vector(nibbles, nibbles, transpose)
+                        for nibbles in (builder.and_(codes, low_mask), builder.lshr(codes, shift))]
+            else:
+                codes = load(packed_ptr, builder.add(group_bytes, const(128 * quad)), ir.VectorType(i8, 128), 1)
+                rows = [builder.shuffle_vector(codes, codes, ir.Constant(ir.VectorType(i32, 64), indices))
+                        for indices in _TRANSPOSE8]
+                negative = [builder.icmp_signed("<", row, zero_b) for row in rows]
+                empty = [builder.icmp_signed("==", row, zero_b) for row in rows]
+                magnitudes = [builder.select(n, builder.sub(zero_b, row), row) for n, row in zip(negative, rows)]
             for t in range(tokens):
                 column = builder.add(first_column, const(4 * quad))
                 quad_x = builder.load(builder.bitcast(builder.gep(xq_ptrs[t], [column]), i32.as_pointer()), align=1)
                 activations = builder.bitcast(splat(quad_x, v16i32), v64i8)
                 for half in (0, 1):
-                    dots[t][half] = _dot4(builder, path, dots[t][half], rows[half], activations)
+                    if bits == 4:
+                        dots[t][half] = _dot4(builder, path, dots[t][half], rows[half], activations)
+                        continue
+                    signed = builder.select(negative[half], builder.sub(zero_b, activations), activations)
+                    signed = builder.select(empty[half], zero_b, signed)
+                    dots[t][half] = _dot4(builder, path, dots[t][half], magnitudes[half], signed)
         w_scales = []
         for half in (0, 1):
-            bits = load(scales_ptr, builder.add(first_column, const(16 * half)), ir.VectorType(i16, 16), 2)
-            w_scales.append(builder.bitcast(builder.shl(builder.zext(bits, v16i32), ir.Constant(v16i32, [16] * 16)), v16f))
+            scale_bits = load(scales_ptr, builder.add(first_column, const(16 * half)), ir.VectorType(i16, 16), 2)
+            w_scales.append(builder.bitcast(builder.shl(builder.zext(scale_bits, v16i32), ir.Constant(v16i32, [16] * 16)),
+                                            v16f))
         for t in range(tokens):
-            offset = splat(builder.mul(builder.load(builder.gep(x_sums_ptrs[t], [group])), ir.Constant(i32, 8)), v16i32)
+            if bits == 4:  # codes are q + 8: subtract 8 x the activations' group sum
+                offset = builder.mul(builder.load(builder.gep(x_sums_ptrs[t], [group])), ir.Constant(i32, 8))
+                for half in (0, 1):
+                    dots[t][half] = builder.sub(dots[t][half], splat(offset, v16i32))
             x_scale = splat(builder.load(builder.gep(x_scales_ptrs[t], [group])), v16f)
             for half in (0, 1):
-                exact = builder.sitofp(builder.sub(dots[t][half], offset), v16f)
+                exact = builder.sitofp(dots[t][half], v16f)
                 value = builder.call(fma, [exact, builder.fmul(w_scales[half], x_scale), totals[t][half]])
                 totals[t][half].add_incoming(value, builder.block)
         group.add_incoming(builder.add(group, const(1)), builder.block)
@@ -217,15 +244,16 @@ def _block_dot_codegen(path: int, tokens: int = 1):
 
 @intrinsic
 def _q8_block_dot(typingctx, path, packed, scales, xq, x_scales, x_sums, alpha, out):
-    """out[0:32] += alpha * (W_block @ x) for one 32-row int4 block and one int8 token.
+    """out[0:32] += alpha * (W_block @ x) for one 32-row block and one int8 token.
 
-    path: a `kernels.isa` path, a compile-time literal. packed uint8 [in * 16], scales uint16
-    [in] (one block's slices of Int4Weights); xq int8 [in], x_scales float32 [in // 32], x_sums
-    int32 [in // 32] (`quantize_activations`); out float32 [32]."""
+    path: a `kernels.isa` path, a compile-time literal. packed: uint8 [in * 16] for int4 weights
+    (one block of Int4Weights) or int8 [in * 32] for int8 ones (`kernels.int8`); scales uint16
+    [in]; xq int8 [in], x_scales float32 [in // 32], x_sums int32 [in // 32]
+    (`quantize_activations`); out float32 [32]."""
     if not isinstance(path, types.IntegerLiteral):
         return None
     return (types.void(path, packed, scales, xq, x_scales, x_sums, alpha, out),
-            _block_dot_codegen(path.literal_value))
+            _block_dot_codegen(path.literal_value, bits=_bits(packed)))
 
 
 @intrinsic
@@ -237,7 +265,12 @@ def _q8_block_dot_pair(typingctx, path, packed, scales, xq0, x_scales0, x_sums0,
         return None
     signature = types.void(path, packed, scales, xq0, x_scales0, x_sums0, xq1, x_scales1, x_sums1,
                            alpha0, alpha1, out0, out1)
-    return signature, _block_dot_codegen(path.literal_value, tokens=2)
+    return signature, _block_dot_codegen(path.literal_value, tokens=2, bits=_bits(packed))
+
+
+def _bits(packed) -> int:
+    """4 for int4 weights (packed uint8), 8 for int8 ones (int8 codes)."""
+    return 8 if packed.dtype == types.int8 else 4
 
 
 # --- decode -------------------------------------------------------------------------------------------
@@ -279,42 +312,6 @@ def _moe_decode_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_pack
             e = expert_ids[t, j]
             _q8_block_dot(path, dn_packed[e, b], dn_scales[e, b], hq[t, j], h_scales[t, j], h_sums[t, j],
                           np.float32(weights[t, j]), rows)
-
-
-# One compiled entry per path: a global constant is a compile-time literal for `_moe_decode_fast`.
-_VNNI512, _AVXVNNI, _AVX2, _PORTABLE = paths.VNNI512, paths.AVXVNNI, paths.AVX2, paths.PORTABLE
-
-
-@njit(nogil=True, cache=True)
-def _decode_vnni512(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, x_scales, x_sums,
-                    gate_up, hq, h_scales, h_sums):
-    _moe_decode_fast(_VNNI512, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums)
-
-
-@njit(nogil=True, cache=True)
-def _decode_avxvnni(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, x_scales, x_sums,
-                    gate_up, hq, h_scales, h_sums):
-    _moe_decode_fast(_AVXVNNI, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums)
-
-
-@njit(nogil=True, cache=True)
-def _decode_avx2(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, x_scales, x_sums,
-                 gate_up, hq, h_scales, h_sums):
-    _moe_decode_fast(_AVX2, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums)
-
-
-@njit(nogil=True, cache=True)
-def _decode_portable(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, x_scales, x_sums,
-                     gate_up, hq, h_scales, h_sums):
-    _moe_decode_fast(_PORTABLE, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums)
-
-
-_DECODE = {paths.VNNI512: _decode_vnni512, paths.AVXVNNI: _decode_avxvnni, paths.AVX2: _decode_avx2,
-           paths.PORTABLE: _decode_portable}
 
 
 # --- prefill ------------------------------------------------------------------------------------------
@@ -375,37 +372,117 @@ def _moe_prefill_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_pac
                               np.float32(weights[s // top_k, s % top_k]), out[s // top_k, rows])
 
 
-@njit(nogil=True, cache=True)
-def _prefill_vnni512(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                     xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums):
-    _moe_prefill_fast(_VNNI512, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                                xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums)
+# --- dense ----------------------------------------------------------------------------------------------
+
+@njit(parallel=True, nogil=True, cache=True)
+def _linear_fast(path, x, packed, scales, out, xq, x_scales, x_sums):
+    literally(path)
+    tokens = x.shape[0]
+    quantize_activations(x, xq, x_scales, x_sums)
+    one = np.float32(1.0)
+    # tiles of TOKEN_TILE tokens, so that a tile's activations stay in L2 while every block of the
+    # matrix passes; task = 32-row block over the tile's tokens, two at a time
+    for first in range(0, tokens, TOKEN_TILE):
+        end = min(first + TOKEN_TILE, tokens)
+        for b in prange(packed.shape[1]):
+            rows = slice(b * BLOCK, (b + 1) * BLOCK)
+            for t in range(first, end):
+                out[t, rows] = 0
+            for t in range(first, end - 1, 2):
+                _q8_block_dot_pair(path, packed[0, b], scales[0, b], xq[t], x_scales[t], x_sums[t], xq[t + 1],
+                                   x_scales[t + 1], x_sums[t + 1], one, one, out[t, rows], out[t + 1, rows])
+            if (end - first) % 2:
+                t = end - 1
+                _q8_block_dot(path, packed[0, b], scales[0, b], xq[t], x_scales[t], x_sums[t], one, out[t, rows])
+
+
+# --- one compiled entry per path: a global constant is a compile-time literal for the kernels -------------
+
+_VNNI512, _AVXVNNI, _AVX2, _PORTABLE = paths.VNNI512, paths.AVXVNNI, paths.AVX2, paths.PORTABLE
 
 
 @njit(nogil=True, cache=True)
-def _prefill_avxvnni(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                     xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums):
-    _moe_prefill_fast(_AVXVNNI, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                                xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums)
+def _decode_vnni512(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs, hsum):
+    _moe_decode_fast(_VNNI512, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
+                     gate_up, hq, hs, hsum)
 
 
 @njit(nogil=True, cache=True)
-def _prefill_avx2(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                  xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums):
-    _moe_prefill_fast(_AVX2, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                             xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums)
+def _decode_avxvnni(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs, hsum):
+    _moe_decode_fast(_AVXVNNI, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
+                     gate_up, hq, hs, hsum)
 
 
 @njit(nogil=True, cache=True)
-def _prefill_portable(x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                      xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums):
-    _moe_prefill_fast(_PORTABLE, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                                 xq, x_scales, x_sums, order, offsets, active, gate_up, hq, h_scales, h_sums)
+def _decode_avx2(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs, hsum):
+    _moe_decode_fast(_AVX2, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
+                     gate_up, hq, hs, hsum)
 
 
+@njit(nogil=True, cache=True)
+def _decode_portable(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
+                     hsum):
+    _moe_decode_fast(_PORTABLE, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
+                     gate_up, hq, hs, hsum)
+
+
+@njit(nogil=True, cache=True)
+def _prefill_vnni512(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, order, offsets,
+                     active, gate_up, hq, hs, hsum):
+    _moe_prefill_fast(_VNNI512, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, order,
+                      offsets, active, gate_up, hq, hs, hsum)
+
+
+@njit(nogil=True, cache=True)
+def _prefill_avxvnni(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, order, offsets,
+                     active, gate_up, hq, hs, hsum):
+    _moe_prefill_fast(_AVXVNNI, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, order,
+                      offsets, active, gate_up, hq, hs, hsum)
+
+
+@njit(nogil=True, cache=True)
+def _prefill_avx2(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, order, offsets,
+                  active, gate_up, hq, hs, hsum):
+    _moe_prefill_fast(_AVX2, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, order,
+                      offsets, active, gate_up, hq, hs, hsum)
+
+
+@njit(nogil=True, cache=True)
+def _prefill_portable(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, order, offsets,
+                      active, gate_up, hq, hs, hsum):
+    _moe_prefill_fast(_PORTABLE, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, order,
+                      offsets, active, gate_up, hq, hs, hsum)
+
+
+@njit(nogil=True, cache=True)
+def _linear_vnni512(x, packed, scales, out, xq, xs, xsum):
+    _linear_fast(_VNNI512, x, packed, scales, out, xq, xs, xsum)
+
+
+@njit(nogil=True, cache=True)
+def _linear_avxvnni(x, packed, scales, out, xq, xs, xsum):
+    _linear_fast(_AVXVNNI, x, packed, scales, out, xq, xs, xsum)
+
+
+@njit(nogil=True, cache=True)
+def _linear_avx2(x, packed, scales, out, xq, xs, xsum):
+    _linear_fast(_AVX2, x, packed, scales, out, xq, xs, xsum)
+
+
+@njit(nogil=True, cache=True)
+def _linear_portable(x, packed, scales, out, xq, xs, xsum):
+    _linear_fast(_PORTABLE, x, packed, scales, out, xq, xs, xsum)
+
+
+_DECODE = {paths.VNNI512: _decode_vnni512, paths.AVXVNNI: _decode_avxvnni, paths.AVX2: _decode_avx2,
+           paths.PORTABLE: _decode_portable}
 _PREFILL = {paths.VNNI512: _prefill_vnni512, paths.AVXVNNI: _prefill_avxvnni, paths.AVX2: _prefill_avx2,
             paths.PORTABLE: _prefill_portable}
+_LINEAR = {paths.VNNI512: _linear_vnni512, paths.AVXVNNI: _linear_avxvnni, paths.AVX2: _linear_avx2,
+           paths.PORTABLE: _linear_portable}
 
+
+# --- the Python API ---------------------------------------------------------------------------------------
 
 class FastScratch:
     """Buffers of `moe_decode_fast` and `moe_prefill_fast` for up to `tokens` tokens (one slot per
@@ -472,6 +549,61 @@ def moe_prefill_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Wei
                           order, offsets, np.flatnonzero(counts), scratch.gate_up, scratch.hq, scratch.h_scales,
                           scratch.h_sums)
     return out
+
+
+class Activations:
+    """An activation buffer for `linear_fast`: up to `tokens` tokens of `features` values as int8,
+    with their group scales and sums. Share one among all layers that read the same width."""
+
+    def __init__(self, tokens: int, features: int):
+        self.q = np.zeros((tokens, features), np.int8)
+        self.scales = np.zeros((tokens, features // GROUP), np.float32)
+        self.sums = np.zeros((tokens, features // GROUP), np.int32)
+
+
+def linear_fast(x: np.ndarray, weight, out: np.ndarray, activations: Activations,
+                path: int | None = None) -> np.ndarray:
+    """out = x @ W.T for one int4 (`Int4Weights`) or int8 (`Int8Weights`) matrix [1, out, in]:
+    x float32 [T, in] quantised to int8, integer dot products; the same code from one token to
+    a whole prompt chunk (each 32-row block is read once and applied to every token). Returns
+    `out` float32 [T, out] (overwritten)."""
+    _, out_features, in_features = weight.shape
+    tokens = x.shape[0]
+    if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != in_features or not x.flags.c_contiguous:
+        raise ValueError(f"x must be C-contiguous float32 [T, {in_features}]")
+    if out.shape != (tokens, out_features) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 [{tokens}, {out_features}]")
+    if activations.q.shape[0] < tokens or activations.q.shape[1] != in_features:
+        raise ValueError(f"activations hold {activations.q.shape[0]} x {activations.q.shape[1]}, "
+                         f"need {tokens} x {in_features}")
+    _LINEAR[_path(path)](x, weight.packed, weight.scales, out, activations.q[:tokens], activations.scales[:tokens],
+                         activations.sums[:tokens])
+    return out
+
+
+def linear_reference_fast(x: np.ndarray, weight) -> np.ndarray:
+    """NumPy reference of `linear_fast`: the int8 activations' exact integer group dots with the
+    weights' codes, scaled, summed in float64."""
+    from kernels import int4
+
+    if weight.packed.dtype == np.int8:  # kernels.int8: column c of block b is bytes [32c, 32c + 32)
+        _, blocks, columns = weight.packed.shape
+        codes = weight.packed[0].reshape(blocks, columns // BLOCK, BLOCK).transpose(0, 2, 1).reshape(blocks * BLOCK, -1)
+        scales = _int8_scales(weight)
+    else:
+        codes, scales = int4.unpack_codes(weight)[0], int4.scales_float32(weight)[0]
+    q, q_scales, _ = quantize_activations_reference(x)
+    dots = (codes.astype(np.int64).reshape(codes.shape[0], 1, -1, GROUP)
+            * q.astype(np.int64).reshape(1, x.shape[0], -1, GROUP)).sum(axis=3)  # [out, T, groups]
+    return (dots * scales.astype(np.float64)[:, None, :] * q_scales[None]).sum(axis=2).T.astype(np.float32)
+
+
+def _int8_scales(weight) -> np.ndarray:
+    """float32 [out, in // 32] scales of an `Int8Weights` matrix."""
+    _, blocks, columns = weight.scales.shape
+    bits = weight.scales[0].astype(np.uint32) << 16
+    per = bits.view(np.float32).reshape(blocks, columns // BLOCK, BLOCK)  # [blocks, groups, rows]
+    return per.transpose(0, 2, 1).reshape(blocks * BLOCK, columns // BLOCK)
 
 
 def moe_reference_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels import int4, int8
+from kernels import int4, int8, q8
 from kernels.linear import linear
 from kernels.threads import kernel_threads, physical_cores
 from offload.config import PREFILL_CHUNK
@@ -23,26 +23,43 @@ from offload.host import numpy_view, stored_array
 from offload.planner import quantizable
 
 FORMATS = {"int8": int8, "int4": int4}
+# From this many tokens on an int8 matrix is dequantised and multiplied by BLAS sgemm rather than by
+# the fast kernel (measured on a 2-core AVX512-VNNI Xeon: fast 113 Gw/s at 256 tokens, sgemm 107
+# at 512; BENCHMARKS.md). int4 matrices always take the fast kernel.
+INT8_SGEMM_MIN_TOKENS = 384
 
 
 class QuantizedLinear(nn.Module):
-    def __init__(self, source: nn.Linear, fmt: str, threads: int):
+    """`nn.Linear` from int8 / int4 on the CPU. By default activations are quantised to int8 and
+    multiplied with integer dot products (`kernels.q8.linear_fast`, the same code from one token
+    to a prompt chunk); with `exact`, they stay fp32 (`kernels.linear`). `activations` is the
+    int8 activation buffer, shared by every layer of the same input width."""
+
+    def __init__(self, source: nn.Linear, fmt: str, threads: int, exact: bool = False,
+                 activations: q8.Activations | None = None):
         super().__init__()
         self.format = fmt
         self.weight = FORMATS[fmt].quantize(stored_array(source.weight))  # [1, out, in]
         self.bias = None if source.bias is None else source.bias.detach().to(torch.float32)
         self.threads = threads
+        self.exact = exact
         _, self.out_features, self.in_features = self.weight.shape
+        self.activations = activations or q8.Activations(PREFILL_CHUNK, self.in_features)
         self.x_sums = np.zeros((PREFILL_CHUNK, self.in_features // int4.GROUP), np.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x's dtype."""
         flat = numpy_view(x.reshape(-1, self.in_features))
-        x_sums = self.x_sums if flat.shape[0] <= PREFILL_CHUNK else np.zeros(
-            (flat.shape[0], self.in_features // int4.GROUP), np.float32)
-        out = np.empty((flat.shape[0], self.out_features), np.float32)
+        tokens = flat.shape[0]
+        out = np.empty((tokens, self.out_features), np.float32)
         with kernel_threads(self.threads):
-            linear(flat, self.weight, out, x_sums)
+            if self.exact or (self.format == "int8" and tokens >= INT8_SGEMM_MIN_TOKENS):
+                x_sums = self.x_sums if tokens <= PREFILL_CHUNK else np.zeros(
+                    (tokens, self.in_features // int4.GROUP), np.float32)
+                linear(flat, self.weight, out, x_sums)
+            else:
+                activations = self.activations if tokens <= PREFILL_CHUNK else q8.Activations(tokens, self.in_features)
+                q8.linear_fast(flat, self.weight, out, activations)
         result = torch.from_numpy(out)
         if self.bias is not None:
             result += self.bias
@@ -63,10 +80,11 @@ def hub_name(name: str) -> str:
 
 
 def quantize_dense(model: nn.Module, fmt: str = "int8", names=None, threads: int | None = None,
-                   progress: bool = False) -> int:
+                   progress: bool = False, exact: bool = False) -> int:
     """Swap `nn.Linear`s of `model` (loaded, not on meta) for `QuantizedLinear` in `fmt` ("int8"
-    or "int4"): those named in `names`, or every one, that `quantizable` allows. Returns how many
-    were swapped. A tied lm_head gets its own quantised copy. `progress` shows a bar."""
+    or "int4"): those named in `names`, or every one, that `quantizable` allows; with `exact` they
+    keep fp32 activations. Returns how many were swapped. A tied lm_head gets its own quantised
+    copy. `progress` shows a bar."""
     from tqdm import tqdm
 
     threads = threads or physical_cores()
@@ -75,10 +93,12 @@ def quantize_dense(model: nn.Module, fmt: str = "int8", names=None, threads: int
                 and quantizable(hub_name(name) + ".weight", tuple(module.weight.shape))]
     bar = tqdm(total=sum(m.weight.numel() for _, m in eligible), desc=f"quantising dense layers to {fmt}",
                unit="w", unit_scale=True, disable=not progress, leave=False)
+    shared: dict[int, q8.Activations] = {}  # one int8 activation buffer per input width
     for name, module in eligible:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attribute, QuantizedLinear(module, fmt, threads))
+        activations = shared.setdefault(module.in_features, q8.Activations(PREFILL_CHUNK, module.in_features))
+        setattr(parent, attribute, QuantizedLinear(module, fmt, threads, exact, activations))
         bar.update(module.weight.numel())
     bar.close()
     return len(eligible)

@@ -190,7 +190,8 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     quant="int4" runs the routed experts from the int4 expert store (built on first use, in
     `store_dir` or the cache; see offload.store) with the CPU kernels: the fast ones (activations
     quantised to int8, integer dot products) or, with exact=True, those that keep activations in
-    fp32 and reproduce transformers on the int4 weights.
+    fp32 and reproduce transformers on the int4 weights. The same holds for the dense matrices
+    quantised for the CPU (dense_quant).
     gpu_mem ("8G", bytes, 0 for CPU only) and profile (a name in profiles/ or a YAML file; default
     this machine's detected one, else the reference box) make the placement plan, kept as
     `engine.plan` and executed: mixers, norms, routers, shared experts and lm_head on the GPU in
@@ -246,7 +247,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     from offload.placement import executed_placement, place
     from offload.planner import PREFETCH_GROUP
 
-    nbytes = place(model, plan, execution, progress=_total_bytes(model) >= PROGRESS_BYTES)
+    nbytes = place(model, plan, execution, progress=_total_bytes(model) >= PROGRESS_BYTES, exact=exact)
     if executor is not None and hybrid and any(p.group == PREFETCH_GROUP for p in plan.placement):
         executor.prepare_streaming()
     engine = Engine(model, args, ctx, execution, executor, prefill)

@@ -30,16 +30,18 @@ def _group(module_name: str, leaf: str = "weight") -> str:
     return group_of(hub_name(f"{module_name}.{leaf}" if module_name else leaf))
 
 
-def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = False) -> dict[str, int]:
-    """Move, quantise and wrap `model`'s modules as `plan` says; returns the bytes of each tensor
-    group as placed (routed experts from the int4 store are counted by the caller)."""
+def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = False,
+          exact: bool = False) -> dict[str, int]:
+    """Move, quantise and wrap `model`'s modules as `plan` says (quantised layers with the exact
+    kernels if `exact`); returns the bytes of each tensor group as placed (routed experts from
+    the int4 store are counted by the caller)."""
     where = {p.group: p for p in plan.placement}
     for fmt in QUANTIZED:
         groups = {g for g, p in where.items() if p.device == "cpu" and p.format == fmt}
         names = {name for name, module in model.named_modules()
                  if isinstance(module, nn.Linear) and _group(name) in groups}
         if names:
-            quantize_dense(model, fmt, names, progress=progress)
+            quantize_dense(model, fmt, names, progress=progress, exact=exact)
     nbytes: dict[str, int] = {}
     for module_name, module in model.named_modules():
         for leaf, param in list(module.named_parameters(recurse=False)):

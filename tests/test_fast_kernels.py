@@ -96,3 +96,41 @@ def test_int8_activations_cost_almost_nothing_on_real_weights_and_activations():
     exact, fast = load_bench().activation_quality()
     assert 0.03 < exact < 0.1  # int4 weights really are in use
     assert fast <= 1.10 * exact
+
+
+@pytest.mark.parametrize("fmt_name", ["int4", "int8"])
+@pytest.mark.parametrize("tokens", [1, 3, 70])  # 70: a second tile of tokens, odd
+def test_dense_linear_every_path_matches_the_reference(fmt_name, tokens):
+    from kernels import int4, int8
+
+    fmt = {"int4": int4, "int8": int8}[fmt_name]
+    rng = np.random.default_rng(tokens)
+    weight = fmt.quantize((rng.standard_normal((96, 160)) * 0.05).astype(np.float32))
+    x = rng.standard_normal((tokens, 160)).astype(np.float32)
+    x[0, :32] = 0  # a zero group
+    expected = q8.linear_reference_fast(x, weight)
+    activations = q8.Activations(128, 160)
+    results = {path: q8.linear_fast(x, weight, np.full((tokens, 96), np.nan, np.float32), activations, path).copy()
+               for path in PATHS}
+    for path, result in results.items():
+        assert np.abs(result - expected).max() <= 1e-5 * np.abs(expected).max(), isa.NAMES[path]
+        assert np.array_equal(result, results[PATHS[0]])
+    exact = x @ fmt.dequantize(weight)[0].T
+    assert np.sqrt(((results[PATHS[0]] - exact) ** 2).sum() / (exact ** 2).sum()) < 0.02
+
+
+def test_quantized_linear_is_fast_by_default_and_exact_on_request():
+    import torch
+
+    from kernels import int4
+    from offload.dense import QuantizedLinear
+
+    torch.manual_seed(32)
+    source = torch.nn.Linear(128, 64, bias=True)
+    x = torch.randn(5, 128)
+    fast, exact = QuantizedLinear(source, "int4", 2), QuantizedLinear(source, "int4", 2, exact=True)
+    with torch.no_grad():
+        reference = torch.nn.functional.linear(x, torch.from_numpy(int4.dequantize(exact.weight)[0]), source.bias)
+    assert torch.allclose(exact(x), reference, atol=1e-5)
+    moved = ((fast(x) - reference).norm() / reference.norm()).item()
+    assert 1e-5 < moved < 0.02  # int8 activations
