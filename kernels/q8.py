@@ -1,7 +1,7 @@
-"""Fast kernels: activations quantised to int8, int4 weights times int8 by integer dot products.
+"""Fast kernels: activations quantised to int8, int4 / int8 weights times them by integer dot products.
 
-The exact kernels (`gemv`, `gemm`) turn every weight into an fp32 FMA. Here each activation
-vector is quantised once to int8 and the weights' 4-bit codes are multiplied by it with the CPU's
+The exact kernels (`gemv`, `gemm`, `linear`) turn every weight into an fp32 FMA. Here each
+activation vector is quantised once to int8 and the weights' codes are multiplied by it with the CPU's
 integer dot-product instructions (`kernels.isa`: AVX512-VNNI, AVX-VNNI, AVX2 or portable), four
 products per 32-bit lane: 4x the multiply-adds per instruction, as llama.cpp does.
 
@@ -23,7 +23,9 @@ Decode (`moe_decode_fast`) is `gemv.moe_decode` with these blocks: gate_up per (
 row block), whose 32 rows of silu(gate) * up are one group of down's input and are quantised
 right there; then down per (token, output block) over the token's experts. Prefill
 (`moe_prefill_fast`) is `gemm.moe_prefill` likewise, tokens grouped by expert, two tokens per
-decoded quad (`_q8_block_dot_pair`).
+decoded quad (`_q8_block_dot_pair`). A dense matrix (`linear_fast`, int4 or `kernels.int8`, whose
+signed codes enter as |w| times x sign(w)) is one always-active expert: 32-row blocks over tiles
+of TOKEN_TILE tokens, the same code from one token to a whole prompt chunk.
 """
 
 from __future__ import annotations

@@ -23,10 +23,6 @@ from offload.host import numpy_view, stored_array
 from offload.planner import quantizable
 
 FORMATS = {"int8": int8, "int4": int4}
-# From this many tokens on an int8 matrix is dequantised and multiplied by BLAS sgemm rather than by
-# the fast kernel (measured on a 2-core AVX512-VNNI Xeon: fast 113 Gw/s at 256 tokens, sgemm 107
-# at 512; BENCHMARKS.md). int4 matrices always take the fast kernel.
-INT8_SGEMM_MIN_TOKENS = 384
 
 
 class QuantizedLinear(nn.Module):
@@ -53,7 +49,7 @@ class QuantizedLinear(nn.Module):
         tokens = flat.shape[0]
         out = np.empty((tokens, self.out_features), np.float32)
         with kernel_threads(self.threads):
-            if self.exact or (self.format == "int8" and tokens >= INT8_SGEMM_MIN_TOKENS):
+            if self.exact:
                 x_sums = self.x_sums if tokens <= PREFILL_CHUNK else np.zeros(
                     (tokens, self.in_features // int4.GROUP), np.float32)
                 linear(flat, self.weight, out, x_sums)
