@@ -40,8 +40,10 @@ class QuantizedLinear(nn.Module):
         self.threads = threads
         self.exact = exact
         _, self.out_features, self.in_features = self.weight.shape
-        self.activations = activations or q8.Activations(PREFILL_CHUNK, self.in_features)
-        self.x_sums = np.zeros((PREFILL_CHUNK, self.in_features // int4.GROUP), np.float32)
+        if exact:
+            self.x_sums = np.zeros((PREFILL_CHUNK, self.in_features // int4.GROUP), np.float32)
+        else:
+            self.activations = activations or q8.Activations(PREFILL_CHUNK, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x's dtype."""
