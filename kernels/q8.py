@@ -22,8 +22,8 @@ the same bits.
 Decode (`moe_decode_fast`) is `gemv.moe_decode` with these blocks: gate_up per (token, expert,
 row block), whose 32 rows of silu(gate) * up are one group of down's input and are quantised
 right there; then down per (token, output block) over the token's experts. Prefill
-(`moe_prefill_fast`) is `gemm.moe_prefill` likewise, tokens grouped by expert, two tokens per
-decoded quad (`_q8_block_dot_pair`). A dense matrix (`linear_fast`, int4 or `kernels.int8`, whose
+(`moe_prefill_fast`) is `gemm.moe_prefill` likewise, tokens grouped by expert, four tokens per
+prepared quad of codes (`_q8_block_dot_quad`, then a pair and a single for the rest). A dense matrix (`linear_fast`, int4 or `kernels.int8`, whose
 signed codes enter as |w| times x sign(w)) is one always-active expert: 32-row blocks over tiles
 of TOKEN_TILE tokens, the same code from one token to a whole prompt chunk.
 """
@@ -261,13 +261,27 @@ def _q8_block_dot(typingctx, path, packed, scales, xq, x_scales, x_sums, alpha, 
 @intrinsic
 def _q8_block_dot_pair(typingctx, path, packed, scales, xq0, x_scales0, x_sums0, xq1, x_scales1, x_sums1,
                        alpha0, alpha1, out0, out1):
-    """`_q8_block_dot` for two tokens (prefill: an expert's block applied to its tokens two at a
-    time); each token's result is the same bits as `_q8_block_dot` gives it."""
+    """`_q8_block_dot` for two tokens: each quad's codes are prepared once for both; each token's
+    result is the same bits as `_q8_block_dot` gives it."""
     if not isinstance(path, types.IntegerLiteral):
         return None
     signature = types.void(path, packed, scales, xq0, x_scales0, x_sums0, xq1, x_scales1, x_sums1,
                            alpha0, alpha1, out0, out1)
     return signature, _block_dot_codegen(path.literal_value, tokens=2, bits=_bits(packed))
+
+
+@intrinsic
+def _q8_block_dot_quad(typingctx, path, packed, scales, xq0, x_scales0, x_sums0, xq1, x_scales1, x_sums1,
+                       xq2, x_scales2, x_sums2, xq3, x_scales3, x_sums3, alpha0, alpha1, alpha2, alpha3,
+                       out0, out1, out2, out3):
+    """`_q8_block_dot` for four tokens (prefill: a block applied to its tokens four at a time), the
+    same bits per token; on AVX2's 16 registers the accumulators spill, still a small gain."""
+    if not isinstance(path, types.IntegerLiteral):
+        return None
+    signature = types.void(path, packed, scales, xq0, x_scales0, x_sums0, xq1, x_scales1, x_sums1,
+                           xq2, x_scales2, x_sums2, xq3, x_scales3, x_sums3, alpha0, alpha1, alpha2, alpha3,
+                           out0, out1, out2, out3)
+    return signature, _block_dot_codegen(path.literal_value, tokens=4, bits=_bits(packed))
 
 
 def _bits(packed) -> int:
@@ -328,7 +342,7 @@ def _moe_prefill_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_pac
     quantize_activations(x, xq, x_scales, x_sums)
     one = np.float32(1.0)
 
-    # gate_up: task = (active expert, row block) over that expert's tokens, two at a time; rows of
+    # gate_up: task = (active expert, row block) over that expert's tokens, four at a time; rows of
     # gate_up / hq are indexed by sorted slot: slot s of expert e is order[offsets[e] + i]
     for task in prange(active.shape[0] * gate_blocks):
         e = active[task // gate_blocks]
@@ -339,11 +353,18 @@ def _moe_prefill_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_pac
             gate_up[position, :, rows] = 0
         for half in (0, 1):  # gate rows, then up rows
             packed, scales = gu_packed[e, half * gate_blocks + b], gu_scales[e, half * gate_blocks + b]
-            for position in range(first, end - 1, 2):
+            quads_end = first + (end - first) // 4 * 4
+            for p in range(first, quads_end, 4):
+                t0, t1, t2, t3 = order[p] // top_k, order[p + 1] // top_k, order[p + 2] // top_k, order[p + 3] // top_k
+                _q8_block_dot_quad(path, packed, scales, xq[t0], x_scales[t0], x_sums[t0], xq[t1], x_scales[t1],
+                                   x_sums[t1], xq[t2], x_scales[t2], x_sums[t2], xq[t3], x_scales[t3], x_sums[t3],
+                                   one, one, one, one, gate_up[p, half, rows], gate_up[p + 1, half, rows],
+                                   gate_up[p + 2, half, rows], gate_up[p + 3, half, rows])
+            for position in range(quads_end, end - 1, 2):
                 t0, t1 = order[position] // top_k, order[position + 1] // top_k
                 _q8_block_dot_pair(path, packed, scales, xq[t0], x_scales[t0], x_sums[t0], xq[t1], x_scales[t1],
                                    x_sums[t1], one, one, gate_up[position, half, rows], gate_up[position + 1, half, rows])
-            if (end - first) % 2:
+            if (end - quads_end) % 2:
                 t = order[end - 1] // top_k
                 _q8_block_dot(path, packed, scales, xq[t], x_scales[t], x_sums[t], one, gate_up[end - 1, half, rows])
         for position in range(first, end):
@@ -361,14 +382,24 @@ def _moe_prefill_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_pac
         for i in range(active.shape[0]):
             e = active[i]
             first, end = offsets[e], offsets[e + 1]
-            for position in range(first, end - 1, 2):
+            quads_end = first + (end - first) // 4 * 4
+            for p in range(first, quads_end, 4):
+                s0, s1, s2, s3 = order[p], order[p + 1], order[p + 2], order[p + 3]
+                _q8_block_dot_quad(path, dn_packed[e, b], dn_scales[e, b], hq[p], h_scales[p], h_sums[p], hq[p + 1],
+                                   h_scales[p + 1], h_sums[p + 1], hq[p + 2], h_scales[p + 2], h_sums[p + 2], hq[p + 3],
+                                   h_scales[p + 3], h_sums[p + 3], np.float32(weights[s0 // top_k, s0 % top_k]),
+                                   np.float32(weights[s1 // top_k, s1 % top_k]),
+                                   np.float32(weights[s2 // top_k, s2 % top_k]),
+                                   np.float32(weights[s3 // top_k, s3 % top_k]), out[s0 // top_k, rows],
+                                   out[s1 // top_k, rows], out[s2 // top_k, rows], out[s3 // top_k, rows])
+            for position in range(quads_end, end - 1, 2):
                 s0, s1 = order[position], order[position + 1]
                 _q8_block_dot_pair(path, dn_packed[e, b], dn_scales[e, b], hq[position], h_scales[position],
                                    h_sums[position], hq[position + 1], h_scales[position + 1], h_sums[position + 1],
                                    np.float32(weights[s0 // top_k, s0 % top_k]),
                                    np.float32(weights[s1 // top_k, s1 % top_k]), out[s0 // top_k, rows],
                                    out[s1 // top_k, rows])
-            if (end - first) % 2:
+            if (end - quads_end) % 2:
                 s = order[end - 1]
                 _q8_block_dot(path, dn_packed[e, b], dn_scales[e, b], hq[end - 1], h_scales[end - 1], h_sums[end - 1],
                               np.float32(weights[s // top_k, s % top_k]), out[s // top_k, rows])
@@ -383,17 +414,23 @@ def _linear_fast(path, x, packed, scales, out, xq, x_scales, x_sums):
     quantize_activations(x, xq, x_scales, x_sums)
     one = np.float32(1.0)
     # tiles of TOKEN_TILE tokens, so that a tile's activations stay in L2 while every block of the
-    # matrix passes; task = 32-row block over the tile's tokens, two at a time
+    # matrix passes; task = 32-row block over the tile's tokens, four at a time
     for first in range(0, tokens, TOKEN_TILE):
         end = min(first + TOKEN_TILE, tokens)
         for b in prange(packed.shape[1]):
             rows = slice(b * BLOCK, (b + 1) * BLOCK)
             for t in range(first, end):
                 out[t, rows] = 0
-            for t in range(first, end - 1, 2):
+            quads_end = first + (end - first) // 4 * 4
+            for t in range(first, quads_end, 4):
+                _q8_block_dot_quad(path, packed[0, b], scales[0, b], xq[t], x_scales[t], x_sums[t], xq[t + 1],
+                                   x_scales[t + 1], x_sums[t + 1], xq[t + 2], x_scales[t + 2], x_sums[t + 2],
+                                   xq[t + 3], x_scales[t + 3], x_sums[t + 3], one, one, one, one,
+                                   out[t, rows], out[t + 1, rows], out[t + 2, rows], out[t + 3, rows])
+            for t in range(quads_end, end - 1, 2):
                 _q8_block_dot_pair(path, packed[0, b], scales[0, b], xq[t], x_scales[t], x_sums[t], xq[t + 1],
                                    x_scales[t + 1], x_sums[t + 1], one, one, out[t, rows], out[t + 1, rows])
-            if (end - first) % 2:
+            if (end - quads_end) % 2:
                 t = end - 1
                 _q8_block_dot(path, packed[0, b], scales[0, b], xq[t], x_scales[t], x_sums[t], one, out[t, rows])
 
