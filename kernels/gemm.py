@@ -104,13 +104,21 @@ def moe_prefill(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights,
     if scratch.hidden.shape[0] < tokens * top_k:
         raise ValueError(f"scratch holds {scratch.hidden.shape[0]} token-expert slots, "
                          f"need {tokens * top_k}")
-    flat = expert_ids.reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    counts = np.bincount(flat, minlength=gate_up.shape[0])
-    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
+    order, offsets, active = group_by_expert(expert_ids, gate_up.shape[0])
     _moe_prefill(x, expert_ids.astype(np.int64, copy=False), weights.astype(np.float32, copy=False),
                  gate_up.packed, gate_up.scales, down.packed, down.scales, out,
-                 scratch.x_sums[:tokens], order, offsets, np.flatnonzero(counts),
+                 scratch.x_sums[:tokens], order, offsets, active,
                  scratch.gate_up, scratch.hidden, scratch.hidden_sums)
     return out
+
+
+def group_by_expert(expert_ids: np.ndarray, experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (token, slot) pairs of expert_ids [T, K] sorted by expert: (order int64 [T K], flat
+    slot indices, stable; offsets int64 [E + 1], expert e's slots are order[offsets[e]:offsets[e+1]];
+    active int64, the experts with at least one slot)."""
+    flat = expert_ids.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    counts = np.bincount(flat, minlength=experts)
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return order, offsets, np.flatnonzero(counts)

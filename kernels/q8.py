@@ -37,6 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels import isa as paths
+from kernels.gemm import group_by_expert
 from kernels.gemv import PREFETCH_BYTES, _check, _silu
 from kernels.int4 import BLOCK, GROUP, Int4Weights
 
@@ -577,16 +578,11 @@ def moe_prefill_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Wei
     _check(x, expert_ids, weights, gate_up, down, out)
     tokens, top_k = expert_ids.shape
     scratch.check(tokens, top_k)
-    flat = expert_ids.reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    counts = np.bincount(flat, minlength=gate_up.shape[0])
-    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
+    order, offsets, active = group_by_expert(expert_ids, gate_up.shape[0])
     _PREFILL[_path(path)](x, expert_ids.astype(np.int64, copy=False), weights.astype(np.float32, copy=False),
                           gate_up.packed, gate_up.scales, down.packed, down.scales, out,
                           scratch.xq[:tokens], scratch.x_scales[:tokens], scratch.x_sums[:tokens],
-                          order, offsets, np.flatnonzero(counts), scratch.gate_up, scratch.hq, scratch.h_scales,
-                          scratch.h_sums)
+                          order, offsets, active, scratch.gate_up, scratch.hq, scratch.h_scales, scratch.h_sums)
     return out
 
 
