@@ -37,10 +37,16 @@ def supported(features: set[str]) -> list[int]:
 
 @functools.cache
 def host_features() -> frozenset[str]:
-    """The features LLVM (and so Numba) compiles for on this machine."""
+    """The features Numba compiles for: this machine's, or, when NUMBA_CPU_NAME names another CPU
+    (portable builds), those NUMBA_CPU_FEATURES lists (none if it lists none: portable only)."""
+    import numba
     from llvmlite import binding
 
-    return frozenset(f[1:] for f in binding.get_host_cpu_features().flatten().split(",") if f.startswith("+"))
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        listed = numba.config.CPU_FEATURES or ""
+    else:
+        listed = binding.get_host_cpu_features().flatten()
+    return frozenset(f[1:] for f in listed.split(",") if f.startswith("+"))
 
 
 def available() -> list[int]:
