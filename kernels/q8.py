@@ -75,6 +75,16 @@ def quantize_activations(x, q, scales, sums):
             _quantize_group(x[t, g * GROUP:(g + 1) * GROUP], q[t, g * GROUP:(g + 1) * GROUP], scales[t], sums[t], g)
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def _quantize_tokens(x, q, scales, sums):
+    """`quantize_activations`, a token per task when there are enough tokens to share."""
+    if x.shape[0] < 16:
+        quantize_activations(x, q, scales, sums)
+        return
+    for t in prange(x.shape[0]):
+        quantize_activations(x[t:t + 1], q[t:t + 1], scales[t:t + 1], sums[t:t + 1])
+
+
 def quantize_activations_reference(x: np.ndarray):
     """NumPy `quantize_activations`: (q, scales, sums)."""
     groups = x.reshape(x.shape[0], -1, GROUP)
@@ -340,7 +350,7 @@ def _moe_prefill_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_pac
     tokens, top_k = expert_ids.shape
     gate_blocks = gu_packed.shape[1] // 2
     out_blocks = dn_packed.shape[1]
-    quantize_activations(x, xq, x_scales, x_sums)
+    _quantize_tokens(x, xq, x_scales, x_sums)
     one = np.float32(1.0)
 
     # gate_up: task = (active expert, row block) over that expert's tokens, four at a time; rows of
@@ -412,7 +422,7 @@ def _moe_prefill_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_pac
 def _linear_fast(path, x, packed, scales, out, xq, x_scales, x_sums):
     literally(path)
     tokens = x.shape[0]
-    quantize_activations(x, xq, x_scales, x_sums)
+    _quantize_tokens(x, xq, x_scales, x_sums)
     one = np.float32(1.0)
     # tiles of TOKEN_TILE tokens, so that a tile's activations stay in L2 while every block of the
     # matrix passes; task = 32-row block over the tile's tokens, four at a time
