@@ -39,7 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(1, str(ROOT / "bench"))  # after the tree: bench/kernels.py is not the package
 
 import offload  # noqa: E402
 from decode import slice_dir  # noqa: E402
@@ -72,8 +72,9 @@ def run_gpu_tests() -> dict:
     files = sorted(str(path) for path in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in path.read_text())
     print(f"pytest -m gpu ({len(files)} files) ...", flush=True)
     started = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *files],
-                            capture_output=True, text=True, cwd=ROOT)
+                            capture_output=True, text=True, cwd=ROOT, env=env)
     tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
     print("\n".join(f"  {line}" for line in tail), flush=True)
     return {"exit_code": result.returncode, "seconds": round(time.perf_counter() - started, 1), "tail": tail}

@@ -16,7 +16,6 @@ what int8 activations add on those matrices' real inputs, and a summary line.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from kernels import gemm, int4, isa, q8  # noqa: E402
 from kernels.membw import read_bandwidth  # noqa: E402
 from kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E402
 from kernels.threads import kernel_threads, physical_cores  # noqa: E402
+from offload.hardware import cpu_model  # noqa: E402
 
 GiB = 2**30
 SHAPES = {"qwen3-next-80b": (2048, 512, 10, 512), "qwen3-30b": (2048, 768, 8, 128)}  # D, I, K, E/layer
@@ -233,16 +233,6 @@ def activation_quality() -> tuple[float, float]:
     return relative_rms(truth, exact), relative_rms(truth, fast)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=physical_cores())
@@ -253,7 +243,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     pool_bytes = (GiB // 4) if args.quick else 2 * GiB
     calls = 5 if args.quick else 100
-    print(f"machine: {cpu_name()}, {physical_cores()} physical cores, {threads} threads, "
+    print(f"machine: {cpu_model()}, {physical_cores()} physical cores, {threads} threads, "
           f"numba {numba.__version__}, "
           f"torch {torch.__version__}", flush=True)
 
@@ -313,7 +303,7 @@ def main() -> None:
     next_decode, next_prefill, next_peer = summary["qwen3-next-80b"]
     print(f"summary: decode batch 1 {next_decode:.1f} G weights/s = {next_decode / bound:.0%} of the DRAM bound "
           f"({bound:.1f}); prefill {next_prefill / next_peer:.1f}x dequant+bf16; error {ours / q4_0:.2f}x Q4_0 "
-          f"[{cpu_name()}, {threads} threads]")
+          f"[{cpu_model()}, {threads} threads]")
 
 
 if __name__ == "__main__":

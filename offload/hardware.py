@@ -227,6 +227,19 @@ def default_profile() -> tuple[HardwareProfile, str]:
                                              "`offload profile detect` to plan for this machine")
 
 
+def cpu_model() -> str:
+    """The processor's model name, as benchmark records state it."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def detect(progress=print, quick: bool = False) -> HardwareProfile:
     """Measure this machine: cores, RAM and its read bandwidth, the int4 kernels' decode rate,
     and the GPU (memory, pinned host-to-device bandwidth, memory bandwidth, bf16 matmul rate).

