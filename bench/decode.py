@@ -52,9 +52,22 @@ def time_decode(step, tokens: int) -> float:
 
 
 def offload_decode(engine, tokens: int) -> float:
+    """Median seconds per decode step after a 16-token prompt."""
     engine.reset()
     engine.feed(list(range(1, 17)), all_logits=False)
     return time_decode(lambda i: engine.feed([100 + i], all_logits=False), tokens)
+
+
+def prefill_seconds(engine, tokens: int, runs: int = 2) -> float:
+    """Seconds of a fresh `tokens`-token prompt, the best of `runs` (the first also loads the
+    prefill kernels)."""
+    best = float("inf")
+    for _ in range(runs):
+        engine.reset()
+        start = time.perf_counter()
+        engine.feed(np.arange(tokens) % 1000 + 1, all_logits=False)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def transformers_decode(path: Path, tokens: int) -> tuple[float, float]:
@@ -110,16 +123,6 @@ def main() -> None:
         routed, dense = read_per_token(model_args)
         dense_rate = min(kernel_rate, bandwidth / dense_bytes_per_weight)
         return routed / kernel_rate + dense / dense_rate
-
-    def prefill_seconds(engine, tokens: int) -> float:
-        """The better of two runs (the first also loads the prefill kernels)."""
-        best = float("inf")
-        for _ in range(2):
-            engine.reset()
-            start = time.perf_counter()
-            engine.feed(np.arange(tokens) % 1000 + 1, all_logits=False)
-            best = min(best, time.perf_counter() - start)
-        return best
 
     def measure(dense_quant, overlap=False, prefill_lengths=(512,), prefill="cpu", exact=False):
         engine = offload.load(path, quant="int4", dense_quant=dense_quant, ctx=2048 + 64, overlap=overlap,

@@ -31,14 +31,12 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))  # after the tree: bench/kernels.py is not the package
 
 import offload  # noqa: E402
-from decode import slice_dir  # noqa: E402
+from decode import offload_decode, prefill_seconds, slice_dir  # noqa: E402
 from kernels.threads import physical_cores  # noqa: E402
 from offload.hardware import cpu_model  # noqa: E402
 from offload.paths import cache_root  # noqa: E402
@@ -169,26 +167,10 @@ def llama_bench(binaries: Path, model: Path, threads: int) -> dict:
 
 
 def offload_figures(checkpoint: Path) -> dict:
+    """offload's rates on the checkpoint, named as llama-bench names them."""
     engine = offload.load(checkpoint, quant="int4", gpu_mem=0, ctx=1024)
-
-    def prompt_seconds(tokens: int) -> float:
-        best = float("inf")
-        for _ in range(3):
-            engine.reset()
-            started = time.perf_counter()
-            engine.feed(np.arange(tokens) % 1000 + 1, all_logits=False)
-            best = min(best, time.perf_counter() - started)
-        return best
-
-    engine.reset()
-    engine.feed(list(range(1, 17)), all_logits=False)
-    steps = []
-    for token in range(64):
-        started = time.perf_counter()
-        engine.feed([100 + token], all_logits=False)
-        steps.append(time.perf_counter() - started)
-    return {"tg64": 1 / float(np.median(steps[1:])), "pp512": 512 / prompt_seconds(512),
-            "pp8": 8 / prompt_seconds(8), "pp32": 32 / prompt_seconds(32)}
+    return {"tg64": 1 / offload_decode(engine, 64), "pp512": 512 / prefill_seconds(engine, 512, runs=3),
+            "pp8": 8 / prefill_seconds(engine, 8, runs=3), "pp32": 32 / prefill_seconds(engine, 32, runs=3)}
 
 
 def main() -> None:
