@@ -30,6 +30,8 @@ of TOKEN_TILE tokens, the same code from one token to a whole prompt chunk.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import literally, njit, prange, types
@@ -555,8 +557,14 @@ class FastScratch:
                              f"got {tokens} x {top_k}")
 
 
+@functools.cache
+def _default_path() -> int:
+    return paths.best()  # read once: the kernels are called per layer per token
+
+
 def _path(path: int | None) -> int:
-    path = paths.best() if path is None else path
+    if path is None:
+        return _default_path()
     if path not in paths.available():
         raise ValueError(f"this CPU cannot run the {paths.NAMES[path]} kernels")
     return path

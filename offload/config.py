@@ -23,6 +23,7 @@ LINEAR_ATTENTION = "linear_attention"
 
 DEFAULT_CONTEXT = 4096  # positions the KV cache holds unless `ctx` says otherwise
 PREFILL_CHUNK = 512  # prompt tokens per forward pass (bounds activation and attention memory)
+DECODE_MAX_TOKENS = 8  # routed experts of calls up to this many tokens take the decode kernels
 
 
 @dataclass(kw_only=True)

@@ -20,6 +20,7 @@ from kernels.linear import linear
 from kernels.threads import kernel_threads, physical_cores
 from offload.config import PREFILL_CHUNK
 from offload.host import numpy_view, stored_array
+from offload.models.hub import hub_name
 from offload.planner import quantizable
 
 FORMATS = {"int8": int8, "int4": int4}
@@ -70,11 +71,6 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.format}"
-
-
-def hub_name(name: str) -> str:
-    """The checkpoint's name of one of our modules or parameters (ours drop the leading `model.`)."""
-    return name if name.startswith("lm_head") else f"model.{name}"
 
 
 def quantize_dense(model: nn.Module, fmt: str = "int8", names=None, threads: int | None = None,

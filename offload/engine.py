@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from offload.checkpoint import Checkpoint, CheckpointError
-from offload.config import DEFAULT_CONTEXT, PREFILL_CHUNK, ModelArgs, load_config
+from offload.config import DECODE_MAX_TOKENS, DEFAULT_CONTEXT, PREFILL_CHUNK, ModelArgs, load_config
 from offload.errors import OffloadError
 from offload.models import ARCHITECTURES
 from offload.models.cache import Cache, cache_nbytes
@@ -82,13 +82,12 @@ class Engine:
 
     def streams(self, prompt_tokens: int) -> bool:
         """Whether a prompt of this many tokens runs its routed experts streamed to the device."""
-        from offload.experts import DECODE_MAX_TOKENS
-        from offload.planner import PREFETCH_GROUP
-
         if self.executor is None or prompt_tokens <= DECODE_MAX_TOKENS or self.prefill == "cpu":
-            return False
+            return False  # every decode step ends here
         if self.prefill == "stream":
             return True
+        from offload.planner import PREFETCH_GROUP
+
         threshold = self.plan.predicted.stream_from_tokens if self.plan and self.plan.predicted else None
         can_stream = self.plan is not None and any(p.group == PREFETCH_GROUP for p in self.plan.placement)
         return can_stream and threshold is not None and prompt_tokens >= threshold

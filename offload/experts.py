@@ -39,12 +39,9 @@ from torch import nn
 
 from kernels import gemm, gemv, q8
 from kernels.threads import kernel_threads, physical_cores
-from offload.config import PREFILL_CHUNK, ModelArgs
+from offload.config import DECODE_MAX_TOKENS, PREFILL_CHUNK, ModelArgs
 from offload.host import HostLane, numpy_view
 from offload.store import ExpertStore
-
-DECODE_MAX_TOKENS = 8  # up to this many tokens per call use the decode kernel
-
 
 class CpuExpertExecutor:
     """The routed experts of every MoE layer. `device` is where the model's activations live;

@@ -18,9 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from offload.dense import QuantizedLinear, hub_name, quantize_dense
+from offload.dense import QuantizedLinear, quantize_dense
+from offload.experts import Int4Experts
 from offload.host import OnHost
 from offload.models.cache import KVCache, LinearAttentionCache
+from offload.models.hub import hub_name
 from offload.planner import PREFETCH_GROUP, STAGING_GROUP, Plan, group_of
 
 QUANTIZED = ("int8", "int4")
@@ -71,7 +73,7 @@ def _groups_within(module: nn.Module, prefix: str) -> set[str] | None:
     CPU by themselves)."""
     groups = set()
     for name, sub in module.named_modules(prefix=prefix):
-        if type(sub).__name__ == "Int4Experts":
+        if isinstance(sub, Int4Experts):
             return None
         groups |= {_group(name, leaf) for leaf, _ in sub.named_parameters(recurse=False)}
         if isinstance(sub, QuantizedLinear):
@@ -114,7 +116,7 @@ def executed_placement(plan: Plan, device: torch.device, nbytes: dict[str, int],
     streamer = executor.streamer if executor is not None else None
     if streamer is not None:
         measured[PREFETCH_GROUP] = sum(t.nbytes for slot in streamer.slots for t in slot.values())
-        measured[STAGING_GROUP] = sum(t.nbytes for slot in getattr(streamer, "staging", []) for t in slot.values())
+        measured[STAGING_GROUP] = sum(t.nbytes for slot in streamer.staging for t in slot.values())
     executed = []
     for entry in plan.placement:
         if entry.group.startswith("KV cache"):

@@ -120,12 +120,17 @@ def group_of(name: str) -> str:
     return "mixers"
 
 
+def tensors_by_group(args: ModelArgs) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """The checkpoint's tensors, (name, shape), by tensor group (a tied lm_head is not one)."""
+    tensors: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for name, shape in checkpoint_shapes(args).items():
+        tensors.setdefault(group_of(name), []).append((name, shape))
+    return tensors
+
+
 def parameter_groups(args: ModelArgs) -> dict[str, int]:
     """Parameters per tensor group (a tied lm_head counts once, as embeddings)."""
-    groups: dict[str, int] = {}
-    for name, shape in checkpoint_shapes(args).items():
-        groups[group_of(name)] = groups.get(group_of(name), 0) + math.prod(shape)
-    return groups
+    return {group: sum(math.prod(shape) for _, shape in items) for group, items in tensors_by_group(args).items()}
 
 
 def parameter_counts(args: ModelArgs) -> tuple[int, int]:
@@ -189,10 +194,9 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
     # Without a GPU and with quantised dense matrices the model computes in fp32 (the CPU kernels'
     # activations); what stays float is widened to it. Otherwise everything keeps the checkpoint's dtype.
     compute_bytes = 4 if not use_gpu and dense_quant else dense_bytes
+    compute_format = "fp32" if compute_bytes == 4 else dense_format
     expert_bytes, expert_format = (INT4_BYTES, "int4") if quant == "int4" else (dense_bytes, dense_format)
-    tensors: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
-    for name, shape in checkpoint_shapes(args).items():
-        tensors.setdefault(group_of(name), []).append((name, shape))
+    tensors = tensors_by_group(args)
     if args.tie_word_embeddings:  # the head is a second copy on its device
         tensors["lm_head"] = [("lm_head.weight", tensors["embeddings"][0][1])]
     groups = {group: sum(math.prod(shape) for _, shape in items) for group, items in tensors.items()}
@@ -212,7 +216,7 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
         quant_bytes = INT8_BYTES if dense_quant == "int8" else INT4_BYTES
         quantized = [math.prod(shape) for name, shape in tensors[group] if quantizable(name, shape)]
         nbytes = int(sum(quantized) * quant_bytes) + (params - sum(quantized)) * compute_bytes
-        fmt = dense_quant if quantized else {4: "fp32", 2: dense_format}[compute_bytes]
+        fmt = dense_quant if quantized else compute_format
         return Placement(group, device, fmt, nbytes, params)
 
     dense_groups = [g for g in ("mixers", "dense MLPs", "routers", "norms") if groups.get(g)]
@@ -226,8 +230,7 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
         placement += [on(device, g) for g in dense_groups]
         placement += [on(device if g in gpu_optional else "cpu", g) for g in optional]
         placement.append(on("cpu", "routed experts"))
-        cache_format = {4: "fp32", 2: dense_format}[compute_bytes]
-        placement.append(Placement(f"KV cache ({ctx} positions)", device, cache_format, kv))
+        placement.append(Placement(f"KV cache ({ctx} positions)", device, compute_format, kv))
         if linear_state:
             placement.append(Placement("DeltaNet state", device, "fp32", linear_state))
         if use_gpu:
@@ -274,7 +277,7 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
                 ctx=ctx, quant=quant, fits=fits, reason=reason, placement=placement, gpu_bytes=gpu_bytes,
                 ram_bytes=ram_bytes, ram_available=profile.cpu.ram, minimum_gpu_bytes=minimum,
                 params_total=total, params_active=active, notes=notes,
-                activations={4: "fp32", 2: dense_format}[compute_bytes])
+                activations=compute_format)
     plan.predicted = predict(args, profile, plan, groups, prompt_tokens)
     return plan
 

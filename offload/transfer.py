@@ -53,6 +53,7 @@ class ExpertStreamer:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-copy")
         self.pending: dict[int, tuple[int, Future]] = {}  # layer -> (slot, copy in flight or done)
         self.next_slot = 0
+        self.staging: list[dict[str, torch.Tensor]] = []  # pinned host copies of the slots (CUDA only)
         if self.cuda:
             self.staging = [{name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in slot.items()}
                             for slot in self.slots]

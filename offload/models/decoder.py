@@ -1,8 +1,9 @@
 """The frame both architectures share: embedding -> decoder layers -> final norm -> lm_head.
 
 A forward pass is also available in stages (`CausalLM.stages`): a generator that pauses in each
-MoE layer once the routed experts have been started, so that an engine can interleave two prompt
-chunks (one chunk's mixers run while the other's experts do). `forward` runs the stages through.
+layer once its feed-forward (in a MoE layer, the routed experts) has been started, so that an
+engine can interleave two prompt chunks (one chunk's mixers run while the other's experts do).
+`forward` runs the stages through.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class CausalLM(nn.Module):
 
     def stages(self, input_ids: torch.Tensor, caches: list[Cache], start: int,
                last_only: bool = False) -> Generator[None, None, torch.Tensor]:
-        """`forward` as a generator: it yields after starting each MoE layer's feed-forward and
-        returns the logits. Work queued before a yield only reads this chunk's activations and
+        """`forward` as a generator: it yields after starting each layer's feed-forward (a MoE
+        layer's routed experts may then be running elsewhere) and returns the logits. Work queued before a yield only reads this chunk's activations and
         the caches as the earlier chunks left them, so another chunk may run between yields as
         long as chunks enter each layer in order."""
         x = self.embed_tokens(input_ids).to(self.compute_dtype)
@@ -74,8 +75,7 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         for layer, cache in zip(self.layers, caches):
             finish = layer.begin_feed_forward(layer.mix(x, cos, sin, cache, start))
-            if isinstance(layer.mlp, SparseMoeBlock):
-                yield
+            yield
             x = finish()
         if last_only:
             x = x[-1:]

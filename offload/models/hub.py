@@ -40,3 +40,8 @@ def _stack_experts(weights: dict[str, LazyTensor], prefix: str, num_experts: int
         down.append(dn)
     weights[f"{prefix}.gate_up_proj"] = lazy_stack(gate_up, where=f"{gate_up[0].where} and the other experts")
     weights[f"{prefix}.down_proj"] = lazy_stack(down, where=f"{down[0].where} and the other experts")
+
+
+def hub_name(name: str) -> str:
+    """The checkpoint's name of one of our modules or parameters (ours drop the leading `model.`)."""
+    return name if name.startswith("lm_head") else f"model.{name}"
