@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -72,8 +73,9 @@ def model_options(command):
         click.option("--quant", type=click.Choice(["int4", "none"]), default="int4", show_default=True,
                      help="Routed experts as int4 (built once into the expert store) or as stored."),
         click.option("--dense-quant", type=click.Choice(["auto", "int8", "int4", "none"]), default="auto",
-                     show_default=True, help="Dense matrices on the CPU as int8 or int4, or as stored; "
-                                             "auto: int8 when the experts are int4."),
+                     show_default=True, help="Dense matrices on the CPU as int8 or int4, or as stored; auto: "
+                                             "int4 and lm_head int6 when the experts are int4 (bytes per "
+                                             "token as llama.cpp's Q4_K_M)."),
         click.option("--exact", is_flag=True,
                      help="Keep the routed experts' activations in fp32 (slower; reproduces transformers on the "
                           "int4 weights) instead of int8 with integer dot products."),
@@ -303,7 +305,6 @@ def bench(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, prof
 
     import numpy as np
 
-    from offload.dense import QuantizedLinear
     from offload.planner import make_plan
 
     try:
@@ -322,7 +323,6 @@ def bench(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, prof
                f"loaded in {load_s:.1f} s; {_execution_words(engine)}, planned with profile {hardware.name}")
     if source != profile:
         click.echo(f"  ({source})")
-    dense_format = next((m.format for m in engine.model.modules() if isinstance(m, QuantizedLinear)), None)
     rng = np.random.default_rng(0)
     engine.feed(rng.integers(1, engine.args.vocab_size, 16), all_logits=False)  # compile / warm up
     click.echo(f"{'prompt':>8} {'prefill tok/s':>14} {'(plan)':>8} {'decode tok/s':>14} {'(plan)':>8}")
@@ -339,7 +339,7 @@ def bench(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, prof
             steps.append(time.perf_counter() - started)
         decode = 1 / statistics.median(steps)
         predicted = make_plan(engine.args, hardware, engine.plan.gpu_budget, ctx=engine.ctx, quant=quant,
-                              dense_quant=dense_format, prompt_tokens=length).predicted
+                              dense_quant=engine.plan.dense_quant, prompt_tokens=length).predicted
         click.echo(f"{length:>8} {prefill:>14.1f} {predicted.prefill_tok_s:>8.1f} {decode:>14.1f} "
                    f"{predicted.decode_tok_s:>8.1f}")
 
@@ -427,7 +427,8 @@ def _render_plan(result, profile_source: str) -> str:
               f"{'streamed to the GPU' if p.prefill_strategy == 'stream' else 'on the CPU'}; bound: {p.prefill_bound}"]
     if p.stream_from_tokens:
         lines.append(f"           streaming experts to the GPU is faster from {p.stream_from_tokens} prompt tokens")
-    lines += [f"  note: {note}" for note in result.notes]
+    for note in result.notes:
+        lines += textwrap.wrap(note, width=100, initial_indent="  note: ", subsequent_indent="        ")
     lines += ["", "fits" if result.fits else f"does not fit: {result.reason}"]
     return "\n".join(lines)
 
@@ -450,9 +451,11 @@ def _resolve_profile(profile: str | None):
               help="Prompt length for the prefill prediction.")
 @click.option("--quant", type=click.Choice(["int4", "none"]), default="int4", show_default=True,
               help="Format of the routed experts.")
+@click.option("--dense-quant", type=click.Choice(["auto", "int8", "int4", "none"]), default="auto", show_default=True,
+              help="Format of dense matrices in RAM (see run --help).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model_dir: Path | None, preset: str | None, gpu_mem: str | None, ctx: int, profile: str | None,
-         prompt_tokens: int, quant: str, as_json: bool) -> None:
+         prompt_tokens: int, quant: str, dense_quant: str, as_json: bool) -> None:
     """Show where a model's tensors go, how fast.
 
     Placement, GPU and RAM ledgers and predicted speeds for a checkpoint or a preset."""
@@ -472,8 +475,8 @@ def plan(model_dir: Path | None, preset: str | None, gpu_mem: str | None, ctx: i
     if budget and hardware.gpu is None:
         raise OffloadError(f"profile {hardware.name} has no GPU; pass --gpu-mem 0 to plan for the CPU, "
                            "or --profile for a machine with a GPU")
-    result = make_plan(args, hardware, budget, ctx=ctx, quant=quant if quant != "none" else "none",
-                       prompt_tokens=prompt_tokens, model_name=preset or str(model_dir))
+    result = make_plan(args, hardware, budget, ctx=ctx, quant=quant, prompt_tokens=prompt_tokens,
+                       model_name=preset or str(model_dir), dense_quant=None if dense_quant == "none" else dense_quant)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -5,8 +5,8 @@
 The slice has the real per-token shapes (hidden 2048, 512-wide experts, top-10, the real
 attention/DeltaNet mixers, the real vocabulary) with 8 layers (2 full attention) and 128 experts
 per layer, built once with `offload synth` into the cache. Prints, all with int4 routed experts
-(fast kernels unless it says exact): decode tok/s with the dense layers as int8 (the default),
-int4 and bf16, exact experts, overlap off and on, as a fraction of the bound for this run (every
+(fast kernels unless it says exact): decode tok/s with the dense layers as int4 with an int6
+lm_head (the default, "auto"), int8, int4 and bf16, exact experts, overlap off and on, as a fraction of the bound for this run (every
 weight a token reads, at this run's measured int4 kernel rate or RAM bandwidth, whichever is
 slower); the time of 8- and 32-token prompts beside as many decode steps; prefill tok/s for 512
 and 2048-token prompts by path (a) (CPU kernels, fast and exact) and (b) (streamed layers; the
@@ -33,7 +33,7 @@ from kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E
 from kernels.threads import physical_cores  # noqa: E402
 from offload.config import args_from_dict  # noqa: E402
 from offload.paths import cache_root  # noqa: E402
-from offload.planner import INT4_BYTES, INT8_BYTES, parameter_groups  # noqa: E402
+from offload.planner import FORMAT_BYTES, MATRIX_GROUPS, dense_format, parameter_groups  # noqa: E402
 from offload.synthetic import preset_config, synthesize  # noqa: E402
 
 
@@ -116,13 +116,16 @@ def main() -> None:
         routed = groups["routed experts"] * model_args.num_experts_per_tok / model_args.num_experts
         return routed, sum(n for g, n in groups.items() if g not in ("routed experts", "embeddings"))
 
-    def bound_seconds(model_args, dense_bytes_per_weight: float) -> float:
-        """A step's floor: routed experts at the measured int4 kernel rate, dense matrices at the
-        same rate scaled by their bytes per weight (the kernels are bound by bytes or by FMAs,
-        whichever is slower; the int4 rate is the measured one)."""
-        routed, dense = read_per_token(model_args)
-        dense_rate = min(kernel_rate, bandwidth / dense_bytes_per_weight)
-        return routed / kernel_rate + dense / dense_rate
+    def bound_seconds(model_args, dense_quant: str) -> float:
+        """A step's floor: routed experts at the measured int4 kernel rate, every other matrix
+        in its `dense_quant` format at that rate scaled by its bytes per weight (the kernels are
+        bound by bytes or by multiply-adds, whichever is slower); routers and norms in fp32."""
+        seconds = read_per_token(model_args)[0] / kernel_rate
+        for group, weights in parameter_groups(model_args).items():
+            if group not in ("routed experts", "embeddings"):
+                fmt = dense_format(group, dense_quant) if group in MATRIX_GROUPS else "fp32"
+                seconds += weights / min(kernel_rate, bandwidth / FORMAT_BYTES.get(fmt, 4))
+        return seconds
 
     def measure(dense_quant, overlap=False, prefill_lengths=(512,), prefill="cpu", exact=False):
         engine = offload.load(path, quant="int4", dense_quant=dense_quant, ctx=2048 + 64, overlap=overlap,
@@ -132,11 +135,12 @@ def main() -> None:
 
     print("measuring (a few minutes) ...", flush=True)
     decode_bf16, prefill_bf16 = measure(None)
-    decode, prefill = measure("int8", prefill_lengths=(8, 32, 512, 2048))
-    decode_exact, prefill_exact = measure("int8", prefill_lengths=(8, 32, 512, 2048), exact=True)
+    decode, prefill = measure("auto", prefill_lengths=(8, 32, 512, 2048))
+    decode_exact, prefill_exact = measure("auto", prefill_lengths=(8, 32, 512, 2048), exact=True)
+    decode_int8, prefill_int8 = measure("int8")
     decode_int4, prefill_int4 = measure("int4")
-    decode_overlap, _ = measure("int8", overlap=True, prefill_lengths=())
-    _, prefill_stream = measure("int8", prefill_lengths=(512, 2048), prefill="stream")
+    decode_overlap, _ = measure("auto", overlap=True, prefill_lengths=())
+    _, prefill_stream = measure("auto", prefill_lengths=(512, 2048), prefill="stream")
     # the full model: the slice's time scaled by the weights a token reads (decode streams
     # weights; experts per layer change only the RAM needed, not the work per token)
     scale = sum(read_per_token(full)) / sum(read_per_token(args))
@@ -152,17 +156,18 @@ def main() -> None:
     def row(label: str, seconds: float, tokens: int = 1, note: str = "") -> None:
         print(f"{label:<40} {tokens / seconds:8.1f} tok/s {tokens / (seconds * scale):8.1f} tok/s  {note}")
 
-    for name, seconds, bytes_per_weight in (("int8", decode, INT8_BYTES), ("int4", decode_int4, INT4_BYTES)):
-        bound = bound_seconds(args, bytes_per_weight)
+    for name, seconds in (("auto", decode), ("int8", decode_int8), ("int4", decode_int4)):
+        label = "decode, dense int4 + int6 head (auto)" if name == "auto" else f"decode, dense {name}"
+        bound = bound_seconds(args, name)
         if seconds < bound:  # faster than the bound: the bound is wrong, not the kernels
-            row(f"decode, dense {name}", seconds, note=f"no bound: this run's probes ({1 / bound:.1f} tok/s) "
+            row(label, seconds, note=f"no bound: this run's probes ({1 / bound:.1f} tok/s) "
                 "read slower than the kernels; the bandwidth or kernel-rate probe is wrong")
             continue
-        row(f"decode, dense {name}", seconds, note=f"{bound / seconds:.0%} of the kernel bound "
+        row(label, seconds, note=f"{bound / seconds:.0%} of the kernel bound "
             f"({1 / bound:.1f} tok/s: every weight a token reads at this run's int4 kernel rate)")
-    row("decode, dense int8, exact experts", decode_exact, note=f"fast experts {decode_exact / decode:.2f}x faster")
-    row("decode, dense int8, overlap on", decode_overlap, note=f"{decode / decode_overlap:.2f}x of overlap off")
-    row("decode, dense bf16 (dense_quant=None)", decode_bf16, note=f"int8 is {decode_bf16 / decode:.2f}x faster")
+    row("decode, auto, exact experts", decode_exact, note=f"fast experts {decode_exact / decode:.2f}x faster")
+    row("decode, auto, overlap on", decode_overlap, note=f"{decode / decode_overlap:.2f}x of overlap off")
+    row("decode, dense bf16 (dense_quant=None)", decode_bf16, note=f"auto is {decode_bf16 / decode:.2f}x faster")
     for tokens in (8, 32):
         print(f"{f'a {tokens}-token prompt':<40} {prefill[tokens]:8.3f} s     (exact experts {prefill_exact[tokens]:.3f} s; "
               f"{tokens} decode steps {tokens * decode:.3f} s)")
@@ -171,11 +176,12 @@ def main() -> None:
             f"exact experts: {tokens / prefill_exact[tokens]:.1f} tok/s")
         row(f"prefill {tokens}, (b) streamed (device = CPU)", prefill_stream[tokens], tokens,
             f"(a) is {prefill_stream[tokens] / prefill[tokens]:.1f}x faster")
+    row("prefill 512, dense int8", prefill_int8[512], 512)
     row("prefill 512, dense int4", prefill_int4[512], 512)
     row("prefill 512, dense bf16", prefill_bf16[512], 512)
     if not options.skip_peer:
         peer_decode, peer_prefill = transformers_decode(path, min(options.tokens, 16))
-        row("transformers bf16 decode", peer_decode, note=f"offload (int8 dense) {peer_decode / decode:.1f}x faster")
+        row("transformers bf16 decode", peer_decode, note=f"offload (auto) {peer_decode / decode:.1f}x faster")
         row("transformers bf16 prefill 512", peer_prefill, 512, f"offload {peer_prefill / prefill[512]:.1f}x faster")
 
 

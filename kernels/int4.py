@@ -124,8 +124,9 @@ def _bf16_value(bits):
 
 
 @njit(cache=True, inline="always")
-def _quantize_group(block, g, candidates, codes, trial, rows, scales_out):
-    """Choose the scales of the 32 rows of one block over group g, all rows at once.
+def _quantize_group(block, g, candidates, lowest, highest, codes, trial, rows, scales_out):
+    """Choose the scales of the 32 rows of one block over group g, all rows at once, for codes in
+    [lowest, highest] (float32: -8, 7 here; `kernels.int6` shares this).
 
     block float32 [in, 32] (the block transposed: a column's 32 rows are contiguous, so every
     loop below runs across rows and vectorises); codes int32 [32, 32] receives the chosen codes
@@ -154,7 +155,7 @@ def _quantize_group(block, g, candidates, codes, trial, rows, scales_out):
         for c in range(GROUP):
             for r in range(BLOCK):
                 value = block[first + c, r]
-                q = min(max(np.floor(value * scale[r] + np.float32(0.5)), np.float32(-8.0)), np.float32(7.0))
+                q = min(max(np.floor(value * scale[r] + np.float32(0.5)), lowest), highest)
                 trial[c, r] = q
                 dot[r] += q * value
                 norm[r] += q * q
@@ -189,7 +190,8 @@ def _quantize_kernel(w, candidates, packed, scales):
         trial = np.empty((GROUP, BLOCK), dtype=np.float32)
         rows = np.empty((6, BLOCK), dtype=np.float32)
         for g in range(in_features // GROUP):
-            _quantize_group(block, g, candidates, codes, trial, rows, scales[e, b, g * GROUP:(g + 1) * GROUP])
+            _quantize_group(block, g, candidates, np.float32(-8.0), np.float32(7.0), codes, trial, rows,
+                            scales[e, b, g * GROUP:(g + 1) * GROUP])
             for c in range(GROUP):
                 column = (g * GROUP + c) * 16
                 for k in range(16):

@@ -1,12 +1,13 @@
-"""A dense linear layer from int4 or int8: y = W x for W in the `kernels.int4` / `kernels.int8`
-layout.
+"""A dense linear layer from int4, int6 or int8 with fp32 activations (the exact kernels): y = W x
+for W in the `kernels.int4` / `kernels.int6` / `kernels.int8` layout.
 
 The same `_block_dot` inner loop as the experts (a dense matrix is one always-active expert).
 Few tokens (decode): tasks are 32-row blocks; each applies its block (hot in L1/L2 after the
 first token) to every token, so the matrix is read from RAM once per call. Many tokens
 (prefill, >= GEMM_MIN_TOKENS): that would cost a code conversion per weight per token, so the
 matrix is instead dequantised tile by tile (TILE_WEIGHTS fp32, about 4 MB, L3-resident) and
-each tile multiplied by BLAS sgemm through NumPy, at several times the FMA rate.
+each tile multiplied by BLAS sgemm through NumPy, at several times the FMA rate. int6 (an output
+head) always takes the tiled way.
 
 Shapes: x float32 [T, in], weight Int4Weights or Int8Weights [1, out, in], out float32 [T, out] (overwritten),
 x_sums float32 [>= T, in // 32] scratch.
@@ -17,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels import int4, int8
+from kernels import int4, int6, int8
 from kernels.gemv import _block_dot, _block_dot8, _group_sums
 from kernels.int4 import BLOCK, GROUP, Int4Weights, _bf16_value
+from kernels.int6 import Int6Weights
 from kernels.int8 import Int8Weights
 
 GEMM_MIN_TOKENS = 8  # from this many tokens on, dequantise + sgemm beats the per-token kernel
@@ -73,10 +75,11 @@ def _dequantize_tile8(packed, scales, first_block, tile):
                 tile[c, BLOCK * i + r] = np.float32(packed[0, b, BLOCK * c + r]) * scale
 
 
-def _linear_gemm(x: np.ndarray, weight: Int4Weights | Int8Weights, out: np.ndarray) -> None:
+def _linear_gemm(x: np.ndarray, weight: Int4Weights | Int6Weights | Int8Weights, out: np.ndarray) -> None:
     _, out_features, in_features = weight.shape
     rows = min(out_features, max(BLOCK, TILE_WEIGHTS // in_features // BLOCK * BLOCK))
-    dequantize_tile = _dequantize_tile8 if isinstance(weight, Int8Weights) else _dequantize_tile4
+    dequantize_tile = {Int8Weights: _dequantize_tile8, Int6Weights: int6.dequantize_tile}.get(type(weight),
+                                                                                         _dequantize_tile4)
     tile = np.empty((in_features, rows), np.float32)
     product = np.empty((x.shape[0], rows), np.float32)
     for begin in range(0, out_features, rows):
@@ -86,7 +89,8 @@ def _linear_gemm(x: np.ndarray, weight: Int4Weights | Int8Weights, out: np.ndarr
         out[:, begin:begin + count] = product[:, :count]
 
 
-def linear(x: np.ndarray, weight: Int4Weights | Int8Weights, out: np.ndarray, x_sums: np.ndarray) -> np.ndarray:
+def linear(x: np.ndarray, weight: Int4Weights | Int6Weights | Int8Weights, out: np.ndarray,
+           x_sums: np.ndarray) -> np.ndarray:
     """out = x @ W.T; returns `out`."""
     if weight.shape[0] != 1:
         raise ValueError(f"linear takes one matrix, got {weight.shape[0]}")
@@ -95,7 +99,7 @@ def linear(x: np.ndarray, weight: Int4Weights | Int8Weights, out: np.ndarray, x_
         raise ValueError(f"x must be C-contiguous float32 [T, {in_features}]")
     if out.shape != (x.shape[0], out_features) or x_sums.shape[0] < x.shape[0] or x_sums.shape[1] != in_features // GROUP:
         raise ValueError("out must be [T, out] and x_sums [>= T, in // 32]")
-    if x.shape[0] >= GEMM_MIN_TOKENS:
+    if x.shape[0] >= GEMM_MIN_TOKENS or isinstance(weight, Int6Weights):
         _linear_gemm(x, weight, out)
     elif isinstance(weight, Int8Weights):
         _linear8(x, weight.packed, weight.scales, out)
@@ -104,7 +108,8 @@ def linear(x: np.ndarray, weight: Int4Weights | Int8Weights, out: np.ndarray, x_
     return out
 
 
-def linear_reference(x: np.ndarray, weight: Int4Weights | Int8Weights, out: np.ndarray, x_sums=None) -> np.ndarray:
-    dequantize = int8.dequantize if isinstance(weight, Int8Weights) else int4.dequantize
+def linear_reference(x: np.ndarray, weight: Int4Weights | Int6Weights | Int8Weights, out: np.ndarray,
+                     x_sums=None) -> np.ndarray:
+    dequantize = {Int8Weights: int8.dequantize, Int6Weights: int6.dequantize}.get(type(weight), int4.dequantize)
     out[:] = x @ dequantize(weight)[0].T
     return out

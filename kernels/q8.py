@@ -48,6 +48,11 @@ TOKEN_TILE = 64  # tokens per pass of a dense matrix (`linear_fast`): their int8
 # lane r*4 + j of a transposed quad <- byte j*16 + r of the packed quad (row r, column j)
 _TRANSPOSE = [j * 16 + r for r in range(16) for j in range(4)]
 # int8 weights: a quad is 128 bytes (column j: 32 bytes, row r at byte 32j + r); rows 0-15, 16-31
+# int6: lane j*16 + r (pre-transpose) of the high-bit vector <- byte 16 (j % 2) + r of the quad's 32;
+# of its four 2-bit fields, rows 0-15 take field 0 (columns 0, 1) or 1 (columns 2, 3), rows 16-31
+# fields 2 or 3: a blend of two shifted copies, lanes 0-31 from the first, 32-63 from the second
+_HIGH_BYTES = [i % 32 for i in range(64)]
+_HIGH_BLEND = list(range(32)) + list(range(96, 128))
 _TRANSPOSE8 = [[j * 32 + half * 16 + r for r in range(16) for j in range(4)] for half in (0, 1)]
 
 
@@ -143,7 +148,7 @@ def _dot4(builder, path: int, acc, weights, activations):
 
 def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
     """LLVM code of `_q8_block_dot` (tokens=1) or `_q8_block_dot_pair` (tokens=2: each quad's
-    codes are split and transposed once for both tokens), for int4 (bits=4) or int8 weights.
+    codes are split and transposed once for both tokens), for int4 (bits=4), int6 or int8 weights.
     Arguments: path, packed, scales, then per token (xq, x_scales, x_sums), then per token
     alpha, then per token out.
 
@@ -205,11 +210,21 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
         low_mask, shift = ir.Constant(v64i8, [15] * 64), ir.Constant(v64i8, [4] * 64)
         transpose = ir.Constant(ir.VectorType(i32, 64), _TRANSPOSE)
         zero_b = ir.Constant(v64i8, [0] * 64)
+        three, blend = ir.Constant(v64i8, [3] * 64), ir.Constant(ir.VectorType(i32, 64), _HIGH_BLEND)
         for quad in range(QUADS):
-            if bits == 4:
-                codes = load(packed_ptr, builder.add(group_bytes, const(64 * quad)), v64i8, 1)
-                rows = [builder.shuffle_vector(nibbles, nibbles, transpose)
-                        for nibbles in (builder.and_(codes, low_mask), builder.lshr(codes, shift))]
+            if bits in (4, 6):
+                codes = load(packed_ptr, builder.add(group_bytes, const(4 * column_bytes * quad)), v64i8, 1)
+                nibbles = [builder.and_(codes, low_mask), builder.lshr(codes, shift)]
+                if bits == 6:  # the high bits of rows 0-15 and 16-31, to the left of their nibbles
+                    top = load(packed_ptr, builder.add(group_bytes, const(4 * column_bytes * quad + 64)),
+                               ir.VectorType(i8, 32), 1)
+                    top = builder.shuffle_vector(top, top, ir.Constant(ir.VectorType(i32, 64), _HIGH_BYTES))
+                    fields = [builder.and_(builder.lshr(top, ir.Constant(v64i8, [2 * f] * 64)), three)
+                              for f in range(4)]
+                    nibbles = [builder.or_(part, builder.shl(builder.shuffle_vector(fields[2 * h], fields[2 * h + 1],
+                                                                                    blend), shift))
+                               for h, part in enumerate(nibbles)]
+                rows = [builder.shuffle_vector(part, part, transpose) for part in nibbles]
             else:
                 codes = load(packed_ptr, builder.add(group_bytes, const(128 * quad)), ir.VectorType(i8, 128), 1)
                 rows = [builder.shuffle_vector(codes, codes, ir.Constant(ir.VectorType(i32, 64), indices))
@@ -222,7 +237,7 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
                 quad_x = builder.load(builder.bitcast(builder.gep(xq_ptrs[t], [column]), i32.as_pointer()), align=1)
                 activations = builder.bitcast(splat(quad_x, v16i32), v64i8)
                 for half in (0, 1):
-                    if bits == 4:
+                    if bits != 8:
                         dots[t][half] = _dot4(builder, path, dots[t][half], rows[half], activations)
                         continue
                     signed = builder.select(negative[half], builder.sub(zero_b, activations), activations)
@@ -234,8 +249,9 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
             w_scales.append(builder.bitcast(builder.shl(builder.zext(scale_bits, v16i32), ir.Constant(v16i32, [16] * 16)),
                                             v16f))
         for t in range(tokens):
-            if bits == 4:  # codes are q + 8: subtract 8 x the activations' group sum
-                offset = builder.mul(builder.load(builder.gep(x_sums_ptrs[t], [group])), ir.Constant(i32, 8))
+            if bits in (4, 6):  # codes are q + 8 (q + 32): subtract 8 (32) x the activations' group sum
+                offset = builder.mul(builder.load(builder.gep(x_sums_ptrs[t], [group])),
+                                     ir.Constant(i32, 8 if bits == 4 else 32))
                 for half in (0, 1):
                     dots[t][half] = builder.sub(dots[t][half], splat(offset, v16i32))
             x_scale = splat(builder.load(builder.gep(x_scales_ptrs[t], [group])), v16f)
@@ -298,8 +314,9 @@ def _q8_block_dot_quad(typingctx, path, packed, scales, xq0, x_scales0, x_sums0,
 
 
 def _bits(packed) -> int:
-    """4 for int4 weights (packed uint8), 8 for int8 ones (int8 codes)."""
-    return 8 if packed.dtype == types.int8 else 4
+    """4 for int4 weights (a block is uint8 [in * 16]), 6 for int6 ones (uint8 [in // 4, 96]), 8
+    for int8 ones (int8 [in * 32])."""
+    return 8 if packed.dtype == types.int8 else 6 if packed.ndim == 2 else 4
 
 
 # --- decode -------------------------------------------------------------------------------------------
@@ -616,7 +633,7 @@ class Activations:
 
 def linear_fast(x: np.ndarray, weight, out: np.ndarray, activations: Activations,
                 path: int | None = None) -> np.ndarray:
-    """out = x @ W.T for one int4 (`Int4Weights`) or int8 (`Int8Weights`) matrix [1, out, in]:
+    """out = x @ W.T for one int4, int6 or int8 matrix (`Int4Weights`, ...) [1, out, in]:
     x float32 [T, in] quantised to int8, integer dot products; the same code from one token to
     a whole prompt chunk (each 32-row block is read once and applied to every token). Returns
     `out` float32 [T, out] (overwritten)."""
@@ -643,6 +660,10 @@ def linear_reference_fast(x: np.ndarray, weight) -> np.ndarray:
         _, blocks, columns = weight.packed.shape
         codes = weight.packed[0].reshape(blocks, columns // BLOCK, BLOCK).transpose(0, 2, 1).reshape(blocks * BLOCK, -1)
         scales = _int8_scales(weight)
+    elif weight.packed.ndim == 4:  # kernels.int6
+        from kernels import int6
+
+        codes, scales = int6.unpack_codes(weight)[0], int4.scales_float32(weight)[0]
     else:
         codes, scales = int4.unpack_codes(weight)[0], int4.scales_float32(weight)[0]
     q, q_scales, _ = quantize_activations_reference(x)

@@ -1,10 +1,10 @@
-"""Dense layers on the CPU from int8 or int4: a module swap for `nn.Linear` (`dense_quant`).
+"""Dense layers on the CPU from int4, int6 or int8: a module swap for `nn.Linear` (`dense_quant`).
 
 On the CPU every dense matrix is read once per decoded token, and in bf16 through torch that
 costs more than all the routed experts (Qwen3-Next: 4.1 GB of mixers, shared experts and lm_head
 per token against 0.85 GB of int4 experts). `QuantizedLinear` holds the matrix in the
-`kernels.int8` (8.5 bits per weight, the default) or `kernels.int4` (4.5 bits) layout and runs it
-with `kernels.linear`. Which matrices qualify is the planner's rule (`offload.planner.quantizable`):
+`kernels.int4` (4.5 bits per weight), `kernels.int6` (6.5 bits: the default for lm_head) or
+`kernels.int8` (8.5 bits) layout and runs it with `kernels.q8` (or `kernels.linear`, exact). Which matrices qualify is the planner's rule (`offload.planner.quantizable`):
 routers and the shared-expert gate stay in float (they are small and decide which experts run),
 as do matrices whose shape is not a multiple of 32.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels import int4, int8, q8
+from kernels import int4, int6, int8, q8
 from kernels.linear import linear
 from kernels.threads import kernel_threads, physical_cores
 from offload.config import PREFILL_CHUNK
@@ -23,11 +23,11 @@ from offload.host import numpy_view, stored_array
 from offload.models.hub import hub_name
 from offload.planner import quantizable
 
-FORMATS = {"int8": int8, "int4": int4}
+FORMATS = {"int8": int8, "int6": int6, "int4": int4}
 
 
 class QuantizedLinear(nn.Module):
-    """`nn.Linear` from int8 / int4 on the CPU. By default activations are quantised to int8 and
+    """`nn.Linear` from int4 / int6 / int8 on the CPU. By default activations are quantised to int8 and
     multiplied with integer dot products (`kernels.q8.linear_fast`, the same code from one token
     to a prompt chunk); with `exact`, they stay fp32 (`kernels.linear`). `activations` is the
     int8 activation buffer, shared by every layer of the same input width."""
@@ -75,8 +75,8 @@ class QuantizedLinear(nn.Module):
 
 def quantize_dense(model: nn.Module, fmt: str = "int8", names=None, threads: int | None = None,
                    progress: bool = False, exact: bool = False) -> int:
-    """Swap `nn.Linear`s of `model` (loaded, not on meta) for `QuantizedLinear` in `fmt` ("int8"
-    or "int4"): those named in `names`, or every one, that `quantizable` allows; with `exact` they
+    """Swap `nn.Linear`s of `model` (loaded, not on meta) for `QuantizedLinear` in `fmt` ("int4",
+    "int6" or "int8"): those named in `names`, or every one, that `quantizable` allows; with `exact` they
     keep fp32 activations. Returns how many were swapped. A tied lm_head gets its own quantised
     copy. `progress` shows a bar."""
     from tqdm import tqdm

@@ -20,6 +20,7 @@ from offload.errors import OffloadError
 from offload.models import ARCHITECTURES
 from offload.models.cache import Cache, cache_nbytes
 from offload.models.decoder import run_stages
+from offload.planner import DENSE_QUANTS
 from offload.sampling import Sampler, SamplingParams, generation_stop_ids
 
 
@@ -199,9 +200,9 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     device: where the GPU groups run. None picks CUDA when torch sees it (without it the
     model runs on the CPU, with a one-line notice if gpu_mem asked for a GPU); "cuda", "cuda:1";
     "cpu" with a gpu_mem > 0 runs the GPU plan on the CPU as a stand-in (tests).
-    dense_quant: the format of dense matrices the plan puts on the CPU — "int8" or "int4" (from
-    then on a CPU-only model computes in fp32), None (the checkpoint's precision), or "auto"
-    (int8 when the routed experts are int4).
+    dense_quant: the format of dense matrices the plan puts on the CPU — "auto" (with int4
+    experts: int4, lm_head int6; `offload.planner.dense_format`), "int8" or "int4" for all of
+    them (from then on a CPU-only model computes in fp32), or None (the checkpoint's precision).
     prefill picks how prompt chunks reach the int4 experts: "cpu" (grouped int4 kernels, path a),
     "stream" (whole layers copied to the device, dequantised and run there, path b) or "auto"
     (streamed for prompts of at least the plan's `stream_from_tokens`, when the plan has room for
@@ -209,9 +210,9 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     overlap=True runs the int4 experts on a worker thread while the shared expert is computed
     (a model executing on the CPU only; slower on small CPUs).
     """
-    if dense_quant not in (None, "auto", "int8", "int4"):
-        raise OffloadError(f"dense_quant={dense_quant!r} is not a format offload has; use 'int8', 'int4', "
-                           "None (the checkpoint's precision) or 'auto'")
+    if dense_quant not in (None, *DENSE_QUANTS):
+        raise OffloadError(f"dense_quant={dense_quant!r} is not a format offload has; use 'auto', 'int8', 'int4' "
+                           "or None (the checkpoint's precision)")
     if quant not in (None, "int4"):
         raise OffloadError(f"quant={quant!r} is not a format offload has; use quant='int4' (routed experts "
                            "as int4) or quant=None (the checkpoint's precision)")
@@ -223,8 +224,6 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
         raise OffloadError(f"prefill={prefill!r} is not a prefill path; use 'cpu', 'stream' or 'auto'")
     if prefill == "stream" and quant != "int4":
         raise OffloadError("prefill='stream' streams the int4 experts; use it with quant='int4'")
-    if dense_quant == "auto":
-        dense_quant = "int8" if quant == "int4" else None
     execution, hardware, budget = _execution_device(device, gpu_mem, profile)
     plan = _plan(args, hardware, budget, ctx, quant, dense_quant, str(model_dir))
     if not plan.fits:

@@ -52,6 +52,9 @@ class CPU:
     ram: int  # bytes
     ram_bandwidth: float  # bytes/s, all threads reading
     int4_gweights_per_s: float | None = None  # kernels' measured decode throughput, if known
+    # measured dense matrix rates, G weights/s: format ("int4", "int6", "int8", "bf16") ->
+    # {"decode": one token from RAM, "prefill": a 512-token chunk}, if known
+    dense_gweights_per_s: dict[str, dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class HardwareProfile:
                       "ram": format_size(self.cpu.ram), "ram_bandwidth": format_rate(self.cpu.ram_bandwidth)}
         if self.cpu.int4_gweights_per_s is not None:
             out["cpu"]["int4_gweights_per_s"] = round(self.cpu.int4_gweights_per_s, 1)
+        if self.cpu.dense_gweights_per_s:
+            out["cpu"]["dense_gweights_per_s"] = {fmt: {phase: round(rate, 1) for phase, rate in rates.items()}
+                                                  for fmt, rates in self.cpu.dense_gweights_per_s.items()}
         out["disk"] = {"read_bandwidth": format_rate(self.disk_bandwidth)}
         return out
 
@@ -131,7 +137,9 @@ def format_rate(bytes_per_s: float) -> str:
 _GPU_KEYS = {"name": "text", "memory": "size", "h2d_bandwidth": "rate", "bf16_tflops": "number",
              "memory_bandwidth": "rate"}
 _CPU_KEYS = {"physical_cores": "count", "threads": "count", "ram": "size", "ram_bandwidth": "rate",
-             "int4_gweights_per_s": "optional number"}
+             "int4_gweights_per_s": "optional number", "dense_gweights_per_s": "optional dense rates"}
+DENSE_RATE_FORMATS = ("int4", "int6", "int8", "bf16")
+DENSE_RATE_PHASES = ("decode", "prefill")
 _DISK_KEYS = {"read_bandwidth": "rate"}
 
 
@@ -153,6 +161,8 @@ def _section(data: Any, keys: dict[str, str], where: str) -> dict[str, Any]:
             out[key] = parse_size(value, label)
         elif kind == "rate":
             out[key] = parse_rate(value, label)
+        elif kind.endswith("dense rates"):
+            out[key] = _dense_rates(value, label)
         elif kind.endswith("number"):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ProfileError(f"{label}: expected a positive number, got {value!r}")
@@ -164,6 +174,20 @@ def _section(data: Any, keys: dict[str, str], where: str) -> dict[str, Any]:
         else:
             out[key] = str(value)
     return out
+
+
+def _dense_rates(data: Any, where: str) -> dict[str, dict[str, float]]:
+    """format -> {decode, prefill} in G weights/s, e.g. {int4: {decode: 30, prefill: 350}}."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{where}: expected a mapping of formats ({', '.join(DENSE_RATE_FORMATS)}) to "
+                           "{decode: G weights/s, prefill: G weights/s}")
+    rates = {}
+    for fmt, phases in data.items():
+        if fmt not in DENSE_RATE_FORMATS:
+            raise ProfileError(f"{where}: unknown format {fmt!r}; expected {', '.join(DENSE_RATE_FORMATS)}")
+        keys = dict.fromkeys(DENSE_RATE_PHASES, "number")
+        rates[fmt] = _section(phases, keys, f"{where}.{fmt}")
+    return rates
 
 
 def profile_from_dict(data: Any, where: str = "profile") -> HardwareProfile:
@@ -242,14 +266,14 @@ def cpu_model() -> str:
 
 def detect(progress=print, quick: bool = False) -> HardwareProfile:
     """Measure this machine: cores, RAM and its read bandwidth, the int4 kernels' decode rate,
-    and the GPU (memory, pinned host-to-device bandwidth, memory bandwidth, bf16 matmul rate).
+    dense matrices' decode and prefill rates in each format, and the GPU (memory, pinned host-to-device bandwidth, memory bandwidth, bf16 matmul rate).
 
     quick: 256 MiB probes instead of 4 GiB; fast, but they measure caches more than RAM."""
     import numpy as np
     import psutil
 
     from kernels.membw import read_bandwidth
-    from kernels.probe import decode_throughput, pool_for
+    from kernels.probe import decode_throughput, dense_throughput, pool_for
     from kernels.threads import physical_cores
 
     cores = physical_cores()
@@ -265,9 +289,16 @@ def detect(progress=print, quick: bool = False) -> HardwareProfile:
     int4_rate = decode_throughput(gate_up, down, batch=1, top_k=10, calls=10 if quick else 40) / 1e9
     del gate_up, down
     progress(f"  {int4_rate:.1f} G weights/s")
+    progress("dense matrices by format: decode (1 token, from RAM) and prefill (512 tokens) ...")
+    dense = {}
+    for fmt in DENSE_RATE_FORMATS:
+        dense[fmt] = {"decode": dense_throughput(fmt, 1, probe_bytes // 2, calls=10 if quick else 40) / 1e9,
+                      "prefill": dense_throughput(fmt, 512, 64 * 2**20, calls=2 if quick else 4) / 1e9}
+        progress(f"  {fmt}: {dense[fmt]['decode']:.1f} / {dense[fmt]['prefill']:.1f} G weights/s")
     gpu = _detect_gpu(progress)
     name = f"detected-{'cpu-only' if gpu is None else gpu.name.split()[-1].lower()}"
-    cpu = CPU(physical_cores=cores, threads=cores, ram=ram, ram_bandwidth=bandwidth, int4_gweights_per_s=int4_rate)
+    cpu = CPU(physical_cores=cores, threads=cores, ram=ram, ram_bandwidth=bandwidth, int4_gweights_per_s=int4_rate,
+              dense_gweights_per_s=dense)
     return HardwareProfile(name=name, cpu=cpu, gpu=gpu)
 
 

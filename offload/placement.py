@@ -25,7 +25,7 @@ from offload.models.cache import KVCache, LinearAttentionCache
 from offload.models.hub import hub_name
 from offload.planner import PREFETCH_GROUP, STAGING_GROUP, Plan, group_of
 
-QUANTIZED = ("int8", "int4")
+QUANTIZED = ("int8", "int6", "int4")
 
 
 def _group(module_name: str, leaf: str = "weight") -> str:

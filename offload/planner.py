@@ -10,10 +10,11 @@ Policy. With a GPU: mixers (attention / DeltaNet), norms, routers, shared expert
 the GPU in the checkpoint's precision, with the KV / recurrent caches; routed experts in RAM as
 int4; embeddings in RAM (a decode step gathers one row). Optional GPU items are dropped first
 when the budget is short: the expert prefetch buffers (then prefill runs experts on the CPU),
-then the shared experts, then lm_head (both to the CPU in `dense_quant`, int8 by default). If the
-rest still does not fit, the plan fails and names the smallest budget that works. Without a GPU
-(budget 0 or none in the profile) everything is in RAM: dense matrices as int8 (or `dense_quant`),
-routers in fp32, routed experts as int4.
+then the shared experts, then lm_head (both to the CPU in `dense_quant`'s formats). If the rest
+still does not fit, the plan fails and names the smallest budget that works. Without a GPU
+(budget 0 or none in the profile) everything is in RAM, where every dense matrix is read once per
+decoded token: by default (`dense_format`, "auto") as int4, lm_head as int6, so a token reads no
+more bytes than llama.cpp's Q4_K_M of the same checkpoint; routers in fp32, routed experts int4.
 
 Cost model (per token, per layer, then summed):
 - decode: the GPU runs the mixer, then the CPU runs the routed experts while the GPU runs the
@@ -35,7 +36,10 @@ from offload.config import FULL_ATTENTION, PREFILL_CHUNK, ModelArgs, checkpoint_
 from offload.hardware import HardwareProfile, format_size
 
 INT4_BYTES = 4.5 / 8  # kernels.int4: 4 bits + a bf16 scale per 32 weights
+INT6_BYTES = 6.5 / 8  # kernels.int6 (an output head on the CPU): 6 bits + a bf16 scale per 32 weights
 INT8_BYTES = 8.5 / 8  # kernels.int8 (dense matrices on the CPU): 8 bits + a bf16 scale per 32 weights
+FORMAT_BYTES = {"int4": INT4_BYTES, "int6": INT6_BYTES, "int8": INT8_BYTES}
+DENSE_QUANTS = ("auto", "int8", "int4")  # `dense_quant` values besides None (as stored)
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context, cuBLAS workspace, allocator slack
 RAM_RESERVE_BYTES = 2 * 2**30  # Python, torch and the OS page cache's working minimum
 LAYER_SYNC_SECONDS = 40e-6  # per layer and token: two small copies, an event, a worker hand-off
@@ -49,6 +53,7 @@ CPU_FLOPS_PER_CORE = 3e9 * 32 * 0.5  # fp32 GEMM: 3 GHz x 2 AVX2 FMA x 8 lanes x
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 PREFETCH_GROUP = "expert prefetch buffers (2 layers)"  # present in a plan iff prefill can stream
 STAGING_GROUP = "pinned staging (2 layers)"
+MATRIX_GROUPS = ("mixers", "dense MLPs", "shared experts", "lm_head")  # what `dense_quant` applies to
 KEEP_FLOAT = ("mlp.gate", "shared_expert_gate")  # linear layers (by name ending) that stay float
 
 
@@ -91,6 +96,7 @@ class Plan:
     predicted: Prediction | None = None
     notes: list[str] = field(default_factory=list)
     activations: str = "bf16"  # dtype the model computes in: the GPU's, or fp32 on a CPU with quantised layers
+    dense_quant: str | None = None  # the policy for dense matrices on the CPU (`dense_format`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,22 +186,38 @@ def quantizable(name: str, shape: tuple[int, ...]) -> bool:
             and not name[:-len(".weight")].endswith(KEEP_FLOAT) and not shape[0] % 32 and not shape[1] % 32)
 
 
+def dense_format(group: str, dense_quant: str | None) -> str | None:
+    """The format of a dense group's quantizable matrices on the CPU under `dense_quant`. "auto"
+    (with int4 experts; with float ones, as stored) reads no more bytes per token than llama.cpp's Q4_K_M of the same checkpoint: int4 (4.5 bits,
+    as Q4_K) for mixers, MLPs and shared experts, int6 (6.5 bits, as Q6_K) for lm_head, whose
+    error reaches the logits unfiltered. "int8" / "int4" are the same for every group; None keeps
+    the checkpoint's precision."""
+    if dense_quant == "auto":
+        return "int6" if group == "lm_head" else "int4"
+    return dense_quant
+
+
 def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None = None, ctx: int = 4096,
               quant: str = "int4", prompt_tokens: int = 2048, model_name: str = "",
-              dense_quant: str | None = "int8") -> Plan:
+              dense_quant: str | None = "auto") -> Plan:
     """Place every tensor group; `gpu_budget` in bytes (None: the profile's GPU memory, 0: CPU only).
-    Dense matrices placed on the CPU are in `dense_quant` ("int8", "int4", or None: as stored).
-    Sizes are those the loader allocates for this placement, tensor by tensor."""
+    Dense matrices placed on the CPU are in `dense_format(group, dense_quant)` ("auto", "int8",
+    "int4", or None: as stored). Sizes are those the loader allocates for this placement, tensor
+    by tensor."""
+    if dense_quant not in (None, *DENSE_QUANTS):
+        raise ValueError(f"dense_quant must be one of {DENSE_QUANTS} or None, got {dense_quant!r}")
+    if dense_quant == "auto" and quant != "int4":
+        dense_quant = None  # float experts: the dense matrices stay float too
     if gpu_budget is None:
         gpu_budget = profile.gpu.memory if profile.gpu else 0
     use_gpu = gpu_budget > 0 and profile.gpu is not None
     dense_bytes = DTYPE_BYTES.get(args.torch_dtype, 2) if args.fp8_block_size is None else 2
-    dense_format = {4: "fp32", 2: "bf16"}[dense_bytes] if args.torch_dtype != "float16" else "fp16"
+    stored_format = {4: "fp32", 2: "bf16"}[dense_bytes] if args.torch_dtype != "float16" else "fp16"
     # Without a GPU and with quantised dense matrices the model computes in fp32 (the CPU kernels'
     # activations); what stays float is widened to it. Otherwise everything keeps the checkpoint's dtype.
     compute_bytes = 4 if not use_gpu and dense_quant else dense_bytes
-    compute_format = "fp32" if compute_bytes == 4 else dense_format
-    expert_bytes, expert_format = (INT4_BYTES, "int4") if quant == "int4" else (dense_bytes, dense_format)
+    compute_format = "fp32" if compute_bytes == 4 else stored_format
+    expert_bytes, expert_format = (INT4_BYTES, "int4") if quant == "int4" else (dense_bytes, stored_format)
     tensors = tensors_by_group(args)
     if args.tie_word_embeddings:  # the head is a second copy on its device
         tensors["lm_head"] = [("lm_head.weight", tensors["embeddings"][0][1])]
@@ -210,13 +232,13 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
         if group == "routed experts":
             return Placement(group, "cpu", expert_format, int(params * expert_bytes), params)
         if group == "embeddings":
-            return Placement(group, "cpu", dense_format, params * dense_bytes, params)
+            return Placement(group, "cpu", stored_format, params * dense_bytes, params)
         if device == "gpu" or dense_quant is None:
-            return Placement(group, device, dense_format, params * dense_bytes, params)
-        quant_bytes = INT8_BYTES if dense_quant == "int8" else INT4_BYTES
+            return Placement(group, device, stored_format, params * dense_bytes, params)
+        fmt = dense_format(group, dense_quant)
         quantized = [math.prod(shape) for name, shape in tensors[group] if quantizable(name, shape)]
-        nbytes = int(sum(quantized) * quant_bytes) + (params - sum(quantized)) * compute_bytes
-        fmt = dense_quant if quantized else compute_format
+        nbytes = int(sum(quantized) * FORMAT_BYTES[fmt]) + (params - sum(quantized)) * compute_bytes
+        fmt = fmt if quantized else compute_format
         return Placement(group, device, fmt, nbytes, params)
 
     dense_groups = [g for g in ("mixers", "dense MLPs", "routers", "norms") if groups.get(g)]
@@ -265,8 +287,12 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
             notes.append("no room for expert prefetch buffers: prefill runs the experts on the CPU")
         moved = [g for g in optional if any(p.group == g and p.device == "cpu" for p in placement)]
         if fits and moved:
-            notes.append(f"{' and '.join(moved)} on the CPU as {dense_quant or dense_format} to fit the GPU budget")
+            notes.append(f"{' and '.join(moved)} on the CPU "
+                         f"({', '.join(p.format for p in placement if p.group in moved)}) to fit the GPU budget")
     gpu_bytes = gpu_total(placement)
+    quantized = [p for p in placement if p.device == "cpu" and p.format in FORMAT_BYTES and p.group in MATRIX_GROUPS]
+    if fits and quantized:
+        notes.append(_format_note(quantized, tensors, compute_bytes, dense_bytes, stored_format, profile))
     ram_bytes = sum(p.nbytes for p in placement if p.device == "cpu") + RAM_RESERVE_BYTES
     if fits and ram_bytes > profile.cpu.ram:
         fits = False
@@ -277,9 +303,35 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
                 ctx=ctx, quant=quant, fits=fits, reason=reason, placement=placement, gpu_bytes=gpu_bytes,
                 ram_bytes=ram_bytes, ram_available=profile.cpu.ram, minimum_gpu_bytes=minimum,
                 params_total=total, params_active=active, notes=notes,
-                activations=compute_format)
+                activations=compute_format, dense_quant=dense_quant)
     plan.predicted = predict(args, profile, plan, groups, prompt_tokens)
     return plan
+
+
+def _format_note(quantized: list[Placement], tensors, compute_bytes: int, stored_bytes: int, stored_format: str,
+                 profile: HardwareProfile) -> str:
+    """Why the dense matrices in RAM have their formats: bytes per token against the alternatives,
+    and the rates this machine measured for each format."""
+    formats = {p.group: p.format for p in quantized}
+    split = ", ".join(f"{group} {fmt}" for group, fmt in formats.items())
+
+    def read(fmt: str | None) -> int:
+        total = 0
+        for p in quantized:
+            matrices = sum(math.prod(shape) for name, shape in tensors[p.group] if quantizable(name, shape))
+            total += (p.params * stored_bytes if fmt is None
+                      else int(matrices * FORMAT_BYTES[fmt]) + (p.params - matrices) * compute_bytes)
+        return total
+
+    note = (f"dense matrices in RAM ({split}): a token reads {format_size(sum(p.nbytes for p in quantized))} of them "
+            f"(int8 {format_size(read('int8'))}, {stored_format} {format_size(read(None))})")
+    if set(formats.values()) == {"int4", "int6"}:
+        note += "; 4 bits, the head 6, as llama.cpp's Q4_K_M"
+    measured = profile.cpu.dense_gweights_per_s
+    if measured:
+        note += "; measured decode " + ", ".join(f"{fmt} {rates['decode']:.0f}" for fmt, rates in measured.items())
+        note += " G weights/s"
+    return note
 
 
 # --- cost model --------------------------------------------------------------------------------
@@ -293,6 +345,24 @@ def _int4_rate(profile: HardwareProfile) -> float:
     return CPU_INT4_EFFICIENCY * bandwidth_bound
 
 
+def _cpu_dense_seconds(profile: HardwareProfile, placements: list[Placement], tokens: int) -> float:
+    """Seconds of the dense groups on the CPU for `tokens` tokens (one: decode; more: a prompt),
+    at the rates `offload profile detect` measured for each format; without a measurement, decode
+    reads every byte at the RAM bandwidth and a prompt runs at a nominal fp32 GEMM rate."""
+    measured = profile.cpu.dense_gweights_per_s or {}
+    seconds = 0.0
+    for p in placements:
+        rate = measured.get(p.format, {}).get("decode" if tokens == 1 else "prefill")
+        bandwidth_s = p.nbytes / profile.cpu.ram_bandwidth if tokens == 1 else 0.0
+        if rate:
+            seconds += max(tokens * p.params / (rate * 1e9), bandwidth_s)
+        elif tokens == 1:
+            seconds += bandwidth_s
+        else:
+            seconds += tokens * 2 * p.params / (profile.cpu.physical_cores * CPU_FLOPS_PER_CORE)
+    return seconds
+
+
 def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[str, int],
             prompt_tokens: int) -> Prediction:
     layers = args.num_hidden_layers
@@ -303,20 +373,19 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
                                                                "shared experts", "lm_head"))
     cpu_dense = [p for p in plan.placement
                  if p.device == "cpu" and p.group in ("mixers", "dense MLPs", "routers", "shared experts", "lm_head")]
-    cpu_dense_bytes = sum(p.nbytes for p in cpu_dense)
     cpu_dense_params = sum(p.params for p in cpu_dense)
     gpu = profile.gpu if plan.gpu_budget else None
     expert_rate = _int4_rate(profile) if plan.quant == "int4" else profile.cpu.ram_bandwidth / 2
 
     # decode: per token
     experts_s = routed_active / expert_rate
-    cpu_dense_s = cpu_dense_bytes / profile.cpu.ram_bandwidth
+    cpu_dense_s = _cpu_dense_seconds(profile, cpu_dense, 1)
     gpu_s = gpu_dense_bytes / (gpu.memory_bandwidth * GPU_EFFICIENCY) if gpu else 0.0
     sync_s = layers * LAYER_SYNC_SECONDS if gpu else 0.0
     cpu_layers_s = 0.0 if gpu else layers * CPU_LAYER_SECONDS
-    parts = {"work between the kernels (torch, Python)": cpu_layers_s,"RAM bandwidth (routed experts)" if expert_rate >= profile.cpu.ram_bandwidth / INT4_BYTES * 0.99
+    parts = {"work between the kernels (torch, Python)": cpu_layers_s, "RAM bandwidth (routed experts)" if expert_rate >= profile.cpu.ram_bandwidth / INT4_BYTES * 0.99
              else "CPU int4 kernel (routed experts)": experts_s,
-             "RAM bandwidth (dense layers on the CPU)": cpu_dense_s,
+             "dense layers on the CPU": cpu_dense_s,
              "GPU memory bandwidth": gpu_s, "GPU-CPU synchronisation": sync_s}
     decode_s = sum(parts.values())
     decode_bound = max(parts, key=parts.get)
@@ -324,8 +393,10 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
     # prefill of N tokens, either way
     def cpu_experts_s(tokens: int) -> float:
         expert_time = tokens * routed_active / expert_rate
-        cpu_flops = profile.cpu.physical_cores * CPU_FLOPS_PER_CORE  # dense layers: weights reused, FLOP-bound
-        dense_time = tokens * (2 * cpu_dense_params / cpu_flops + _gpu_flops_s(args, gpu, tokens, plan))
+        # dense layers: weights reused across the chunk; lm_head only for the last token
+        dense_time = (_cpu_dense_seconds(profile, [p for p in cpu_dense if p.group != "lm_head"], tokens)
+                      + _cpu_dense_seconds(profile, [p for p in cpu_dense if p.group == "lm_head"], 1)
+                      + tokens * _gpu_flops_s(args, gpu, tokens, plan))
         if gpu:
             return max(expert_time, dense_time)
         return expert_time + dense_time + layers * CPU_PREFILL_LAYER_SECONDS * math.ceil(tokens / PREFILL_CHUNK)

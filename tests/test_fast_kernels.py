@@ -98,12 +98,12 @@ def test_int8_activations_cost_almost_nothing_on_real_weights_and_activations():
     assert fast <= 1.10 * exact
 
 
-@pytest.mark.parametrize("fmt_name", ["int4", "int8"])
+@pytest.mark.parametrize("fmt_name", ["int4", "int6", "int8"])
 @pytest.mark.parametrize("tokens", [1, 3, 70])  # 70: a second tile of tokens, odd
 def test_dense_linear_every_path_matches_the_reference(fmt_name, tokens):
-    from kernels import int4, int8
+    from kernels import int4, int6, int8
 
-    fmt = {"int4": int4, "int8": int8}[fmt_name]
+    fmt = {"int4": int4, "int6": int6, "int8": int8}[fmt_name]
     rng = np.random.default_rng(tokens)
     weight = fmt.quantize((rng.standard_normal((96, 160)) * 0.05).astype(np.float32))
     x = rng.standard_normal((tokens, 160)).astype(np.float32)

@@ -43,6 +43,12 @@ def test_units_as_people_write_them():
     (lambda d: d["cpu"].update(physical_cores=0), r"cpu.physical_cores: expected a positive whole number"),
     (lambda d: d.pop("cpu"), r"box.yaml.cpu: missing"),
     (lambda d: d.update(tpu={}), r"unknown key 'tpu'"),
+    (lambda d: d["cpu"].update(dense_gweights_per_s={"int5": {"decode": 1, "prefill": 2}}),
+     r"cpu.dense_gweights_per_s: unknown format 'int5'; expected int4, int6, int8, bf16"),
+    (lambda d: d["cpu"].update(dense_gweights_per_s={"int4": {"decode": 1}}),
+     r"cpu.dense_gweights_per_s.int4.prefill: missing"),
+    (lambda d: d["cpu"].update(dense_gweights_per_s={"int4": {"decode": "fast", "prefill": 2}}),
+     r"cpu.dense_gweights_per_s.int4.decode: expected a positive number"),
 ])
 def test_bad_profiles_are_explained(tmp_path, edit, message):
     data = yaml.safe_load(yaml.safe_dump(VALID))
@@ -72,3 +78,32 @@ def test_profile_detect_writes_a_valid_profile(tmp_path):
     assert measured.cpu.ram_bandwidth > 1e9 and measured.cpu.int4_gweights_per_s > 0.5
     assert measured.cpu.physical_cores >= 1
     assert out.read_text().startswith("# Measured by `offload profile detect`")
+    rates = measured.cpu.dense_gweights_per_s
+    assert set(rates) == {"int4", "int6", "int8", "bf16"} and "dense matrices by format" in result.stderr
+    assert all(0 < r["decode"] < r["prefill"] for r in rates.values())  # a chunk reuses each weight 512 times
+
+
+def test_measured_dense_rates_drive_the_prediction():
+    """The plan predicts CPU decode from the profile's measured dense rates when it has them:
+    a CPU whose int4 dense kernel is slow makes the same plan slower."""
+    from dataclasses import replace
+
+    from offload.config import args_from_dict
+    from offload.planner import make_plan
+    from offload.synthetic import PRESETS
+
+    args = args_from_dict(PRESETS["qwen3-30b-a3b"])
+    base = load_profile("cpu-only-2core")
+    measured = {fmt: {"decode": 40.0, "prefill": 300.0} for fmt in ("int4", "int6", "int8", "bf16")}
+    fast = replace(base, cpu=replace(base.cpu, dense_gweights_per_s=measured))
+    slow = replace(base, cpu=replace(base.cpu, dense_gweights_per_s={**measured, "int4": {"decode": 2.0,
+                                                                                          "prefill": 10.0}}))
+    plans = [make_plan(args, profile, 0, prompt_tokens=512) for profile in (base, fast, slow)]
+    assert plans[2].predicted.decode_tok_s < plans[1].predicted.decode_tok_s
+    assert plans[2].predicted.prefill_tok_s < plans[1].predicted.prefill_tok_s
+    assert "measured decode int4 40" in plans[1].notes[-1] and "measured" not in plans[0].notes[-1]
+    assert load_profile_round_trip(fast).cpu.dense_gweights_per_s == measured
+
+
+def load_profile_round_trip(profile):
+    return profile_from_dict(profile.to_yaml_dict())

@@ -90,35 +90,45 @@ def test_unknown_quant_is_explained(hf_checkpoint):
         offload.load(hf_checkpoint("moe").path, quant="int8")
 
 
-def round_dense(model, fmt) -> None:
-    """Round every dense matrix the way dense_quant=fmt does (same eligibility rule)."""
+def round_dense(model, dense_quant: str) -> set[str]:
+    """Round every dense matrix the way `dense_quant` does (same eligibility rule and formats);
+    returns the formats used."""
     from torch import nn
 
-    from offload.planner import quantizable
+    from kernels import int6
+    from offload.planner import dense_format, group_of, quantizable
 
+    modules = {"int4": int4, "int6": int6, "int8": int8}
     if model.config.tie_word_embeddings:  # the head gets its own rounded copy; embeddings stay exact
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    used = set()
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and quantizable(f"{name}.weight", tuple(module.weight.shape)):
-                module.weight.copy_(torch.from_numpy(fmt.dequantize(fmt.quantize(module.weight.numpy()))[0]))
+                fmt = dense_format(group_of(f"{name}.weight"), dense_quant)
+                rounded = modules[fmt].dequantize(modules[fmt].quantize(module.weight.numpy()))[0]
+                module.weight.copy_(torch.from_numpy(rounded))
+                used.add(fmt)
+    return used
 
 
-@pytest.mark.parametrize("name, fmt", [("next", int4), ("moe-hub", int4), ("next", int8), ("moe", int8)])
-def test_quantized_dense_layers_match_transformers_on_rounded_weights(hf_checkpoint, name, fmt):
+@pytest.mark.parametrize("name, dense_quant", [("next", "auto"), ("moe-hub", "auto"), ("next", "int4"),
+                                               ("moe-hub", "int4"), ("next", "int8"), ("moe", "int8")])
+def test_quantized_dense_layers_match_transformers_on_rounded_weights(hf_checkpoint, name, dense_quant):
     checkpoint = hf_checkpoint(name)
     reference = dequantized_reference(checkpoint.model)
-    round_dense(reference, fmt)
+    formats = round_dense(reference, dense_quant)
+    assert formats == ({"int4", "int6"} if dense_quant == "auto" else {dense_quant})
     ids = torch.randint(0, 160, (80,), generator=torch.Generator().manual_seed(13))
     with torch.no_grad():
         expected = reference(ids[None]).logits[0]
-    dense_quant = fmt.__name__.rpartition(".")[2]
-    # int8 is the default for the dense layers once the experts are int4
+    # "auto" is the default for the dense layers once the experts are int4
     engine = offload.load(checkpoint.path, quant="int4", exact=True,
-                          **({"dense_quant": dense_quant} if fmt is int4 else {}))
+                          **({} if dense_quant == "auto" else {"dense_quant": dense_quant}))
     swapped = [m for m in engine.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(swapped) >= 3 * engine.args.num_hidden_layers  # mixers' projections, lm_head, ...
-    assert {m.format for m in swapped} == {dense_quant}
+    assert {m.format for m in swapped} == formats
+    assert engine.model.lm_head.format == ("int6" if dense_quant == "auto" else dense_quant)
     assert engine.dtype == torch.float32
     # every projection now sums in the kernel's order rather than BLAS's; these random models
     # amplify fp32 rounding (see the decode test in test_models.py), so 1e-3 rather than 2e-4

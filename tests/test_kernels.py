@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import deltanet, gemm, gemv, int4, int8
+from kernels import deltanet, gemm, gemv, int4, int6, int8
 from kernels.threads import kernel_threads
 
 
@@ -163,7 +163,7 @@ def test_bad_kernel_inputs_are_explained():
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 40])
-@pytest.mark.parametrize("fmt", [int4, int8])
+@pytest.mark.parametrize("fmt", [int4, int6, int8])
 def test_dense_linear_matches_reference(tokens, fmt, monkeypatch):
     from kernels import linear
 
@@ -230,6 +230,32 @@ def test_int8_round_trip_layout_and_chunks(monkeypatch):
     reference = int8.quantize_reference(w)
     assert np.array_equal(q.packed, reference.packed)
     assert np.abs(q.scales.astype(np.int32) - reference.scales.astype(np.int32)).max() <= 1
+
+
+def test_int6_round_trip_layout_and_reference():
+    rng = np.random.default_rng(6)
+    w = random_experts(rng, 2, 64, 96)
+    w[0, 5, 32:64] = 0  # an all-zero group
+    w[1, 9] *= 100  # a row of large values
+    q = int6.quantize(w)
+    assert q.packed.shape == (2, 2, 24, 96) and q.nbytes * 8 / w.size == pytest.approx(6.5)
+    back = int6.dequantize(q)
+    assert np.array_equal(back, int6.quantize_reference(w))  # same candidates, scales and ties
+    assert np.all(back[0, 5, 32:64] == 0)
+    error = np.sqrt(((back - w) ** 2).sum() / (w ** 2).sum())
+    int4_error = np.sqrt(((int4.dequantize(int4.quantize(w)) - w) ** 2).sum() / (w ** 2).sum())
+    assert error < int4_error / 3  # two more bits: ~4x less error
+    codes = int6.unpack_codes(q)
+    assert codes.min() == -32 and codes.max() <= 31
+    # the documented layout: quad k, column j, row r < 16: nibble in byte 16j + r, the high bits
+    # in byte 64 + 16 (j % 2) + r, field j // 2 (rows 16-31: fields 2 + j // 2)
+    b, k, j, r = 1, 7, 3, 4
+    quad = q.packed[1, b, k].astype(np.int32)
+    for row, nibble, field in ((r, quad[16 * j + r] & 15, j // 2), (16 + r, quad[16 * j + r] >> 4, 2 + j // 2)):
+        high = (quad[64 + 16 * (j % 2) + r] >> (2 * field)) & 3
+        assert nibble | (high << 4) == codes[1, 32 * b + row, 4 * k + j] + 32
+    with pytest.raises(ValueError, match="multiple of 32"):
+        int6.quantize(np.zeros((40, 64), np.float32))
 
 
 def test_bandwidth_probe_reads_every_value():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
@@ -10,7 +11,8 @@ from click.testing import CliRunner
 from cli import main
 from offload.config import args_from_dict
 from offload.hardware import load_profile, parse_size
-from offload.planner import INT4_BYTES, RAM_RESERVE_BYTES, make_plan, parameter_counts, parameter_groups
+from offload.planner import (INT4_BYTES, RAM_RESERVE_BYTES, make_plan, parameter_counts, parameter_groups, quantizable,
+                             tensors_by_group)
 from offload.synthetic import PRESETS
 
 NEXT = args_from_dict(PRESETS["qwen3-next-80b-a3b"])
@@ -66,8 +68,28 @@ def test_too_little_ram_says_how_much():
     plan = make_plan(NEXT, load_profile("cpu-only-2core"), 0, ctx=4096)
     assert not plan.fits and plan.reason.startswith("needs 4") and "of RAM" in plan.reason
     assert plan.gpu_bytes == 0 and all(p.device == "cpu" for p in plan.placement)
-    mixers = next(p for p in plan.placement if p.group == "mixers")
-    assert mixers.format == "int8"
+    formats = {p.group: p.format for p in plan.placement}
+    assert formats["mixers"] == formats["shared experts"] == "int4" and formats["lm_head"] == "int6"
+
+
+@pytest.mark.parametrize("preset", ["qwen3-next-80b-a3b", "qwen3-30b-a3b", "qwen3-235b-a22b"])
+def test_cpu_dense_formats_read_no_more_per_token_than_q4_k_m(preset):
+    """CPU only, the default formats: a token reads no more dense bytes than llama.cpp's Q4_K_M
+    would at best (every matrix Q4_K's 4.5 bits per weight, the head Q6_K's 6.5625, the small
+    vectors and convolutions F32, as it keeps them), and int8 reads more."""
+    args = args_from_dict(PRESETS[preset])
+    profile = load_profile("cpu-only-2core")
+    default, int8 = make_plan(args, profile, 0), make_plan(args, profile, 0, dense_quant="int8")
+    groups = ("mixers", "dense MLPs", "shared experts", "lm_head")
+
+    def dense(plan):
+        return [p for p in plan.placement if p.group in groups]
+
+    tensors = tensors_by_group(args)
+    budget = sum(math.prod(shape) * ((6.5625 if group == "lm_head" else 4.5) / 8 if quantizable(name, shape) else 4)
+                 for group in groups for name, shape in tensors.get(group, ()))
+    assert sum(p.nbytes for p in dense(default)) <= budget < sum(p.nbytes for p in dense(int8))
+    assert {p.format for p in dense(default) if p.group != "lm_head"} == {"int4"}
 
 
 def test_cost_model():
