@@ -8,7 +8,7 @@ per layer, built once with `offload synth` into the cache. Prints, all with int4
 (fast kernels unless it says exact): decode tok/s with the dense layers as int4 with an int6
 lm_head (the default, "auto"), int8, int4 and bf16, exact experts, overlap off and on, as a fraction of the bound for this run (every
 weight a token reads, at this run's measured int4 kernel rate or RAM bandwidth, whichever is
-slower); the time of 8- and 32-token prompts beside as many decode steps; prefill tok/s for 512
+slower) and the fast kernels' logits against the exact ones' (relative RMS, a 128-token prompt); the time of 8- and 32-token prompts beside as many decode steps; prefill tok/s for 512
 and 2048-token prompts by path (a) (CPU kernels, fast and exact) and (b) (streamed layers; the
 device is the CPU here); transformers
 bf16 on the same checkpoint as the peer; and a second column scaled to the full model (48 layers,
@@ -131,7 +131,11 @@ def main() -> None:
         engine = offload.load(path, quant="int4", dense_quant=dense_quant, ctx=2048 + 64, overlap=overlap,
                               prefill=prefill, exact=exact, gpu_mem=0)
         decode = offload_decode(engine, options.tokens)
-        return decode, {n: prefill_seconds(engine, n) for n in prefill_lengths}
+        timings = {n: prefill_seconds(engine, n) for n in prefill_lengths}
+        logits[(dense_quant, exact)] = engine.logits(torch.arange(1, 129) * 7 % 1000).float()
+        return decode, timings
+
+    logits: dict[tuple, torch.Tensor] = {}  # a 128-token prompt's logits, by (dense_quant, exact)
 
     print("measuring (a few minutes) ...", flush=True)
     decode_bf16, prefill_bf16 = measure(None)
@@ -165,7 +169,10 @@ def main() -> None:
             continue
         row(label, seconds, note=f"{bound / seconds:.0%} of the kernel bound "
             f"({1 / bound:.1f} tok/s: every weight a token reads at this run's int4 kernel rate)")
-    row("decode, auto, exact experts", decode_exact, note=f"fast experts {decode_exact / decode:.2f}x faster")
+    fast, exact = logits[("auto", False)], logits[("auto", True)]
+    difference = ((fast - exact).norm() / exact.norm()).item()
+    row("decode, auto, exact experts", decode_exact, note=f"fast experts {decode_exact / decode:.2f}x faster; "
+        f"fast vs exact logits (128 tokens): {difference:.2%} relative RMS")
     row("decode, auto, overlap on", decode_overlap, note=f"{decode / decode_overlap:.2f}x of overlap off")
     row("decode, dense bf16 (dense_quant=None)", decode_bf16, note=f"auto is {decode_bf16 / decode:.2f}x faster")
     for tokens in (8, 32):

@@ -32,8 +32,9 @@ PREFETCH_BYTES = 1024  # how far ahead of the current group `_block_dot` prefetc
 
 
 def _block_dot_codegen(bits: int, tokens: int = 1):
-    """LLVM code of `_block_dot` (bits=4, packed uint8), `_block_dot8` (bits=8, packed int8) or,
-    with tokens=2, `_block_dot_pair` (two tokens per decoded column).
+    """LLVM code of `_block_dot` (bits=4, packed uint8), `_block_dot6` (bits=6, `kernels.int6`),
+    `_block_dot8` (bits=8, packed int8) or, with tokens=2, `_block_dot_pair` (two tokens per
+    decoded column).
 
     Arguments: packed, scales, then per token x, then per token x_group_sums, then per token
     alpha, then per token out. Eight FMA chains either way."""
@@ -73,7 +74,10 @@ def _block_dot_codegen(bits: int, tokens: int = 1):
 
         def column_rows(col, octets):
             """Codes of column `col` as float vectors of 8 rows, for `octets` (0: rows 0-7, 1: 8-15,
-            2: 16-23, 3: 24-31). int4 byte k holds rows k (low nibble) and 16 + k (high)."""
+            2: 16-23, 3: 24-31). int4 byte k holds rows k (low nibble) and 16 + k (high); int6
+            adds two high bits from the quad's plane (`kernels.int6`)."""
+            if bits == 6:
+                return int6_rows(col, octets)
             first = builder.mul(col, const(column_bytes))
             if bits == 8:
                 return {octet: builder.sitofp(builder.sext(load_vector(packed_ptr, builder.add(first, const(8 * octet)),
@@ -84,6 +88,27 @@ def _block_dot_codegen(bits: int, tokens: int = 1):
                 wide = builder.zext(load_vector(packed_ptr, builder.add(first, const(8 * half)), i8, 1), v8i32)
                 rows[half] = builder.uitofp(builder.and_(wide, ir.Constant(v8i32, [15] * 8)), v8f)
                 rows[2 + half] = builder.uitofp(builder.lshr(wide, ir.Constant(v8i32, [4] * 8)), v8f)
+            return rows
+
+        def int6_rows(col, octets):
+            j = builder.and_(col, const(3))
+            quad = builder.mul(builder.lshr(col, const(2)), const(4 * column_bytes))
+            nibbles = builder.add(quad, builder.mul(j, const(16)))
+            tops = builder.add(quad, builder.add(const(64), builder.mul(builder.and_(j, const(1)), const(16))))
+            shift = builder.trunc(builder.mul(builder.lshr(j, const(1)), const(2)), i32)
+            shifts = [builder.shuffle_vector(vector, vector, ir.Constant(v8i32, [0] * 8)) for vector in
+                      (builder.insert_element(ir.Constant(v8i32, ir.Undefined), builder.add(shift, ir.Constant(i32, extra)),
+                                              ir.Constant(i32, 0)) for extra in (0, 4))]
+            three, fifteen = ir.Constant(v8i32, [3] * 8), ir.Constant(v8i32, [15] * 8)
+            rows = {}
+            for half in sorted({octet % 2 for octet in octets}):
+                wide = builder.zext(load_vector(packed_ptr, builder.add(nibbles, const(8 * half)), i8, 1), v8i32)
+                top = builder.zext(load_vector(packed_ptr, builder.add(tops, const(8 * half)), i8, 1), v8i32)
+                for which, nibble in ((half, builder.and_(wide, fifteen)),
+                                      (2 + half, builder.lshr(wide, ir.Constant(v8i32, [4] * 8)))):
+                    high = builder.and_(builder.lshr(top, shifts[which // 2]), three)
+                    code = builder.or_(nibble, builder.shl(high, ir.Constant(v8i32, [4] * 8)))
+                    rows[which] = builder.uitofp(code, v8f)
             return rows
 
         def emit_pass(octets, groups):
@@ -143,13 +168,13 @@ def _block_dot_codegen(bits: int, tokens: int = 1):
                 scale_bits = load_vector(scales_ptr, builder.add(first_column, const(8 * octet)), i16, 2)
                 scales[octet] = builder.bitcast(builder.shl(builder.zext(scale_bits, v8i32), ir.Constant(v8i32, [16] * 8)), v8f)
             corrections = {}
-            if bits == 4:  # codes are q + 8: subtract 8 * sum(x over the group)
+            if bits != 8:  # codes are q + 8 (int6: q + 32): subtract 8 (32) * sum(x over the group)
                 for t in range(tokens):
                     group_sum = builder.load(builder.gep(sums_ptrs[t], [group]))
-                    corrections[t] = splat(builder.fmul(group_sum, ir.Constant(f32, 8.0)))
+                    corrections[t] = splat(builder.fmul(group_sum, ir.Constant(f32, 8.0 if bits == 4 else 32.0)))
             for slot in slots:
                 row_sum = builder.fadd(updated[(0, slot)], updated[(1, slot)])
-                if bits == 4:
+                if bits != 8:
                     row_sum = builder.fsub(row_sum, corrections[slot[0]])
                 totals[slot].add_incoming(builder.call(fma, [scales[slot[1]], row_sum, totals[slot]]), group_tail)
             group.add_incoming(builder.add(group, const(1)), group_tail)
@@ -190,6 +215,12 @@ def _block_dot_pair(typingctx, packed, scales, x0, x1, sums0, sums1, alpha0, alp
     which halves the decoding work per multiply-add (prefill, where an expert serves many tokens)."""
     signature = types.void(packed, scales, x0, x1, sums0, sums1, alpha0, alpha1, out0, out1)
     return signature, _block_dot_codegen(4, tokens=2)
+
+
+@intrinsic
+def _block_dot6(typingctx, packed, scales, x, x_group_sums, alpha, out):
+    """`_block_dot` for one 32-row block of `kernels.int6` (packed uint8 [in // 4, 96])."""
+    return types.void(packed, scales, x, x_group_sums, alpha, out), _block_dot_codegen(6)
 
 
 @intrinsic

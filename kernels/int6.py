@@ -191,3 +191,4 @@ def dequantize_tile(packed, scales, first_block, tile):
                     tile[c, BLOCK * i + r] = np.float32(low - OFFSET) * _bf16_value(scales[0, b, group + r])
                     tile[c, BLOCK * i + 16 + r] = np.float32(high - OFFSET) * _bf16_value(scales[0, b, group + 16 + r])
 
+
