@@ -291,6 +291,63 @@ def chat(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profi
 
 @main.command()
 @model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port (0: any free one).")
+@click.option("--api-key", default=None, envvar="OFFLOAD_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on every /v1 request [$OFFLOAD_API_KEY].")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0),
+              help="Requests that may wait while one runs; more are answered 429.")
+@click.option("--snapshots", default=4, show_default=True, type=click.IntRange(min=0),
+              help="Sequence snapshots kept in RAM for prefix reuse (an edited or regenerated last turn).")
+def serve(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profile, host, port, api_key, max_queue,
+          snapshots) -> None:
+    """Serve the OpenAI API (chat and text completions) until Ctrl-C.
+
+    Point a client at it with OPENAI_BASE_URL=http://HOST:PORT/v1."""
+    import socket
+
+    try:
+        import uvicorn
+
+        from offload.server import Service, create_app
+    except ImportError as error:
+        from offload.errors import OffloadError
+
+        raise OffloadError(f"offload serve needs the server libraries ({error.name} is missing): "
+                           "pip install 'offload[serve]'") from None
+    from offload.errors import OffloadError
+    from offload.placement import describe
+    from offload.sampling import generation_defaults
+    from offload.tokenizer import Tokenizer
+
+    model_dir = _model_dir(model_dir, demo)
+    tokenizer = Tokenizer(model_dir)
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # before loading: a busy port is said at once
+        listener.bind((host, port))
+    except OSError as error:
+        raise OffloadError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host") from None
+    engine, load_s = _load(model_dir, ctx, quant, dense_quant, exact, gpu_mem, profile, device)
+    click.echo(f"loaded {model_dir.name} in {load_s:.1f} s; {_execution_words(engine)}", err=True)
+    click.echo(describe(engine.placement), err=True)
+    service = Service(engine, tokenizer, "demo" if demo else model_dir.name, generation_defaults(model_dir),
+                      max_queue=max_queue, snapshots=snapshots, api_key=api_key)
+    config = uvicorn.Config(create_app(service), log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    bound_host, bound_port = listener.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    click.echo(f"serving {service.model_name} at http://{shown}:{bound_port}/v1 (context {engine.ctx} tokens); "
+               "Ctrl-C stops", err=True)
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn shuts down cleanly, then passes the Ctrl-C on: a requested stop
+        pass
+    click.echo("stopped", err=True)
+
+
+@main.command()
+@model_options
 @click.option("--prompt-lengths", default="128,512,2048", show_default=True,
               help="Prompt lengths to measure, comma-separated.")
 @click.option("--decode-tokens", default=32, show_default=True, type=click.IntRange(min=2),

@@ -51,7 +51,8 @@ class Engine:
         self.plan = None
         self.placement: list[dict] = []
         self.position = 0  # tokens of the current sequence held in the caches
-        self.history: list[int] = []  # the ids `stream` has fed in the current sequence
+        self.history: list[int] = []  # the ids `stream` / `append` have fed in the current sequence
+        self.written: list[int] = []  # the ids whose keys and values the KV caches hold, by position
         self.stop_ids = set(args.eos_token_ids)  # ends generation (load adds generation_config.json's)
 
     @property
@@ -81,6 +82,37 @@ class Engine:
         self.position = 0
         self.history = []
 
+    def snapshot(self) -> Snapshot:
+        """The current sequence's state, to `restore` later: the position, the ids fed, and copies
+        (in RAM) of the caches that cannot be rolled back (DeltaNet's conv and recurrent states;
+        keys and values stay where they are, written by position)."""
+        states = [cache.snapshot() for cache in self.caches]
+        return Snapshot(self.position, list(self.history), states)
+
+    def can_restore(self, snapshot: Snapshot) -> bool:
+        """Whether the KV caches still hold the snapshot's keys and values (no other sequence has
+        written over its positions since)."""
+        return self.written[:snapshot.position] == snapshot.history[:snapshot.position]
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Continue from `snapshot` (taken from this engine, `can_restore`)."""
+        if not self.can_restore(snapshot):
+            raise OffloadError("the snapshot's keys and values have been overwritten; start a fresh sequence")
+        for cache, state in zip(self.caches, snapshot.states):
+            cache.restore(state)
+        if self.executor is not None:
+            self.executor.reset()
+        self.position = snapshot.position
+        self.history = list(snapshot.history)
+
+    def append(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Feed tokens into the current sequence, recording them in `history`; the last token's
+        float32 logits [vocab]."""
+        ids = self._ids(input_ids)
+        logits = self.feed(ids, all_logits=False)[-1]
+        self.history += ids.tolist()
+        return logits
+
     def streams(self, prompt_tokens: int) -> bool:
         """Whether a prompt of this many tokens runs its routed experts streamed to the device."""
         if self.executor is None or prompt_tokens <= DECODE_MAX_TOKENS or self.prefill == "cpu":
@@ -109,6 +141,7 @@ class Engine:
         streamed = self.streams(ids.shape[0])
         if self.executor is not None:
             self.executor.stream = streamed
+        del self.written[self.position:]  # overwritten from here on (and unknown if this fails midway)
         starts = range(0, ids.shape[0], PREFILL_CHUNK)
         stages = [self.model.stages(ids[begin:begin + PREFILL_CHUNK], self.caches, self.position + begin,
                                     last_only=not all_logits) for begin in starts]
@@ -117,6 +150,7 @@ class Engine:
                 logits = _run_two_at_a_time(stages)
             else:
                 logits = [run_stages(chunk) for chunk in stages]
+        self.written += ids.tolist()
         self.position += ids.shape[0]
         return torch.cat([chunk.float() for chunk in (logits if all_logits else logits[-1:])]).cpu()
 
@@ -142,21 +176,32 @@ class Engine:
         if fresh:
             self.reset()
         self._check_room(self.position + ids.shape[0] + max_new_tokens)
-        logits = self.feed(ids, all_logits=False)[-1]
-        self.history += ids.tolist()
+        logits = self.append(ids)
         for step in range(max_new_tokens):
             token = sampler(logits, self.history)
             yield token
             if token in self.stop_ids or step == max_new_tokens - 1:
                 return
-            logits = self.feed([token], all_logits=False)[-1]
-            self.history.append(token)
+            logits = self.append([token])
 
     def generate(self, input_ids: Sequence[int] | torch.Tensor, max_new_tokens: int = 32,
                  temperature: float = 0.0, seed: int | None = None,
                  sampling: SamplingParams | None = None) -> list[int]:
         """New token ids after `input_ids` (greedy when temperature == 0)."""
         return list(self.stream(input_ids, max_new_tokens, temperature, seed, sampling))
+
+
+class Snapshot:
+    """A sequence's state at `position` (`Engine.snapshot`): its ids and the per-cache states."""
+
+    def __init__(self, position: int, history: list[int], states: list):
+        self.position = position
+        self.history = history
+        self.states = states
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for state in self.states if state is not None for t in state)
 
 
 def _run_two_at_a_time(stages: list) -> list[torch.Tensor]:

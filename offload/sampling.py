@@ -1,5 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, repetition
-penalty, reproducible with a seed.
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, repetition,
+presence and frequency penalties, reproducible with a seed.
 
 The order is the one llama.cpp and transformers use: repetition penalty on the raw logits, then
 temperature, then the truncations (top-k, top-p, min-p) on the resulting distribution, then a
@@ -25,12 +25,16 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest set whose probability reaches p; 1: all
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one; 0: none
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence; 1: off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token drawn so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was drawn so far
     seed: int | None = None  # a seed makes sampling reproducible
 
     def __post_init__(self):
         checks = [(self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top_k must be >= 0"),
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+                  (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+                  (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")]
         for ok, message in checks:
             if not ok:
                 raise OffloadError(f"{message}; got {self}")
@@ -68,9 +72,15 @@ def generation_defaults(model_dir: str | Path) -> SamplingParams:
     return SamplingParams(**values)
 
 
-def processed_logits(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = ()) -> torch.Tensor:
-    """logits [V] -> the float32 logits the draw uses: penalised, tempered and truncated (-inf)."""
+def processed_logits(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = (),
+                     drawn: Sequence[int] = ()) -> torch.Tensor:
+    """logits [V] -> the float32 logits the draw uses: penalised (the repetition penalty over
+    `history`, the whole sequence; presence and frequency penalties over `drawn`, the tokens
+    generated so far), tempered and truncated (-inf)."""
     logits = logits.float().clone()
+    if (params.presence_penalty or params.frequency_penalty) and len(drawn):
+        tokens, counts = torch.unique(torch.as_tensor(list(drawn), dtype=torch.long), return_counts=True)
+        logits[tokens] -= params.presence_penalty + params.frequency_penalty * counts.float()
     if params.repetition_penalty != 1.0 and len(history):
         seen = torch.unique(torch.as_tensor(list(history), dtype=torch.long))
         scores = logits[seen]
@@ -97,6 +107,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams = SamplingParams()):
         self.params = params
+        self.drawn: list[int] = []  # the tokens this sampler has drawn (presence / frequency penalties)
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
@@ -104,7 +115,10 @@ class Sampler:
             self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
-        logits = processed_logits(logits, self.params, history)
+        logits = processed_logits(logits, self.params, history, self.drawn)
         if self.params.temperature == 0:
-            return int(torch.argmax(logits))
-        return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.generator))
+            token = int(torch.argmax(logits))
+        else:
+            token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.generator))
+        self.drawn.append(token)
+        return token

@@ -158,7 +158,7 @@ class ThinkingFilter:
                 self.pending = self.pending[at + len(tag):]
                 self.thinking = not self.thinking
                 continue
-            keep = _partial_suffix(self.pending, tag)  # might be the start of a tag
+            keep = partial_suffix(self.pending, tag)  # might be the start of a tag
             if len(self.pending) > keep:
                 out.append((self.thinking, self.pending[:len(self.pending) - keep]))
                 self.pending = self.pending[len(self.pending) - keep:]
@@ -170,7 +170,7 @@ class ThinkingFilter:
         return out
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag."""
     for length in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-length:]):

@@ -216,3 +216,25 @@ def test_streamer_on_cuda_matches_the_cpu(hf_checkpoint):
             gpu.release(layer)
             on_cpu = streamed_experts(cpu.get(layer), x, ids, weights)
             assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["next", "moe"])
+def test_a_snapshot_resumes_a_sequence_exactly(hf_checkpoint, name):
+    """`Engine.snapshot` / `restore`: DeltaNet's states come back from RAM, keys and values are
+    still in the KV cache by position; a restored sequence continues bit for bit, and one whose
+    positions another sequence has overwritten is refused."""
+    engine = offload.load(hf_checkpoint(name).path, quant="int4")
+    ids = torch.randint(0, 160, (60,), generator=torch.Generator().manual_seed(21)).tolist()
+    engine.reset()
+    engine.append(ids[:30])
+    snapshot = engine.snapshot()
+    expected = engine.append(ids[30:45])
+    engine.append(ids[45:])  # the sequence goes on past the snapshot ...
+    engine.restore(snapshot)  # ... and comes back to it
+    assert engine.position == 30 and engine.history == ids[:30]
+    assert torch.equal(engine.append(ids[30:45]), expected)
+    engine.reset()
+    engine.append(ids[40:50])  # another sequence writes over positions 0-9
+    assert not engine.can_restore(snapshot)
+    with pytest.raises(offload.OffloadError, match="overwritten"):
+        engine.restore(snapshot)

@@ -37,6 +37,19 @@ def test_repetition_penalty_pushes_seen_tokens_down():
     assert greedy(logits, history=[0]) == 1 and greedy(logits) == 0
 
 
+def test_presence_and_frequency_penalties_count_the_drawn_tokens():
+    logits = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = processed_logits(logits, params, history=[0, 1, 2, 3], drawn=[2, 2, 1])
+    # OpenAI's definition: logit - presence * [count > 0] - frequency * count, over drawn tokens only
+    assert torch.allclose(out, torch.tensor([1.0, 2.0 - 0.75, 3.0 - 1.0, 0.5]))
+    sampler = Sampler(SamplingParams(frequency_penalty=2.0))  # greedy: penalties alone change the choice
+    drawn = [sampler(logits) for _ in range(3)]
+    assert drawn == [2, 1, 0] and sampler.drawn == drawn  # 3, then 3 - 2 < 2, then 2 - 2 < 1 = 3 - 2 (first wins)
+    with pytest.raises(OffloadError, match="presence_penalty must be in"):
+        SamplingParams(presence_penalty=3)
+
+
 def test_draws_follow_the_distribution_and_seeds_repeat():
     sampler = Sampler(SamplingParams(temperature=1.0, seed=3))
     draws = [sampler(LOGITS) for _ in range(4000)]

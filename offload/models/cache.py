@@ -1,6 +1,6 @@
 """Per-layer decoding state, preallocated once per engine and written in place.
 
-Two kinds, one small protocol (`reset()`, `nbytes`):
+Two kinds, one small protocol (`reset()`, `snapshot()` / `restore()`, `nbytes`):
 - `KVCache` for full attention: keys and values for up to `max_len` positions;
 - `LinearAttentionCache` for Gated DeltaNet: the causal-conv tail and the fp32 recurrent state.
 Positions are passed explicitly by the caller (`start`); nothing here grows per token.
@@ -32,6 +32,12 @@ class KVCache:
     def reset(self) -> None:
         pass  # positions past `start` are never read, so stale entries need no clearing
 
+    def snapshot(self) -> None:
+        return None  # keys and values are written by position: rolling back needs no copy
+
+    def restore(self, state: None) -> None:
+        pass
+
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
@@ -52,6 +58,14 @@ class LinearAttentionCache:
     def reset(self) -> None:
         self.conv_state.zero_()
         self.recurrent_state.zero_()
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of both states, in RAM."""
+        return self.conv_state.to("cpu", copy=True), self.recurrent_state.to("cpu", copy=True)
+
+    def restore(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.conv_state.copy_(state[0])
+        self.recurrent_state.copy_(state[1])
 
     @property
     def nbytes(self) -> int:

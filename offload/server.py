@@ -1,0 +1,515 @@
+"""`offload serve`: the OpenAI API over one engine, for the clients people already use.
+
+One model, one sequence at a time. Requests wait in arrival order in a bounded queue (more than
+`max_queue` waiting: 429) and one worker thread runs them on the engine, handing text back to the
+request's event loop as it is generated. A client that goes away stops its generation before the
+next token; the next request starts at once.
+
+Prefix reuse. A prompt that starts with the tokens the engine holds (the previous request's
+prompt and answer: a chat's next turn) prefills only the rest. DeltaNet's recurrent state cannot
+be rolled back, so the worker also keeps snapshots of the sequence (`Engine.snapshot`: the conv
+and recurrent states, copied to RAM; keys and values stay in the KV cache by position) at two
+points of every prompt: the last message boundary and the token before the end. An edited last
+message resumes from the first, a regenerated answer from the second, instead of re-reading the
+history. At most `snapshots` are kept, the least recently used dropped first: memory is bounded
+by `snapshots` x the DeltaNet state (Qwen3-Next-80B: 75 MiB each; Qwen3-MoE: none).
+`usage.prompt_tokens_details.cached_tokens` counts the prompt tokens that were not prefilled.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+POST /tokenize, POST /detokenize. Errors have OpenAI's JSON shape and status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException
+
+from offload.engine import Engine, Snapshot
+from offload.errors import OffloadError
+from offload.sampling import Sampler, SamplingParams
+from offload.tokenizer import ThinkingFilter, Tokenizer, partial_suffix
+
+DEFAULT_MAX_QUEUE = 16
+DEFAULT_SNAPSHOTS = 4
+MAX_STOP_STRINGS = 16
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                                       "param": self.param, "code": self.code}}, status_code=self.status)
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    """Known fields must have the right type (strict: no "0.7" for a number); unknown ones are
+    ignored, as clients send fields a server may not use."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ContentPart(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
+
+
+class Message(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")  # tool_calls, name, tool_call_id reach the template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class Generation(_Strict):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatRequest(Generation):
+    messages: list[Message]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}
+
+
+class CompletionRequest(Generation):
+    prompt: str | list[int] | list[str]
+
+
+class TokenizeRequest(_Strict):
+    content: str | None = None
+    messages: list[Message] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    tokens: list[int]
+
+
+# --- the worker ------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One request on its way through the worker; events go back to the request's loop."""
+    prompt: list[int]
+    boundary: int  # the last message boundary in `prompt` (a snapshot point), or 0
+    sampling: SamplingParams
+    max_tokens: int
+    stops: list[str]
+    chat: bool  # split <think> ... </think> into reasoning_content
+    thinking: bool  # the prompt opens a <think> block
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    cached: int = 0
+    completion_tokens: int = 0
+
+    def emit(self, kind: str, *values) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, *values))
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class StopStrings:
+    """Generated text with `stop` strings cut out: text is held back while it may be the start of
+    one; the text before the first one found is the end."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def __call__(self, text: str) -> tuple[str, bool]:
+        """-> (text ready to send, whether a stop string ended it)."""
+        self.pending += text
+        found = [at for at in (self.pending.find(s) for s in self.stops) if at >= 0]
+        if found:
+            out, self.pending = self.pending[:min(found)], ""
+            return out, True
+        keep = max((partial_suffix(self.pending, s) for s in self.stops), default=0)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Service:
+    """The engine behind the API: a bounded queue, one worker thread, prefix reuse."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, defaults: SamplingParams,
+                 max_queue: int = DEFAULT_MAX_QUEUE, snapshots: int = DEFAULT_SNAPSHOTS, api_key: str | None = None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.defaults = defaults
+        self.max_queue = max_queue
+        self.snapshot_limit = snapshots
+        self.api_key = api_key
+        self.created = int(time.time())
+        self.snapshots: list[Snapshot] = []  # most recently used last
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.waiting = 0
+        self.lock = threading.Lock()
+        self.current: Job | None = None
+        self.worker = threading.Thread(target=self._work, name="offload-engine", daemon=True)
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        """Cancel what runs and what waits; the worker thread ends."""
+        with self.lock:
+            current = self.current
+        if current is not None:
+            current.cancel()
+        self.jobs.put(None)
+        self.worker.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.waiting >= self.max_queue:
+                raise ApiError(429, f"the server is busy: {self.waiting} requests are waiting (--max-queue "
+                                    f"{self.max_queue}); retry later", code="queue_full")
+            self.waiting += 1
+        self.jobs.put(job)
+
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            with self.lock:
+                self.waiting -= 1
+                self.current = job
+            try:
+                if not job.cancelled.is_set():
+                    self._run(job)
+            except Exception as error:  # the request fails, the server goes on
+                self.engine.reset()
+                message = str(error) if isinstance(error, OffloadError) else f"{type(error).__name__}: {error}"
+                job.emit("error", message)
+            finally:
+                with self.lock:
+                    self.current = None
+
+    def _resume(self, prompt: list[int], boundary: int):
+        """Bring the engine to the end of `prompt`, reusing the tokens it holds or a snapshot, and
+        taking snapshots at the boundary and before the last token. -> (last logits, reused)."""
+        engine = self.engine
+        held = engine.history
+        start = len(held) if held and len(held) < len(prompt) and prompt[:len(held)] == held else 0
+        usable = [s for s in self.snapshots if start < s.position < len(prompt)
+                  and prompt[:s.position] == s.history and engine.can_restore(s)]
+        if usable:
+            best = max(usable, key=lambda s: s.position)
+            engine.restore(best)
+            self.snapshots.remove(best)
+            self.snapshots.append(best)
+            start = best.position
+        elif not start:
+            engine.reset()
+        reused = start
+        for mark in sorted({boundary, len(prompt) - 1}):
+            if start < mark < len(prompt):
+                engine.append(prompt[start:mark])
+                start = mark
+                self._keep(engine.snapshot())
+        return engine.append(prompt[start:]), reused
+
+    def _keep(self, snapshot: Snapshot) -> None:
+        if self.snapshot_limit <= 0:
+            return
+        self.snapshots = [s for s in self.snapshots if s.history != snapshot.history] + [snapshot]
+        del self.snapshots[:-self.snapshot_limit]
+
+    def _run(self, job: Job) -> None:
+        engine, tokenizer = self.engine, self.tokenizer
+        logits, job.cached = self._resume(job.prompt, job.boundary)
+        sampler = Sampler(job.sampling)
+        detokenize = tokenizer.detokenizer()
+        stops = StopStrings(job.stops)
+        thinking = ThinkingFilter(job.thinking) if job.chat else None
+        finish = "length"
+
+        def send(text: str) -> None:
+            if thinking is None:
+                job.emit("text", False, text)
+                return
+            for is_thinking, piece in thinking(text):
+                job.emit("text", is_thinking, piece)
+
+        for step in range(job.max_tokens):
+            if job.cancelled.is_set():
+                finish = "cancelled"
+                break
+            token = sampler(logits, engine.history)
+            job.completion_tokens += 1
+            if token in engine.stop_ids:
+                finish = "stop"
+                break
+            text, stopped = stops(detokenize(token))
+            if text:
+                send(text)
+            if stopped:
+                finish = "stop"
+                break
+            if step == job.max_tokens - 1:
+                break
+            logits = engine.append([token])
+        if finish != "stop":
+            tail = stops.flush()
+            if tail:
+                send(tail)
+        if thinking is not None:
+            for is_thinking, piece in thinking.flush():
+                job.emit("text", is_thinking, piece)
+        job.emit("done", finish)
+
+
+# --- the app -------------------------------------------------------------------------------------
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="offload", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
+                  on_startup=[service.start], on_shutdown=[service.stop])
+    engine, tokenizer = service.engine, service.tokenizer
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, error: ApiError):
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, error: RequestValidationError):
+        first = error.errors()[0]
+        if first.get("type") == "json_invalid":
+            return ApiError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+                            .rstrip(": "), code="invalid_json").response()
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+        return ApiError(400, f"{where}: {first.get('msg', 'invalid')}", param=where).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        if error.status_code == 404:
+            return ApiError(404, f"no route {request.method} {request.url.path}; see /v1/models, "
+                                 "/v1/chat/completions, /v1/completions", code="not_found").response()
+        return ApiError(error.status_code, str(error.detail)).response()
+
+    def authorized(request: Request) -> None:
+        if service.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {service.api_key}":
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' with the server's "
+                                "--api-key", code="invalid_api_key")
+
+    def sampling_of(body: Generation) -> SamplingParams:
+        given = {name: getattr(body, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                                       "presence_penalty", "frequency_penalty", "seed")
+                 if getattr(body, name) is not None}
+        try:
+            return service.defaults.with_(**given)
+        except OffloadError as error:
+            raise ApiError(400, str(error).split(";")[0]) from None
+
+    def job_for(body: Generation, prompt: list[int], boundary: int, chat: bool, max_tokens: int | None) -> Job:
+        if body.n != 1:
+            raise ApiError(400, f"n={body.n}: this server generates one choice per request (n=1)", param="n")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        room = engine.ctx - len(prompt)
+        if room < 1:
+            raise ApiError(400, f"the prompt is {len(prompt)} tokens and the context holds {engine.ctx}: shorten it, "
+                                "or restart the server with a larger --ctx", code="context_length_exceeded")
+        return Job(prompt, boundary, sampling_of(body), min(max_tokens or room, room), stops, chat,
+                   chat and tokenizer.opens_thinking(prompt), asyncio.get_running_loop())
+
+    def rendered(messages: list[Message], tools, variables: dict | None) -> tuple[list[int], int]:
+        """(prompt ids, the last message boundary in them: 0 if not a prefix)."""
+        if not messages:
+            raise ApiError(400, "messages is empty: give at least one message", param="messages")
+        plain = [_plain(m) for m in messages]
+        extra = dict(variables or {})
+        if tools is not None:
+            if "tools" not in (tokenizer.chat_template or ""):
+                raise ApiError(400, "this model's chat template does not take tools", param="tools")
+            extra["tools"] = tools
+        try:
+            ids = tokenizer.chat_ids(plain, **extra)
+            before = tokenizer.chat_ids(plain[:-1], add_generation_prompt=False, **extra) if len(plain) > 1 else []
+        except OffloadError as error:
+            raise ApiError(400, str(error)) from None
+        return ids, len(before) if ids[:len(before)] == before else 0
+
+    def usage(job: Job) -> dict:
+        return {"prompt_tokens": len(job.prompt), "completion_tokens": job.completion_tokens,
+                "total_tokens": len(job.prompt) + job.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": job.cached}}
+
+    async def events(job: Job) -> AsyncIterator[tuple]:
+        """The job's events until it is done; the job is cancelled if the caller stops listening."""
+        try:
+            while True:
+                event = await job.events.get()
+                yield event
+                if event[0] in ("done", "error"):
+                    return
+        finally:
+            job.cancel()
+
+    async def answer(job: Job) -> tuple[str, str, str]:
+        """(content, reasoning, finish reason) of a whole job."""
+        content, reasoning, finish = [], [], "length"
+        async for event in events(job):
+            if event[0] == "text":
+                (reasoning if event[1] else content).append(event[2])
+            elif event[0] == "done":
+                finish = event[1]
+            else:
+                raise ApiError(500, f"generation failed: {event[1]}")
+        return "".join(content), "".join(reasoning), finish
+
+    def streamed(job: Job, chunk, include_usage: bool) -> EventSourceResponse:
+        async def source():
+            yield {"data": json.dumps(chunk(None, None))}
+            async for event in events(job):
+                if event[0] == "text":
+                    yield {"data": json.dumps(chunk(event, None))}
+                elif event[0] == "done":
+                    yield {"data": json.dumps(chunk(None, event[1]))}
+                    if include_usage:
+                        yield {"data": json.dumps({**chunk(None, None), "choices": [], "usage": usage(job)})}
+                else:
+                    yield {"data": json.dumps({"error": {"message": f"generation failed: {event[1]}",
+                                                         "type": "server_error", "param": None, "code": None}})}
+            yield {"data": "[DONE]"}
+
+        return EventSourceResponse(source(), ping=15)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "waiting": service.waiting}
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models():
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": service.created,
+                                            "owned_by": "offload"}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatRequest):
+        prompt, boundary = rendered(body.messages, body.tools, body.chat_template_kwargs)
+        job = job_for(body, prompt, boundary, True, body.max_completion_tokens or body.max_tokens)
+        service.submit(job)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": ident, "created": created, "model": service.model_name}
+        if body.stream:
+            def chunk(event, finish):
+                if event is None:
+                    delta = {} if finish else {"role": "assistant", "content": ""}
+                else:
+                    delta = {"reasoning_content" if event[1] else "content": event[2]}
+                return {**base, "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                     "finish_reason": _finish(finish)}]}
+
+            return streamed(job, chunk, bool(body.stream_options and body.stream_options.include_usage))
+        content, reasoning, finish = await answer(job)
+        message = {"role": "assistant", "content": content}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        return {**base, "object": "chat.completion", "usage": usage(job),
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(finish)}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest):
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "prompt: one prompt per request", param="prompt")
+            prompt = prompt[0]
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if ids and (min(ids) < 0 or max(ids) >= engine.args.vocab_size):
+            raise ApiError(400, f"prompt: token ids must be in [0, {engine.args.vocab_size})", param="prompt")
+        job = job_for(body, ids, 0, False, body.max_tokens or 16)
+        service.submit(job)
+        base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_name}
+        if body.stream:
+            def chunk(event, finish):
+                return {**base, "object": "text_completion",
+                        "choices": [{"index": 0, "text": event[2] if event else "", "logprobs": None,
+                                     "finish_reason": _finish(finish)}]}
+
+            return streamed(job, chunk, bool(body.stream_options and body.stream_options.include_usage))
+        content, _, finish = await answer(job)
+        return {**base, "object": "text_completion", "usage": usage(job),
+                "choices": [{"index": 0, "text": content, "logprobs": None, "finish_reason": _finish(finish)}]}
+
+    @app.post("/tokenize", dependencies=[Depends(authorized)])
+    async def tokenize(body: TokenizeRequest):
+        if (body.content is None) == (body.messages is None):
+            raise ApiError(400, "give exactly one of content (text) or messages (rendered with the chat template)")
+        if body.content is not None:
+            return {"tokens": tokenizer.encode(body.content)}
+        return {"tokens": rendered(body.messages, None, None)[0]}
+
+    @app.post("/detokenize", dependencies=[Depends(authorized)])
+    async def detokenize(body: DetokenizeRequest):
+        if body.tokens and (min(body.tokens) < 0 or max(body.tokens) >= tokenizer.vocab_size):
+            raise ApiError(400, f"tokens must be in [0, {tokenizer.vocab_size})", param="tokens")
+        return {"content": tokenizer.decode(body.tokens)}
+
+    return app
+
+
+def _plain(message: Message) -> dict[str, Any]:
+    """A request message as the chat template reads it: content as one string."""
+    plain = message.model_dump(exclude_none=True)
+    content = message.content
+    if isinstance(content, list):
+        if any(part.type != "text" for part in content):
+            raise ApiError(400, "messages: only text content is supported by this model", param="messages")
+        plain["content"] = "".join(part.text or "" for part in content)
+    elif content is None:
+        plain["content"] = ""
+    return plain
+
+
+def _finish(reason: str | None) -> str | None:
+    return None if reason is None else "stop" if reason == "stop" else "length"

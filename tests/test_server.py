@@ -1,0 +1,284 @@
+"""`offload serve` as clients use it: the real server on a free localhost port, the `openai`
+package (sync and streaming) and raw HTTP for the error cases."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+import uvicorn
+from click.testing import CliRunner
+
+import offload
+from cli import main
+from offload.sampling import generation_defaults
+from offload.server import Service, create_app
+from offload.tokenizer import Tokenizer
+
+HELLO = [{"role": "user", "content": "Hello! How are you today?"}]
+
+
+class Running:
+    """A server on a thread: its service, base URL and an openai client."""
+
+    def __init__(self, path, **options):
+        engine = offload.load(path, quant=None, ctx=512)
+        self.service = Service(engine, Tokenizer(path), "tiny", generation_defaults(path), **options)
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.service), host="127.0.0.1", port=0,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=options.get("api_key") or "none",
+                                    max_retries=0, timeout=60)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    assert CliRunner().invoke(main, ["synth", "tiny-qwen3-next", str(path)]).exit_code == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def endless(tmp_path_factory):
+    """A checkpoint whose answers never stop by themselves (no stop tokens)."""
+    path = tmp_path_factory.mktemp("serve") / "endless"
+    assert CliRunner().invoke(main, ["synth", "tiny-qwen3-next", str(path)]).exit_code == 0
+    (path / "generation_config.json").unlink()
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    running = Running(tiny)
+    yield running
+    running.stop()
+
+
+def fresh(server):
+    """Forget what the engine holds: the next request prefills from scratch."""
+    server.service.snapshots.clear()
+    server.service.engine.reset()
+
+
+def test_models_health_and_a_chat_completion(server):
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    assert [m.id for m in server.client.models.list().data] == ["tiny"]
+    reply = server.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, seed=3,
+                                                  temperature=0.9)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length") and choice.message.content
+    prompt = httpx.post(f"{server.url}/tokenize", json={"messages": HELLO}).json()["tokens"]
+    assert reply.usage.prompt_tokens == len(prompt) and 1 <= reply.usage.completion_tokens <= 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert reply.usage.completion_tokens == 12
+
+
+def test_streamed_text_equals_the_whole_answer_for_the_same_seed(server):
+    options = dict(model="tiny", messages=HELLO, max_tokens=20, seed=11, temperature=1.0, top_p=0.95)
+    whole = server.client.chat.completions.create(**options)
+    chunks = list(server.client.chat.completions.create(**options, stream=True,
+                                                        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_text_completions_raw_prompt_and_stop_strings(server):
+    whole = server.client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0)
+    text = whole.choices[0].text
+    assert whole.object == "text_completion" and text
+    streamed = "".join(c.choices[0].text for c in server.client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0, stream=True))
+    assert streamed == text
+    cut = text[len(text) // 2:][:2]  # a stop string taken from the answer itself
+    if cut.strip():
+        stopped = server.client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16,
+                                                   temperature=0, stop=[cut])
+        assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == text[:text.index(cut)]
+    ids = httpx.post(f"{server.url}/tokenize", json={"content": "Once upon a time"}).json()["tokens"]
+    by_ids = server.client.completions.create(model="tiny", prompt=ids, max_tokens=16, temperature=0)
+    assert by_ids.choices[0].text == text
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["content"] == "Once upon a time"
+
+
+def test_two_concurrent_clients_both_get_complete_answers(server):
+    questions = ["Tell me about rivers.", "What is a mountain?"]
+    expected = [server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}],
+                                                      max_tokens=24, temperature=0).choices[0].message.content
+                for q in questions]
+    answers = [None, None]
+
+    def ask(i):
+        stream = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": questions[i]}],
+                                                       max_tokens=24, temperature=0, stream=True)
+        answers[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert answers == expected
+
+
+def test_prefix_reuse_counts_cached_tokens_and_changes_nothing(server):
+    fresh(server)
+    first = server.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=10, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    turn = HELLO + [{"role": "assistant", "content": first.choices[0].message.content},
+                    {"role": "user", "content": "And what did you do yesterday?"}]
+    second = server.client.chat.completions.create(model="tiny", messages=turn, max_tokens=10, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < second.usage.prompt_tokens  # the first turn was not read again
+    again = server.client.chat.completions.create(model="tiny", messages=turn, max_tokens=10, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1  # regenerated
+    edited = turn[:-1] + [{"role": "user", "content": "And tomorrow?"}]
+    changed = server.client.chat.completions.create(model="tiny", messages=edited, max_tokens=10, temperature=0)
+    assert changed.usage.prompt_tokens_details.cached_tokens >= cached  # from the message boundary
+    for messages, reply in ((turn, second), (turn, again), (edited, changed)):
+        fresh(server)
+        alone = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+        assert alone.usage.prompt_tokens_details.cached_tokens == 0
+        assert alone.choices[0].message.content == reply.choices[0].message.content
+
+
+def test_a_client_that_disconnects_frees_the_engine(endless):
+    running = Running(endless)
+    try:
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions", timeout=60,
+                          json={"messages": HELLO, "max_tokens": 400, "stream": True}) as response:
+            lines = response.iter_lines()
+            received = [line for line, _ in zip(lines, range(6)) if line.startswith("data:")]
+        assert len(received) >= 2  # it was generating; now the client is gone
+        started = time.time()
+        reply = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3)
+        assert time.time() - started < 10 and reply.usage.completion_tokens == 3
+        assert running.service.current is None and running.service.waiting == 0
+    finally:
+        running.stop()
+
+
+def test_a_full_queue_is_answered_429(endless):
+    running = Running(endless, max_queue=0)
+    try:
+        with httpx.stream("POST", f"{running.url}/v1/completions", timeout=60,
+                          json={"prompt": "go", "max_tokens": 300, "stream": True}) as response:
+            next(response.iter_lines())
+            refused = httpx.post(f"{running.url}/v1/completions", json={"prompt": "go", "max_tokens": 2})
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        running.stop()
+
+
+def error_of(response, status):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_bad_requests_get_openai_errors(server):
+    url = f"{server.url}/v1/chat/completions"
+    error = error_of(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert "not valid JSON" in error["message"]
+    assert "temperature" in error_of(httpx.post(url, json={"messages": HELLO, "temperature": "hot"}), 400)["message"]
+    assert "temperature" in error_of(httpx.post(url, json={"messages": HELLO, "temperature": 7}), 400)["message"]
+    assert "messages" in error_of(httpx.post(url, json={"messages": []}), 400)["message"]
+    assert "messages" in error_of(httpx.post(url, json={"messages": "hi"}), 400)["message"]
+    assert "role" in error_of(httpx.post(url, json={"messages": [{"role": "wizard", "content": "x"}]}), 400)["message"]
+    assert "n=2" in error_of(httpx.post(url, json={"messages": HELLO, "n": 2}), 400)["message"]
+    long = [{"role": "user", "content": "word " * 2000}]
+    error = error_of(httpx.post(url, json={"messages": long}), 400)
+    assert "context holds 512" in error["message"] and error["code"] == "context_length_exceeded"
+    assert error_of(httpx.get(f"{server.url}/v1/nothing"), 404)["type"] == "not_found_error"
+    assert "token ids" in error_of(httpx.post(f"{server.url}/v1/completions", json={"prompt": [10**9]}), 400)["message"]
+    # unknown fields are ignored, as OpenAI clients send fields a server may not use
+    assert httpx.post(url, json={"messages": HELLO, "max_tokens": 2, "user": "me", "logit_bias": {}}).status_code == 200
+
+
+def test_an_api_key_is_required_when_set(tiny):
+    running = Running(tiny, api_key="sesame")
+    try:
+        assert error_of(httpx.get(f"{running.url}/v1/models"), 401)["code"] == "invalid_api_key"
+        assert httpx.get(f"{running.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert [m.id for m in running.client.models.list().data] == ["tiny"]
+        assert httpx.get(f"{running.url}/health").status_code == 200
+    finally:
+        running.stop()
+
+
+def test_a_soak_of_mixed_requests_leaves_the_server_answering(server):
+    process = psutil.Process()
+    url = f"{server.url}/v1/chat/completions"
+    bodies = [{"messages": HELLO, "max_tokens": 3},
+              {"messages": HELLO, "max_tokens": 3, "stream": True},
+              {"messages": [{"role": "user", "content": "Count to three."}], "max_tokens": 3, "temperature": 0.7},
+              {"messages": []}, {"messages": HELLO, "top_p": 0}, b"{]"]
+
+    def send(i):
+        body = bodies[i % len(bodies)]
+        if isinstance(body, bytes):
+            return httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
+        return httpx.post(url, json=body, timeout=60)
+
+    for i in range(24):  # warm: compiled kernels, allocator pools
+        send(i)
+    before = process.memory_info().rss
+    statuses = [send(i).status_code for i in range(200)]
+    assert statuses.count(200) > 60 and set(statuses) <= {200, 400}
+    assert process.memory_info().rss < 1.10 * before
+    reply = server.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+
+
+def test_offload_serve_starts_prints_its_url_and_stops_on_ctrl_c(tiny):
+    env = dict(os.environ, OFFLOAD_CACHE=str(tiny.parent / "cache"))
+    command = [sys.executable, "-c", "from cli import main; main()", "serve", "--model", str(tiny), "--quant", "none",
+               "--port", "0", "--ctx", "256"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        for line in process.stderr:
+            if line.startswith("serving"):
+                url = line.split(" at ")[1].split()[0]
+                break
+        assert url and url.endswith("/v1")
+        models = httpx.get(f"{url}/models", timeout=30).json()
+        assert models["data"][0]["id"] == "tiny"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    # a busy port is one line, before the model loads
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = command[:-3] + [str(holder.getsockname()[1]), "--ctx", "256"]
+        result = subprocess.run(busy, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip().startswith("error: cannot listen on")
+    assert "loading" not in result.stderr
