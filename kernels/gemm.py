@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.gemv import _block_dot, _block_dot_pair, _check, _group_sums, _silu
-from kernels.int4 import BLOCK, GROUP, Int4Weights
+from offload.kernels.gemv import _block_dot, _block_dot_pair, _check, _group_sums, _silu
+from offload.kernels.int4 import BLOCK, GROUP, Int4Weights
 
 
 @njit(cache=True, inline="always")

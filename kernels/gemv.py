@@ -26,7 +26,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels.int4 import BLOCK, GROUP, Int4Weights, dequantize
+from offload.kernels.int4 import BLOCK, GROUP, Int4Weights, dequantize
 
 PREFETCH_BYTES = 1024  # how far ahead of the current group `_block_dot` prefetches packed weights
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from kernels.int4 import BLOCK, GROUP, _as_float32, _bf16_to_float, _bf16_value, _quantize_group, scales_float32
+from offload.kernels.int4 import BLOCK, GROUP, _as_float32, _bf16_to_float, _bf16_value, _quantize_group, scales_float32
 
 OFFSET = 32  # u = q + 32
 QUAD_BYTES = 96

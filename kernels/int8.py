@@ -27,7 +27,7 @@ import numpy as np
 
 from numba import njit, prange
 
-from kernels.int4 import BLOCK, GROUP, _as_float32, _bf16_to_float, _bf16_value, _float_to_bf16, _round_bf16
+from offload.kernels.int4 import BLOCK, GROUP, _as_float32, _bf16_to_float, _bf16_value, _float_to_bf16, _round_bf16
 
 LIMIT = 127  # codes are in [-127, 127]: symmetric, so -128 is never used
 CHUNK_WEIGHTS = 1 << 22  # weights quantised per step

@@ -18,11 +18,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels import int4, int6, int8
-from kernels.gemv import _block_dot, _block_dot6, _block_dot8, _group_sums
-from kernels.int4 import BLOCK, GROUP, Int4Weights, _bf16_value
-from kernels.int6 import Int6Weights
-from kernels.int8 import Int8Weights
+from offload.kernels import int4, int6, int8
+from offload.kernels.gemv import _block_dot, _block_dot6, _block_dot8, _group_sums
+from offload.kernels.int4 import BLOCK, GROUP, Int4Weights, _bf16_value
+from offload.kernels.int6 import Int6Weights
+from offload.kernels.int8 import Int8Weights
 
 GEMM_MIN_TOKENS = 8  # from this many tokens on, dequantise + sgemm beats the per-token kernel
 TILE_WEIGHTS = 1 << 24  # weights dequantised at a time for sgemm

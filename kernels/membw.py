@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit, prange
 
-from kernels.threads import kernel_threads
+from offload.kernels.threads import kernel_threads
 
 SUM_BLOCK = 1 << 16  # floats per task of the parallel sum
 

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from kernels import gemv, q8
-from kernels.int4 import BLOCK, FORMAT, Int4Weights
+from offload.kernels import gemv, q8
+from offload.kernels.int4 import BLOCK, FORMAT, Int4Weights
 
 
 def random_pool(experts: int, out_features: int, in_features: int, seed: int = 0) -> Int4Weights:
@@ -78,7 +78,7 @@ def dense_throughput(fmt: str, tokens: int, pool_bytes: int, calls: int = 20) ->
     in turn, so for a pool far larger than the caches every call reads RAM."""
     import torch
 
-    from kernels import int4, int6, int8
+    from offload.kernels import int4, int6, int8
 
     out_features, in_features = DENSE_SHAPE
     rng = np.random.default_rng(0)

@@ -38,10 +38,10 @@ from numba import literally, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels import isa as paths
-from kernels.gemm import group_by_expert
-from kernels.gemv import PREFETCH_BYTES, _check, _silu
-from kernels.int4 import BLOCK, GROUP, Int4Weights
+from offload.kernels import isa as paths
+from offload.kernels.gemm import group_by_expert
+from offload.kernels.gemv import PREFETCH_BYTES, _check, _silu
+from offload.kernels.int4 import BLOCK, GROUP, Int4Weights
 
 QUADS = GROUP // 4  # 4-column quads per group
 TOKEN_TILE = 64  # tokens per pass of a dense matrix (`linear_fast`): their int8 activations stay in L2
@@ -654,14 +654,14 @@ def linear_fast(x: np.ndarray, weight, out: np.ndarray, activations: Activations
 def linear_reference_fast(x: np.ndarray, weight) -> np.ndarray:
     """NumPy reference of `linear_fast`: the int8 activations' exact integer group dots with the
     weights' codes, scaled, summed in float64."""
-    from kernels import int4
+    from offload.kernels import int4
 
     if weight.packed.dtype == np.int8:  # kernels.int8: column c of block b is bytes [32c, 32c + 32)
         _, blocks, columns = weight.packed.shape
         codes = weight.packed[0].reshape(blocks, columns // BLOCK, BLOCK).transpose(0, 2, 1).reshape(blocks * BLOCK, -1)
         scales = _int8_scales(weight)
     elif weight.packed.ndim == 4:  # kernels.int6
-        from kernels import int6
+        from offload.kernels import int6
 
         codes, scales = int6.unpack_codes(weight)[0], int4.scales_float32(weight)[0]
     else:
@@ -683,7 +683,7 @@ def _int8_scales(weight) -> np.ndarray:
 def moe_reference_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights) -> np.ndarray:
     """NumPy reference of `moe_decode_fast`: the same int8 arithmetic (quantised x, exact integer
     group dots, quantised hidden state), summed in float64."""
-    from kernels.int4 import scales_float32, unpack_codes
+    from offload.kernels.int4 import scales_float32, unpack_codes
 
     codes_gu, codes_dn = unpack_codes(gate_up).astype(np.int64), unpack_codes(down).astype(np.int64)
     scales_gu, scales_dn = scales_float32(gate_up).astype(np.float64), scales_float32(down).astype(np.float64)

@@ -8,11 +8,24 @@
         print(piece, end="", flush=True)
 """
 
-from offload.conversation import Conversation
-from offload.engine import Engine, load
-from offload.errors import OffloadError
-from offload.sampling import SamplingParams
-from offload.tokenizer import Tokenizer
+import importlib.util
+import sys
+from pathlib import Path
+
+# The Numba kernels are `offload.kernels`. Installed, they live in offload/kernels; in the source
+# tree they stay beside the package (kernels/), and a run from the tree finds them there.
+_TREE_KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+if importlib.util.find_spec("offload.kernels") is None and (_TREE_KERNELS / "__init__.py").is_file():
+    _spec = importlib.util.spec_from_file_location("offload.kernels", _TREE_KERNELS / "__init__.py",
+                                                   submodule_search_locations=[str(_TREE_KERNELS)])
+    sys.modules["offload.kernels"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["offload.kernels"])
+
+from offload.conversation import Conversation  # noqa: E402
+from offload.engine import Engine, load  # noqa: E402
+from offload.errors import OffloadError  # noqa: E402
+from offload.sampling import SamplingParams  # noqa: E402
+from offload.tokenizer import Tokenizer  # noqa: E402
 
 __all__ = ["Conversation", "Engine", "OffloadError", "SamplingParams", "Tokenizer", "load"]
 __version__ = "0.1.0"

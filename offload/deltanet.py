@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels.deltanet import deltanet_step
-from kernels.threads import kernel_threads
+from offload.kernels.deltanet import deltanet_step
+from offload.kernels.threads import kernel_threads
 from offload.host import numpy_view
 from offload.models.cache import LinearAttentionCache
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels import int4, int6, int8, q8
-from kernels.linear import linear
-from kernels.threads import kernel_threads, physical_cores
+from offload.kernels import int4, int6, int8, q8
+from offload.kernels.linear import linear
+from offload.kernels.threads import kernel_threads, physical_cores
 from offload.config import PREFILL_CHUNK
 from offload.host import numpy_view, stored_array
 from offload.models.hub import hub_name

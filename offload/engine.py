@@ -198,6 +198,7 @@ class Snapshot:
         self.position = position
         self.history = history
         self.states = states
+        self.logits: torch.Tensor | None = None  # the last token's, if the taker kept them
 
     @property
     def nbytes(self) -> int:
@@ -367,7 +368,7 @@ def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_di
                        disable=total < 64 * 2**20)  # small models build in a blink
         bar.update(done - bar.n)
 
-    import kernels
+    import offload.kernels as kernels
 
     if not kernels.compiled():
         print(f"compiling the CPU kernels (first run only, ~20 s; cached in {kernels.cache_dir()}) ...",

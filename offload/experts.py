@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels import gemm, gemv, q8
-from kernels.threads import kernel_threads, physical_cores
+from offload.kernels import gemm, gemv, q8
+from offload.kernels.threads import kernel_threads, physical_cores
 from offload.config import DECODE_MAX_TOKENS, PREFILL_CHUNK, ModelArgs
 from offload.host import HostLane, numpy_view
 from offload.store import ExpertStore

@@ -272,9 +272,9 @@ def detect(progress=print, quick: bool = False) -> HardwareProfile:
     import numpy as np
     import psutil
 
-    from kernels.membw import read_bandwidth
-    from kernels.probe import decode_throughput, dense_throughput, pool_for
-    from kernels.threads import physical_cores
+    from offload.kernels.membw import read_bandwidth
+    from offload.kernels.probe import decode_throughput, dense_throughput, pool_for
+    from offload.kernels.threads import physical_cores
 
     cores = physical_cores()
     ram = psutil.virtual_memory().total

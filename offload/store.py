@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kernels import int4
+from offload.kernels import int4
 from offload.checkpoint import Checkpoint
 from offload.config import ModelArgs
 from offload.errors import OffloadError

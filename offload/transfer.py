@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from kernels.int4 import BLOCK, GROUP
+from offload.kernels.int4 import BLOCK, GROUP
 from offload.host import torch_view
 from offload.models.moe import grouped_experts
 from offload.store import ExpertStore

@@ -12,9 +12,9 @@ import pexpect
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from offload.cli import main
 
-COMMAND = [sys.executable, "-c", "from cli import main; main()"]
+COMMAND = [sys.executable, "-m", "offload"]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import offload
-from cli import main
+from offload.cli import main
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_run_needs_a_model(runner):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-c", "from cli import main; main()", "--help"],
+    result = subprocess.run([sys.executable, "-m", "offload", "--help"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "synth" in result.stdout and "run" in result.stdout
 
@@ -87,7 +87,7 @@ def test_ctrl_c_leaves_no_traceback_and_no_partial_output(tmp_path):
     import time
 
     out = tmp_path / "big"
-    process = subprocess.Popen([sys.executable, "-c", "from cli import main; main()", "synth", "qwen3-30b-a3b",
+    process = subprocess.Popen([sys.executable, "-m", "offload", "synth", "qwen3-30b-a3b",
                                 str(out), "--layers", "6"], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".big.partial-*")) and time.time() < deadline:

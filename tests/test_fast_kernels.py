@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import isa, q8
+from offload.kernels import isa, q8
 from test_int4_quality import load_bench
 from test_kernels import make_experts, routing
 
@@ -54,7 +54,7 @@ def test_every_path_matches_the_reference_and_each_other(experts, top_k, tokens)
 
 
 def test_fast_is_close_to_exact():
-    from kernels import gemv
+    from offload.kernels import gemv
 
     rng = np.random.default_rng(31)
     gate_up, down = make_experts(rng, 8, 256, 128)
@@ -101,7 +101,7 @@ def test_int8_activations_cost_almost_nothing_on_real_weights_and_activations():
 @pytest.mark.parametrize("fmt_name", ["int4", "int6", "int8"])
 @pytest.mark.parametrize("tokens", [1, 3, 70])  # 70: a second tile of tokens, odd
 def test_dense_linear_every_path_matches_the_reference(fmt_name, tokens):
-    from kernels import int4, int6, int8
+    from offload.kernels import int4, int6, int8
 
     fmt = {"int4": int4, "int6": int6, "int8": int8}[fmt_name]
     rng = np.random.default_rng(tokens)
@@ -122,7 +122,7 @@ def test_dense_linear_every_path_matches_the_reference(fmt_name, tokens):
 def test_quantized_linear_is_fast_by_default_and_exact_on_request():
     import torch
 
-    from kernels import int4
+    from offload.kernels import int4
     from offload.dense import QuantizedLinear
 
     torch.manual_seed(32)

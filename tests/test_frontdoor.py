@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import offload
-from cli import main
+from offload.cli import main
 from offload.conversation import Conversation
 from offload.tokenizer import Detokenizer, ThinkingFilter, Tokenizer, TokenizerError
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cli import main
+from offload.cli import main
 from offload.hardware import (ProfileError, load_profile, parse_rate, parse_size, profile_from_dict,
                               shipped_profiles)
 

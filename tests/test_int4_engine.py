@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import offload
-from kernels import int4, int8
+from offload.kernels import int4, int8
 from offload.dense import QuantizedLinear
 
 TOLERANCE = 2e-4
@@ -95,7 +95,7 @@ def round_dense(model, dense_quant: str) -> set[str]:
     returns the formats used."""
     from torch import nn
 
-    from kernels import int6
+    from offload.kernels import int6
     from offload.planner import dense_format, group_of, quantizable
 
     modules = {"int4": int4, "int6": int6, "int8": int8}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import deltanet, gemm, gemv, int4, int6, int8
-from kernels.threads import kernel_threads
+from offload.kernels import deltanet, gemm, gemv, int4, int6, int8
+from offload.kernels.threads import kernel_threads
 
 
 def random_experts(rng, experts, out_features, in_features, scale=0.05):
@@ -115,7 +115,7 @@ def test_paired_block_dot_is_bit_identical_to_two_single_ones():
     columns in the one-token kernel's order, so the results are the same bits."""
     from numba import njit
 
-    from kernels.gemv import _block_dot, _block_dot_pair
+    from offload.kernels.gemv import _block_dot, _block_dot_pair
 
     @njit
     def single_and_paired(packed, scales, x, sums, single, paired):
@@ -165,7 +165,7 @@ def test_bad_kernel_inputs_are_explained():
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 @pytest.mark.parametrize("fmt", [int4, int6, int8])
 def test_dense_linear_matches_reference(tokens, fmt, monkeypatch):
-    from kernels import linear
+    from offload.kernels import linear
 
     monkeypatch.setattr(linear, "TILE_WEIGHTS", 64 * 160)  # prefill: tiles of 64 rows, the last one short
     rng = np.random.default_rng(tokens)
@@ -259,7 +259,7 @@ def test_int6_round_trip_layout_and_reference():
 
 
 def test_bandwidth_probe_reads_every_value():
-    from kernels.membw import SUM_BLOCK, _sum_blocks
+    from offload.kernels.membw import SUM_BLOCK, _sum_blocks
 
     values = np.random.default_rng(10).random(8 * SUM_BLOCK, dtype=np.float32)
     assert np.isclose(_sum_blocks(values), values.sum(dtype=np.float64), rtol=1e-4)

@@ -8,7 +8,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from offload.cli import main
 from offload.config import args_from_dict
 from offload.hardware import load_profile, parse_size
 from offload.planner import (INT4_BYTES, RAM_RESERVE_BYTES, make_plan, parameter_counts, parameter_groups, quantizable,

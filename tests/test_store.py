@@ -72,7 +72,7 @@ def test_stale_and_foreign_stores_are_rebuilt(tiny, tmp_path):
 def test_a_killed_build_leaves_no_torn_file_and_resumes(tmp_path):
     model = synthesize(tmp_path / "wide", wide_config(layers=12))
     store_dir = tmp_path / "store"
-    process = subprocess.Popen([sys.executable, "-c", "from cli import main; main()", "quantize", str(model),
+    process = subprocess.Popen([sys.executable, "-m", "offload", "quantize", str(model),
                                 "--out", str(store_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not layer_files(store_dir) and time.time() < deadline and process.poll() is None:
@@ -96,8 +96,8 @@ def test_a_killed_build_leaves_no_torn_file_and_resumes(tmp_path):
 
 def peak_rss_of_quantize(model, store_dir) -> int:
     """Peak RSS (bytes) of an `offload quantize` process."""
-    script = ("import resource, subprocess, sys; subprocess.run([sys.executable, '-c', "
-              "'from cli import main; main()', 'quantize', sys.argv[1], '--out', sys.argv[2]], check=True); "
+    script = ("import resource, subprocess, sys; subprocess.run([sys.executable, '-m', "
+              "'offload', 'quantize', sys.argv[1], '--out', sys.argv[2]], check=True); "
               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     result = subprocess.run([sys.executable, "-c", script, str(model), str(store_dir)], capture_output=True,
                             text=True, check=True)
@@ -118,7 +118,7 @@ def test_quantize_memory_does_not_grow_with_the_model(tmp_path):
 def test_unwritable_store_and_odd_shapes_are_explained(tiny, tmp_path):
     from click.testing import CliRunner
 
-    from cli import main
+    from offload.cli import main
 
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the store's parent directory should be")
