@@ -168,6 +168,31 @@ def test_prefix_reuse_counts_cached_tokens_and_changes_nothing(server):
         assert alone.choices[0].message.content == reply.choices[0].message.content
 
 
+def test_a_thinking_models_think_block_is_reasoning_content(endless, tmp_path):
+    """A template that opens <think> in the prompt (as Qwen3's thinking models do): everything up
+    to </think> is reasoning_content, whole or streamed; here the random model never closes it."""
+    import shutil
+
+    model = tmp_path / "thinking"
+    shutil.copytree(endless, model)
+    (model / "chat_template.jinja").write_text(
+        "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}"
+        "{%- endif %}")
+    running = Running(model)
+    try:
+        reply = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, seed=2)
+        message = reply.choices[0].message
+        assert message.content == "" and message.reasoning_content
+        chunks = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, seed=2,
+                                                        stream=True)
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
+        assert not "".join(d.content or "" for d in deltas)
+    finally:
+        running.stop()
+
+
 def test_a_client_that_disconnects_frees_the_engine(endless):
     running = Running(endless)
     try:
