@@ -32,9 +32,8 @@ PREFETCH_BYTES = 1024  # how far ahead of the current group `_block_dot` prefetc
 
 
 def _block_dot_codegen(bits: int, tokens: int = 1):
-    """LLVM code of `_block_dot` (bits=4, packed uint8), `_block_dot6` (bits=6, `kernels.int6`),
-    `_block_dot8` (bits=8, packed int8) or, with tokens=2, `_block_dot_pair` (two tokens per
-    decoded column).
+    """LLVM code of `_block_dot` (bits=4, packed uint8; bits=6, `kernels.int6`), `_block_dot8`
+    (bits=8, packed int8) or, with tokens=2, `_block_dot_pair` (two tokens per decoded column).
 
     Arguments: packed, scales, then per token x, then per token x_group_sums, then per token
     alpha, then per token out. Eight FMA chains either way."""
@@ -200,13 +199,15 @@ def _block_dot_codegen(bits: int, tokens: int = 1):
 
 @intrinsic
 def _block_dot(typingctx, packed, scales, x, x_group_sums, alpha, out):
-    """out[0:32] += alpha * (W_block @ x) for one 32-row int4 block.
+    """out[0:32] += alpha * (W_block @ x) for one 32-row int4 block, or int6 (`kernels.int6`,
+    whose blocks are 2-dimensional: packed uint8 [in // 4, 96]).
 
     packed uint8 [in * 16], scales uint16 [in] (one block's slices of Int4Weights),
     x float32 [in], x_group_sums float32 [in // 32] (sums of x over each group), out float32 [32].
-    Codes are stored as q + 8, so each group's sum is corrected by 8 * sum(x over the group).
+    Codes are stored as q + 8 (int6: q + 32), so each group's sum is corrected by 8 (32) times
+    sum(x over the group).
     """
-    return types.void(packed, scales, x, x_group_sums, alpha, out), _block_dot_codegen(4)
+    return types.void(packed, scales, x, x_group_sums, alpha, out), _block_dot_codegen(6 if packed.ndim == 2 else 4)
 
 
 @intrinsic
@@ -215,12 +216,6 @@ def _block_dot_pair(typingctx, packed, scales, x0, x1, sums0, sums1, alpha0, alp
     which halves the decoding work per multiply-add (prefill, where an expert serves many tokens)."""
     signature = types.void(packed, scales, x0, x1, sums0, sums1, alpha0, alpha1, out0, out1)
     return signature, _block_dot_codegen(4, tokens=2)
-
-
-@intrinsic
-def _block_dot6(typingctx, packed, scales, x, x_group_sums, alpha, out):
-    """`_block_dot` for one 32-row block of `kernels.int6` (packed uint8 [in // 4, 96])."""
-    return types.void(packed, scales, x, x_group_sums, alpha, out), _block_dot_codegen(6)
 
 
 @intrinsic

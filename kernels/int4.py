@@ -49,12 +49,31 @@ class Int4Format:
         return 4 + 16 / self.group_size
 
     def check_shape(self, out_features: int, in_features: int) -> None:
-        if out_features % self.block_rows or in_features % self.group_size:
-            raise ValueError(f"int4 needs out ({out_features}) to be a multiple of {self.block_rows} "
-                             f"and in ({in_features}) a multiple of {self.group_size}")
+        check_shape("int4", out_features, in_features)
 
 
 FORMAT = Int4Format()
+
+
+def check_shape(fmt: str, out_features: int, in_features: int) -> None:
+    """The block layouts' rule, shared by `kernels.int6` and `kernels.int8`."""
+    if out_features % BLOCK or in_features % GROUP:
+        raise ValueError(f"{fmt} needs out ({out_features}) to be a multiple of {BLOCK} "
+                         f"and in ({in_features}) a multiple of {GROUP}")
+
+
+def check_layout(fmt: str, weights, packed_shape: tuple[int, ...], packed_dtype) -> None:
+    """A block layout's arrays: `packed` of `packed_shape` and `packed_dtype`, scales uint16 (bf16
+    bits) [E, out // 32, in], both C-contiguous."""
+    experts, out_features, in_features = weights.shape
+    check_shape(fmt, out_features, in_features)
+    expected = {"packed": packed_shape, "scales": (experts, out_features // BLOCK, in_features)}
+    for name, shape in expected.items():
+        array = getattr(weights, name)
+        if array.shape != shape or not array.flags.c_contiguous:
+            raise ValueError(f"{fmt} {name} must be C-contiguous {shape}, got {array.shape}")
+    if weights.packed.dtype != packed_dtype or weights.scales.dtype != np.uint16:
+        raise ValueError(f"{fmt} packed must be {np.dtype(packed_dtype).name} and scales uint16 (bf16 bits)")
 
 
 @dataclass
@@ -75,15 +94,7 @@ class Int4Weights:
 
     def __post_init__(self):
         experts, out_features, in_features = self.shape
-        FORMAT.check_shape(out_features, in_features)
-        expected = {"packed": (experts, out_features // BLOCK, in_features * 16),
-                    "scales": (experts, out_features // BLOCK, in_features)}
-        for name, shape in expected.items():
-            array = getattr(self, name)
-            if array.shape != shape or not array.flags.c_contiguous:
-                raise ValueError(f"int4 {name} must be C-contiguous {shape}, got {array.shape}")
-        if self.packed.dtype != np.uint8 or self.scales.dtype != np.uint16:
-            raise ValueError("int4 packed must be uint8 and scales uint16 (bf16 bits)")
+        check_layout("int4", self, (experts, out_features // BLOCK, in_features * 16), np.uint8)
 
 
 def _as_float32(w: np.ndarray) -> np.ndarray:
@@ -268,6 +279,13 @@ def pack(codes: np.ndarray, scale_bits: np.ndarray) -> Int4Weights:
 def quantize_reference(w: np.ndarray) -> Int4Weights:
     """NumPy reference of `quantize` (same candidates, rounding and tie-breaking)."""
     w = _prepared(w)
+    codes, bits = reference_codes(w, SCALE_CANDIDATES, -8, 7)
+    return pack(codes, bits)
+
+
+def reference_codes(w: np.ndarray, candidates: np.ndarray, lowest: int, highest: int) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy reference of `_quantize_group` for codes in [lowest, highest]: (codes int32 [E, out,
+    in], bf16 scale bits [E, out, in // 32]) of w float32 [E, out, in]."""
     experts, out_features, in_features = w.shape
     groups = w.reshape(-1, GROUP)
     peak = groups[np.arange(len(groups)), np.abs(groups).argmax(axis=1)]
@@ -275,11 +293,11 @@ def quantize_reference(w: np.ndarray) -> Int4Weights:
     best_bits = np.zeros(len(groups), dtype=np.uint16)
     best_codes = np.zeros(groups.shape, dtype=np.int32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        for divisor in SCALE_CANDIDATES:
+        for divisor in candidates:
             scale = _bf16_to_float(_float_to_bf16(peak / divisor))
             usable = scale != 0
             inverse = np.where(usable, np.float32(1.0) / scale, 0).astype(np.float32)
-            codes = np.clip(np.floor(groups * inverse[:, None] + np.float32(0.5)), -8, 7).astype(np.float32)
+            codes = np.clip(np.floor(groups * inverse[:, None] + np.float32(0.5)), lowest, highest).astype(np.float32)
             dot = (codes * groups).sum(axis=1, dtype=np.float32)
             norm = (codes * codes).sum(axis=1, dtype=np.float32)
             usable &= norm != 0
@@ -290,7 +308,7 @@ def quantize_reference(w: np.ndarray) -> Int4Weights:
             best_error[better] = error[better]
             best_bits[better] = bits[better]
             best_codes[better] = codes[better]
-    return pack(best_codes.reshape(w.shape), best_bits.reshape(experts, out_features, in_features // GROUP))
+    return best_codes.reshape(w.shape), best_bits.reshape(experts, out_features, in_features // GROUP)
 
 
 def _float_to_bf16(values: np.ndarray) -> np.ndarray:

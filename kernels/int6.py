@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from offload.kernels.int4 import BLOCK, GROUP, _as_float32, _bf16_to_float, _bf16_value, _quantize_group, scales_float32
+from offload.kernels.int4 import (BLOCK, GROUP, _as_float32, _bf16_to_float, _bf16_value, _quantize_group, check_layout,
+                                  check_shape, reference_codes, scales_float32)
 
 OFFSET = 32  # u = q + 32
 QUAD_BYTES = 96
@@ -57,21 +58,7 @@ class Int6Weights:
 
     def __post_init__(self):
         experts, out_features, in_features = self.shape
-        _check_shape(out_features, in_features)
-        expected = {"packed": (experts, out_features // BLOCK, in_features // 4, QUAD_BYTES),
-                    "scales": (experts, out_features // BLOCK, in_features)}
-        for name, shape in expected.items():
-            array = getattr(self, name)
-            if array.shape != shape or not array.flags.c_contiguous:
-                raise ValueError(f"int6 {name} must be C-contiguous {shape}, got {array.shape}")
-        if self.packed.dtype != np.uint8 or self.scales.dtype != np.uint16:
-            raise ValueError("int6 packed must be uint8 and scales uint16 (bf16 bits)")
-
-
-def _check_shape(out_features: int, in_features: int) -> None:
-    if out_features % BLOCK or in_features % GROUP:
-        raise ValueError(f"int6 needs out ({out_features}) to be a multiple of {BLOCK} "
-                         f"and in ({in_features}) a multiple of {GROUP}")
+        check_layout("int6", self, (experts, out_features // BLOCK, in_features // 4, QUAD_BYTES), np.uint8)
 
 
 @njit(cache=True, inline="always")
@@ -113,7 +100,7 @@ def quantize(w: np.ndarray) -> Int6Weights:
     if w.ndim == 2:
         w = w[None]
     experts, out_features, in_features = w.shape
-    _check_shape(out_features, in_features)
+    check_shape("int6", out_features, in_features)
     packed = np.zeros((experts, out_features // BLOCK, in_features // 4, QUAD_BYTES), dtype=np.uint8)
     scales = np.zeros((experts, out_features // BLOCK, in_features), dtype=np.uint16)
     _quantize_kernel(np.ascontiguousarray(w), SCALE_CANDIDATES, packed, scales)
@@ -145,31 +132,8 @@ def quantize_reference(w: np.ndarray) -> np.ndarray:
     (same candidates, least-squares scales and tie-breaking)."""
     w = _as_float32(np.asarray(w))
     w = w[None] if w.ndim == 2 else w
-    groups = w.reshape(-1, GROUP)
-    peak = groups[np.arange(len(groups)), np.abs(groups).argmax(axis=1)]
-    best_error = np.full(len(groups), np.inf, dtype=np.float32)
-    best = np.zeros(groups.shape, dtype=np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for divisor in SCALE_CANDIDATES:
-            scale = _bf16_to_float(_float_to_bf16(peak / divisor))
-            usable = scale != 0
-            inverse = np.where(usable, np.float32(1.0) / scale, 0).astype(np.float32)
-            codes = np.clip(np.floor(groups * inverse[:, None] + np.float32(0.5)), -OFFSET, OFFSET - 1)
-            codes = codes.astype(np.float32)
-            norm = (codes * codes).sum(axis=1, dtype=np.float32)
-            usable &= norm != 0
-            fitted = np.where(usable, (codes * groups).sum(axis=1, dtype=np.float32) / np.where(usable, norm, 1), 0)
-            restored = codes * _bf16_to_float(_float_to_bf16(fitted.astype(np.float32)))[:, None]
-            error = ((groups - restored) ** 2).sum(axis=1, dtype=np.float32)
-            better = usable & (error < best_error)
-            best_error[better] = error[better]
-            best[better] = restored[better]
-    return best.reshape(w.shape)
-
-
-def _float_to_bf16(values: np.ndarray) -> np.ndarray:
-    bits = np.asarray(values, dtype=np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    codes, bits = reference_codes(w, SCALE_CANDIDATES, -OFFSET, OFFSET - 1)
+    return codes.astype(np.float32) * np.repeat(_bf16_to_float(bits), GROUP, axis=2)
 
 
 @njit(parallel=True, nogil=True, cache=True)

@@ -27,7 +27,8 @@ import numpy as np
 
 from numba import njit, prange
 
-from offload.kernels.int4 import BLOCK, GROUP, _as_float32, _bf16_to_float, _bf16_value, _float_to_bf16, _round_bf16
+from offload.kernels.int4 import (BLOCK, GROUP, _as_float32, _bf16_to_float, _bf16_value, _float_to_bf16, _round_bf16,
+                                  check_layout, check_shape)
 
 LIMIT = 127  # codes are in [-127, 127]: symmetric, so -128 is never used
 CHUNK_WEIGHTS = 1 << 22  # weights quantised per step
@@ -49,21 +50,7 @@ class Int8Weights:
 
     def __post_init__(self):
         experts, out_features, in_features = self.shape
-        _check_shape(out_features, in_features)
-        expected = {"packed": (experts, out_features // BLOCK, in_features * 32),
-                    "scales": (experts, out_features // BLOCK, in_features)}
-        for name, shape in expected.items():
-            array = getattr(self, name)
-            if array.shape != shape or not array.flags.c_contiguous:
-                raise ValueError(f"int8 {name} must be C-contiguous {shape}, got {array.shape}")
-        if self.packed.dtype != np.int8 or self.scales.dtype != np.uint16:
-            raise ValueError("int8 packed must be int8 and scales uint16 (bf16 bits)")
-
-
-def _check_shape(out_features: int, in_features: int) -> None:
-    if out_features % BLOCK or in_features % GROUP:
-        raise ValueError(f"int8 needs out ({out_features}) to be a multiple of {BLOCK} "
-                         f"and in ({in_features}) a multiple of {GROUP}")
+        check_layout("int8", self, (experts, out_features // BLOCK, in_features * 32), np.int8)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -102,7 +89,7 @@ def quantize(w: np.ndarray) -> Int8Weights:
     if w.ndim == 2:
         w = w[None]
     experts, out_features, in_features = w.shape
-    _check_shape(out_features, in_features)
+    check_shape("int8", out_features, in_features)
     packed = np.empty((experts, out_features // BLOCK, in_features * 32), np.int8)
     scales = np.empty((experts, out_features // BLOCK, in_features), np.uint16)
     rows = max(BLOCK, CHUNK_WEIGHTS // in_features // BLOCK * BLOCK)
@@ -120,7 +107,7 @@ def quantize_reference(w: np.ndarray) -> Int8Weights:
     if w.ndim == 2:
         w = w[None]
     experts, out_features, in_features = w.shape
-    _check_shape(out_features, in_features)
+    check_shape("int8", out_features, in_features)
     groups = w.reshape(-1, GROUP)
     scale = _bf16_to_float(_float_to_bf16(np.abs(groups).max(axis=1) / LIMIT))
     inverse = np.divide(1, scale, out=np.zeros_like(scale), where=scale != 0)

@@ -6,8 +6,8 @@ Few tokens (decode): tasks are 32-row blocks; each applies its block (hot in L1/
 first token) to every token, so the matrix is read from RAM once per call. Many tokens
 (prefill, >= GEMM_MIN_TOKENS): that would cost a code conversion per weight per token, so the
 matrix is instead dequantised tile by tile (TILE_WEIGHTS fp32, about 4 MB, L3-resident) and
-each tile multiplied by BLAS sgemm through NumPy, at several times the FMA rate. int6 decodes its
-high bits beside the nibbles (`_block_dot6`).
+each tile multiplied by BLAS sgemm through NumPy, at several times the FMA rate. int6 blocks go
+through the int4 block kernel, which decodes their high bits beside the nibbles.
 
 Shapes: x float32 [T, in], weight Int4Weights or Int8Weights [1, out, in], out float32 [T, out] (overwritten),
 x_sums float32 [>= T, in // 32] scratch.
@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from offload.kernels import int4, int6, int8
-from offload.kernels.gemv import _block_dot, _block_dot6, _block_dot8, _group_sums
+from offload.kernels.gemv import _block_dot, _block_dot8, _group_sums
 from offload.kernels.int4 import BLOCK, GROUP, Int4Weights, _bf16_value
 from offload.kernels.int6 import Int6Weights
 from offload.kernels.int8 import Int8Weights
@@ -37,17 +37,6 @@ def _linear(x, packed, scales, out, x_sums):
             rows = out[t, b * BLOCK:(b + 1) * BLOCK]
             rows[:] = 0
             _block_dot(packed[0, b], scales[0, b], x[t], x_sums[t], np.float32(1.0), rows)
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def _linear6(x, packed, scales, out, x_sums):
-    tokens = x.shape[0]
-    _group_sums(x, x_sums)
-    for b in prange(packed.shape[1]):
-        for t in range(tokens):
-            rows = out[t, b * BLOCK:(b + 1) * BLOCK]
-            rows[:] = 0
-            _block_dot6(packed[0, b], scales[0, b], x[t], x_sums[t], np.float32(1.0), rows)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -112,8 +101,6 @@ def linear(x: np.ndarray, weight: Int4Weights | Int6Weights | Int8Weights, out: 
         raise ValueError("out must be [T, out] and x_sums [>= T, in // 32]")
     if x.shape[0] >= GEMM_MIN_TOKENS:
         _linear_gemm(x, weight, out)
-    elif isinstance(weight, Int6Weights):
-        _linear6(x, weight.packed, weight.scales, out, x_sums)
     elif isinstance(weight, Int8Weights):
         _linear8(x, weight.packed, weight.scales, out)
     else:
