@@ -100,7 +100,7 @@ class Generation(_Strict):
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch's generator takes
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -240,6 +240,7 @@ def test_bad_requests_get_openai_errors(server):
     assert "messages" in error_of(httpx.post(url, json={"messages": []}), 400)["message"]
     assert "messages" in error_of(httpx.post(url, json={"messages": "hi"}), 400)["message"]
     assert "role" in error_of(httpx.post(url, json={"messages": [{"role": "wizard", "content": "x"}]}), 400)["message"]
+    assert "seed" in error_of(httpx.post(url, json={"messages": HELLO, "seed": 2**70}), 400)["message"]
     assert "n=2" in error_of(httpx.post(url, json={"messages": HELLO, "n": 2}), 400)["message"]
     long = [{"role": "user", "content": "word " * 2000}]
     error = error_of(httpx.post(url, json={"messages": long}), 400)
