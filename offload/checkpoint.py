@@ -34,6 +34,21 @@ _DTYPES = {
 }
 
 
+WEIGHT_DTYPES = ("BF16", "F16", "F32", "F8_E4M3")  # what a model's weights may be stored as
+
+
+def _require_regular(path: Path) -> None:
+    """Only regular files are opened (a FIFO or a device would block or stream forever)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file; a checkpoint is made of plain files")
+
+
+def require_finite(tensor: torch.Tensor, where: str) -> None:
+    """Refuse weights holding NaN or infinity (they load silently and generate garbage)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{where}: holds NaN or infinite values; the file is corrupt: download it again")
+
+
 @dataclass(frozen=True)
 class LazyTensor:
     """A tensor whose shape and dtype are known and whose data is read on `load()`."""
@@ -96,17 +111,23 @@ class Checkpoint:
 
     def _weight_map(self) -> dict[str, Path]:
         index = self.model_dir / INDEX_FILE
-        if index.is_file():
+        if index.exists():
+            _require_regular(index)
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}); download "
                                       "it again") from None
-            files = {name: self.model_dir / shard for name, shard in weight_map.items()}
+            if not isinstance(weight_map, dict) or not all(isinstance(name, str) and isinstance(shard, str)
+                                                           for name, shard in weight_map.items()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names; "
+                                      "download it again")
+            files = {name: self._shard(shard, index) for name, shard in weight_map.items()}
             for name, path in files.items():
-                if not path.is_file():
+                if not path.exists():
                     raise CheckpointError(f"{path}: shard missing (it holds {name}, says {INDEX_FILE}); "
                                           "download it again")
+                _require_regular(path)
             return files
         shards = sorted(self.model_dir.glob("*.safetensors"))
         if not shards:
@@ -114,9 +135,20 @@ class Checkpoint:
                                   "model's safetensors files next to its config.json")
         files: dict[str, Path] = {}
         for path in shards:
+            _require_regular(path)
             for name in self._open(path).keys():
                 files[name] = path
         return files
+
+    def _shard(self, name: str, index: Path) -> Path:
+        """An index's shard name as a path in the model folder: plain relative names only (a
+        symlink there may point anywhere, as in the Hugging Face cache; `..` or an absolute
+        name may not)."""
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or "\\" in name:
+            raise CheckpointError(f"{index}: shard name {name!r} points outside the model folder; only names "
+                                  "of files in it are allowed")
+        return self.model_dir / name
 
     def _open(self, path: Path):
         handle = self._handles.get(path)
@@ -153,8 +185,9 @@ class Checkpoint:
             raise CheckpointError(f"{self.model_dir}: tensor {name} is missing from the checkpoint; "
                                   "download the model again")
         shape, code = self._headers[name]
-        if code not in _DTYPES:
-            raise CheckpointError(f"{self.where(name)}: unsupported dtype {code}")
+        if code not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{self.where(name)}: dtype {code} is not a weight type ({', '.join(WEIGHT_DTYPES)}); "
+                                  "the file is not a checkpoint of this model")
         dtype = _DTYPES[code]
         if dtype == torch.float8_e4m3fn:
             dtype = torch.bfloat16

@@ -59,9 +59,12 @@ def _demo_model() -> Path:
 
 def _parse_ids(text: str) -> list[int]:
     try:
-        return [int(tok) for tok in text.replace(",", " ").split()]
+        ids = [int(tok) for tok in text.replace(",", " ").split()]
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a list of token ids; write e.g. '1 2 3'") from None
+    if any(i < 0 for i in ids):
+        raise click.BadParameter(f"token ids are 0 or more, got {min(ids)}")
+    return ids
 
 
 def model_options(command):
@@ -171,7 +174,7 @@ def _memory_line(engine) -> str:
 @main.command()
 @model_options
 @click.option("--prompt", "-p", "prompt_text", default=None, help="The prompt text.")
-@click.option("--file", "-f", "prompt_file", type=click.File("r", encoding="utf-8"), default=None,
+@click.option("--file", "-f", "prompt_file", type=click.File("rb"), default=None,
               help="Read the prompt from a file ('-' for stdin).")
 @click.option("--ids", "ids_text", default=None, help="The prompt as token ids, e.g. '1 2 3' (no tokenizer needed).")
 @click.option("--system", default=None, help="A system message (chat mode).")
@@ -193,7 +196,7 @@ def run(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profil
     from offload.conversation import Stats, generate, text_pieces
     from offload.errors import OffloadError
     from offload.repl import show
-    from offload.tokenizer import ThinkingFilter, Tokenizer
+    from offload.tokenizer import ThinkingFilter, Tokenizer, decode_input
 
     given = [x is not None for x in (prompt_text, prompt_file, ids_text)]
     if sum(given) > 1:
@@ -201,9 +204,9 @@ def run(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profil
     if not any(given):
         if sys.stdin.isatty():
             raise click.UsageError("give a prompt with --prompt TEXT, --file FILE, --ids '1 2 3' or on stdin")
-        prompt_text = sys.stdin.read()
+        prompt_text = decode_input(sys.stdin.buffer.read(), "the prompt on stdin")
     elif prompt_file is not None:
-        prompt_text = prompt_file.read()
+        prompt_text = decode_input(prompt_file.read(), f"the prompt in {prompt_file.name}")
     max_tokens = sampling_flags.pop("max_tokens") or 256
     model_dir = _model_dir(model_dir, demo)
     tokenizer = Tokenizer(model_dir) if ids_text is None or (model_dir / "tokenizer.json").is_file() else None
@@ -222,7 +225,13 @@ def run(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profil
     if not prompt_ids:
         raise OffloadError("the prompt is empty; give some text")
     args = load_config(model_dir)
+    if prompt_ids and max(prompt_ids) >= args.vocab_size:
+        raise click.BadParameter(f"token ids are below the vocabulary size {args.vocab_size}, got {max(prompt_ids)}",
+                                 param_hint="'--ids'")
     ctx = ctx or min(DEFAULT_CONTEXT, args.max_position_embeddings)  # as offload.load chooses it
+    if ctx > args.max_position_embeddings:
+        raise OffloadError(f"--ctx {ctx} is more than this model's max_position_embeddings "
+                           f"({args.max_position_embeddings}); pass at most that")
     if len(prompt_ids) >= ctx:  # said before loading, which can take minutes
         raise OffloadError(f"the prompt is {len(prompt_ids)} tokens, too long for the context of {ctx} (the "
                            "answer needs room too); pass a larger --ctx or a shorter prompt")

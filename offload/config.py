@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,8 @@ def load_config(model_dir: str | Path) -> ModelArgs:
         raise ConfigError(f"{model_dir}: not a directory; pass the folder that holds config.json "
                           "and the *.safetensors files")
     path = model_dir / "config.json"
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path}: not a regular file; a checkpoint is made of plain files")
     if not path.is_file():
         raise ConfigError(f"{model_dir}: not a model directory (no config.json); pass the folder "
                           "of a Hugging Face checkpoint")
@@ -193,12 +196,80 @@ def load_config(model_dir: str | Path) -> ModelArgs:
     return args_from_dict(config)
 
 
+# What offload reads from config.json: key -> (kind, lowest, highest). Checked before anything
+# is computed from the values, so a wrong type or an absurd size is one line naming the key, not
+# a traceback, an allocation of terabytes or a loop over a hundred million layers.
+_SIZE = 1 << 20
+SCHEMA: dict[str, tuple[str, float, float]] = {
+    "vocab_size": ("int", 1, 1 << 24), "hidden_size": ("int", 1, 1 << 16), "num_hidden_layers": ("int", 1, 1024),
+    "num_attention_heads": ("int", 1, 1024), "num_key_value_heads": ("int", 1, 1024), "head_dim": ("int", 1, 4096),
+    "intermediate_size": ("int", 1, _SIZE), "moe_intermediate_size": ("int", 1, _SIZE),
+    "num_experts": ("int", 0, 1 << 14), "num_local_experts": ("int", 0, 1 << 14),
+    "num_experts_per_tok": ("int", 1, 1 << 14), "decoder_sparse_step": ("int", 1, 1024),
+    "max_position_embeddings": ("int", 1, 1 << 24), "full_attention_interval": ("int", 1, 1024),
+    "linear_conv_kernel_dim": ("int", 1, 64), "linear_key_head_dim": ("int", 1, 4096),
+    "linear_value_head_dim": ("int", 1, 4096), "linear_num_key_heads": ("int", 1, 1024),
+    "linear_num_value_heads": ("int", 1, 1024), "shared_expert_intermediate_size": ("int", 1, _SIZE),
+    "sliding_window": ("int", 1, 1 << 24), "bos_token_id": ("int", 0, 1 << 24),
+    "rms_norm_eps": ("float", 0, 1), "rope_theta": ("float", 0, 1e15), "partial_rotary_factor": ("float", 0, 1),
+    "norm_topk_prob": ("bool", 0, 0), "tie_word_embeddings": ("bool", 0, 0), "attention_bias": ("bool", 0, 0),
+    "use_sliding_window": ("bool", 0, 0),
+    "eos_token_id": ("ids", 0, 1 << 24), "mlp_only_layers": ("ids", 0, 1024), "layer_types": ("names", 0, 0),
+    "torch_dtype": ("dtype", 0, 0), "dtype": ("dtype", 0, 0),
+    "rope_scaling": ("mapping", 0, 0), "rope_parameters": ("mapping", 0, 0), "quantization_config": ("mapping", 0, 0),
+}
+_FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _check_schema(config: dict[str, Any]) -> None:
+    """Each key of SCHEMA that config.json sets (null counts as unset) has its kind and range."""
+    for key, (kind, lowest, highest) in SCHEMA.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if kind == "int":
+            ok = type(value) is int and lowest <= value <= highest
+            expected = f"a whole number from {lowest} to {highest}"
+        elif kind == "float":  # lowest < value <= highest, finite (JSON allows NaN and Infinity)
+            ok = type(value) in (int, float) and lowest < value <= highest
+            expected = f"a number above {lowest:g} and at most {highest:g}"
+        elif kind == "bool":
+            ok, expected = type(value) is bool, "true or false"
+        elif kind == "ids":
+            items = value if isinstance(value, list) else [value] if key == "eos_token_id" else None
+            ok = items is not None and all(type(i) is int and lowest <= i <= highest for i in items)
+            expected = f"{'a token id or ' if key == 'eos_token_id' else ''}a list of whole numbers from {lowest}"
+        elif kind == "names":
+            ok = isinstance(value, list) and all(isinstance(name, str) for name in value)
+            expected = "a list of layer type names"
+        elif kind == "dtype":
+            ok, expected = value in _FLOAT_DTYPES, f"one of {', '.join(_FLOAT_DTYPES)}"
+        else:
+            ok, expected = isinstance(value, dict), "an object"
+        if not ok:
+            raise ConfigError(f"config.json: {key} is {_shown(value)}; expected {expected}")
+    if config.get("rope_parameters") or config.get("rope_scaling"):
+        _check_schema({k: v for k, v in (config.get("rope_parameters") or config.get("rope_scaling")).items()
+                       if k in ("rope_theta", "partial_rotary_factor")})
+    block = (config.get("quantization_config") or {}).get("weight_block_size")
+    if block is not None and not (isinstance(block, list) and len(block) == 2
+                                  and all(type(b) is int and 1 <= b <= 4096 for b in block)):
+        raise ConfigError(f"config.json: quantization_config.weight_block_size is {_shown(block)}; expected "
+                          "two whole numbers, e.g. [128, 128]")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def args_from_dict(config: dict[str, Any]) -> ModelArgs:
     """Build the `ModelArgs` subclass named by `config["model_type"]` from a config.json dict."""
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ConfigError(f"config.json: model_type {model_type!r} is not supported; offload runs "
                           f"{', '.join(sorted(ARCHITECTURES))}")
+    _check_schema(config)
     cls = ARCHITECTURES[model_type]
     known = {f.name for f in dataclasses.fields(cls)}
     values = {key: value for key, value in config.items() if key in known}

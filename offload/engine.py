@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from offload.checkpoint import Checkpoint, CheckpointError
+from offload.checkpoint import Checkpoint, CheckpointError, require_finite
 from offload.config import DECODE_MAX_TOKENS, DEFAULT_CONTEXT, PREFILL_CHUNK, ModelArgs, load_config
 from offload.errors import OffloadError
 from offload.models import ARCHITECTURES
@@ -266,6 +266,9 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     ctx = ctx or min(DEFAULT_CONTEXT, args.max_position_embeddings)
     if ctx <= 0:
         raise OffloadError(f"ctx must be positive, got {ctx}")
+    if ctx > args.max_position_embeddings:
+        raise OffloadError(f"ctx {ctx} is more than this model's max_position_embeddings "
+                           f"({args.max_position_embeddings}); pass at most that")
     if prefill not in ("auto", "cpu", "stream"):
         raise OffloadError(f"prefill={prefill!r} is not a prefill path; use 'cpu', 'stream' or 'auto'")
     if prefill == "stream" and quant != "int4":
@@ -282,6 +285,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     weights = architecture.sanitize(checkpoint.lazy_all(), args)
     with torch.device("meta"):
         model = architecture.Model(args)
+    _check_weights(model, weights, str(model_dir))  # before the expert store or any weight is read
     executor = None
     if quant == "int4":
         executor = _swap_in_int4_experts(model, args, model_dir, store_dir, overlap, execution, hybrid, exact)
@@ -399,6 +403,19 @@ def _total_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _check_weights(model: nn.Module, weights: dict, source: str) -> None:
+    """Every parameter the config implies is in the checkpoint with its shape (headers only)."""
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name not in weights:
+            raise CheckpointError(f"{source}: tensor model.{name} is missing from the checkpoint; "
+                                  "download the model again")
+        lazy = weights[name]
+        if tuple(lazy.shape) != tuple(param.shape):
+            raise CheckpointError(f"{lazy.where}: shape {list(lazy.shape)} does not match config.json, "
+                                  f"which implies {list(param.shape)}; the config and weights are "
+                                  "from different models")
+
+
 def _fill(model: nn.Module, weights: dict, dtype: torch.dtype | None, source: str) -> None:
     """Replace every meta parameter of `model` by its checkpoint tensor (cast to `dtype`)."""
     from tqdm import tqdm
@@ -408,17 +425,11 @@ def _fill(model: nn.Module, weights: dict, dtype: torch.dtype | None, source: st
     bar = tqdm(parameters, desc="loading weights", unit=" tensors", disable=_total_bytes(model) < PROGRESS_BYTES,
                leave=False)
     for name, param in bar:
-        if name not in weights:
-            raise CheckpointError(f"{source}: tensor model.{name} is missing from the checkpoint; "
-                                  "download the model again")
-        lazy = weights[name]
-        if tuple(lazy.shape) != tuple(param.shape):
-            raise CheckpointError(f"{lazy.where}: shape {list(lazy.shape)} does not match config.json, "
-                                  f"which implies {list(param.shape)}; the config and weights are "
-                                  "from different models")
+        lazy = weights[name]  # present, with its shape: `_check_weights`
         key = id(lazy)
         if key not in loaded:
             tensor = lazy.load()
+            require_finite(tensor, lazy.where)
             loaded[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)

@@ -21,7 +21,7 @@ from offload.conversation import Conversation
 from offload.errors import OffloadError
 from offload.paths import cache_root
 from offload.sampling import SamplingParams
-from offload.tokenizer import ThinkingFilter
+from offload.tokenizer import ThinkingFilter, decode_input
 
 HELP = """\
   /help              this list
@@ -70,8 +70,8 @@ class Repl:
     def _lines(self) -> Iterator[str]:
         """Input lines; KeyboardInterrupt at the prompt yields an empty line."""
         if not self.interactive:
-            for line in sys.stdin:
-                yield line.rstrip("\n")
+            for line in sys.stdin.buffer:
+                yield decode_input(line, "an input line").rstrip("\r\n")
             return
         from prompt_toolkit import PromptSession
         from prompt_toolkit.history import FileHistory

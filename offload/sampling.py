@@ -9,6 +9,7 @@ draw. Temperature 0 is greedy (after the penalty).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +31,13 @@ class SamplingParams:
     seed: int | None = None  # a seed makes sampling reproducible
 
     def __post_init__(self):
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in floats:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise OffloadError(f"{name} must be a finite number, got {value!r}")
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:
+            raise OffloadError(f"seed must be between -2^63 and 2^64 - 1, got {self.seed}")
         checks = [(self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top_k must be >= 0"),
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
                   (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
@@ -37,7 +45,7 @@ class SamplingParams:
                   (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")]
         for ok, message in checks:
             if not ok:
-                raise OffloadError(f"{message}; got {self}")
+                raise OffloadError(f"{message}; got {getattr(self, message.split()[0])}")
 
     def with_(self, **changes) -> SamplingParams:
         return replace(self, **changes)

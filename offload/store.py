@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from offload.kernels import int4
-from offload.checkpoint import Checkpoint
+from offload.checkpoint import Checkpoint, require_finite
 from offload.config import ModelArgs
 from offload.errors import OffloadError
 from offload.paths import cache_root
@@ -149,6 +149,7 @@ def _build(model_dir: Path, args: ModelArgs, store_dir: Path, layers: list[int],
     for leftover in store_dir.glob("*.tmp"):
         leftover.unlink()
     checkpoint = Checkpoint(model_dir, args.fp8_block_size)
+    checkpoint.lazy_all()  # every tensor's dtype is a weight type (headers only)
     experts, hidden, intermediate = args.num_experts, args.hidden_size, args.moe_intermediate_size
     layer_bytes = experts * 3 * hidden * intermediate * int4.FORMAT.bits_per_weight / 8
     total = int(layer_bytes * len(layers))
@@ -198,12 +199,14 @@ def _write_layer(path: Path, checkpoint: Checkpoint, layer: int, args: ModelArgs
     for first in range(0, experts, QUANTIZE_CHUNK):
         chunk = range(first, min(first + QUANTIZE_CHUNK, experts))
         gate_up = np.stack([_float32(torch.cat([checkpoint.read(f"{prefix}.{e}.gate_proj.weight"),
-                                                checkpoint.read(f"{prefix}.{e}.up_proj.weight")])) for e in chunk])
+                                                checkpoint.read(f"{prefix}.{e}.up_proj.weight")]),
+                                     checkpoint.where(f"{prefix}.{e}.gate_proj.weight")) for e in chunk])
         quantized = int4.quantize(gate_up)
         arrays["gate_up_packed"][chunk.start:chunk.stop] = quantized.packed
         arrays["gate_up_scales"][chunk.start:chunk.stop] = quantized.scales
         del gate_up
-        down = np.stack([_float32(checkpoint.read(f"{prefix}.{e}.down_proj.weight")) for e in chunk])
+        down = np.stack([_float32(checkpoint.read(f"{prefix}.{e}.down_proj.weight"),
+                                  checkpoint.where(f"{prefix}.{e}.down_proj.weight")) for e in chunk])
         quantized = int4.quantize(down)
         arrays["down_packed"][chunk.start:chunk.stop] = quantized.packed
         arrays["down_scales"][chunk.start:chunk.stop] = quantized.scales
@@ -218,7 +221,8 @@ def _write_layer(path: Path, checkpoint: Checkpoint, layer: int, args: ModelArgs
     os.replace(temp, path)
 
 
-def _float32(tensor: torch.Tensor) -> np.ndarray:
+def _float32(tensor: torch.Tensor, where: str) -> np.ndarray:
+    require_finite(tensor, where)
     return tensor.to(torch.float32).numpy()
 
 

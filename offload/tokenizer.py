@@ -9,6 +9,7 @@ Template sources, as transformers reads them: `chat_template.jinja`, else `chat_
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,15 @@ THINK_START, THINK_END = "<think>", "</think>"
 
 class TokenizerError(OffloadError):
     pass
+
+
+def decode_input(data: bytes, where: str) -> str:
+    """UTF-8 input as text; bytes that are not UTF-8 become U+FFFD, with a one-line notice."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        print(f"note: {where} is not valid UTF-8; the bytes that are not were replaced by \ufffd", file=sys.stderr)
+        return data.decode("utf-8", errors="replace")
 
 
 class Tokenizer:

@@ -35,7 +35,7 @@ def spawn(model, *args):
 
 
 def test_chat_in_a_terminal(endless, tmp_path):
-    chat = spawn(endless, "--max-tokens", "20000", "--ctx", "32768")
+    chat = spawn(endless, "--max-tokens", "4000", "--ctx", "4096")
     chat.expect_exact(">>>")  # prompt_toolkit draws the space as a cursor move
     chat.sendline("Hello! How are you?")
     chat.expect_exact("How are you?")  # the line editor's echo
