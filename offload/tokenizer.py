@@ -8,8 +8,10 @@ Template sources, as transformers reads them: `chat_template.jinja`, else `chat_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -67,15 +69,26 @@ class Tokenizer:
         if self.chat_template is None:
             raise TokenizerError("this model has no chat template (no chat_template in tokenizer_config.json, no "
                                  "chat_template.jinja): add one, or use `offload run --raw` to send text as it is")
-        from jinja2.exceptions import TemplateError
-
         try:
             template = _environment().from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.special_token("bos_token") or "",
-                                   eos_token=self.special_token("eos_token") or "", **variables)
-        except TemplateError as error:
-            raise TokenizerError(f"the model's chat template failed: {error}") from None
+            pieces, size = [], 0
+            with _deadline(RENDER_SECONDS):
+                for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                               bos_token=self.special_token("bos_token") or "",
+                                               eos_token=self.special_token("eos_token") or "", **variables):
+                    size += len(piece)
+                    if size > RENDER_CHARACTERS:
+                        raise TokenizerError(f"the model's chat template writes more than {RENDER_CHARACTERS} "
+                                             "characters; it is broken or hostile: fix or replace it")
+                    pieces.append(piece)
+            return "".join(pieces)
+        except TokenizerError:
+            raise
+        except RecursionError:
+            raise TokenizerError("the model's chat template recurses without end; fix or replace it") from None
+        except Exception as error:  # syntax, runtime (1 // 0, undefined calls), sandbox refusals, limits
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise TokenizerError(f"the model's chat template failed: {reason}") from None
 
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables) -> list[int]:
         return self.encode(self.render(messages, add_generation_prompt, **variables))
@@ -116,8 +129,13 @@ def _read_json(path: Path) -> dict:
 
 def _chat_template(model_dir: Path, config: dict) -> str | None:
     jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.exists() and not jinja_file.is_file():
+        raise TokenizerError(f"{jinja_file}: not a regular file; replace it with the template's text")
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise TokenizerError(f"{jinja_file}: not a readable UTF-8 template ({error}); download it again") from None
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates
         named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
@@ -125,12 +143,68 @@ def _chat_template(model_dir: Path, config: dict) -> str | None:
     return template if isinstance(template, str) else None
 
 
+RENDER_SECONDS = 5.0  # a chat template renders in milliseconds; one that runs longer is stopped
+RENDER_CHARACTERS = 1 << 24  # and none writes 16M characters (a whole context is a few million)
+RENDER_MEMORY = 1 << 30  # or needs a GiB of memory
+
+
+class TemplateLimit(Exception):
+    """A chat template ran past RENDER_SECONDS or RENDER_MEMORY."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, memory: int = RENDER_MEMORY):
+    """Stop template code (jinja compiles templates to Python, file "<template>") that runs past
+    `seconds` or grows this process by more than `memory` bytes (a string doubled in a loop): a
+    trace function on this thread checks the clock on every line it executes, the RSS every 8."""
+    import psutil
+
+    process = psutil.Process()
+    end, ceiling = time.monotonic() + seconds, process.memory_info().rss + memory
+    lines = 0
+
+    def local(frame, event, arg):
+        nonlocal lines
+        lines += 1
+        if time.monotonic() > end:
+            raise TemplateLimit(f"it ran for more than {seconds:g} s")
+        if not lines % 8 and process.memory_info().rss > ceiling:
+            raise TemplateLimit(f"it took more than {memory >> 20} MiB of memory")
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
 def _environment():
     """A sandboxed jinja2 environment with what chat templates rely on in transformers: loop
     controls, whitespace trimming, `raise_exception`, `tojson` without HTML escaping, and
-    `strftime_now`."""
-    from jinja2.exceptions import TemplateError
+    `strftime_now`. `*` and `**` are checked: a template cannot build a string or list past
+    RENDER_CHARACTERS or an integer of more than 65536 bits (range() is already capped by the
+    sandbox)."""
+    from jinja2.exceptions import SecurityError, TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Environment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for sequence, count in ((left, right), (right, left)):
+                    if isinstance(sequence, (str, list, tuple)) and isinstance(count, int) \
+                            and len(sequence) * count > RENDER_CHARACTERS:
+                        raise SecurityError(f"a sequence of {len(sequence)} x {count} is too long")
+            elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+                    and left.bit_length() * abs(right) > 1 << 16:
+                raise SecurityError(f"a power of a {left.bit_length()}-bit number to {right} is too large")
+            return super().call_binop(context, operator, left, right)
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -139,8 +213,7 @@ def _environment():
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
+    environment = Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     environment.filters["tojson"] = tojson
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
