@@ -156,7 +156,7 @@ class Checkpoint:
             try:
                 handle = safe_open(path, framework="pt")
             except (SafetensorError, OSError) as e:
-                reason = str(e).removeprefix("Error while deserializing header: ")
+                reason = " ".join(str(e).removeprefix("Error while deserializing header: ").split())[:200]
                 raise CheckpointError(f"{path}: not a readable safetensors file ({reason}); it may be "
                                       "truncated or corrupt: download it again") from None
             self._handles[path] = handle

@@ -24,7 +24,7 @@ class OffloadGroup(click.Group):
         except OffloadError as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {' '.join(str(e).split())}", err=True)  # one line, whatever a file put in it
             ctx.exit(1)
         except KeyboardInterrupt:
             if ctx.params.get("debug"):
@@ -206,7 +206,7 @@ def run(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profil
             raise click.UsageError("give a prompt with --prompt TEXT, --file FILE, --ids '1 2 3' or on stdin")
         prompt_text = decode_input(sys.stdin.buffer.read(), "the prompt on stdin")
     elif prompt_file is not None:
-        prompt_text = decode_input(prompt_file.read(), f"the prompt in {prompt_file.name}")
+        prompt_text = decode_input(prompt_file.read(), f"the prompt in {getattr(prompt_file, 'name', '-')}")
     max_tokens = sampling_flags.pop("max_tokens") or 256
     model_dir = _model_dir(model_dir, demo)
     tokenizer = Tokenizer(model_dir) if ids_text is None or (model_dir / "tokenizer.json").is_file() else None
@@ -429,17 +429,33 @@ def bench(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, prof
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Store directory (default: a folder under ~/.cache/offload/stores).")
-def quantize(model_dir: Path, out: Path | None) -> None:
+@click.option("--verify", is_flag=True, help="Check an existing store against the checksums written when it was "
+                                             "built (finds silent damage); exit 1 if it is not whole.")
+def quantize(model_dir: Path, out: Path | None, verify: bool) -> None:
     """Build the int4 expert store of MODEL_DIR.
 
-    Resumes an interrupted build; an up-to-date store is left as it is."""
+    Resumes an interrupted build and rebuilds damaged (truncated, resized) layer files; an
+    up-to-date store is left as it is."""
     from tqdm import tqdm
 
     from offload.config import load_config
-    from offload.store import build_store, default_store_dir, store_is_current
+    from offload.errors import OffloadError
+    from offload.store import build_store, default_store_dir, store_is_current, verify_store
 
     args = load_config(model_dir)
     out = out or default_store_dir(model_dir)
+    if verify:
+        with tqdm(total=1, unit=" layers", desc="verifying") as bar:
+            def advance(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+            problems = verify_store(out, model_dir, args, advance)
+        for problem in problems[1:]:
+            click.echo(f"error: {problem}", err=True)
+        if problems:
+            raise OffloadError(problems[0])
+        click.echo(f"{out}: every layer matches its checksums")
+        return
     if store_is_current(out, model_dir, args):
         click.echo(f"{out} is up to date")
         return

@@ -269,10 +269,11 @@ def args_from_dict(config: dict[str, Any]) -> ModelArgs:
     if model_type not in ARCHITECTURES:
         raise ConfigError(f"config.json: model_type {model_type!r} is not supported; offload runs "
                           f"{', '.join(sorted(ARCHITECTURES))}")
+    config = {key: value for key, value in config.items() if value is not None}  # null: unset, as HF reads it
     _check_schema(config)
     cls = ARCHITECTURES[model_type]
     known = {f.name for f in dataclasses.fields(cls)}
-    values = {key: value for key, value in config.items() if key in known}
+    values = {key: value for key, value in config.items() if key in known and value is not None}  # null: unset
     values.update(_rope_values(config, cls))
     values.update(_common_values(config))
     if cls is Qwen3NextArgs:
@@ -290,7 +291,8 @@ def args_from_dict(config: dict[str, Any]) -> ModelArgs:
 
 def _common_values(config: dict[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    num_experts = config.get("num_experts", config.get("num_local_experts"))
+    num_experts = config.get("num_experts")
+    num_experts = config.get("num_local_experts") if num_experts is None else num_experts
     if num_experts is not None:
         values["num_experts"] = num_experts
     heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
@@ -304,7 +306,7 @@ def _common_values(config: dict[str, Any]) -> dict[str, Any]:
     values["mlp_only_layers"] = tuple(config.get("mlp_only_layers") or ())
     eos = config.get("eos_token_id")
     values["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    dtype = config.get("torch_dtype", config.get("dtype"))
+    dtype = config.get("torch_dtype") or config.get("dtype")
     if dtype is not None:
         values["torch_dtype"] = dtype
     quant = config.get("quantization_config")
@@ -331,10 +333,9 @@ def _rope_values(config: dict[str, Any], cls: type[ModelArgs]) -> dict[str, Any]
         raise ConfigError(f"config.json: rope scaling {rope_type!r} is not supported yet; remove "
                           "rope_scaling to run at the model's native context length")
     values: dict[str, Any] = {}
-    if "rope_theta" in params:
-        values["rope_theta"] = float(params["rope_theta"])
-    if "partial_rotary_factor" in params:
-        values["partial_rotary_factor"] = float(params["partial_rotary_factor"])
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if params.get(key) is not None:
+            values[key] = float(params[key])
     return values
 
 
@@ -343,7 +344,8 @@ def _qwen3_next_layer_types(config: dict[str, Any]) -> tuple[str, ...]:
         return tuple(config["layer_types"])
     if "num_hidden_layers" not in config:
         raise ConfigError("config.json: missing required key num_hidden_layers for qwen3_next")
-    interval = config.get("full_attention_interval", 4)
+    interval = config.get("full_attention_interval")
+    interval = 4 if interval is None else interval
     return tuple(
         FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION
         for i in range(config["num_hidden_layers"])

@@ -97,9 +97,60 @@ def _read_header(path: Path) -> dict | None:
 
 
 def _layer_is_current(path: Path, source: str, layer: int) -> bool:
+    """The layer file is whole and of this checkpoint: its header matches, it is a regular file,
+    and its size is what the header's arrays need (a truncated or padded file is rebuilt)."""
     header = _read_header(path)
     return (header is not None and header.get("version") == VERSION and header.get("format") == format_description()
-            and header.get("fingerprint") == source and header.get("layer") == layer)
+            and header.get("fingerprint") == source and header.get("layer") == layer
+            and path.is_file() and path.stat().st_size == _file_size(header))
+
+
+def _file_size(header: dict) -> int:
+    """The bytes a layer file holds: up to the end of its last array, rounded up to ALIGN."""
+    try:
+        ends = [spec["offset"] + int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
+                for spec in header["arrays"].values()]
+    except (KeyError, TypeError, ValueError):
+        return -1
+    return -(-max(ends) // ALIGN) * ALIGN
+
+
+def _digests(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """A checksum of each array's bytes (BLAKE2b-128), written at build time for `verify_store`."""
+    digests = {}
+    for name, array in arrays.items():
+        hasher = hashlib.blake2b(digest_size=16)
+        flat = array.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, 1 << 26):
+            hasher.update(flat[start:start + (1 << 26)])
+        digests[name] = hasher.hexdigest()
+    return digests
+
+
+def verify_store(store_dir: Path, model_dir: Path, args: ModelArgs,
+                 progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Problems found in a store, one line each (none: it is whole and every layer's arrays match
+    the checksums written when it was built)."""
+    if not store_is_current(store_dir, model_dir, args):
+        return [f"{store_dir}: incomplete, damaged or of another checkpoint; `offload quantize` rebuilds it"]
+    problems = []
+    layers = _moe_layers(args)
+    for done, layer in enumerate(layers):
+        path = _layer_path(store_dir, layer)
+        header = _read_header(path)
+        arrays = {name: np.memmap(path, dtype=spec["dtype"], mode="r", offset=spec["offset"],
+                                  shape=tuple(spec["shape"])) for name, spec in header["arrays"].items()}
+        expected = header.get("checksums")
+        if expected is None:
+            problems.append(f"{path.name}: has no checksums (built by an older offload); rebuild the store")
+        else:
+            damaged = [name for name, digest in _digests(arrays).items() if expected.get(name) != digest]
+            if damaged:
+                problems.append(f"{path.name}: {', '.join(damaged)} differ from their checksums: the file is damaged; "
+                                "delete it and run `offload quantize` to rebuild it")
+        if progress:
+            progress(done + 1, len(layers))
+    return problems
 
 
 def store_is_current(store_dir: Path, model_dir: Path, args: ModelArgs) -> bool:
@@ -186,6 +237,16 @@ def _write_layer(path: Path, checkpoint: Checkpoint, layer: int, args: ModelArgs
     if 16 + len(encoded) > ALIGN:
         raise StoreError(f"store header of layer {layer} does not fit {ALIGN} bytes")
     temp = path.with_suffix(".int4.tmp")
+    try:
+        _fill_layer(temp, path, header, encoded, offset, checkpoint, layer, args, progress)
+    except BaseException:
+        temp.unlink(missing_ok=True)  # a failed or interrupted layer leaves nothing behind
+        raise
+
+
+def _fill_layer(temp: Path, path: Path, header: dict, encoded: bytes, offset: int, checkpoint: Checkpoint, layer: int,
+                args: ModelArgs, progress: Callable[[int], None]) -> None:
+    experts, hidden, intermediate = args.num_experts, args.hidden_size, args.moe_intermediate_size
     with open(temp, "wb") as f:
         f.write(MAGIC + struct.pack("<Q", len(encoded)) + encoded)
         f.truncate(offset)
@@ -215,8 +276,13 @@ def _write_layer(path: Path, checkpoint: Checkpoint, layer: int, args: ModelArgs
     checkpoint.release()  # unmap this layer's source pages
     for array in arrays.values():
         array.flush()
+    header["checksums"] = _digests(arrays)
     del arrays
+    encoded = json.dumps(header).encode()
+    if 16 + len(encoded) > ALIGN:
+        raise StoreError(f"store header of layer {layer} does not fit {ALIGN} bytes")
     with open(temp, "rb+") as f:
+        f.write(MAGIC + struct.pack("<Q", len(encoded)) + encoded)  # the header again, with the checksums
         os.fsync(f.fileno())
     os.replace(temp, path)
 
@@ -234,10 +300,14 @@ class ExpertStore:
         self.layers: dict[int, LayerExperts] = {}
         experts, hidden, intermediate = args.num_experts, args.hidden_size, args.moe_intermediate_size
         for layer in _moe_layers(args):
-            header = _read_header(_layer_path(store_dir, layer))
-            arrays = {name: np.memmap(_layer_path(store_dir, layer), dtype=spec["dtype"], mode="r",
-                                      offset=spec["offset"], shape=tuple(spec["shape"]))
-                      for name, spec in header["arrays"].items()}
+            path = _layer_path(store_dir, layer)
+            header = _read_header(path)
+            try:
+                arrays = {name: np.memmap(path, dtype=spec["dtype"], mode="r", offset=spec["offset"],
+                                          shape=tuple(spec["shape"])) for name, spec in header["arrays"].items()}
+            except (OSError, ValueError, TypeError, KeyError) as error:
+                raise StoreError(f"{path}: unreadable ({error}); delete it and run `offload quantize` to rebuild "
+                                 "it") from None
             self.layers[layer] = LayerExperts(
                 int4.Int4Weights(arrays["gate_up_packed"], arrays["gate_up_scales"], (experts, 2 * intermediate, hidden)),
                 int4.Int4Weights(arrays["down_packed"], arrays["down_scales"], (experts, hidden, intermediate)))
