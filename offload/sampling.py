@@ -77,7 +77,10 @@ def generation_defaults(model_dir: str | Path) -> SamplingParams:
     values = {name: config[name] for name in known if isinstance(config.get(name), (int, float))}
     if not config.get("do_sample", bool(values.get("temperature"))):
         values["temperature"] = 0.0
-    return SamplingParams(**values)
+    try:
+        return SamplingParams(**values)
+    except OffloadError as error:
+        raise OffloadError(f"{Path(model_dir) / 'generation_config.json'}: {error}; fix or delete the file") from None
 
 
 def processed_logits(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = (),
