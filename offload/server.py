@@ -386,9 +386,12 @@ def create_app(service: Service) -> FastAPI:
             extra["tools"] = tools
         try:
             ids = tokenizer.chat_ids(plain, **extra)
-            before = tokenizer.chat_ids(plain[:-1], add_generation_prompt=False, **extra) if len(plain) > 1 else []
         except OffloadError as error:
             raise ApiError(400, str(error)) from None
+        try:  # the boundary is only a snapshot point: a template that refuses the shorter list just has none
+            before = tokenizer.chat_ids(plain[:-1], add_generation_prompt=False, **extra) if len(plain) > 1 else []
+        except OffloadError:
+            before = []
         return ids, len(before) if ids[:len(before)] == before else 0
 
     def usage(job: Job) -> dict:
