@@ -193,6 +193,27 @@ def test_a_thinking_models_think_block_is_reasoning_content(endless, tmp_path):
         running.stop()
 
 
+def test_tools_reach_a_template_that_takes_them(tiny, tmp_path, server):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    refused = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": HELLO, "tools": tools})
+    assert refused.status_code == 400 and "does not take tools" in refused.json()["error"]["message"]
+    import shutil
+
+    model = tmp_path / "tools"
+    shutil.copytree(tiny, model)
+    (model / "chat_template.jinja").write_text(
+        "{%- if tools %}{{- '<|im_start|>system\\n' + (tools | tojson) + '<|im_end|>\\n' }}{%- endif %}"
+        "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    running = Running(model)
+    try:
+        plain = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+        with_tools = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, tools=tools)
+        assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens  # the tool's schema is in the prompt
+    finally:
+        running.stop()
+
+
 def test_a_client_that_disconnects_frees_the_engine(endless):
     running = Running(endless)
     try:
