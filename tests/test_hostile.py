@@ -275,8 +275,9 @@ TEMPLATES = [
     ("{{ 1 // 0 }}", "division"),
     ("{% for %}", "Expected an expression"),
     ("{{ messages.__class__.__mro__ }}", "unsafe"),
+    # doubling a string: stopped by the memory limit, or by the clock on a machine slow to allocate
     ("{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
-     "memory"),
+     "memory|ran for more than"),
     ("{{ raise_exception('no system messages allowed') }}", "no system messages allowed"),
 ]
 
@@ -285,7 +286,7 @@ TEMPLATES = [
 def test_a_hostile_chat_template_is_stopped_in_one_line(model, template, expected):
     (model / "chat_template.jinja").write_text(template)
     line = attack(run(model, "-p", "hi"))
-    assert "chat template" in line and expected in line
+    assert "chat template" in line and any(part in line for part in expected.split("|"))
 
 
 def test_a_template_file_that_is_not_utf8(model):
