@@ -68,39 +68,29 @@ def decode_throughput(gate_up: Int4Weights, down: Int4Weights, batch: int, top_k
 
 
 DENSE_SHAPE = (8192, 2048)  # a Qwen3-Next mixer projection: [out, in]
-DENSE_FORMATS = ("int4", "int6", "int8", "bf16")
+
+
+def pool_rate(pool: list, run, weights: int, calls: int) -> float:
+    """Weights/s of `run(matrix)` over `pool` taken in turn (median call, after a warm-up), each
+    call doing `weights` multiply-adds: with a pool far larger than the caches, every call reads RAM."""
+    for i in range(max(1, calls // 4)):  # warm-up: compilation, page tables, clocks
+        run(pool[i % len(pool)])
+    return weights / median_seconds(lambda i: run(pool[i % len(pool)]), calls)
 
 
 def dense_throughput(fmt: str, tokens: int, pool_bytes: int, calls: int = 20) -> float:
-    """Weights/s of one dense matrix times `tokens` tokens, in `fmt`: "int4" / "int6" / "int8"
-    through the fast kernels (`q8.linear_fast`), "bf16" through torch (the path of dense matrices
-    kept as stored). Matrices are copies of one random matrix, `pool_bytes` of them in all, taken
-    in turn, so for a pool far larger than the caches every call reads RAM."""
-    import torch
-
+    """Weights/s of one dense matrix times `tokens` tokens in "int4" / "int6" / "int8" through the
+    fast kernels (`q8.linear_fast`); the pool holds copies of one random matrix, `pool_bytes` in all."""
     from offload.kernels import int4, int6, int8
 
     out_features, in_features = DENSE_SHAPE
     rng = np.random.default_rng(0)
-    weight = (rng.standard_normal(DENSE_SHAPE, dtype=np.float32) * 0.02)
+    first = {"int4": int4, "int6": int6, "int8": int8}[fmt].quantize(
+        rng.standard_normal(DENSE_SHAPE, dtype=np.float32) * 0.02)
+    pool = [first] + [type(first)(first.packed.copy(), first.scales.copy(), first.shape)
+                      for _ in range(max(1, pool_bytes // first.nbytes) - 1)]
     x = rng.standard_normal((tokens, in_features), dtype=np.float32)
-    if fmt == "bf16":
-        first = torch.from_numpy(weight).to(torch.bfloat16)
-        pool = [first.clone() for _ in range(max(1, pool_bytes // (first.numel() * 2)))]
-        inputs = torch.from_numpy(x).to(torch.bfloat16)
-
-        def run(i):
-            torch.nn.functional.linear(inputs, pool[i % len(pool)])
-    else:
-        module = {"int4": int4, "int6": int6, "int8": int8}[fmt]
-        first = module.quantize(weight)
-        copies = max(1, pool_bytes // first.nbytes)
-        pool = [first] + [type(first)(first.packed.copy(), first.scales.copy(), first.shape) for _ in range(copies - 1)]
-        out = np.empty((tokens, out_features), np.float32)
-        activations = q8.Activations(tokens, in_features)
-
-        def run(i):
-            q8.linear_fast(x, pool[i % len(pool)], out, activations)
-    for i in range(max(1, calls // 4)):  # warm-up: compilation, page tables, clocks
-        run(i)
-    return tokens * out_features * in_features / median_seconds(run, calls)
+    out = np.empty((tokens, out_features), np.float32)
+    activations = q8.Activations(tokens, in_features)
+    return pool_rate(pool, lambda matrix: q8.linear_fast(x, matrix, out, activations),
+                     tokens * out_features * in_features, calls)

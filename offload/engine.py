@@ -8,6 +8,7 @@ allocated once for `ctx` positions on the execution device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -176,7 +177,12 @@ class Engine:
         if fresh:
             self.reset()
         self._check_room(self.position + ids.shape[0] + max_new_tokens)
-        logits = self.append(ids)
+        yield from self.decode(self.append(ids), max_new_tokens, sampler)
+
+    def decode(self, logits: torch.Tensor, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
+        """Yield tokens drawn from `logits` (the current sequence's last token's), each fed before
+        the next is drawn; stops after a stop token (yielded) or `max_new_tokens`. The last token
+        is not fed; neither is one the caller stops at (closing the generator)."""
         for step in range(max_new_tokens):
             token = sampler(logits, self.history)
             yield token
@@ -191,18 +197,14 @@ class Engine:
         return list(self.stream(input_ids, max_new_tokens, temperature, seed, sampling))
 
 
+@dataclass
 class Snapshot:
     """A sequence's state at `position` (`Engine.snapshot`): its ids and the per-cache states."""
 
-    def __init__(self, position: int, history: list[int], states: list):
-        self.position = position
-        self.history = history
-        self.states = states
-        self.logits: torch.Tensor | None = None  # the last token's, if the taker kept them
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for state in self.states if state is not None for t in state)
+    position: int
+    history: list[int]
+    states: list
+    logits: torch.Tensor | None = None  # the last token's, if the taker kept them
 
 
 def _run_two_at_a_time(stages: list) -> list[torch.Tensor]:

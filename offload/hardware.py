@@ -9,6 +9,7 @@ are written the way people write them: `8GiB`, `8G` (binary, like GPU labels), `
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from dataclasses import dataclass
@@ -292,14 +293,30 @@ def detect(progress=print, quick: bool = False) -> HardwareProfile:
     progress("dense matrices by format: decode (1 token, from RAM) and prefill (512 tokens) ...")
     dense = {}
     for fmt in DENSE_RATE_FORMATS:
-        dense[fmt] = {"decode": dense_throughput(fmt, 1, probe_bytes // 2, calls=10 if quick else 40) / 1e9,
-                      "prefill": dense_throughput(fmt, 512, 64 * 2**20, calls=2 if quick else 4) / 1e9}
+        measure = _bf16_throughput if fmt == "bf16" else functools.partial(dense_throughput, fmt)
+        dense[fmt] = {"decode": measure(1, probe_bytes // 2, calls=10 if quick else 40) / 1e9,
+                      "prefill": measure(512, 64 * 2**20, calls=2 if quick else 4) / 1e9}
         progress(f"  {fmt}: {dense[fmt]['decode']:.1f} / {dense[fmt]['prefill']:.1f} G weights/s")
     gpu = _detect_gpu(progress)
     name = f"detected-{'cpu-only' if gpu is None else gpu.name.split()[-1].lower()}"
     cpu = CPU(physical_cores=cores, threads=cores, ram=ram, ram_bandwidth=bandwidth, int4_gweights_per_s=int4_rate,
               dense_gweights_per_s=dense)
     return HardwareProfile(name=name, cpu=cpu, gpu=gpu)
+
+
+def _bf16_throughput(tokens: int, pool_bytes: int, calls: int) -> float:
+    """`kernels.probe.dense_throughput` for a bf16 matrix through torch (the path of dense
+    matrices kept as stored)."""
+    import numpy as np
+    import torch
+
+    from offload.kernels.probe import DENSE_SHAPE, pool_rate
+
+    rng = np.random.default_rng(0)
+    first = torch.from_numpy(rng.standard_normal(DENSE_SHAPE, dtype=np.float32) * 0.02).to(torch.bfloat16)
+    pool = [first.clone() for _ in range(max(1, pool_bytes // (first.numel() * 2)))]
+    x = torch.from_numpy(rng.standard_normal((tokens, DENSE_SHAPE[1]), dtype=np.float32)).to(torch.bfloat16)
+    return pool_rate(pool, lambda matrix: torch.nn.functional.linear(x, matrix), tokens * first.numel(), calls)
 
 
 def _detect_gpu(progress) -> GPU | None:

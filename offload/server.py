@@ -269,16 +269,13 @@ class Service:
         return logits, reused
 
     def _keep(self, snapshot: Snapshot) -> None:
-        if self.snapshot_limit <= 0:
-            return
         self.snapshots = [s for s in self.snapshots if s.history != snapshot.history] + [snapshot]
         del self.snapshots[:-self.snapshot_limit]
 
     def _run(self, job: Job) -> None:
-        engine, tokenizer = self.engine, self.tokenizer
+        engine = self.engine
         logits, job.cached = self._resume(job.prompt, job.boundary)
-        sampler = Sampler(job.sampling)
-        detokenize = tokenizer.detokenizer()
+        detokenize = self.tokenizer.detokenizer()
         stops = StopStrings(job.stops)
         thinking = ThinkingFilter(job.thinking) if job.chat else None
         finish = "length"
@@ -288,11 +285,7 @@ class Service:
             for is_thinking, piece in pieces:
                 job.emit("text", is_thinking, piece)
 
-        for step in range(job.max_tokens):
-            if job.cancelled.is_set():
-                finish = "cancelled"
-                break
-            token = sampler(logits, engine.history)
+        for token in engine.decode(logits, job.max_tokens, Sampler(job.sampling)):
             job.completion_tokens += 1
             if token in engine.stop_ids:
                 finish = "stop"
@@ -302,9 +295,9 @@ class Service:
             if stopped:
                 finish = "stop"
                 break
-            if step == job.max_tokens - 1:
+            if job.cancelled.is_set():  # the client went away: the next token is not computed
+                finish = "cancelled"
                 break
-            logits = engine.append([token])
         if finish != "stop":
             tail = stops.flush()
             if tail:
@@ -388,10 +381,12 @@ def create_app(service: Service) -> FastAPI:
             ids = tokenizer.chat_ids(plain, **extra)
         except OffloadError as error:
             raise ApiError(400, str(error)) from None
-        try:  # the boundary is only a snapshot point: a template that refuses the shorter list just has none
-            before = tokenizer.chat_ids(plain[:-1], add_generation_prompt=False, **extra) if len(plain) > 1 else []
-        except OffloadError:
-            before = []
+        before = []
+        if service.snapshot_limit and len(plain) > 1:
+            try:  # only a snapshot point: a template that refuses the shorter list just gives none
+                before = tokenizer.chat_ids(plain[:-1], add_generation_prompt=False, **extra)
+            except OffloadError:
+                pass
         return ids, len(before) if ids[:len(before)] == before else 0
 
     def usage(job: Job) -> dict:

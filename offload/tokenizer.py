@@ -50,6 +50,7 @@ class Tokenizer:
                                  "download it again") from None
         self.config = _read_json(model_dir / "tokenizer_config.json")
         self.chat_template = _chat_template(model_dir, self.config)
+        self._template = None  # the compiled chat template
         self.vocab_size = self.backend.get_vocab_size()
 
     def special_token(self, name: str) -> str | None:
@@ -70,7 +71,9 @@ class Tokenizer:
             raise TokenizerError("this model has no chat template (no chat_template in tokenizer_config.json, no "
                                  "chat_template.jinja): add one, or use `offload run --raw` to send text as it is")
         try:
-            template = _environment().from_string(self.chat_template)
+            if self._template is None:  # compiled once: a server renders every request
+                self._template = _environment().from_string(self.chat_template)
+            template = self._template
             pieces, size = [], 0
             with _deadline(RENDER_SECONDS):
                 for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,

@@ -51,6 +51,25 @@ class Running:
         self.server.should_exit = True
         self.thread.join(timeout=30)
 
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *_):
+        self.stop()
+
+
+CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def with_template(source, folder, template: str):
+    """A copy of the checkpoint `source` in `folder` whose chat template is `template`."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    (folder / "chat_template.jinja").write_text(template)
+    return folder
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -70,9 +89,8 @@ def endless(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    running = Running(tiny)
-    yield running
-    running.stop()
+    with Running(tiny) as running:
+        yield running
 
 
 def fresh(server):
@@ -171,16 +189,8 @@ def test_prefix_reuse_counts_cached_tokens_and_changes_nothing(server):
 def test_a_thinking_models_think_block_is_reasoning_content(endless, tmp_path):
     """A template that opens <think> in the prompt (as Qwen3's thinking models do): everything up
     to </think> is reasoning_content, whole or streamed; here the random model never closes it."""
-    import shutil
-
-    model = tmp_path / "thinking"
-    shutil.copytree(endless, model)
-    (model / "chat_template.jinja").write_text(
-        "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}"
-        "{%- endif %}")
-    running = Running(model)
-    try:
+    thinking = CHATML.replace("assistant\\n", "assistant\\n<think>\\n")
+    with Running(with_template(endless, tmp_path / "thinking", thinking)) as running:
         reply = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, seed=2)
         message = reply.choices[0].message
         assert message.content == "" and message.reasoning_content
@@ -189,34 +199,21 @@ def test_a_thinking_models_think_block_is_reasoning_content(endless, tmp_path):
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
         assert not "".join(d.content or "" for d in deltas)
-    finally:
-        running.stop()
 
 
 def test_tools_reach_a_template_that_takes_them(tiny, tmp_path, server):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     refused = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": HELLO, "tools": tools})
     assert refused.status_code == 400 and "does not take tools" in refused.json()["error"]["message"]
-    import shutil
-
-    model = tmp_path / "tools"
-    shutil.copytree(tiny, model)
-    (model / "chat_template.jinja").write_text(
-        "{%- if tools %}{{- '<|im_start|>system\\n' + (tools | tojson) + '<|im_end|>\\n' }}{%- endif %}"
-        "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-    running = Running(model)
-    try:
+    template = "{%- if tools %}{{- '<|im_start|>system\\n' + (tools | tojson) + '<|im_end|>\\n' }}{%- endif %}" + CHATML
+    with Running(with_template(tiny, tmp_path / "tools", template)) as running:
         plain = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
         with_tools = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, tools=tools)
         assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens  # the tool's schema is in the prompt
-    finally:
-        running.stop()
 
 
 def test_a_client_that_disconnects_frees_the_engine(endless):
-    running = Running(endless)
-    try:
+    with Running(endless) as running:
         with httpx.stream("POST", f"{running.url}/v1/chat/completions", timeout=60,
                           json={"messages": HELLO, "max_tokens": 400, "stream": True}) as response:
             lines = response.iter_lines()
@@ -229,20 +226,15 @@ def test_a_client_that_disconnects_frees_the_engine(endless):
         while running.service.current is not None and time.time() < deadline:
             time.sleep(0.01)
         assert running.service.current is None and running.service.waiting == 0
-    finally:
-        running.stop()
 
 
 def test_a_full_queue_is_answered_429(endless):
-    running = Running(endless, max_queue=0)
-    try:
+    with Running(endless, max_queue=0) as running:
         with httpx.stream("POST", f"{running.url}/v1/completions", timeout=60,
                           json={"prompt": "go", "max_tokens": 300, "stream": True}) as response:
             next(response.iter_lines())
             refused = httpx.post(f"{running.url}/v1/completions", json={"prompt": "go", "max_tokens": 2})
         assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
-    finally:
-        running.stop()
 
 
 def error_of(response, status):
@@ -273,14 +265,11 @@ def test_bad_requests_get_openai_errors(server):
 
 
 def test_an_api_key_is_required_when_set(tiny):
-    running = Running(tiny, api_key="sesame")
-    try:
+    with Running(tiny, api_key="sesame") as running:
         assert error_of(httpx.get(f"{running.url}/v1/models"), 401)["code"] == "invalid_api_key"
         assert httpx.get(f"{running.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert [m.id for m in running.client.models.list().data] == ["tiny"]
         assert httpx.get(f"{running.url}/health").status_code == 200
-    finally:
-        running.stop()
 
 
 def test_a_soak_of_mixed_requests_leaves_the_server_answering(server):
