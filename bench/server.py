@@ -25,14 +25,13 @@ sys.path.insert(1, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
 
 import offload  # noqa: E402
 from decode import slice_dir  # noqa: E402
 from offload.hardware import cpu_model  # noqa: E402
 from offload.kernels.threads import physical_cores  # noqa: E402
 from offload.sampling import SamplingParams  # noqa: E402
-from offload.server import Service, create_app  # noqa: E402
+from offload.server import Http, Service  # noqa: E402
 
 
 def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, int]:
@@ -67,13 +66,8 @@ def main() -> None:
     engine = offload.load(path, quant="int4", gpu_mem=0, ctx=options.prompt + options.tokens + 64)
     engine.stop_ids = set()  # decode exactly --tokens tokens on both sides
     service = Service(engine, offload.Tokenizer(path), "bench", SamplingParams(), snapshots=0)
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    http = Http(service)
+    client = openai.OpenAI(base_url=http.url, api_key="none", max_retries=0)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1000, 20000, options.prompt).tolist() for _ in range(options.runs + 1)]
     own = [engine_run(engine, prompt, options.tokens) for prompt in prompts]  # the first is a warm-up
@@ -89,8 +83,7 @@ def main() -> None:
     asking.start()
     service.work()  # the engine on the main thread, as `offload serve` runs it
     asking.join()
-    server.should_exit = True
-    thread.join(timeout=30)
+    http.stop()
 
     def median(rows, index):
         return statistics.median(row[index] for row in rows[1:])

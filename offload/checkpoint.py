@@ -27,14 +27,8 @@ from offload.errors import CheckpointError
 INDEX_FILE = "model.safetensors.index.json"
 FP8_SCALE_SUFFIX = "_scale_inv"
 
-_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-WEIGHT_DTYPES = ("BF16", "F16", "F32", "F8_E4M3")  # what a model's weights may be stored as
+# what a model's weights may be stored as (safetensors dtype code -> torch dtype)
+WEIGHT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": torch.float8_e4m3fn}
 
 
 def _require_regular(path: Path) -> None:
@@ -188,7 +182,7 @@ class Checkpoint:
         if code not in WEIGHT_DTYPES:
             raise CheckpointError(f"{self.where(name)}: dtype {code} is not a weight type ({', '.join(WEIGHT_DTYPES)}); "
                                   "the file is not a checkpoint of this model")
-        dtype = _DTYPES[code]
+        dtype = WEIGHT_DTYPES[code]
         if dtype == torch.float8_e4m3fn:
             dtype = torch.bfloat16
         return LazyTensor(shape, dtype, self.where(name), lambda: self.read(name))

@@ -68,7 +68,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def model_options(command):
-    """Which model and how to place it: shared by run, chat and bench."""
+    """Which model and how to place it: shared by run, chat, serve and bench."""
     options = [
         click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Checkpoint directory."),
         click.option("--demo", is_flag=True, help="Use the built-in demo model (random weights, meaningless text)."),
@@ -228,10 +228,7 @@ def run(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profil
     if prompt_ids and max(prompt_ids) >= args.vocab_size:
         raise click.BadParameter(f"token ids are below the vocabulary size {args.vocab_size}, got {max(prompt_ids)}",
                                  param_hint="'--ids'")
-    ctx = ctx or min(DEFAULT_CONTEXT, args.max_position_embeddings)  # as offload.load chooses it
-    if ctx > args.max_position_embeddings:
-        raise OffloadError(f"--ctx {ctx} is more than this model's max_position_embeddings "
-                           f"({args.max_position_embeddings}); pass at most that")
+    ctx = ctx or min(DEFAULT_CONTEXT, args.max_position_embeddings)  # as offload.load chooses (and checks) it
     if len(prompt_ids) >= ctx:  # said before loading, which can take minutes
         raise OffloadError(f"the prompt is {len(prompt_ids)} tokens, too long for the context of {ctx} (the "
                            "answer needs room too); pass a larger --ctx or a shorter prompt")
@@ -315,12 +312,9 @@ def serve(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, prof
     Point a client at it with OPENAI_BASE_URL=http://HOST:PORT/v1."""
     import signal
     import socket
-    import threading
 
     try:
-        import uvicorn
-
-        from offload.server import Service, create_app
+        from offload.server import Http, Service
     except ImportError as error:
         from offload.errors import OffloadError
 
@@ -344,18 +338,9 @@ def serve(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, prof
     click.echo("\n".join(describe(engine.placement)), err=True)
     service = Service(engine, tokenizer, "demo" if demo else model_dir.name, generation_defaults(model_dir),
                       max_queue=max_queue, snapshots=snapshots, api_key=api_key)
-    config = uvicorn.Config(create_app(service), log_level="warning", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    http = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="http", daemon=True)
-    http.start()  # the event loop on a thread; the engine keeps the main thread (see Service.work)
-    while not server.started:
-        if not http.is_alive():
-            raise OffloadError(f"the HTTP server did not start on {host}:{port}")
-        time.sleep(0.01)
-    bound_host, bound_port = listener.getsockname()[:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    click.echo(f"serving {service.model_name} at http://{shown}:{bound_port}/v1 (context {engine.ctx} tokens); "
-               "Ctrl-C stops", err=True)
+    http = Http(service, listener, host, port)
+    click.echo(f"serving {service.model_name} at {http.url} (context {engine.ctx} tokens); Ctrl-C stops", err=True)
+
     def interrupt(*_):
         raise KeyboardInterrupt
 
@@ -365,8 +350,7 @@ def serve(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, prof
     except KeyboardInterrupt:  # a requested stop
         pass
     finally:
-        server.should_exit = True
-        http.join(timeout=10)
+        http.stop()
     click.echo("stopped", err=True)
 
 

@@ -525,3 +525,29 @@ def _plain(message: Message) -> dict[str, Any]:
 
 def _finish(reason: str | None) -> str | None:
     return None if reason is None else "stop" if reason == "stop" else "length"
+
+
+class Http:
+    """uvicorn serving `service`'s API on a thread of its own (the engine keeps the calling thread:
+    see `Service.work`), started on construction: on `socket` (bound by the caller, so a busy port
+    is said before a model loads) or on host:port (port 0: any free one). `url` is its /v1 base."""
+
+    def __init__(self, service: Service, socket=None, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [socket] if socket else None},
+                                       name="http", daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise OffloadError(f"the HTTP server did not start on {host}:{port}")
+            time.sleep(0.01)
+        bound_host, bound_port = self.server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+

@@ -15,13 +15,12 @@ import httpx
 import openai
 import psutil
 import pytest
-import uvicorn
 from click.testing import CliRunner
 
 import offload
 from offload.cli import main
 from offload.sampling import generation_defaults
-from offload.server import Service, create_app
+from offload.server import Http, Service
 from offload.tokenizer import Tokenizer
 
 HELLO = [{"role": "user", "content": "Hello! How are you today?"}]
@@ -33,23 +32,15 @@ class Running:
     def __init__(self, path, **options):
         engine = offload.load(path, quant=None, ctx=512)
         self.service = Service(engine, Tokenizer(path), "tiny", generation_defaults(path), **options)
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.service), host="127.0.0.1", port=0,
-                                                    log_level="warning"))
         self.service.start()
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=options.get("api_key") or "none",
+        self.http = Http(self.service)
+        self.url = self.http.url.removesuffix("/v1")
+        self.client = openai.OpenAI(base_url=self.http.url, api_key=options.get("api_key") or "none",
                                     max_retries=0, timeout=60)
 
     def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.http.stop()
+        self.service.stop()
 
     def __enter__(self) -> Running:
         return self
