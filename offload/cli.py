@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import textwrap
 import time
@@ -88,10 +89,22 @@ def model_options(command):
                      help="Where the GPU's share runs: cuda, cuda:N, or cpu (a stand-in, with --gpu-mem) "
                           "[cuda when torch sees one]."),
         click.option("--profile", default=None, help="Hardware profile: a name in profiles/ or a YAML file."),
+        click.option("--rope-scaling", default=None,
+                     help="Extend the context with YaRN: yarn:FACTOR or yarn:FACTOR:ORIGINAL_CONTEXT (e.g. yarn:4 "
+                          "for 4x the model's positions), or none [config.json's]."),
     ]
+
+    @functools.wraps(command)
+    def gathered(**flags):  # the command sees them as one dict, `load_options`, passed on to _load
+        flags["load_options"] = {name: flags.pop(name) for name in LOAD_FLAGS}
+        return command(**flags)
+
     for option in reversed(options):
-        command = option(command)
-    return command
+        gathered = option(gathered)
+    return gathered
+
+
+LOAD_FLAGS = ("quant", "dense_quant", "exact", "gpu_mem", "device", "profile", "rope_scaling")
 
 
 def sampling_options(command):
@@ -126,15 +139,16 @@ def _model_dir(model_dir: Path | None, demo: bool) -> Path:
     return model_dir
 
 
-def _load(model_dir: Path, ctx, quant: str, dense_quant: str, exact: bool, gpu_mem, profile, device):
-    """(engine, load seconds), with a one-line progress note on stderr."""
+def _load(model_dir: Path, ctx, load_options: dict):
+    """(engine, load seconds), with a one-line progress note on stderr. `load_options`: the
+    model_options flags (LOAD_FLAGS)."""
     import offload
 
     click.echo(f"loading {model_dir} ...", err=True)
     started = time.perf_counter()
-    engine = offload.load(model_dir, quant=None if quant == "none" else quant, gpu_mem=gpu_mem, profile=profile,
-                          ctx=ctx, dense_quant=None if dense_quant == "none" else dense_quant, device=device,
-                          exact=exact)
+    options = {name: None if value == "none" and name in ("quant", "dense_quant") else value
+               for name, value in load_options.items()}
+    engine = offload.load(model_dir, ctx=ctx, **options)
     return engine, time.perf_counter() - started
 
 
@@ -184,15 +198,15 @@ def _memory_line(engine) -> str:
 @click.option("--hide-thinking", is_flag=True, help="Do not show <think> ... </think> blocks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, timings) instead.")
 @click.option("--verbose", "-v", is_flag=True, help="Show where each tensor group runs, once loaded.")
-def run(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profile, prompt_text, prompt_file, ids_text,
-        system, chat_mode, hide_thinking, as_json, verbose, **sampling_flags) -> None:
+def run(model_dir, demo, ctx, load_options, prompt_text, prompt_file, ids_text, system, chat_mode, hide_thinking,
+        as_json, verbose, **sampling_flags) -> None:
     """Generate text from one prompt, streamed.
 
     The prompt comes from --prompt, --file, --ids or stdin; a stats line follows on stderr."""
     import dataclasses
     import json
 
-    from offload.config import DEFAULT_CONTEXT, load_config
+    from offload.config import DEFAULT_CONTEXT, check_context, load_config
     from offload.conversation import Stats, generate, text_pieces
     from offload.errors import OffloadError
     from offload.repl import show
@@ -224,16 +238,17 @@ def run(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profil
             prompt_ids = tokenizer.encode(prompt_text)
     if not prompt_ids:
         raise OffloadError("the prompt is empty; give some text")
-    args = load_config(model_dir)
+    args = load_config(model_dir, load_options["rope_scaling"])
     if prompt_ids and max(prompt_ids) >= args.vocab_size:
         raise click.BadParameter(f"token ids are below the vocabulary size {args.vocab_size}, got {max(prompt_ids)}",
                                  param_hint="'--ids'")
-    ctx = ctx or min(DEFAULT_CONTEXT, args.max_position_embeddings)  # as offload.load chooses (and checks) it
+    ctx = ctx or min(DEFAULT_CONTEXT, args.max_context)  # as offload.load chooses and checks it
+    check_context(args, ctx)
     if len(prompt_ids) >= ctx:  # said before loading, which can take minutes
         raise OffloadError(f"the prompt is {len(prompt_ids)} tokens, too long for the context of {ctx} (the "
                            "answer needs room too); pass a larger --ctx or a shorter prompt")
     max_tokens = min(max_tokens, ctx - len(prompt_ids))
-    engine, load_s = _load(model_dir, ctx, quant, dense_quant, exact, gpu_mem, profile, device)
+    engine, load_s = _load(model_dir, ctx, load_options)
     click.echo(f"loaded in {load_s:.1f} s ({engine.args.model_type}, {engine.args.num_hidden_layers} layers)",
                err=True)
     if verbose:
@@ -274,8 +289,7 @@ def run(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profil
 @sampling_options
 @click.option("--system", default=None, help="A system message for the conversation.")
 @click.option("--hide-thinking", is_flag=True, help="Do not show <think> ... </think> blocks.")
-def chat(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profile, system, hide_thinking,
-         **sampling_flags) -> None:
+def chat(model_dir, demo, ctx, load_options, system, hide_thinking, **sampling_flags) -> None:
     """Chat with a model, interactively or piped.
 
     On a terminal: line editing, history, /help for commands, Ctrl-C stops an answer, Ctrl-D
@@ -289,7 +303,7 @@ def chat(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profi
     tokenizer = Tokenizer(model_dir)
     tokenizer.render([{"role": "user", "content": "hi"}])  # fails now, not after the first message, if no template
     sampling = _sampling(model_dir, **sampling_flags)
-    engine, load_s = _load(model_dir, ctx, quant, dense_quant, exact, gpu_mem, profile, device)
+    engine, load_s = _load(model_dir, ctx, load_options)
     conversation = Conversation(engine, tokenizer, sampling, max_tokens, system)
     click.echo(f"loaded {model_dir.name} in {load_s:.1f} s", err=True)
     Repl(conversation, hide_thinking=hide_thinking, memory=lambda: _memory_line(engine)).run()
@@ -305,7 +319,7 @@ def chat(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profi
               help="Requests that may wait while one runs; more are answered 429.")
 @click.option("--snapshots", default=4, show_default=True, type=click.IntRange(min=0),
               help="Sequence snapshots kept in RAM for prefix reuse (an edited or regenerated last turn).")
-def serve(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profile, host, port, api_key, max_queue,
+def serve(model_dir, demo, ctx, load_options, host, port, api_key, max_queue,
           snapshots) -> None:
     """Serve the OpenAI API (chat and text completions) until Ctrl-C or SIGTERM.
 
@@ -333,7 +347,7 @@ def serve(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, prof
         listener.bind((host, port))
     except OSError as error:
         raise OffloadError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host") from None
-    engine, load_s = _load(model_dir, ctx, quant, dense_quant, exact, gpu_mem, profile, device)
+    engine, load_s = _load(model_dir, ctx, load_options)
     click.echo(f"loaded {model_dir.name} in {load_s:.1f} s; {_execution_words(engine)}", err=True)
     click.echo("\n".join(describe(engine.placement)), err=True)
     service = Service(engine, tokenizer, "demo" if demo else model_dir.name, generation_defaults(model_dir),
@@ -360,8 +374,7 @@ def serve(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, prof
               help="Prompt lengths to measure, comma-separated.")
 @click.option("--decode-tokens", default=32, show_default=True, type=click.IntRange(min=2),
               help="Tokens generated after each prompt.")
-def bench(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, profile, prompt_lengths,
-          decode_tokens) -> None:
+def bench(model_dir, demo, ctx, load_options, prompt_lengths, decode_tokens) -> None:
     """Measure prefill and decode speed vs the plan.
 
     For each prompt length: prefill tok/s and the median decode step, beside the planner's
@@ -379,9 +392,10 @@ def bench(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, prof
     if not lengths or lengths[0] < 1:
         raise click.BadParameter("prompt lengths must be positive")
     model_dir = _model_dir(model_dir, demo)
+    profile = load_options["profile"]
     hardware, source = _resolve_profile(profile)
     needed = lengths[-1] + decode_tokens
-    engine, load_s = _load(model_dir, ctx or max(needed, 512), quant, dense_quant, exact, gpu_mem, profile, device)
+    engine, load_s = _load(model_dir, ctx or max(needed, 512), load_options)
     if needed > engine.ctx:
         raise click.BadParameter(f"the longest prompt plus {decode_tokens} tokens needs --ctx {needed}")
     click.echo(f"{model_dir.name}: {engine.args.model_type}, {engine.args.num_hidden_layers} layers, "
@@ -403,7 +417,7 @@ def bench(model_dir, demo, ctx, quant, dense_quant, exact, gpu_mem, device, prof
             engine.feed([int(token)], all_logits=False)
             steps.append(time.perf_counter() - started)
         decode = 1 / statistics.median(steps)
-        predicted = make_plan(engine.args, hardware, engine.plan.gpu_budget, ctx=engine.ctx, quant=quant,
+        predicted = make_plan(engine.args, hardware, engine.plan.gpu_budget, ctx=engine.ctx, quant=engine.plan.quant,
                               dense_quant=engine.plan.dense_quant, prompt_tokens=length).predicted
         click.echo(f"{length:>8} {prefill:>14.1f} {predicted.prefill_tok_s:>8.1f} {decode:>14.1f} "
                    f"{predicted.decode_tok_s:>8.1f}")
@@ -534,15 +548,16 @@ def _resolve_profile(profile: str | None):
               help="Format of the routed experts.")
 @click.option("--dense-quant", type=click.Choice(["auto", "int8", "int4", "none"]), default="auto", show_default=True,
               help="Format of dense matrices in RAM (see run --help).")
+@click.option("--rope-scaling", default=None, help="Extend the context with YaRN, e.g. yarn:4 (see run --help).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model_dir: Path | None, preset: str | None, gpu_mem: str | None, ctx: int, profile: str | None,
-         prompt_tokens: int, quant: str, dense_quant: str, as_json: bool) -> None:
+         prompt_tokens: int, quant: str, dense_quant: str, rope_scaling: str | None, as_json: bool) -> None:
     """Show where a model's tensors go, how fast.
 
     Placement, GPU and RAM ledgers and predicted speeds for a checkpoint or a preset."""
     import json
 
-    from offload.config import args_from_dict, load_config
+    from offload.config import args_from_dict, check_context, load_config
     from offload.hardware import parse_size
     from offload.errors import OffloadError
     from offload.planner import make_plan
@@ -550,7 +565,8 @@ def plan(model_dir: Path | None, preset: str | None, gpu_mem: str | None, ctx: i
 
     if (model_dir is None) == (preset is None):
         raise click.UsageError("give exactly one of --model DIR or --preset NAME")
-    args = load_config(model_dir) if model_dir else args_from_dict(preset_config(preset))
+    args = load_config(model_dir, rope_scaling) if model_dir else args_from_dict(preset_config(preset), rope_scaling)
+    check_context(args, ctx)
     hardware, profile_source = _resolve_profile(profile)
     budget = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     if budget and hardware.gpu is None:

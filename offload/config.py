@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from offload.errors import ConfigError
+from offload.errors import ConfigError, OffloadError
 
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
@@ -25,6 +25,26 @@ LINEAR_ATTENTION = "linear_attention"
 DEFAULT_CONTEXT = 4096  # positions the KV cache holds unless `ctx` says otherwise
 PREFILL_CHUNK = 512  # prompt tokens per forward pass (bounds activation and attention memory)
 DECODE_MAX_TOKENS = 8  # routed experts of calls up to this many tokens take the decode kernels
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN rotary scaling (arXiv 2309.00071) as transformers' `yarn` rope type computes it: positions
+    interpolated by `factor` in the low-frequency channels, kept in the high-frequency ones, with a
+    linear ramp between the channels that turn `beta_slow` and `beta_fast` times over the original
+    context; cos and sin are scaled by `attention_factor`."""
+
+    factor: float
+    original_max_position_embeddings: int
+    attention_factor: float
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True  # round the ramp's ends out to whole channels
+
+    @property
+    def context(self) -> int:
+        """The positions it extends the model to: factor x the original context."""
+        return int(self.factor * self.original_max_position_embeddings)
 
 
 @dataclass(kw_only=True)
@@ -48,6 +68,7 @@ class ModelArgs:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 1.0
+    rope_scaling: Yarn | None = None
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -60,6 +81,13 @@ class ModelArgs:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def max_context(self) -> int:
+        """The most positions the model is meant to see: its max_position_embeddings, or with YaRN
+        factor x the original context when that is more."""
+        scaled = self.rope_scaling.context if self.rope_scaling else 0
+        return max(self.max_position_embeddings, scaled)
 
     def is_moe_layer(self, layer: int) -> bool:
         return (
@@ -172,8 +200,9 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(f"config.json: {message}")
 
 
-def load_config(model_dir: str | Path) -> ModelArgs:
-    """Read and validate `model_dir/config.json`."""
+def load_config(model_dir: str | Path, rope_scaling: str | dict[str, Any] | None = None) -> ModelArgs:
+    """Read and validate `model_dir/config.json`; `rope_scaling` replaces its rope scaling
+    (`parse_rope_scaling`: "yarn:4", "none", or a dict in config.json's spelling)."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise ConfigError(f"{model_dir}: no such directory; pass the folder of a Hugging Face checkpoint")
@@ -193,7 +222,7 @@ def load_config(model_dir: str | Path) -> ModelArgs:
                           "original download") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
-    return args_from_dict(config)
+    return args_from_dict(config, rope_scaling)
 
 
 # What offload reads from config.json: key -> (kind, lowest, highest). Checked before anything
@@ -217,6 +246,7 @@ SCHEMA: dict[str, tuple[str, float, float]] = {
     "eos_token_id": ("ids", 0, 1 << 24), "mlp_only_layers": ("ids", 0, 1024), "layer_types": ("names", 0, 0),
     "torch_dtype": ("dtype", 0, 0), "dtype": ("dtype", 0, 0),
     "rope_scaling": ("mapping", 0, 0), "rope_parameters": ("mapping", 0, 0), "quantization_config": ("mapping", 0, 0),
+    "original_max_position_embeddings": ("int", 1, 1 << 24),
 }
 _FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -263,8 +293,9 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def args_from_dict(config: dict[str, Any]) -> ModelArgs:
-    """Build the `ModelArgs` subclass named by `config["model_type"]` from a config.json dict."""
+def args_from_dict(config: dict[str, Any], rope_scaling: str | dict[str, Any] | None = None) -> ModelArgs:
+    """Build the `ModelArgs` subclass named by `config["model_type"]` from a config.json dict (with
+    `rope_scaling` instead of its own, if given)."""
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ConfigError(f"config.json: model_type {model_type!r} is not supported; offload runs "
@@ -284,7 +315,7 @@ def args_from_dict(config: dict[str, Any]) -> ModelArgs:
                if f.default is dataclasses.MISSING and values.get(f.name) is None]
     if missing:
         raise ConfigError(f"config.json: missing required key(s) {', '.join(missing)} for {model_type}")
-    args = cls(**values)
+    args = with_rope_scaling(cls(**values), rope_scaling, config)
     args.validate()
     return args
 
@@ -328,15 +359,119 @@ def _rope_values(config: dict[str, Any], cls: type[ModelArgs]) -> dict[str, Any]
         for key in ("rope_theta", "partial_rotary_factor"):
             if key in config:
                 params[key] = config[key]
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"config.json: rope scaling {rope_type!r} is not supported yet; remove "
-                          "rope_scaling to run at the model's native context length")
     values: dict[str, Any] = {}
     for key in ("rope_theta", "partial_rotary_factor"):
         if params.get(key) is not None:
             values[key] = float(params[key])
+    values["rope_scaling"] = rope_scaling_from(params, config, "config.json")
     return values
+
+
+ROPE_TYPES = ("default", "yarn")
+
+
+def rope_scaling_from(params: dict[str, Any], config: dict[str, Any], source: str) -> Yarn | None:
+    """The scaling a rope settings dict asks for (`rope_type` or `type`: "default" or "yarn"), with
+    transformers' defaults: `original_max_position_embeddings` from the config's top level, else its
+    max_position_embeddings; a missing factor is their ratio; `attention_factor` from `mscale` and
+    `mscale_all_dim` when both are set, else 0.1 ln(factor) + 1."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in ("default", None):
+        return None
+    if rope_type != "yarn":
+        raise ConfigError(f"{source}: rope scaling {rope_type!r} is not supported; offload runs "
+                          f"{' and '.join(ROPE_TYPES)} (remove it to run at the model's native context)")
+
+    def number(key: str, lowest: float, highest: float, default=None):
+        value = params.get(key)
+        if value is None:
+            return default
+        if type(value) not in (int, float) or not lowest <= value <= highest:
+            raise ConfigError(f"{source}: yarn {key} is {_shown(value)}; expected a number from {lowest:g} "
+                              f"to {highest:g}")
+        return float(value)
+
+    original = config.get("original_max_position_embeddings", params.get("original_max_position_embeddings"))
+    original = config.get("max_position_embeddings", 32768) if original is None else original
+    if type(original) is not int or not 1 <= original <= 1 << 24:
+        raise ConfigError(f"{source}: yarn original_max_position_embeddings is {_shown(original)}; expected a "
+                          f"whole number from 1 to {1 << 24}")
+    factor = number("factor", 1, 1024)
+    if factor is None:
+        factor = config.get("max_position_embeddings", original) / original
+    attention = number("attention_factor", 0, 100)
+    if attention is None:
+        mscale, mscale_all_dim = number("mscale", 0, 100), number("mscale_all_dim", 0, 100)
+        if mscale and mscale_all_dim:
+            attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention = _yarn_mscale(factor, 1.0)
+    beta_fast = number("beta_fast", -1e6, 1e6) or 32.0  # transformers: a 0 is unset too
+    beta_slow = number("beta_slow", -1e6, 1e6) or 1.0
+    truncate = params.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"{source}: yarn truncate is {_shown(truncate)}; expected true or false")
+    return Yarn(factor=factor, original_max_position_embeddings=original, attention_factor=attention,
+                beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate)
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def parse_rope_scaling(text: str) -> dict[str, Any]:
+    """A rope scaling given on the command line or to `load`: "yarn:FACTOR[:ORIGINAL_CONTEXT]"
+    (e.g. "yarn:4", "yarn:4:32768"), "none" (no scaling, whatever config.json says), or a JSON
+    object in config.json's spelling."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            params = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--rope-scaling: not valid JSON ({e.msg}); write e.g. yarn:4") from None
+        if not isinstance(params, dict):
+            raise ConfigError("--rope-scaling: expected a JSON object, e.g. '{\"rope_type\": \"yarn\", \"factor\": 4}'")
+        return params
+    kind, _, rest = text.partition(":")
+    if kind in ("none", "default") and not rest:
+        return {"rope_type": "default"}
+    parts = rest.split(":") if rest else []
+    try:
+        if kind != "yarn" or not 1 <= len(parts) <= 2:
+            raise ValueError
+        params = {"rope_type": "yarn", "factor": float(parts[0])}
+        if len(parts) == 2:
+            params["original_max_position_embeddings"] = int(parts[1])
+    except ValueError:
+        raise ConfigError(f"--rope-scaling {text!r}: write yarn:FACTOR or yarn:FACTOR:ORIGINAL_CONTEXT (e.g. "
+                          "yarn:4 or yarn:4:32768), or none") from None
+    return params
+
+
+def with_rope_scaling(args: ModelArgs, scaling: str | dict[str, Any] | None, config: dict[str, Any]) -> ModelArgs:
+    """`args` with the rope scaling `scaling` (`parse_rope_scaling`'s forms) instead of config.json's."""
+    if scaling is None:
+        return args
+    params = parse_rope_scaling(scaling) if isinstance(scaling, str) else dict(scaling)
+    if "original_max_position_embeddings" in params:  # said here, it outranks config.json's top-level one
+        config = {k: v for k, v in config.items() if k != "original_max_position_embeddings"}
+    return dataclasses.replace(args, rope_scaling=rope_scaling_from(params, config, "--rope-scaling"))
+
+
+def check_context(args: ModelArgs, ctx: int) -> None:
+    """Refuse a context of `ctx` positions that the model's rotary embedding does not reach."""
+    if ctx <= 0:
+        raise OffloadError(f"ctx must be positive, got {ctx}")
+    if ctx <= args.max_context:
+        return
+    yarn = args.rope_scaling
+    if yarn is not None:
+        raise OffloadError(f"--ctx {ctx} is more than this model reaches with YaRN x{yarn.factor:g} ({args.max_context} "
+                           f"positions); pass at most that, or a larger factor: --rope-scaling "
+                           f"yarn:{math.ceil(ctx / yarn.original_max_position_embeddings)}")
+    native = args.max_position_embeddings
+    raise OffloadError(f"--ctx {ctx} is more than this model's {native} positions (max_position_embeddings); "
+                       f"pass at most that, or extend the context with --rope-scaling yarn:{math.ceil(ctx / native)}")
 
 
 def _qwen3_next_layer_types(config: dict[str, Any]) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from offload.checkpoint import Checkpoint, CheckpointError, require_finite
-from offload.config import DECODE_MAX_TOKENS, DEFAULT_CONTEXT, PREFILL_CHUNK, ModelArgs, load_config
+from offload.config import DECODE_MAX_TOKENS, DEFAULT_CONTEXT, PREFILL_CHUNK, ModelArgs, check_context, load_config
 from offload.errors import OffloadError
 from offload.models import ARCHITECTURES
 from offload.models.cache import Cache, cache_nbytes
@@ -72,7 +72,7 @@ class Engine:
     def _check_room(self, needed: int) -> None:
         if needed > self.ctx:
             raise OffloadError(f"{needed} tokens do not fit the context of {self.ctx}; load with a "
-                               f"larger ctx (at most {self.args.max_position_embeddings})")
+                               f"larger ctx (at most {self.args.max_context})")
 
     def reset(self) -> None:
         """Start a new sequence."""
@@ -231,7 +231,7 @@ def _run_two_at_a_time(stages: list) -> list[torch.Tensor]:
 def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | None = None,
          profile: str | None = None, device: str | None = None, ctx: int | None = None,
          store_dir: str | Path | None = None, dense_quant: str | None = "auto", overlap: bool = False,
-         prefill: str = "auto", exact: bool = False) -> Engine:
+         prefill: str = "auto", exact: bool = False, rope_scaling: str | dict | None = None) -> Engine:
     """Load a Hugging Face checkpoint directory into an `Engine`, placed as its plan says.
 
     quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16);
@@ -257,6 +257,9 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     the prefetch buffers).
     overlap=True runs the int4 experts on a worker thread while the shared expert is computed
     (a model executing on the CPU only; slower on small CPUs).
+    rope_scaling replaces config.json's: "yarn:4" (YaRN, factor 4 over max_position_embeddings),
+    "yarn:4:32768" (over an original context of 32768), "none", or a dict in config.json's
+    spelling. ctx may then reach factor x the original context (`ModelArgs.max_context`).
     """
     if dense_quant not in (None, *DENSE_QUANTS):
         raise OffloadError(f"dense_quant={dense_quant!r} is not a format offload has; use 'auto', 'int8', 'int4' "
@@ -264,13 +267,9 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     if quant not in (None, "int4"):
         raise OffloadError(f"quant={quant!r} is not a format offload has; use quant='int4' (routed experts "
                            "as int4) or quant=None (the checkpoint's precision)")
-    args = load_config(model_dir)
-    ctx = ctx or min(DEFAULT_CONTEXT, args.max_position_embeddings)
-    if ctx <= 0:
-        raise OffloadError(f"ctx must be positive, got {ctx}")
-    if ctx > args.max_position_embeddings:
-        raise OffloadError(f"ctx {ctx} is more than this model's max_position_embeddings "
-                           f"({args.max_position_embeddings}); pass at most that")
+    args = load_config(model_dir, rope_scaling)
+    ctx = ctx or min(DEFAULT_CONTEXT, args.max_context)
+    check_context(args, ctx)
     if prefill not in ("auto", "cpu", "stream"):
         raise OffloadError(f"prefill={prefill!r} is not a prefill path; use 'cpu', 'stream' or 'auto'")
     if prefill == "stream" and quant != "int4":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -21,6 +22,11 @@ NEXT_CONFIGS = {
     "next-hub": dict(num_hidden_layers=4, full_attention_interval=2, linear_num_key_heads=1,
                      linear_num_value_heads=4, tie_word_embeddings=True, norm_topk_prob=False,
                      mlp_only_layers=[2], hub_style=True),
+    # YaRN x4 over an original context of 64 positions (prompts of 150 reach past it)
+    "next-yarn": dict(layer_types=["linear_attention", "full_attention", "full_attention"],
+                      rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                       "factor": 4.0, "original_max_position_embeddings": 64},
+                      max_position_embeddings=256),
 }
 MOE_CONFIGS = {
     "moe": dict(num_hidden_layers=3, tie_word_embeddings=False, norm_topk_prob=True),
@@ -29,6 +35,12 @@ MOE_CONFIGS = {
                     decoder_sparse_step=2, hub_style=True),
     # sliding-window attention over 24 positions
     "moe-window": dict(num_hidden_layers=2, use_sliding_window=True, sliding_window=24),
+    # YaRN with every setting given (hub spelling: a flat rope_scaling with "type")
+    "moe-yarn": dict(num_hidden_layers=2, hub_style=True,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.5,
+                                      "original_max_position_embeddings": 48, "beta_fast": 16.0, "beta_slow": 2.0,
+                                      "attention_factor": 1.25},
+                     max_position_embeddings=160),
 }
 
 
@@ -81,10 +93,11 @@ def to_hub_style(config_path: Path, full_attention_interval: int | None) -> None
     """Rewrite a transformers-5 config.json the way the original hub releases spell it."""
     config = json.loads(config_path.read_text())
     rope = config.pop("rope_parameters")
-    config["rope_theta"] = rope["rope_theta"]
+    config["rope_theta"] = rope.pop("rope_theta")
     if "partial_rotary_factor" in rope:
-        config["partial_rotary_factor"] = rope["partial_rotary_factor"]
-    config["rope_scaling"] = None
+        config["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+    kind = rope.pop("rope_type")
+    config["rope_scaling"] = None if kind == "default" else {"type": kind, **rope}
     if full_attention_interval:
         del config["layer_types"]
         config["full_attention_interval"] = full_attention_interval
@@ -132,3 +145,48 @@ def hf_checkpoint(tmp_path_factory):
         return _built[name]
 
     return build
+
+
+# --- parity bounds -------------------------------------------------------------------------------
+# Two fp32 implementations of the same maths differ by about as much as each differs from the exact
+# result, and how much a model amplifies rounding depends on its weights, its input and the CPU's
+# instructions (FMA contraction, BLAS blocking: AVX2, AVX-512 and AMX round differently). So no
+# fixed tolerance is right everywhere: a parity test allows PARITY_FACTOR times the oracle's own
+# fp32 error on the same weights and input, measured against an fp64 run of the same model. On the
+# tiny configs offload sits at 0.3-0.8 of that error; one norm weight off by 1% moves the logits
+# by 10x more than the bound or further (`test_models.py::test_parity_bound_catches_a_perturbed_weight`).
+PARITY_FACTOR = 2.0
+
+
+def _float64(model):
+    """A float64 copy of a transformers model (eager experts: grouped_mm has no float64 kernel).
+    transformers computes a few pieces in fp32 whatever the model's dtype (RMSNorm, the gated
+    delta rule); the copy still measures the rounding of everything else."""
+    wide = copy.deepcopy(model).to(torch.float64)
+    wide.config._experts_implementation = "eager"
+    return wide
+
+
+def stepped_reference(model, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+    """transformers' logits for a prefill of ids[:prefix], then one cached decode step per token:
+    the oracle of step-by-step decode (the recurrence rounds differently from the chunked form)."""
+    with torch.no_grad():
+        out = model(ids[None, :prefix], use_cache=True)
+        key = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.2x
+        logits = [out.logits[0]]
+        for i in range(prefix, ids.shape[0]):
+            out = model(ids[None, i:i + 1], use_cache=True, **{key: out[key]})
+            logits.append(out.logits[0])
+    return torch.cat(logits).float()
+
+
+def parity_bound(model, ids: torch.Tensor, prefix: int | None = None) -> float:
+    """PARITY_FACTOR x the largest |fp32 - fp64| logit of transformers' `model` on `ids` (a full
+    forward; with `prefix`, also a prefill of ids[:prefix] then cached steps, as step-by-step
+    decode is compared)."""
+    with torch.no_grad():
+        exact = _float64(model)(ids[None]).logits[0]
+        error = (model(ids[None]).logits[0].double() - exact).abs().max().item()
+        if prefix is not None:
+            error = max(error, (stepped_reference(model, ids, prefix).double() - exact).abs().max().item())
+    return PARITY_FACTOR * error

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import offload
+from conftest import parity_bound
 from offload.checkpoint import Checkpoint, dequantize_fp8
 from offload.errors import CheckpointError
 from offload.synthetic import preset_config, synthesize
@@ -159,9 +160,10 @@ def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(hf_checkpoin
     ids = torch.randint(0, 160, (40,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = model(ids[None]).logits[0]
-    assert (expected - source.logits(ids)).abs().max() > 1e-3  # FP8 really changed the weights
+    bound = parity_bound(model, ids)
+    assert (expected - source.logits(ids)).abs().max() > 10 * bound  # FP8 really changed the weights
     logits = offload.load(path).logits(ids)
-    assert (logits - expected).abs().max() <= 2e-4
+    assert (logits - expected).abs().max() <= bound
 
 
 def _stack_for_transformers(state: dict, template: dict) -> dict:

@@ -58,7 +58,9 @@ def test_mlp_only_layers_and_sparse_step():
     ({"hidden_size": None}, r"missing required key\(s\) hidden_size for qwen3_moe"),
     ({"num_experts_per_tok": 99}, r"num_experts_per_tok \(99\) must be between 1 and num_experts \(16\)"),
     ({"num_key_value_heads": 3}, r"must be a multiple of num_key_value_heads \(3\)"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope scaling 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, r"rope scaling 'longrope' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": "4"}}, r"yarn factor is \"4\"; expected a number"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 0.5}}, r"yarn factor is 0.5"),
     ({"quantization_config": {"quant_method": "gptq"}}, r"quantization method 'gptq' is not supported"),
 ])
 def test_bad_configs_are_explained(change, message):

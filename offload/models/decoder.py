@@ -57,7 +57,7 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(make_layer(args, i) for i in range(args.num_hidden_layers))
         self.norm = norm
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(args.rotary_dim, args.rope_theta)
+        self.rotary = RotaryEmbedding(args.rotary_dim, args.rope_theta, args.rope_scaling)
 
     @property
     def compute_dtype(self) -> torch.dtype:
