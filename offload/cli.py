@@ -92,6 +92,9 @@ def model_options(command):
         click.option("--rope-scaling", default=None,
                      help="Extend the context with YaRN: yarn:FACTOR or yarn:FACTOR:ORIGINAL_CONTEXT (e.g. yarn:4 "
                           "for 4x the model's positions), or none [config.json's]."),
+        click.option("--kv-cache", type=click.Choice(["auto", "f32", "bf16", "int8"]), default="auto", show_default=True,
+                     help="How keys and values are stored; auto: int8 on the CPU, bf16 on a GPU (int8 if the plan "
+                          "needs the room), as computed with --quant none or --exact."),
     ]
 
     @functools.wraps(command)
@@ -104,7 +107,7 @@ def model_options(command):
     return gathered
 
 
-LOAD_FLAGS = ("quant", "dense_quant", "exact", "gpu_mem", "device", "profile", "rope_scaling")
+LOAD_FLAGS = ("quant", "dense_quant", "exact", "gpu_mem", "device", "profile", "rope_scaling", "kv_cache")
 
 
 def sampling_options(command):
@@ -209,7 +212,7 @@ def run(model_dir, demo, ctx, load_options, prompt_text, prompt_file, ids_text, 
     from offload.config import DEFAULT_CONTEXT, check_context, load_config
     from offload.conversation import Stats, generate, text_pieces
     from offload.errors import OffloadError
-    from offload.repl import show
+    from offload.repl import PrefillBar, show
     from offload.tokenizer import ThinkingFilter, Tokenizer, decode_input
 
     given = [x is not None for x in (prompt_text, prompt_file, ids_text)]
@@ -257,7 +260,7 @@ def run(model_dir, demo, ctx, load_options, prompt_text, prompt_file, ids_text, 
         click.echo("\n".join(describe(engine.placement)), err=True)
 
     stats = Stats()
-    tokens = generate(engine, prompt_ids, sampling, max_tokens, stats)
+    tokens = generate(engine, prompt_ids, sampling, max_tokens, stats, progress=PrefillBar())
     if as_json:
         generated = list(tokens)
         shown = [t for t in generated if t not in engine.stop_ids]
@@ -418,7 +421,8 @@ def bench(model_dir, demo, ctx, load_options, prompt_lengths, decode_tokens) -> 
             steps.append(time.perf_counter() - started)
         decode = 1 / statistics.median(steps)
         predicted = make_plan(engine.args, hardware, engine.plan.gpu_budget, ctx=engine.ctx, quant=engine.plan.quant,
-                              dense_quant=engine.plan.dense_quant, prompt_tokens=length).predicted
+                              dense_quant=engine.plan.dense_quant, prompt_tokens=length,
+                              kv_cache=engine.plan.kv_format).predicted
         click.echo(f"{length:>8} {prefill:>14.1f} {predicted.prefill_tok_s:>8.1f} {decode:>14.1f} "
                    f"{predicted.decode_tok_s:>8.1f}")
 
@@ -518,6 +522,7 @@ def _render_plan(result, profile_source: str) -> str:
                  "(incl. 2 GiB for the runtime)")
     p = result.predicted
     lines += ["", f"  decode   {p.decode_tok_s:8.1f} tok/s   bound: {p.decode_bound}",
+              f"           {p.decode_tok_s_at_ctx:8.1f} tok/s   at depth {result.ctx}; bound: {p.decode_bound_at_ctx}",
               f"  prefill  {p.prefill_tok_s:8.1f} tok/s   for {p.prefill_tokens} tokens, experts "
               f"{'streamed to the GPU' if p.prefill_strategy == 'stream' else 'on the CPU'}; bound: {p.prefill_bound}"]
     if p.stream_from_tokens:
@@ -549,9 +554,12 @@ def _resolve_profile(profile: str | None):
 @click.option("--dense-quant", type=click.Choice(["auto", "int8", "int4", "none"]), default="auto", show_default=True,
               help="Format of dense matrices in RAM (see run --help).")
 @click.option("--rope-scaling", default=None, help="Extend the context with YaRN, e.g. yarn:4 (see run --help).")
+@click.option("--kv-cache", type=click.Choice(["auto", "f32", "bf16", "int8"]), default="auto", show_default=True,
+              help="How keys and values are stored (see run --help).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model_dir: Path | None, preset: str | None, gpu_mem: str | None, ctx: int, profile: str | None,
-         prompt_tokens: int, quant: str, dense_quant: str, rope_scaling: str | None, as_json: bool) -> None:
+         prompt_tokens: int, quant: str, dense_quant: str, rope_scaling: str | None, kv_cache: str,
+         as_json: bool) -> None:
     """Show where a model's tensors go, how fast.
 
     Placement, GPU and RAM ledgers and predicted speeds for a checkpoint or a preset."""
@@ -573,7 +581,8 @@ def plan(model_dir: Path | None, preset: str | None, gpu_mem: str | None, ctx: i
         raise OffloadError(f"profile {hardware.name} has no GPU; pass --gpu-mem 0 to plan for the CPU, "
                            "or --profile for a machine with a GPU")
     result = make_plan(args, hardware, budget, ctx=ctx, quant=quant, prompt_tokens=prompt_tokens,
-                       model_name=preset or str(model_dir), dense_quant=None if dense_quant == "none" else dense_quant)
+                       model_name=preset or str(model_dir), dense_quant=None if dense_quant == "none" else dense_quant,
+                       kv_cache=kv_cache)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from offload.engine import Engine
+from offload.engine import Engine, Progress
 from offload.errors import OffloadError
 from offload.sampling import Sampler, SamplingParams
 from offload.tokenizer import Tokenizer
@@ -43,13 +43,14 @@ class Stats:
 
 
 def generate(engine: Engine, prompt_ids: list[int], sampling: SamplingParams | Sampler, max_tokens: int,
-             stats: Stats, fresh: bool = True) -> Iterator[int]:
-    """`engine.stream` with timings recorded into `stats` as it goes."""
+             stats: Stats, fresh: bool = True, progress: Progress | None = None) -> Iterator[int]:
+    """`engine.stream` with timings recorded into `stats` as it goes (`progress` follows a long
+    prompt's prefill)."""
     stats.prompt_tokens = len(prompt_ids)
     started = time.perf_counter()
     first_at = None
     stats.finish_reason = "interrupted"
-    for token in engine.stream(prompt_ids, max_tokens, sampling=sampling, fresh=fresh):
+    for token in engine.stream(prompt_ids, max_tokens, sampling=sampling, fresh=fresh, progress=progress):
         now = time.perf_counter()
         if first_at is None:
             first_at = now
@@ -85,6 +86,7 @@ class Conversation:
         self.fed: list[int] = []  # the ids held in the engine's caches
         self.last = Stats()
         self.thinking = False
+        self.progress: Progress | None = None  # follows a long prompt's prefill (the REPL shows it)
         self._sampler: Sampler | None = None
 
     def _current_sampler(self) -> Sampler:
@@ -121,7 +123,7 @@ class Conversation:
         self.last = Stats()
         self.thinking = self.tokenizer.opens_thinking(ids)  # the answer starts inside <think>
         tokens = generate(self.engine, new_ids, self._current_sampler(), min(self.max_tokens, room), self.last,
-                          fresh=not continues)
+                          fresh=not continues, progress=self.progress)
         try:
             yield from text_pieces(self.tokenizer, tokens, self.engine.stop_ids)
         finally:  # also on errors (e.g. the context is full) and when the caller stops early

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -21,11 +21,12 @@ from offload.errors import OffloadError
 from offload.models import ARCHITECTURES
 from offload.models.cache import Cache, cache_nbytes
 from offload.models.decoder import run_stages
-from offload.planner import DENSE_QUANTS
+from offload.planner import DENSE_QUANTS, KV_CACHES
 from offload.sampling import Sampler, SamplingParams, generation_stop_ids
 
 
 PROGRESS_BYTES = 256 * 2**20  # models smaller than this load without a progress bar
+Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
 
 
 class Engine:
@@ -39,13 +40,14 @@ class Engine:
     other's routed experts run on the CPU (on by default on CUDA)."""
 
     def __init__(self, model: nn.Module, args: ModelArgs, ctx: int, device: torch.device, executor=None,
-                 prefill: str = "cpu"):
+                 prefill: str = "cpu", kv_format: str | None = None):
         self.model = model
         self.args = args
         self.ctx = ctx
         self.device = device
         self.dtype = model.compute_dtype
-        self.caches: list[Cache] = ARCHITECTURES[args.model_type].make_cache(args, ctx, self.dtype, device)
+        kv_format = kv_format or ("f32" if self.dtype == torch.float32 else "bf16")
+        self.caches: list[Cache] = ARCHITECTURES[args.model_type].make_cache(args, ctx, self.dtype, device, kv_format)
         self.executor = executor  # the int4 routed experts' CpuExpertExecutor, if any
         self.prefill = prefill
         self.pipelined = device.type == "cuda" and executor is not None and bool(executor.lanes)
@@ -106,11 +108,11 @@ class Engine:
         self.position = snapshot.position
         self.history = list(snapshot.history)
 
-    def append(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    def append(self, input_ids: Sequence[int] | torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
         """Feed tokens into the current sequence, recording them in `history`; the last token's
         float32 logits [vocab]."""
         ids = self._ids(input_ids)
-        logits = self.feed(ids, all_logits=False)[-1]
+        logits = self.feed(ids, all_logits=False, progress=progress)[-1]
         self.history += ids.tolist()
         return logits
 
@@ -131,11 +133,16 @@ class Engine:
         """The most device memory offload has held at once (0 unless on CUDA)."""
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
 
-    def feed(self, input_ids: Sequence[int] | torch.Tensor, all_logits: bool = True) -> torch.Tensor:
+    def feed(self, input_ids: Sequence[int] | torch.Tensor, all_logits: bool = True,
+             progress: Progress | None = None) -> torch.Tensor:
         """Append tokens to the current sequence; float32 logits of each new token [T, vocab]
         (only of the last one, [1, vocab], when all_logits is False).
 
-        Long inputs run in chunks of PREFILL_CHUNK tokens, each continuing from the caches.
+        Long inputs run in chunks of PREFILL_CHUNK tokens, each continuing from the caches; memory
+        beyond the caches is one chunk's work whatever the length (keep all_logits False for long
+        inputs: the logits themselves are [T, vocab]). `progress(done, total)` is called after each
+        chunk of an input longer than one. Interrupted (Ctrl-C), the sequence is left unusable:
+        start a fresh one.
         """
         ids = self._ids(input_ids)
         self._check_room(self.position + ids.shape[0])
@@ -150,7 +157,11 @@ class Engine:
             if self.pipelined and len(stages) > 1 and not streamed:
                 logits = _run_two_at_a_time(stages)
             else:
-                logits = [run_stages(chunk) for chunk in stages]
+                logits = []
+                for begin, chunk in zip(starts, stages):
+                    logits.append(run_stages(chunk))
+                    if progress is not None and len(stages) > 1:
+                        progress(min(begin + PREFILL_CHUNK, ids.shape[0]), ids.shape[0])
         self.written += ids.tolist()
         self.position += ids.shape[0]
         return torch.cat([chunk.float() for chunk in (logits if all_logits else logits[-1:])]).cpu()
@@ -165,19 +176,21 @@ class Engine:
 
     def stream(self, input_ids: Sequence[int] | torch.Tensor, max_new_tokens: int = 32,
                temperature: float = 0.0, seed: int | None = None,
-               sampling: SamplingParams | Sampler | None = None, fresh: bool = True) -> Iterator[int]:
+               sampling: SamplingParams | Sampler | None = None, fresh: bool = True,
+               progress: Progress | None = None) -> Iterator[int]:
         """Yield new token ids one at a time; stops after a stop token (`stop_ids`, yielded) or
         `max_new_tokens`. `sampling` (or just temperature and seed) chooses the tokens; pass a
         `Sampler` to keep one random stream across calls (a chat's turns). With
         fresh=False the input continues the current sequence (a chat's next turn) instead of
-        starting a new one. Tokens are fed as they are drawn, except the last one."""
+        starting a new one. Tokens are fed as they are drawn, except the last one. `progress`
+        follows a long prompt's prefill (`feed`)."""
         ids = self._ids(input_ids)
         sampler = sampling if isinstance(sampling, Sampler) else \
             Sampler(sampling or SamplingParams(temperature=temperature, seed=seed))
         if fresh:
             self.reset()
         self._check_room(self.position + ids.shape[0] + max_new_tokens)
-        yield from self.decode(self.append(ids), max_new_tokens, sampler)
+        yield from self.decode(self.append(ids, progress), max_new_tokens, sampler)
 
     def decode(self, logits: torch.Tensor, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
         """Yield tokens drawn from `logits` (the current sequence's last token's), each fed before
@@ -231,7 +244,8 @@ def _run_two_at_a_time(stages: list) -> list[torch.Tensor]:
 def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | None = None,
          profile: str | None = None, device: str | None = None, ctx: int | None = None,
          store_dir: str | Path | None = None, dense_quant: str | None = "auto", overlap: bool = False,
-         prefill: str = "auto", exact: bool = False, rope_scaling: str | dict | None = None) -> Engine:
+         prefill: str = "auto", exact: bool = False, rope_scaling: str | dict | None = None,
+         kv_cache: str = "auto") -> Engine:
     """Load a Hugging Face checkpoint directory into an `Engine`, placed as its plan says.
 
     quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16);
@@ -260,6 +274,10 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     rope_scaling replaces config.json's: "yarn:4" (YaRN, factor 4 over max_position_embeddings),
     "yarn:4:32768" (over an original context of 32768), "none", or a dict in config.json's
     spelling. ctx may then reach factor x the original context (`ModelArgs.max_context`).
+    kv_cache: how keys and values are stored — "f32", "bf16", "int8" (per position and head, a scale
+    per 64 channels), or "auto": as computed when the weights keep their precision (quant=None) or
+    with exact=True; otherwise int8 on the CPU, bf16 on a GPU (int8 if the plan needs the room).
+    The plan says which (`engine.plan.kv_format`) and why.
     """
     if dense_quant not in (None, *DENSE_QUANTS):
         raise OffloadError(f"dense_quant={dense_quant!r} is not a format offload has; use 'auto', 'int8', 'int4' "
@@ -270,12 +288,14 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     args = load_config(model_dir, rope_scaling)
     ctx = ctx or min(DEFAULT_CONTEXT, args.max_context)
     check_context(args, ctx)
+    if kv_cache not in KV_CACHES:
+        raise OffloadError(f"kv_cache={kv_cache!r} is not a KV cache format; use {', '.join(KV_CACHES)}")
     if prefill not in ("auto", "cpu", "stream"):
         raise OffloadError(f"prefill={prefill!r} is not a prefill path; use 'cpu', 'stream' or 'auto'")
     if prefill == "stream" and quant != "int4":
         raise OffloadError("prefill='stream' streams the int4 experts; use it with quant='int4'")
     execution, hardware, budget = _execution_device(device, gpu_mem, profile)
-    plan = _plan(args, hardware, budget, ctx, quant, dense_quant, str(model_dir))
+    plan = _plan(args, hardware, budget, ctx, quant, dense_quant, str(model_dir), kv_cache, exact)
     if not plan.fits:
         raise OffloadError(f"{Path(model_dir).name} does not fit: {plan.reason}")
     hybrid = plan.gpu_budget > 0
@@ -299,7 +319,11 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     nbytes = place(model, plan, execution, progress=_total_bytes(model) >= PROGRESS_BYTES, exact=exact)
     if executor is not None and hybrid and any(p.group == PREFETCH_GROUP for p in plan.placement):
         executor.prepare_streaming()
-    engine = Engine(model, args, ctx, execution, executor, prefill)
+    engine = Engine(model, args, ctx, execution, executor, prefill, plan.kv_format)
+    if not hybrid:
+        from offload.attention import plug_into
+
+        plug_into(engine.caches, args)
     engine.stop_ids |= generation_stop_ids(model_dir)
     engine.plan = plan
     expert_nbytes = executor.store.nbytes if executor is not None else 0
@@ -390,14 +414,14 @@ def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_di
 
 
 def _plan(args: ModelArgs, hardware, budget: int | None, ctx: int, quant: str | None, dense_quant: str | None,
-          name: str):
+          name: str, kv_cache: str, exact: bool):
     from offload.hardware import ProfileError
     from offload.planner import make_plan
 
     if budget and hardware.gpu is None:
         raise ProfileError(f"profile {hardware.name} has no GPU; use gpu_mem=0 or a profile with a GPU")
     return make_plan(args, hardware, budget, ctx=ctx, quant=quant or "none", dense_quant=dense_quant,
-                     model_name=name)
+                     model_name=name, kv_cache=kv_cache, exact=exact)
 
 
 def _total_bytes(model: nn.Module) -> int:

@@ -34,12 +34,18 @@ from dataclasses import asdict, dataclass, field
 
 from offload.config import FULL_ATTENTION, PREFILL_CHUNK, ModelArgs, checkpoint_shapes
 from offload.hardware import HardwareProfile, format_size
+from offload.models.cache import KV_FORMATS, kv_bytes_per_position
 
 INT4_BYTES = 4.5 / 8  # kernels.int4: 4 bits + a bf16 scale per 32 weights
 INT6_BYTES = 6.5 / 8  # kernels.int6 (an output head on the CPU): 6 bits + a bf16 scale per 32 weights
 INT8_BYTES = 8.5 / 8  # kernels.int8 (dense matrices on the CPU): 8 bits + a bf16 scale per 32 weights
 FORMAT_BYTES = {"int4": INT4_BYTES, "int6": INT6_BYTES, "int8": INT8_BYTES}
 DENSE_QUANTS = ("auto", "int8", "int4")  # `dense_quant` values besides None (as stored)
+KV_CACHES = ("auto", *KV_FORMATS)  # `kv_cache` values
+# Decode attention on the CPU (kernels.attention) at depth: with a group of query heads per KV head
+# it does 2 x heads x Dh multiply-adds per cached position, more than the RAM delivers bytes for
+# on a few cores; measured ~15 G multiply-adds/s per core (AMD EPYC Zen 4, bf16 and int8 alike).
+CPU_ATTENTION_FMA_PER_CORE = 15e9
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context, cuBLAS workspace, allocator slack
 RAM_RESERVE_BYTES = 2 * 2**30  # Python, torch and the OS page cache's working minimum
 LAYER_SYNC_SECONDS = 40e-6  # per layer and token: two small copies, an event, a worker hand-off
@@ -68,8 +74,10 @@ class Placement:
 
 @dataclass
 class Prediction:
-    decode_tok_s: float
+    decode_tok_s: float  # at depth 0
     decode_bound: str
+    decode_tok_s_at_ctx: float  # with the context full: every cached key and value read per token
+    decode_bound_at_ctx: str
     prefill_tok_s: float
     prefill_bound: str
     prefill_tokens: int
@@ -97,6 +105,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     activations: str = "bf16"  # dtype the model computes in: the GPU's, or fp32 on a CPU with quantised layers
     dense_quant: str | None = None  # the policy for dense matrices on the CPU (`dense_format`)
+    kv_format: str = "bf16"  # how the KV cache stores keys and values (KV_FORMATS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,12 +157,12 @@ def parameter_counts(args: ModelArgs) -> tuple[int, int]:
     return total, active
 
 
-def cache_bytes(args: ModelArgs, ctx: int, dtype_bytes: int) -> tuple[int, int]:
-    """(KV cache bytes for `ctx` positions, recurrent state bytes)."""
+def cache_bytes(args: ModelArgs, ctx: int, dtype_bytes: int, kv_format: str) -> tuple[int, int]:
+    """(KV cache bytes for `ctx` positions in `kv_format`, recurrent state bytes)."""
     kv = linear = 0
     for layer in range(args.num_hidden_layers):
         if args.layer_type(layer) == FULL_ATTENTION:
-            kv += 2 * args.num_key_value_heads * args.head_dim * ctx * dtype_bytes
+            kv += int(kv_bytes_per_position(args.num_key_value_heads, args.head_dim, kv_format) * ctx)
         else:
             conv = (2 * args.linear_num_key_heads * args.linear_key_head_dim
                     + args.linear_num_value_heads * args.linear_value_head_dim)
@@ -197,21 +206,38 @@ def dense_format(group: str, dense_quant: str | None) -> str | None:
     return dense_quant
 
 
+def kv_choices(kv_cache: str, use_gpu: bool, compute_format: str, lossless: bool) -> list[str]:
+    """The KV formats a plan may use, best first. "auto": the computed precision (fp32, else bf16)
+    when the rest keeps full precision (weights as stored, or exact kernels); otherwise bf16 on a
+    GPU, int8 when the budget needs the room, and int8 on the CPU, where a decode step at depth
+    reads the whole cache (int8 is half of bf16's bytes; its error, measured in BENCHMARKS.md and
+    held by tests/test_long_context.py, is a small part of what int4 experts already cost)."""
+    if kv_cache != "auto":
+        return [kv_cache]
+    computed = "f32" if compute_format == "fp32" else "bf16"
+    if lossless:
+        return [computed, "int8"] if use_gpu else [computed]
+    return ["bf16", "int8"] if use_gpu else ["int8"]
+
+
 def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None = None, ctx: int = 4096,
               quant: str = "int4", prompt_tokens: int = 2048, model_name: str = "",
-              dense_quant: str | None = "auto") -> Plan:
+              dense_quant: str | None = "auto", kv_cache: str = "auto", exact: bool = False) -> Plan:
     """Place every tensor group; `gpu_budget` in bytes (None: the profile's GPU memory, 0: CPU only).
     Dense matrices placed on the CPU are in `dense_format(group, dense_quant)` ("auto", "int8",
-    "int4", or None: as stored). Sizes are those the loader allocates for this placement, tensor
-    by tensor."""
+    "int4", or None: as stored); the KV cache in `kv_choices(kv_cache, ...)`'s first format that
+    fits. Sizes are those the loader allocates for this placement, tensor by tensor."""
     if dense_quant not in (None, *DENSE_QUANTS):
         raise ValueError(f"dense_quant must be one of {DENSE_QUANTS} or None, got {dense_quant!r}")
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     if dense_quant == "auto" and quant != "int4":
         dense_quant = None  # float experts: the dense matrices stay float too
     if gpu_budget is None:
         gpu_budget = profile.gpu.memory if profile.gpu else 0
     use_gpu = gpu_budget > 0 and profile.gpu is not None
-    dense_bytes = DTYPE_BYTES.get(args.torch_dtype, 2) if args.fp8_block_size is None else 2
+    # FP8 weights are widened to the checkpoint's float dtype (its embeddings'; bf16 in the releases)
+    dense_bytes = DTYPE_BYTES.get(args.torch_dtype, 2)
     stored_format = {4: "fp32", 2: "bf16"}[dense_bytes] if args.torch_dtype != "float16" else "fp16"
     # Without a GPU and with quantised dense matrices the model computes in fp32 (the CPU kernels'
     # activations); what stays float is widened to it. Otherwise everything keeps the checkpoint's dtype.
@@ -222,7 +248,9 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
     if args.tie_word_embeddings:  # the head is a second copy on its device
         tensors["lm_head"] = [("lm_head.weight", tensors["embeddings"][0][1])]
     groups = {group: sum(math.prod(shape) for _, shape in items) for group, items in tensors.items()}
-    kv, linear_state = cache_bytes(args, ctx, compute_bytes)
+    kv_formats = kv_choices(kv_cache, use_gpu, compute_format, lossless=quant != "int4" or exact)
+    kv = {fmt: cache_bytes(args, ctx, compute_bytes, fmt)[0] for fmt in kv_formats}
+    linear_state = cache_bytes(args, ctx, compute_bytes, kv_formats[0])[1]
     total, active = parameter_counts(args)
     moe_layers = sum(args.is_moe_layer(layer) for layer in range(args.num_hidden_layers))
     layer_experts = groups.get("routed experts", 0) * expert_bytes / max(moe_layers, 1)
@@ -246,13 +274,13 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
     notes: list[str] = []
     stream_buffers = 2 * int(layer_experts) if quant == "int4" else 0
 
-    def layout(gpu_optional: list[str], with_stream: bool) -> list[Placement]:
+    def layout(gpu_optional: list[str], with_stream: bool, kv_format: str) -> list[Placement]:
         device = "gpu" if use_gpu else "cpu"
         placement = [on("cpu", "embeddings")]
         placement += [on(device, g) for g in dense_groups]
         placement += [on(device if g in gpu_optional else "cpu", g) for g in optional]
         placement.append(on("cpu", "routed experts"))
-        placement.append(Placement(f"KV cache ({ctx} positions)", device, compute_format, kv))
+        placement.append(Placement(f"KV cache ({ctx} positions)", device, kv_format, kv[kv_format]))
         if linear_state:
             placement.append(Placement("DeltaNet state", device, "fp32", linear_state))
         if use_gpu:
@@ -268,20 +296,24 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
     def gpu_total(placement: list[Placement]) -> int:
         return sum(p.nbytes for p in placement if p.device == "gpu")
 
-    candidates = [(optional, stream_buffers > 0), (optional, False)]
-    candidates += [(optional[i + 1:], False) for i in range(len(optional))]
+    # what a short budget gives up, in order: prefetch buffers, then bf16 keys and values (for int8),
+    # then the shared experts' and lm_head's places on the GPU
+    best, cheapest = kv_formats[0], kv_formats[-1]
+    candidates = [(optional, stream_buffers > 0, best), (optional, False, best)]
+    candidates += [(optional, False, fmt) for fmt in kv_formats[1:]]
+    candidates += [(optional[i + 1:], False, cheapest) for i in range(len(optional))]
     placement = layout(*candidates[0])
     minimum = gpu_total(layout(*candidates[-1])) if use_gpu else 0
     fits, reason = True, ""
     if use_gpu:
-        for gpu_optional, with_stream in candidates:
-            placement = layout(gpu_optional, with_stream)
+        for candidate in candidates:
+            placement = layout(*candidate)
             if gpu_total(placement) <= gpu_budget:
                 break
         else:
             fits = False
             reason = (f"needs at least {format_size(minimum)} of GPU memory for {ctx} tokens of context "
-                      f"(mixers, caches, routers, CUDA context), the budget is {format_size(gpu_budget)}; "
+                      f"(mixers, routers, CUDA context, caches with a {cheapest} KV cache), the budget is {format_size(gpu_budget)}; "
                       f"raise --gpu-mem, lower --ctx, or use --gpu-mem 0 to run on the CPU")
         if fits and stream_buffers and not any(p.group == PREFETCH_GROUP for p in placement):
             notes.append("no room for expert prefetch buffers: prefill runs the experts on the CPU")
@@ -289,6 +321,9 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
         if fits and moved:
             notes.append(f"{' and '.join(moved)} on the CPU "
                          f"({', '.join(p.format for p in placement if p.group in moved)}) to fit the GPU budget")
+    kv_entry = next(p for p in placement if p.group.startswith("KV cache"))
+    if fits:
+        notes.append(_kv_note(kv_entry, kv, best, use_gpu, args, ctx, asked=kv_cache != "auto"))
     gpu_bytes = gpu_total(placement)
     quantized = [p for p in placement if p.device == "cpu" and p.format in FORMAT_BYTES and p.group in MATRIX_GROUPS]
     if fits and quantized:
@@ -303,9 +338,27 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
                 ctx=ctx, quant=quant, fits=fits, reason=reason, placement=placement, gpu_bytes=gpu_bytes,
                 ram_bytes=ram_bytes, ram_available=profile.cpu.ram, minimum_gpu_bytes=minimum,
                 params_total=total, params_active=active, notes=notes,
-                activations=compute_format, dense_quant=dense_quant)
+                activations=compute_format, dense_quant=dense_quant, kv_format=kv_entry.format)
     plan.predicted = predict(args, profile, plan, groups, prompt_tokens)
     return plan
+
+
+def _kv_note(entry: Placement, sizes: dict[str, int], best: str, use_gpu: bool, args: ModelArgs, ctx: int,
+             asked: bool) -> str:
+    """Why the KV cache has its format."""
+    layers = sum(args.layer_type(i) == FULL_ATTENTION for i in range(args.num_hidden_layers))
+    if not layers:
+        return f"no KV cache: no layer of {args.model_type} attends over the context"
+    size = f"{format_size(entry.nbytes)} for {ctx} positions x {layers} attention layers"
+    if asked:
+        return f"KV cache {entry.format} ({size}): as asked (kv_cache)"
+    if entry.format != best:
+        return f"KV cache {entry.format} ({size}) to fit the GPU budget; {best} would take {format_size(sizes[best])}"
+    if entry.format == "int8":
+        return (f"KV cache int8 ({size}): a decode step at depth reads all of it, half of bf16's bytes, for an "
+                "error well below the int4 experts' (BENCHMARKS.md)")
+    why = "the GPU's" if use_gpu else "the model's"
+    return f"KV cache {entry.format} ({size}): {why} precision"
 
 
 def _format_note(quantized: list[Placement], tensors, compute_bytes: int, stored_bytes: int, stored_format: str,
@@ -389,6 +442,9 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
              "GPU memory bandwidth": gpu_s, "GPU-CPU synchronisation": sync_s}
     decode_s = sum(parts.values())
     decode_bound = max(parts, key=parts.get)
+    attention_s = _attention_at_depth_s(args, profile, plan, gpu)
+    decode_at_ctx_s = decode_s + attention_s
+    bound_at_ctx = "attention over the full KV cache" if attention_s > max(parts.values()) else decode_bound
 
     # prefill of N tokens, either way
     def cpu_experts_s(tokens: int) -> float:
@@ -417,8 +473,21 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
             strategy, prefill_s, prefill_bound = "stream", stream_s(prompt_tokens), "host-to-device bandwidth"
         stream_from = _crossing(cpu_experts_s, stream_s, plan.ctx)
     return Prediction(decode_tok_s=1 / decode_s, decode_bound=decode_bound,
+                      decode_tok_s_at_ctx=1 / decode_at_ctx_s, decode_bound_at_ctx=bound_at_ctx,
                       prefill_tok_s=prompt_tokens / prefill_s, prefill_bound=prefill_bound,
                       prefill_tokens=prompt_tokens, prefill_strategy=strategy, stream_from_tokens=stream_from)
+
+
+def _attention_at_depth_s(args: ModelArgs, profile: HardwareProfile, plan: Plan, gpu) -> float:
+    """Seconds per decoded token of attention over a full KV cache (`plan.ctx` positions): its bytes
+    at the memory's bandwidth; on the CPU at least its multiply-adds at the measured kernel rate."""
+    kv = next(p for p in plan.placement if p.group.startswith("KV cache"))
+    if kv.device == "gpu":
+        return kv.nbytes / (gpu.memory_bandwidth * GPU_EFFICIENCY)
+    layers = sum(args.layer_type(i) == FULL_ATTENTION for i in range(args.num_hidden_layers))
+    multiply_adds = 2 * args.num_attention_heads * args.head_dim * plan.ctx * layers
+    return max(kv.nbytes / profile.cpu.ram_bandwidth,
+               multiply_adds / (profile.cpu.physical_cores * CPU_ATTENTION_FMA_PER_CORE))
 
 
 def _gpu_flops_s(args: ModelArgs, gpu, tokens: int, plan: Plan) -> float:

@@ -57,6 +57,29 @@ def show(pieces: list[tuple[bool, str]], hide_thinking: bool, terminal: bool) ->
     sys.stdout.flush()
 
 
+class PrefillBar:
+    """A long prompt's prefill on stderr (`Engine.feed`'s progress): tokens read of all and tok/s,
+    gone once the answer starts."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit=" tokens", desc="reading the prompt", leave=False, file=sys.stderr,
+                            dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class Repl:
     def __init__(self, conversation: Conversation, hide_thinking: bool = False,
                  memory: Callable[[], str] = lambda: ""):
@@ -64,6 +87,8 @@ class Repl:
         self.hide_thinking = hide_thinking
         self.memory = memory
         self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
+        self.prefill_bar = PrefillBar()
+        conversation.progress = self.prefill_bar
 
     # --- input ---------------------------------------------------------------------------------
 
@@ -136,6 +161,7 @@ class Repl:
             click.echo()
         except KeyboardInterrupt:
             pieces.close()
+            self.prefill_bar.close()
             click.echo(click.style(" [stopped]", dim=True) if self.interactive else " [stopped]")
         except OffloadError as error:
             click.echo(f"error: {error}", err=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -107,3 +109,226 @@ def test_plan_at_131072_for_qwen3_30b_a3b_needs_yarn():
     planned = runner.invoke(main, ["plan", "--preset", "qwen3-30b-a3b", "--ctx", "131072", "--gpu-mem", "0",
                                    "--profile", "cpu-only-2core", "--rope-scaling", "yarn:4:32768"])
     assert "context 131072 tokens" in planned.stdout and "KV cache" in planned.stdout
+
+
+# --- KV cache formats ------------------------------------------------------------------------------
+
+from offload.kernels import attention as attention_kernel  # noqa: E402
+from offload.models import cache as cache_module  # noqa: E402
+from offload.models.cache import KVCache  # noqa: E402
+
+
+def stored(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `cache` holds, widened to fp32 (every position)."""
+    return cache.read(0, cache.max_len, torch.float32)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8"])
+@pytest.mark.parametrize("tokens, window", [(1, None), (3, None), (8, 100)])
+def test_the_decode_kernel_reads_each_format_as_the_reference(fmt, tokens, window):
+    """kernels.attention on the stored format against NumPy softmax attention over the same
+    values widened; GQA rows, several spans, a sliding window."""
+    from offload.attention import CpuDecodeAttention
+
+    generator = torch.Generator().manual_seed(3)
+    heads, kv_heads, width, start = 8, 2, 64, 1500
+    cache = KVCache(2048, kv_heads, width, fmt)
+    cache.write(torch.randn(kv_heads, start + tokens, width, generator=generator),
+                torch.randn(kv_heads, start + tokens, width, generator=generator), 0)
+    query = torch.randn(heads, tokens, width, generator=generator)
+    out = CpuDecodeAttention(heads, kv_heads, width)(cache, query, start, window)
+    keys, values = stored(cache)
+    rows = (query * width**-0.5).reshape(kv_heads, -1, width).numpy()
+    limits = np.tile(np.arange(start, start + tokens), heads // kv_heads)
+    expected = attention_kernel.attend_reference(rows, keys.numpy(), values.numpy(), limits, window or 0)
+    expected = torch.from_numpy(expected).reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_int8_writes_are_the_reference_quantiser():
+    cache = KVCache(16, 2, 128, "int8")
+    keys, values = torch.randn(2, 5, 128), torch.randn(2, 5, 128) * 30
+    cache.write(keys, values, 3)
+    codes, scales = attention_kernel.quantize_rows(values.numpy(), 64)
+    assert np.array_equal(cache.values[:, 3:8].numpy(), codes) and np.allclose(cache.value_scales[:, 3:8], scales)
+    widened = cache.read(3, 8, torch.float32)[1]
+    assert (widened - values).abs().max() <= values.abs().max() / 127  # half a step per group, at most
+    assert cache.nbytes == 2 * 2 * 16 * (128 + 2 * 4)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8"])
+@pytest.mark.parametrize("window", [None, 40])
+def test_prefill_attention_in_blocks_is_attention_over_the_whole_cache(monkeypatch, fmt, window):
+    """The CPU's blockwise path (blocks of 64 here), merged by log-sum-exp, equals one softmax over
+    every stored position; a continuing chunk sees its prefix."""
+    monkeypatch.setattr(cache_module, "CPU_BLOCK", 64)
+    generator = torch.Generator().manual_seed(4)
+    heads, kv_heads, width, start, tokens = 4, 2, 32, 150, 70
+    cache = KVCache(256, kv_heads, width, fmt)
+    cache.write(torch.randn(kv_heads, start + tokens, width, generator=generator),
+                torch.randn(kv_heads, start + tokens, width, generator=generator), 0)
+    query = torch.randn(heads, tokens, width, generator=generator)
+    out = cache.attend(query, start, window)
+    keys, values = (t[:, :start + tokens] for t in stored(cache))
+    visible = torch.arange(start + tokens)[None, :] <= torch.arange(start, start + tokens)[:, None]
+    if window:
+        visible &= torch.arange(start + tokens)[None, :] > torch.arange(start, start + tokens)[:, None] - window
+    expected = torch.nn.functional.scaled_dot_product_attention(query[None], keys[None], values[None],
+                                                                attn_mask=visible, enable_gqa=True)
+    assert (out - expected[0].transpose(0, 1).reshape(tokens, -1)).abs().max() <= 1e-5
+
+
+def test_each_format_is_what_the_plan_says(hf_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    path = hf_checkpoint("next").path
+    for options, expected in [({}, "f32"), ({"quant": "int4"}, "int8"), ({"quant": "int4", "exact": True}, "f32"),
+                              ({"quant": "int4", "kv_cache": "bf16"}, "bf16"),
+                              ({"quant": "int4", "gpu_mem": "8G", "device": "cpu", "profile": "rtx4060-ddr5"}, "bf16")]:
+        engine = offload.load(path, **options)
+        kv = [c for c in engine.caches if isinstance(c, KVCache)]
+        entry = next(p for p in engine.plan.placement if p.group.startswith("KV cache"))
+        assert engine.plan.kv_format == entry.format == expected and {c.format for c in kv} == {expected}, options
+        assert entry.nbytes == sum(c.nbytes for c in kv)
+        assert any(f"KV cache {expected}" in note for note in engine.plan.notes)
+    with pytest.raises(OffloadError, match="kv_cache='fp8' is not a KV cache format"):
+        offload.load(path, kv_cache="fp8")
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory):
+    return {name: synthesize(tmp_path_factory.mktemp(name) / "m", preset_config(name))
+            for name in ("tiny-qwen3-next", "tiny-qwen3-moe")}
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-next", "tiny-qwen3-moe"])
+def test_what_each_format_costs_at_depth(presets, name, tmp_path, monkeypatch):
+    """64 decode steps after 2100 tokens: bf16 and int8 keys and values move the logits by a small
+    part of what int4 experts do (on these random models: 1-3% against 14-32%) and keep the top
+    token nearly everywhere."""
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    ids = torch.randint(1, 500, (2164,), generator=torch.Generator().manual_seed(0))
+
+    def decoded(**options) -> torch.Tensor:
+        engine = offload.load(presets[name], ctx=2200, **options)
+        engine.feed(ids[:2100], all_logits=False)
+        return torch.cat([engine.feed(ids[i:i + 1]) for i in range(2100, 2164)])
+
+    def moved(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    full = decoded(quant=None, kv_cache="f32")
+    exact = {fmt: decoded(quant="int4", kv_cache=fmt) for fmt in ("f32", "bf16", "int8")}
+    int4_cost = moved(exact["f32"], full)
+    for fmt in ("bf16", "int8"):
+        assert moved(exact[fmt], exact["f32"]) < 0.3 * int4_cost, fmt
+        assert (exact[fmt].argmax(-1) == exact["f32"].argmax(-1)).float().mean() >= 0.9
+
+
+def test_what_each_format_costs_on_real_keys_and_values():
+    """all-MiniLM-L6-v2's attention on real sentences: int8 keys and values err by about a tenth of
+    what int4 weights do to its matrices (~6%, test_int4_quality.py), bf16 by less."""
+    from test_int4_quality import load_bench
+
+    quality = load_bench().kv_format_quality()
+    assert 0 < quality["bf16"] < quality["int8"] < 0.01
+
+
+def test_the_planner_owns_the_kv_format():
+    runner = CliRunner()
+    native = ["plan", "--preset", "qwen3-next-80b-a3b", "--gpu-mem", "8G", "--ctx", "262144",
+              "--profile", "rtx4060-ddr5"]
+    result = runner.invoke(main, native)
+    assert result.exit_code == 0 and result.stdout.rstrip().endswith("fits"), result.output
+    assert "KV cache int8" in result.stdout and "bf16 would take 6.0GiB" in result.stdout
+    assert "at depth 262144" in result.stdout
+    plan = json.loads(runner.invoke(main, [*native, "--json"]).stdout)
+    assert plan["kv_format"] == "int8" and plan["gpu_bytes"] <= 8 * 2**30
+    assert plan["predicted"]["decode_tok_s_at_ctx"] < plan["predicted"]["decode_tok_s"]
+    forced = runner.invoke(main, [*native, "--kv-cache", "bf16"])
+    assert forced.exit_code == 1 and "bf16 KV cache" in forced.stderr
+
+
+# --- long prompts ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def long_moe(tmp_path_factory):
+    """A tiny Qwen3-MoE whose context reaches 32768 positions."""
+    config = dict(preset_config("tiny-qwen3-moe"), max_position_embeddings=32768)
+    return synthesize(tmp_path_factory.mktemp("long") / "m", config)
+
+
+def peak_rss_while(work) -> int:
+    """The highest RSS (bytes) sampled every millisecond while `work()` runs."""
+    import threading
+    import time
+
+    import psutil
+
+    process, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        work()
+    finally:
+        done.set()
+        sampler.join()
+    return peak[0]
+
+
+@pytest.mark.parametrize("kv_cache", ["int8", "f32"])
+def test_a_long_prompt_prefills_in_memory_that_does_not_grow_with_it(long_moe, tmp_path, monkeypatch, kv_cache):
+    """Beyond the caches (allocated at load), prefill holds one chunk's work: a 16384-token prompt
+    peaks within a few MiB of a 4096-token one. Attention scores over the whole prompt would be
+    heads x 512 x 16384 x 4 bytes = 128 MiB per layer, all-token logits 32 MiB."""
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    engine = offload.load(long_moe, quant="int4", ctx=16400, kv_cache=kv_cache)
+    ids = torch.randint(1, 500, (16384,), generator=torch.Generator().manual_seed(6))
+    peaks = {}
+    for length in (4096, 16384, 4096):  # the first short run warms up what is allocated once
+        engine.reset()
+        peaks[length] = peak_rss_while(lambda: engine.feed(ids[:length], all_logits=False))
+    assert peaks[16384] - peaks[4096] < 16 * 2**20, peaks
+
+
+def test_ctrl_c_stops_a_long_prefill_within_a_second_and_the_next_turn_works(long_moe, tmp_path, monkeypatch):
+    import signal
+    import time
+
+    from offload.conversation import Conversation
+    from offload.tokenizer import Tokenizer
+
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    engine = offload.load(long_moe, quant="int4", ctx=20000)
+    chat = Conversation(engine, Tokenizer(long_moe), max_tokens=4)
+    seen = []
+    chat.progress = lambda done, total: seen.append((done, total))
+    list(chat.ask("warm up"))
+    raised_at = []
+
+    def interrupt(*_):
+        raised_at.append(time.perf_counter())
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(KeyboardInterrupt):
+            list(chat.ask("word " * 3700))  # ~15000 tokens: about 2 s of prefill on 2 cores
+        stopped = time.perf_counter()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert raised_at and stopped - raised_at[0] < 1.0
+    total = seen[-1][1]
+    assert total > 12000 and 0 < seen[-1][0] < total  # progress was reported, the prompt not finished
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]  # the interrupted turn is gone
+    answer = "".join(chat.ask("and now?"))  # a fresh sequence: the same as a new conversation's
+    fresh = Conversation(offload.load(long_moe, quant="int4", ctx=20000), Tokenizer(long_moe), max_tokens=4)
+    list(fresh.ask("warm up"))
+    assert answer == "".join(fresh.ask("and now?"))

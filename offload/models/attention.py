@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from offload.config import Yarn
@@ -75,15 +74,5 @@ def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     query [H, T, Dh] for positions start..start+T; keys, values [Hkv, T, Dh] (written to `cache`).
     Returns [T, H * Dh].
     """
-    num_tokens = query.shape[1]
-    keys, values = cache.update(keys, values, start)
-    mask = None
-    if num_tokens > 1 or sliding_window is not None:
-        query_pos = torch.arange(start, start + num_tokens, device=query.device)[:, None]
-        key_pos = torch.arange(keys.shape[1], device=query.device)[None, :]
-        mask = key_pos <= query_pos
-        if sliding_window is not None:
-            mask &= key_pos > query_pos - sliding_window
-    out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask,
-                                         enable_gqa=query.shape[0] != keys.shape[0])
-    return out[0].transpose(0, 1).reshape(num_tokens, -1)
+    cache.write(keys, values, start)
+    return cache.attend(query, start, sliding_window)

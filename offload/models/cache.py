@@ -1,7 +1,8 @@
 """Per-layer decoding state, preallocated once per engine and written in place.
 
 Two kinds, one small protocol (`reset()`, `snapshot()` / `restore()`, `nbytes`):
-- `KVCache` for full attention: keys and values for up to `max_len` positions;
+- `KVCache` for full attention: keys and values for up to `max_len` positions, in fp32, bf16 or
+  int8, and the attention that reads them;
 - `LinearAttentionCache` for Gated DeltaNet: the causal-conv tail and the fp32 recurrent state.
 Positions are passed explicitly by the caller (`start`); nothing here grows per token.
 """
@@ -9,25 +10,79 @@ Positions are passed explicitly by the caller (`start`); nothing here grows per 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+KV_FORMATS = ("f32", "bf16", "int8")  # how a KVCache stores keys and values
+KV_GROUP = 64  # int8: channels of one position and head that share a scale (at most)
+CPU_BLOCK = 4096  # positions of keys and values widened at once when the stored form is not the query's
+DEVICE_BLOCK = 1024  # the same off the CPU, where a block's scores are materialised
 
 
 class KVCache:
-    """Keys and values of one attention layer. keys, values: [Hkv, max_len, Dh]."""
+    """Keys and values of one attention layer, written by position, read in the stored format.
 
-    def __init__(self, max_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+    "f32" / "bf16": keys, values [Hkv, max_len, Dh] in that dtype.
+    "int8": keys, values int8 [Hkv, max_len, Dh] and key_scales, value_scales fp32
+    [Hkv, max_len, Dh / G]: symmetric codes, one scale (max |x| / 127) per position, head and group
+    of G = min(KV_GROUP, Dh) channels, computed as each token is written.
+
+    `attend` runs attention over what is stored without widening the whole cache: on the CPU in
+    blocks of CPU_BLOCK positions through torch's flash kernel, merged by their log-sum-exp; on a
+    GPU by scaled_dot_product_attention over the cache itself (float formats) or blockwise (int8).
+    A decoder for few tokens can be plugged in (`decode`, set by the engine: the CPU's kernel).
+    """
+
+    def __init__(self, max_len: int, num_kv_heads: int, head_dim: int, format: str = "f32",
                  device: torch.device | str = "cpu"):
-        self.max_len = max_len
+        if format not in KV_FORMATS:
+            raise ValueError(f"KV cache format {format!r} is not one of {KV_FORMATS}")
+        self.max_len, self.format = max_len, format
+        self.group = min(KV_GROUP, head_dim)
+        dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}[format]
         self.keys = torch.zeros(num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        if format == "int8":
+            scales = (num_kv_heads, max_len, head_dim // self.group)
+            self.key_scales = torch.zeros(scales, dtype=torch.float32, device=device)
+            self.value_scales = torch.zeros(scales, dtype=torch.float32, device=device)
+        self.decode = None  # (cache, query, start, window) -> [T, H * Dh], or None to use `attend`'s own path
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write keys/values [Hkv, T, Dh] at positions start..start+T; return views of 0..start+T."""
+    def write(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        """Store keys/values [Hkv, T, Dh] at positions start..start+T."""
         end = start + keys.shape[1]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
-        self.keys[:, start:end] = keys
-        self.values[:, start:end] = values
-        return self.keys[:, :end], self.values[:, :end]
+        if self.format != "int8":
+            self.keys[:, start:end] = keys
+            self.values[:, start:end] = values
+            return
+        for source, codes, scales in ((keys, self.keys, self.key_scales), (values, self.values, self.value_scales)):
+            grouped = source.float().unflatten(-1, (-1, self.group))  # [Hkv, T, Dh / G, G]
+            scale = grouped.abs().amax(-1) / 127
+            codes[:, start:end] = (grouped / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]) \
+                .round_().clamp_(-127, 127).flatten(-2).to(torch.int8)
+            scales[:, start:end] = scale
+
+    def read(self, begin: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions begin..end [Hkv, n, Dh] in `dtype` (views when stored so)."""
+        if self.format != "int8":
+            return self.keys[:, begin:end].to(dtype), self.values[:, begin:end].to(dtype)
+        return tuple((codes[:, begin:end].unflatten(-1, (-1, self.group)).to(dtype)
+                      * scales[:, begin:end, :, None].to(dtype)).flatten(-2)
+                     for codes, scales in ((self.keys, self.key_scales), (self.values, self.value_scales)))
+
+    def attend(self, query: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:
+        """Causal attention of query [H, T, Dh] (positions start..start+T, already written) over
+        positions 0..start+T (the last `window` of them, if given). Returns [T, H * Dh]."""
+        if self.decode is not None:
+            out = self.decode(self, query, start, window)
+            if out is not None:
+                return out
+        heads, tokens, width = query.shape
+        if query.device.type != "cpu" and self.format != "int8":
+            return _attend_whole(query, self.keys[:, :start + tokens], self.values[:, :start + tokens], start, window)
+        return _attend_blocks(self, query, start, window)
 
     def reset(self) -> None:
         pass  # positions past `start` are never read, so stale entries need no clearing
@@ -40,7 +95,88 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return sum(t.nbytes for t in (self.keys, self.values, *self.scales))
+
+    @property
+    def scales(self) -> tuple[torch.Tensor, ...]:
+        return (self.key_scales, self.value_scales) if self.format == "int8" else ()
+
+
+def kv_bytes_per_position(num_kv_heads: int, head_dim: int, format: str) -> float:
+    """Bytes one position of one layer's keys and values takes in `format`."""
+    if format == "int8":
+        return 2 * num_kv_heads * (head_dim + 4 * head_dim // min(KV_GROUP, head_dim))
+    return 2 * num_kv_heads * head_dim * (4 if format == "f32" else 2)
+
+
+def _visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[T, n] whether the query at each position of `queries` [T] sees each key position of `keys` [n]."""
+    visible = keys[None, :] <= queries[:, None]
+    if window is not None:
+        visible &= keys[None, :] > queries[:, None] - window
+    return visible
+
+
+def _attend_whole(query, keys, values, start: int, window: int | None) -> torch.Tensor:
+    """scaled_dot_product_attention over the cached views (a GPU's fused kernels, float formats)."""
+    tokens = query.shape[1]
+    mask = None
+    if tokens > 1 or window is not None:
+        mask = _visible(torch.arange(start, start + tokens, device=query.device),
+                        torch.arange(keys.shape[1], device=query.device), window)
+    out = F.scaled_dot_product_attention(query[None], keys[None].to(query.dtype), values[None].to(query.dtype),
+                                         attn_mask=mask, enable_gqa=query.shape[0] != keys.shape[0])
+    return out[0].transpose(0, 1).reshape(tokens, -1)
+
+
+def _attend_blocks(cache: KVCache, query: torch.Tensor, start: int, window: int | None) -> torch.Tensor:
+    """Attention block by block of positions, each widened to the query's dtype on its own, merged
+    by log-sum-exp. The query heads sharing a KV head are rows of one problem: [Hkv, rep * T, Dh]."""
+    heads, tokens, width = query.shape
+    kv_heads = cache.keys.shape[0]
+    rows = query.reshape(kv_heads, heads // kv_heads * tokens, width)[None]  # row i * T + t: head g * rep + i
+    positions = torch.arange(start, start + tokens, device=query.device)
+    end = start + tokens
+    first = max(0, start - window + 1) if window is not None else 0  # what no query sees
+    on_cpu = query.device.type == "cpu"
+    block = CPU_BLOCK if on_cpu else DEVICE_BLOCK
+    outs, sums = [], []
+    # the prefix in blocks, then the new tokens' own positions as one block: only that one needs a
+    # causal mask ([rows, T]; a sliding window may mask the prefix's first blocks too)
+    bounds = [(begin, min(start, begin + block)) for begin in range(first, start, block)]
+    for begin, stop in bounds + [(max(start, first), end)]:
+        keys, values = cache.read(begin, stop, query.dtype)
+        mask = seen = None
+        if stop > start + 1 or (window is not None and begin <= end - 1 - window):  # some key hidden from some query
+            visible = _visible(positions, torch.arange(begin, stop, device=query.device), window)
+            mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device) \
+                .masked_fill_(~visible, float("-inf")).repeat(heads // kv_heads, 1)
+            seen = visible.any(-1).repeat(heads // kv_heads)  # [rows]: whether the row sees any key here
+        out, lse = _block(rows, keys[None], values[None], mask, width**-0.5, on_cpu)
+        if seen is not None and not seen.all():  # a row that sees nothing has no output: weight 0
+            out = out.masked_fill(~seen[:, None], 0)
+            lse = lse.masked_fill(~seen, float("-inf"))
+        outs.append(out)
+        sums.append(lse.float())
+    if len(outs) == 1:
+        out = outs[0]
+    else:
+        sums = torch.stack(sums)  # [blocks, 1, Hkv, rows]
+        weights = torch.exp(sums - torch.logsumexp(sums, 0))[..., None]
+        out = sum(o.float() * w for o, w in zip(outs, weights)).to(query.dtype)
+    return out[0].reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
+
+
+def _block(rows, keys, values, mask, scale: float, on_cpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of rows [1, Hkv, R, Dh] over one block [1, Hkv, n, Dh]: (out, log-sum-exp [1, Hkv, R])."""
+    if on_cpu:  # torch's flash kernel: never the [R, n] score matrix
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(rows, keys, values, attn_mask=mask,
+                                                                           scale=scale)
+    scores = (rows @ keys.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores += mask
+    lse = torch.logsumexp(scores, -1)
+    return torch.exp(scores - lse[..., None]).to(values.dtype) @ values, lse
 
 
 class LinearAttentionCache:

@@ -73,6 +73,7 @@ class Model(CausalLM):
 
 
 def make_cache(args: Qwen3MoeArgs, max_len: int, dtype: torch.dtype,
-               device: torch.device | str = "cpu") -> list[Cache]:
-    return [KVCache(max_len, args.num_key_value_heads, args.head_dim, dtype, device)
+               device: torch.device | str = "cpu", kv_format: str = "f32") -> list[Cache]:
+    """One cache per layer for `max_len` positions: KV caches in `kv_format` (cache.KV_FORMATS)."""
+    return [KVCache(max_len, args.num_key_value_heads, args.head_dim, kv_format, device)
             for _ in range(args.num_hidden_layers)]

@@ -254,13 +254,14 @@ class Model(CausalLM):
 
 
 def make_cache(args: Qwen3NextArgs, max_len: int, dtype: torch.dtype,
-               device: torch.device | str = "cpu") -> list[Cache]:
+               device: torch.device | str = "cpu", kv_format: str = "f32") -> list[Cache]:
+    """One cache per layer for `max_len` positions: KV caches in `kv_format` (cache.KV_FORMATS)."""
     conv_dim = 2 * args.linear_num_key_heads * args.linear_key_head_dim + \
         args.linear_num_value_heads * args.linear_value_head_dim
     return [
         LinearAttentionCache(conv_dim, args.linear_conv_kernel_dim, args.linear_num_value_heads,
                              args.linear_key_head_dim, args.linear_value_head_dim, dtype, device)
         if args.layer_type(layer) == LINEAR_ATTENTION
-        else KVCache(max_len, args.num_key_value_heads, args.head_dim, dtype, device)
+        else KVCache(max_len, args.num_key_value_heads, args.head_dim, kv_format, device)
         for layer in range(args.num_hidden_layers)
     ]

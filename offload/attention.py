@@ -1,0 +1,87 @@
+"""Decode attention on the CPU: `kernels.attention` plugged into each KV cache of a CPU-only plan.
+
+A decode step (up to DECODE_MAX_TOKENS tokens) reads every cached key and value of each attention
+layer; the kernel reads them in the stored format (fp32, bf16 or int8) and widens one row at a
+time, so a step never copies the cache. Longer inputs (prompts) go through the cache's own
+blockwise path. Scratch is allocated once per engine and shared by every layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from offload.config import DECODE_MAX_TOKENS
+from offload.kernels import attention as kernel
+from offload.kernels.threads import kernel_threads, physical_cores
+from offload.models.cache import KVCache
+
+_EMPTY = {np.float32: np.empty((0, 0, 0), np.float32), np.uint16: np.empty((0, 0, 0), np.uint16),
+          np.int8: np.empty((0, 0, 0), np.int8)}
+
+
+class CpuDecodeAttention:
+    """`KVCache.decode` for the CPU: (cache, query [H, T, Dh], start, window) -> [T, H * Dh], or
+    None for more than DECODE_MAX_TOKENS tokens."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.heads, self.kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.threads = physical_cores()
+        self.scratch: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}  # (spans, rows) -> arrays
+        self.views: dict[int, tuple[np.ndarray, ...]] = {}  # id(cache) -> the kernel's arguments
+
+    def __call__(self, cache: KVCache, query: torch.Tensor, start: int, window: int | None) -> torch.Tensor | None:
+        heads, tokens, width = query.shape
+        if tokens > DECODE_MAX_TOKENS:
+            return None
+        per_kv_head = heads // self.kv_heads
+        rows = per_kv_head * tokens
+        scaled = (query.float() * width**-0.5).reshape(self.kv_heads, rows, width).contiguous().numpy()
+        limits = np.tile(np.arange(start, start + tokens, dtype=np.int64), per_kv_head)  # row i * T + t
+        spans = kernel.spans_for(self.kv_heads, start + tokens, self.threads)
+        part_max, part_sum, part_out, scores, widened, out = self._scratch(spans, rows)
+        kind, group, stored = self._views(cache)
+        with kernel_threads(self.threads):
+            kernel.attend_decode(scaled, limits, window or 0, kind, group, *stored,
+                                 part_max, part_sum, part_out, scores, widened, out)
+        result = torch.from_numpy(out).reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
+        return result.to(query.dtype)
+
+    def _scratch(self, spans: int, rows: int) -> tuple[np.ndarray, ...]:
+        key = (spans, rows)
+        if key not in self.scratch:
+            kv_heads, width = self.kv_heads, self.head_dim
+            self.scratch[key] = (np.empty((kv_heads, spans, rows), np.float32),
+                                 np.empty((kv_heads, spans, rows), np.float32),
+                                 np.empty((kv_heads, spans, rows, width), np.float32),
+                                 np.empty((kv_heads * spans, rows, kernel.BLOCK), np.float32),
+                                 np.empty((kv_heads * spans, 4, width), np.uint32),
+                                 np.empty((kv_heads, rows, width), np.float32))
+        return self.scratch[key]
+
+    def _views(self, cache: KVCache) -> tuple[int, int, tuple[np.ndarray, ...]]:
+        """(stored form, group, the eight key/value arrays in the kernel's order) for `cache`."""
+        if id(cache) not in self.views:
+            empty32, empty16, empty8 = _EMPTY[np.float32], _EMPTY[np.uint16], _EMPTY[np.int8]
+            if cache.format == "f32":
+                kind = kernel.F32
+                keys = (cache.keys.numpy(), empty16, empty8, empty32)
+                values = (cache.values.numpy(), empty16, empty8, empty32)
+            elif cache.format == "bf16":
+                kind = kernel.BF16
+                keys = (empty32, cache.keys.view(torch.int16).numpy().view(np.uint16), empty8, empty32)
+                values = (empty32, cache.values.view(torch.int16).numpy().view(np.uint16), empty8, empty32)
+            else:
+                kind = kernel.INT8
+                keys = (empty32, empty16, cache.keys.numpy(), cache.key_scales.numpy())
+                values = (empty32, empty16, cache.values.numpy(), cache.value_scales.numpy())
+            self.views[id(cache)] = (kind, cache.group, keys + values)
+        return self.views[id(cache)]
+
+
+def plug_into(caches: list, args) -> None:
+    """Give every KV cache in `caches` (CPU tensors) the CPU decode kernel, with shared scratch."""
+    decoder = CpuDecodeAttention(args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+    for cache in caches:
+        if isinstance(cache, KVCache):
+            cache.decode = decoder
