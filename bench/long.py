@@ -1,0 +1,200 @@
+"""Long context on the CPU: prefill of long prompts, decode at depth, peak RSS, by KV cache format,
+beside llama.cpp on the same checkpoints in the same run.
+
+    python bench/long.py [--slices 30b,next] [--depths 8192,32768] [--formats int8,bf16,f32]
+                         [--threads N] [--peer-configs f16,f16-fa,q8_0-fa] [--no-peer]
+
+Two slices with the real per-token shapes, built once into the cache: Qwen3-30B-A3B's (8 layers of
+full attention with 4 KV heads of 128, 32 experts) and Qwen3-Next-80B-A3B's (8 layers, 2 of them
+full attention with 2 KV heads of 256, 128 experts). For each slice and KV format a fresh process
+loads the model with room for the deepest prompt, prefills it in one go (its rate up to each depth
+from the progress callback) stopping at each depth for 16 decode steps (the median step is the
+decode rate at that depth; depth 0 is a 1-token prompt), and reports its peak RSS. llama.cpp
+(built by bench/peers.py's steps, Q4_K_M) runs `llama-bench -p D -n 0` and `-n 16 -d D` for its KV
+cache configurations: f16 without flash attention, f16 and q8_0 with it (`-fa 1`; a quantised V
+cache needs it). Ratios are offload's rate over llama.cpp's best configuration at that depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "bench"))  # after the tree: bench/kernels.py is not the package
+
+from offload.hardware import cpu_model  # noqa: E402
+from offload.kernels.threads import physical_cores  # noqa: E402
+from offload.paths import cache_root  # noqa: E402
+
+DECODE_STEPS = 16
+PEER_CONFIGS = {"f16": ["-fa", "0", "-ctk", "f16", "-ctv", "f16"], "f16-fa": ["-fa", "1", "-ctk", "f16", "-ctv", "f16"],
+                "q8_0-fa": ["-fa", "1", "-ctk", "q8_0", "-ctv", "q8_0"]}
+
+
+def slice_checkpoint(name: str) -> Path:
+    from decode import slice_dir
+    from offload.synthetic import preset_config, synthesize
+
+    if name == "next":
+        return slice_dir(8, 128)
+    path = cache_root() / "bench" / "qwen3-30b-a3b-slice-8l-32e"
+    if not (path / "config.json").is_file():
+        print(f"building the slice checkpoint in {path} (once) ...", flush=True)
+        synthesize(path, preset_config("qwen3-30b-a3b", layers=8, experts=32), overwrite=True)
+    return path
+
+
+def measure(checkpoint: Path, kv_cache: str, depths: list[int], threads: int) -> dict:
+    """In this process: prefill to each depth and decode there; rates and peak RSS."""
+    import numpy as np
+    import psutil
+    import torch
+
+    import offload
+
+    torch.set_num_threads(threads)
+    deepest = depths[-1]
+    ctx = deepest + 2 * DECODE_STEPS + 8
+    rope = "yarn:4" if ctx > offload.config.load_config(checkpoint).max_position_embeddings else None
+    engine = offload.load(checkpoint, quant="int4", gpu_mem=0, ctx=ctx, kv_cache=kv_cache, rope_scaling=rope)
+    process, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rng = np.random.default_rng(0)
+    vocab = engine.args.vocab_size
+
+    def decode_rate() -> float:
+        steps = []
+        for token in rng.integers(1, vocab, DECODE_STEPS):
+            started = time.perf_counter()
+            engine.feed([int(token)], all_logits=False)
+            steps.append(time.perf_counter() - started)
+        return 1 / statistics.median(steps[1:])
+
+    engine.feed([1], all_logits=False)
+    result = {"kv_cache": engine.plan.kv_format, "decode": {0: decode_rate()}, "prefill": {}}
+    engine.reset()
+    prompt = rng.integers(1, vocab, deepest)
+    fed, seconds = 0, 0.0
+    for depth in depths:
+        started = time.perf_counter()
+        engine.feed(prompt[fed:depth], all_logits=False)
+        seconds += time.perf_counter() - started
+        fed = depth
+        result["prefill"][depth] = depth / seconds  # the decode steps in between are not counted
+        result["decode"][depth] = decode_rate()
+    done.set()
+    result["peak_rss"] = peak[0]
+    result["kv_bytes"] = engine.cache_nbytes
+    return result
+
+
+def offload_figures(checkpoint: Path, kv_cache: str, depths: list[int], threads: int) -> dict:
+    """`measure` in a fresh process (so that each format's peak RSS is its own)."""
+    command = [sys.executable, __file__, "--measure", str(checkpoint), "--formats", kv_cache,
+               "--depths", ",".join(map(str, depths)), "--threads", str(threads)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    figures = json.loads(output.strip().splitlines()[-1])
+    for key in ("decode", "prefill"):
+        figures[key] = {int(depth): rate for depth, rate in figures[key].items()}
+    return figures
+
+
+def peer_figures(checkpoint: Path, depths: list[int], threads: int, configs: list[str]) -> dict:
+    """llama.cpp's {config: {"prefill": {depth: tok/s}, "decode": {depth: tok/s}}} on Q4_K_M."""
+    import peers
+
+    peer_dir = cache_root() / "peers"
+    peer_dir.mkdir(parents=True, exist_ok=True)
+    source = peers.llama_cpp_source(peer_dir)
+    binaries = peers.llama_cpp_binaries(peer_dir, source)
+    python = peers.converter_python(peer_dir, source)
+    model = peers.gguf_files(checkpoint, peer_dir / checkpoint.name, ["Q4_K_M"], peer_dir, source, binaries, python,
+                             threads)["Q4_K_M"]
+    figures = {}
+    for config in configs:
+        peers.step(f"llama-bench {config}")
+        base = [binaries / "llama-bench", "-m", model, "-t", threads, "-r", "1", "-o", "json", *PEER_CONFIGS[config]]
+        prefill = ["-p", ",".join(map(str, depths)), "-n", "0"]
+        decode = ["-p", "0", "-n", str(DECODE_STEPS), "-d", ",".join(map(str, [0, *depths]))]
+        rates = {"prefill": {}, "decode": {}}
+        for kind, extra in (("prefill", prefill), ("decode", decode)):
+            run = subprocess.run([str(part) for part in base + extra], capture_output=True, text=True)
+            if run.returncode:
+                peers.step(f"llama-bench {config} {kind} failed ({run.returncode}): {run.stderr.strip()[-200:]}")
+                continue
+            for row in json.loads(run.stdout):
+                depth = row["n_prompt"] if kind == "prefill" else row.get("n_depth", 0)
+                rates[kind][depth] = row["avg_ts"]
+        figures[config] = rates
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", default="30b,next")
+    parser.add_argument("--depths", default="8192,32768")
+    parser.add_argument("--formats", default="int8,bf16,f32")
+    parser.add_argument("--threads", type=int, default=physical_cores())
+    parser.add_argument("--peer-configs", default=",".join(PEER_CONFIGS))
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # one format, in this process
+    options = parser.parse_args()
+    depths = sorted(int(d) for d in options.depths.split(","))
+    if options.measure:
+        print(json.dumps(measure(options.measure, options.formats, depths, options.threads)))
+        return
+    formats = options.formats.split(",")
+    print(f"{cpu_model()}, {options.threads} threads", flush=True)
+    for name in options.slices.split(","):
+        checkpoint = slice_checkpoint(name)
+        ours = {}
+        for fmt in formats:
+            print(f"[{time.strftime('%H:%M:%S')}] offload, {checkpoint.name}, KV {fmt}", flush=True)
+            ours[fmt] = offload_figures(checkpoint, fmt, depths, options.threads)
+        theirs = {} if options.no_peer else peer_figures(checkpoint, depths, options.threads,
+                                                         options.peer_configs.split(","))
+        report(checkpoint.name, depths, ours, theirs)
+
+
+def report(name: str, depths: list[int], ours: dict, theirs: dict) -> None:
+    print(f"\n{name}")
+    columns = [("decode", 0)] + [("decode", d) for d in depths] + [("prefill", d) for d in depths]
+    header = f"{'':<22}" + "".join(f" {kind[:3]} {depth // 1024:>3}K" if depth else f" {kind[:3]}   0 "
+                                   for kind, depth in columns)
+    print(header + f" {'peak RSS':>9} {'KV':>9}")
+    best = {}
+    for kind, depth in columns:
+        rates = [figures[kind].get(depth) for figures in theirs.values()]
+        rates = [rate for rate in rates if rate]
+        best[(kind, depth)] = max(rates) if rates else None
+    for config, figures in theirs.items():
+        print(f"{'llama.cpp ' + config:<22}" + "".join(
+            f" {figures[kind].get(depth, float('nan')):8.1f}" for kind, depth in columns))
+    for fmt, figures in ours.items():
+        print(f"{'offload ' + fmt:<22}" + "".join(f" {figures[kind][depth]:8.1f}" for kind, depth in columns)
+              + f" {figures['peak_rss'] / 2**30:8.2f}G {figures['kv_bytes'] / 2**30:8.2f}G")
+        if theirs:
+            print(f"{'  / llama.cpp best':<22}" + "".join(
+                f" {figures[kind][depth] / best[(kind, depth)]:7.2f}x" if best[(kind, depth)] else f" {'-':>8}"
+                for kind, depth in columns))
+    print("tok/s; ratio: offload over llama.cpp's best configuration at that depth (above 1: offload is faster)",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
