@@ -2,7 +2,9 @@
 beside llama.cpp on the same checkpoints in the same run.
 
     python bench/long.py [--slices 30b,next] [--depths 8192,32768] [--formats int8,bf16,f32]
-                         [--threads N] [--peer-configs f16,f16-fa,q8_0-fa] [--no-peer]
+                         [--threads N] [--peer-configs f16,f16-fa,q8_0-fa] [--no-peer] [--kernel-only]
+
+First the decode attention kernel alone at each depth, against this run's RAM bandwidth.
 
 Two slices with the real per-token shapes, built once into the cache: Qwen3-30B-A3B's (8 layers of
 full attention with 4 KV heads of 128, 32 experts) and Qwen3-Next-80B-A3B's (8 layers, 2 of them
@@ -35,8 +37,8 @@ from offload.kernels.threads import physical_cores  # noqa: E402
 from offload.paths import cache_root  # noqa: E402
 
 DECODE_STEPS = 16
-PEER_CONFIGS = {"f16": ["-fa", "0", "-ctk", "f16", "-ctv", "f16"], "f16-fa": ["-fa", "1", "-ctk", "f16", "-ctv", "f16"],
-                "q8_0-fa": ["-fa", "1", "-ctk", "q8_0", "-ctv", "q8_0"]}
+PEER_CONFIGS = {"f16": ["-fa", "off", "-ctk", "f16", "-ctv", "f16"], "f16-fa": ["-fa", "on", "-ctk", "f16", "-ctv", "f16"],
+                "q8_0-fa": ["-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0"]}
 
 
 def slice_checkpoint(name: str) -> Path:
@@ -144,6 +146,42 @@ def peer_figures(checkpoint: Path, depths: list[int], threads: int, configs: lis
     return figures
 
 
+def kernel_figures(depths: list[int], threads: int) -> None:
+    """The decode attention kernel alone, one layer at each depth, each format, against this run's RAM
+    bound for its bytes: the 30B-A3B shape (32 query heads, 4 KV heads of 128) and Qwen3-Next's (16,
+    2 of 256). Layers are many, so each call reads a fresh cache (a pool of them, > the L3)."""
+    import numpy as np
+    import torch
+
+    from offload.attention import CpuDecodeAttention
+    from offload.kernels.membw import read_bandwidth
+    from offload.models.cache import KVCache
+
+    bandwidth = read_bandwidth(np.ones(2**28, np.float32), threads)
+    print(f"\nRAM read {bandwidth / 1e9:.1f} GB/s; decode attention, one layer, one token (ms, and the RAM "
+          "bound's share of it)")
+    for label, heads, kv_heads, width in (("30B-A3B", 32, 4, 128), ("Next-80B", 16, 2, 256)):
+        row = f"{label:<10}"
+        for depth in depths:
+            for fmt in ("int8", "bf16", "f32"):
+                per_cache = KVCache(depth + 1, kv_heads, width, fmt).nbytes
+                caches = [KVCache(depth + 1, kv_heads, width, fmt) for _ in range(max(2, (2**30 // per_cache)))]
+                for cache in caches:
+                    cache.write(torch.randn(kv_heads, depth + 1, width), torch.randn(kv_heads, depth + 1, width), 0)
+                attend = CpuDecodeAttention(heads, kv_heads, width)
+                query = torch.randn(heads, 1, width)
+                times = []
+                for i in range(3 * len(caches)):
+                    started = time.perf_counter()
+                    attend(caches[i % len(caches)], query, depth, None)
+                    times.append(time.perf_counter() - started)
+                seconds = statistics.median(times[len(caches):])
+                bound = per_cache / bandwidth
+                row += f"  {depth // 1024}K {fmt} {seconds * 1e3:6.2f} ({bound / seconds:4.0%})"
+                del caches
+        print(row, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", default="30b,next")
@@ -152,6 +190,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--peer-configs", default=",".join(PEER_CONFIGS))
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--kernel-only", action="store_true", help="only the attention kernel against the RAM bound")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # one format, in this process
     options = parser.parse_args()
     depths = sorted(int(d) for d in options.depths.split(","))
@@ -160,6 +199,9 @@ def main() -> None:
         return
     formats = options.formats.split(",")
     print(f"{cpu_model()}, {options.threads} threads", flush=True)
+    kernel_figures(depths, options.threads)
+    if options.kernel_only:
+        return
     for name in options.slices.split(","):
         checkpoint = slice_checkpoint(name)
         ours = {}

@@ -133,8 +133,10 @@ def gguf_files(checkpoint: Path, out: Path, quants: list[str], peer_dir: Path, s
     if not bf16.is_file():
         step(f"converting the checkpoint to {bf16.name}")
         converter = source / "convert_hf_to_gguf.py"
-        # the slice has no multi-token-prediction layers; converters that expect them take --no-mtp
-        no_mtp = ["--no-mtp"] if "--no-mtp" in converter.read_text() else []
+        # a Qwen3-Next slice has no multi-token-prediction layers; converters that expect them take
+        # --no-mtp (and refuse it for other architectures)
+        is_next = json.loads((checkpoint / "config.json").read_text())["model_type"] == "qwen3_next"
+        no_mtp = ["--no-mtp"] if is_next and "--no-mtp" in converter.read_text() else []
         run([python, converter, hf_dir, "--outtype", "bf16", *no_mtp, "--outfile", f"{bf16}.part"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         os.replace(f"{bf16}.part", bf16)

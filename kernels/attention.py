@@ -64,8 +64,10 @@ def _score(score, j, count, block, limit, window, d0, d1, d2, d3):
         score[j + i] = -np.inf if hidden else dot
 
 
-# Keys and values are taken four rows at a time: each query element is loaded once for four dot
-# products and each output element once for four updates (loads, not FMAs, bound this loop).
+# Keys and values are taken four rows at a time and queries two at a time: each loaded element of a
+# row serves two queries, each query element four rows, each output element four updates (loads
+# and the dot products' horizontal sums, not multiply-adds, bound these loops; four queries at a
+# time spill registers and run at half the speed).
 # Infinities are meaningful here (masked scores are -inf), so fastmath is limited to reassociation
 # and contraction, which let the dot products vectorise.
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})
@@ -100,7 +102,24 @@ def attend_decode(query, limits, window, kind, group,
                 for i in range(4):
                     position = min(block + j + i, end - 1)  # a short last quad repeats its last row
                     _widen(kind, keys_f32, keys_bf16, keys_int8, key_scales, head, position, group, bits[i], four[i])
-                for r in range(queries):
+                for r in range(0, queries - 1, 2):
+                    q, u = query[head, r], query[head, r + 1]
+                    d0 = d1 = d2 = d3 = e0 = e1 = e2 = e3 = np.float32(0.0)
+                    for d in range(width):
+                        x, y = q[d], u[d]
+                        k0, k1, k2, k3 = r0[d], r1[d], r2[d], r3[d]
+                        d0 += x * k0
+                        d1 += x * k1
+                        d2 += x * k2
+                        d3 += x * k3
+                        e0 += y * k0
+                        e1 += y * k1
+                        e2 += y * k2
+                        e3 += y * k3
+                    _score(score[r], j, count, block, limits[r], window, d0, d1, d2, d3)
+                    _score(score[r + 1], j, count, block, limits[r + 1], window, e0, e1, e2, e3)
+                if queries % 2:
+                    r = queries - 1
                     q = query[head, r]
                     d0 = d1 = d2 = d3 = np.float32(0.0)
                     for d in range(width):
@@ -139,7 +158,16 @@ def attend_decode(query, limits, window, kind, group,
                     position = min(block + j + i, end - 1)
                     _widen(kind, values_f32, values_bf16, values_int8, value_scales, head, position, group,
                            bits[i], four[i])
-                for r in range(queries):
+                for r in range(0, queries - 1, 2):
+                    p0, p1, p2, p3 = score[r, j], score[r, j + 1], score[r, j + 2], score[r, j + 3]
+                    s0, s1, s2, s3 = score[r + 1, j], score[r + 1, j + 1], score[r + 1, j + 2], score[r + 1, j + 3]
+                    a, b = acc[r], acc[r + 1]
+                    for d in range(width):
+                        k0, k1, k2, k3 = r0[d], r1[d], r2[d], r3[d]
+                        a[d] += p0 * k0 + p1 * k1 + p2 * k2 + p3 * k3
+                        b[d] += s0 * k0 + s1 * k1 + s2 * k2 + s3 * k3
+                if queries % 2:
+                    r = queries - 1
                     p0, p1, p2, p3 = score[r, j], score[r, j + 1], score[r, j + 2], score[r, j + 3]
                     a = acc[r]
                     for d in range(width):

@@ -158,10 +158,15 @@ def test_int8_writes_are_the_reference_quantiser():
 
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "int8"])
 @pytest.mark.parametrize("window", [None, 40])
-def test_prefill_attention_in_blocks_is_attention_over_the_whole_cache(monkeypatch, fmt, window):
-    """The CPU's blockwise path (blocks of 64 here), merged by log-sum-exp, equals one softmax over
-    every stored position; a continuing chunk sees its prefix."""
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_prefill_attention_in_blocks_is_attention_over_the_whole_cache(monkeypatch, fmt, window, path):
+    """The blockwise path (blocks of 64 here), merged by log-sum-exp, equals one softmax over every
+    stored position; a continuing chunk sees its prefix. "device": the blocks' own arithmetic a GPU
+    runs for an int8 cache, here on the CPU."""
     monkeypatch.setattr(cache_module, "CPU_BLOCK", 64)
+    if path == "device":
+        block = cache_module._block
+        monkeypatch.setattr(cache_module, "_block", lambda *args: block(*args[:-1], False))
     generator = torch.Generator().manual_seed(4)
     heads, kv_heads, width, start, tokens = 4, 2, 32, 150, 70
     cache = KVCache(256, kv_heads, width, fmt)

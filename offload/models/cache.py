@@ -29,8 +29,9 @@ class KVCache:
 
     `attend` runs attention over what is stored without widening the whole cache: on the CPU in
     blocks of CPU_BLOCK positions through torch's flash kernel, merged by their log-sum-exp; on a
-    GPU by scaled_dot_product_attention over the cache itself (float formats) or blockwise (int8).
-    A decoder for few tokens can be plugged in (`decode`, set by the engine: the CPU's kernel).
+    GPU by scaled_dot_product_attention over the cache itself when it is stored in the query's
+    dtype, otherwise blockwise (int8, or bf16 keys for fp16 queries). A decoder for few tokens can
+    be plugged in (`decode`, set by the engine: the CPU's kernel).
     """
 
     def __init__(self, max_len: int, num_kv_heads: int, head_dim: int, format: str = "f32",
@@ -80,7 +81,7 @@ class KVCache:
             if out is not None:
                 return out
         heads, tokens, width = query.shape
-        if query.device.type != "cpu" and self.format != "int8":
+        if query.device.type != "cpu" and self.keys.dtype == query.dtype:  # the cache itself, no copy
             return _attend_whole(query, self.keys[:, :start + tokens], self.values[:, :start + tokens], start, window)
         return _attend_blocks(self, query, start, window)
 
@@ -118,13 +119,14 @@ def _visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> t
 
 
 def _attend_whole(query, keys, values, start: int, window: int | None) -> torch.Tensor:
-    """scaled_dot_product_attention over the cached views (a GPU's fused kernels, float formats)."""
+    """scaled_dot_product_attention over the cached views (a GPU's fused kernels; the cache in the
+    query's dtype)."""
     tokens = query.shape[1]
     mask = None
     if tokens > 1 or window is not None:
         mask = _visible(torch.arange(start, start + tokens, device=query.device),
                         torch.arange(keys.shape[1], device=query.device), window)
-    out = F.scaled_dot_product_attention(query[None], keys[None].to(query.dtype), values[None].to(query.dtype),
+    out = F.scaled_dot_product_attention(query[None], keys[None], values[None],
                                          attn_mask=mask, enable_gqa=query.shape[0] != keys.shape[0])
     return out[0].transpose(0, 1).reshape(tokens, -1)
 
