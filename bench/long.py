@@ -102,6 +102,8 @@ def measure(checkpoint: Path, kv_cache: str, depths: list[int], threads: int) ->
     done.set()
     result["peak_rss"] = peak[0]
     result["kv_bytes"] = engine.cache_nbytes
+    # what the plan holds in RAM (model, caches, one chunk's workspace; not its runtime reserve)
+    result["plan_ram"] = sum(p.nbytes for p in engine.plan.placement if p.device == "cpu")
     return result
 
 
@@ -218,7 +220,7 @@ def report(name: str, depths: list[int], ours: dict, theirs: dict) -> None:
     columns = [("decode", 0)] + [("decode", d) for d in depths] + [("prefill", d) for d in depths]
     header = f"{'':<22}" + "".join(f" {kind[:3]} {depth // 1024:>3}K" if depth else f" {kind[:3]}   0 "
                                    for kind, depth in columns)
-    print(header + f" {'peak RSS':>9} {'KV':>9}")
+    print(header + f" {'peak RSS':>9} {'KV':>9} {'planned':>9}")
     best = {}
     for kind, depth in columns:
         rates = [figures[kind].get(depth) for figures in theirs.values()]
@@ -229,13 +231,15 @@ def report(name: str, depths: list[int], ours: dict, theirs: dict) -> None:
             f" {figures[kind].get(depth, float('nan')):8.1f}" for kind, depth in columns))
     for fmt, figures in ours.items():
         print(f"{'offload ' + fmt:<22}" + "".join(f" {figures[kind][depth]:8.1f}" for kind, depth in columns)
-              + f" {figures['peak_rss'] / 2**30:8.2f}G {figures['kv_bytes'] / 2**30:8.2f}G")
+              + f" {figures['peak_rss'] / 2**30:8.2f}G {figures['kv_bytes'] / 2**30:8.2f}G"
+              + (f" {figures['plan_ram'] / 2**30:8.2f}G" if "plan_ram" in figures else ""))
         if theirs:
             print(f"{'  / llama.cpp best':<22}" + "".join(
                 f" {figures[kind][depth] / best[(kind, depth)]:7.2f}x" if best[(kind, depth)] else f" {'-':>8}"
                 for kind, depth in columns))
-    print("tok/s; ratio: offload over llama.cpp's best configuration at that depth (above 1: offload is faster)",
-          flush=True)
+    print("tok/s; ratio: offload over llama.cpp's best configuration at that depth (above 1: offload is faster); "
+          "planned: the plan's RAM for model, caches and one chunk's workspace (peak RSS adds Python, torch and "
+          "the kernels' code)", flush=True)
 
 
 if __name__ == "__main__":

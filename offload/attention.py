@@ -16,6 +16,7 @@ from offload.kernels import attention as kernel
 from offload.kernels.threads import kernel_threads, physical_cores
 from offload.models.cache import KVCache
 
+_KINDS = {"f32": kernel.F32, "bf16": kernel.BF16, "int8": kernel.INT8}  # the stored forms the kernel reads
 _EMPTY = {np.float32: np.empty((0, 0, 0), np.float32), np.uint16: np.empty((0, 0, 0), np.uint16),
           np.int8: np.empty((0, 0, 0), np.int8)}
 
@@ -32,8 +33,8 @@ class CpuDecodeAttention:
 
     def __call__(self, cache: KVCache, query: torch.Tensor, start: int, window: int | None) -> torch.Tensor | None:
         heads, tokens, width = query.shape
-        if tokens > DECODE_MAX_TOKENS:
-            return None
+        if tokens > DECODE_MAX_TOKENS or cache.format not in _KINDS:
+            return None  # a prompt, or fp16 keys and values: the cache's own blockwise path
         per_kv_head = heads // self.kv_heads
         rows = per_kv_head * tokens
         scaled = (query.float() * width**-0.5).reshape(self.kv_heads, rows, width).contiguous().numpy()
@@ -45,7 +46,7 @@ class CpuDecodeAttention:
             kernel.attend_decode(scaled, limits, window or 0, kind, group, *stored,
                                  part_max, part_sum, part_out, scores, widened, out)
         result = torch.from_numpy(out).reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
-        return result.to(query.dtype)
+        return result.to(query.dtype, copy=True)  # `out` is scratch the next layer overwrites
 
     def _scratch(self, spans: int, rows: int) -> tuple[np.ndarray, ...]:
         key = (spans, rows)

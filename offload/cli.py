@@ -92,7 +92,8 @@ def model_options(command):
         click.option("--rope-scaling", default=None,
                      help="Extend the context with YaRN: yarn:FACTOR or yarn:FACTOR:ORIGINAL_CONTEXT (e.g. yarn:4 "
                           "for 4x the model's positions), or none [config.json's]."),
-        click.option("--kv-cache", type=click.Choice(["auto", "f32", "bf16", "int8"]), default="auto", show_default=True,
+        click.option("--kv-cache", type=click.Choice(["auto", "f32", "bf16", "f16", "int8"]), default="auto",
+                     show_default=True,
                      help="How keys and values are stored; auto: int8 on the CPU, bf16 on a GPU (int8 if the plan "
                           "needs the room), as computed with --quant none or --exact."),
     ]
@@ -554,8 +555,8 @@ def _resolve_profile(profile: str | None):
 @click.option("--dense-quant", type=click.Choice(["auto", "int8", "int4", "none"]), default="auto", show_default=True,
               help="Format of dense matrices in RAM (see run --help).")
 @click.option("--rope-scaling", default=None, help="Extend the context with YaRN, e.g. yarn:4 (see run --help).")
-@click.option("--kv-cache", type=click.Choice(["auto", "f32", "bf16", "int8"]), default="auto", show_default=True,
-              help="How keys and values are stored (see run --help).")
+@click.option("--kv-cache", type=click.Choice(["auto", "f32", "bf16", "f16", "int8"]), default="auto",
+              show_default=True, help="How keys and values are stored (see run --help).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model_dir: Path | None, preset: str | None, gpu_mem: str | None, ctx: int, profile: str | None,
          prompt_tokens: int, quant: str, dense_quant: str, rope_scaling: str | None, kv_cache: str,

@@ -46,7 +46,7 @@ class Engine:
         self.ctx = ctx
         self.device = device
         self.dtype = model.compute_dtype
-        kv_format = kv_format or ("f32" if self.dtype == torch.float32 else "bf16")
+        kv_format = kv_format or {torch.float32: "f32", torch.float16: "f16"}.get(self.dtype, "bf16")
         self.caches: list[Cache] = ARCHITECTURES[args.model_type].make_cache(args, ctx, self.dtype, device, kv_format)
         self.executor = executor  # the int4 routed experts' CpuExpertExecutor, if any
         self.prefill = prefill
@@ -274,8 +274,8 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     rope_scaling replaces config.json's: "yarn:4" (YaRN, factor 4 over max_position_embeddings),
     "yarn:4:32768" (over an original context of 32768), "none", or a dict in config.json's
     spelling. ctx may then reach factor x the original context (`ModelArgs.max_context`).
-    kv_cache: how keys and values are stored — "f32", "bf16", "int8" (per position and head, a scale
-    per 64 channels), or "auto": as computed when the weights keep their precision (quant=None) or
+    kv_cache: how keys and values are stored — "f32", "bf16", "f16", "int8" (per position and head, a
+    scale per 64 channels), or "auto": as computed when the weights keep their precision (quant=None) or
     with exact=True; otherwise int8 on the CPU, bf16 on a GPU (int8 if the plan needs the room).
     The plan says which (`engine.plan.kv_format`) and why.
     """

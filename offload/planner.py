@@ -44,8 +44,9 @@ DENSE_QUANTS = ("auto", "int8", "int4")  # `dense_quant` values besides None (as
 KV_CACHES = ("auto", *KV_FORMATS)  # `kv_cache` values
 # Decode attention on the CPU (kernels.attention) at depth: with a group of query heads per KV head
 # it does 2 x heads x Dh multiply-adds per cached position, more than the RAM delivers bytes for
-# on a few cores; measured ~15 G multiply-adds/s per core (AMD EPYC Zen 4, bf16 and int8 alike).
-CPU_ATTENTION_FMA_PER_CORE = 15e9
+# on a few cores; measured ~20 G multiply-adds/s per core (AMD EPYC Zen 4, 2 cores, bf16 and int8
+# alike: 67M per layer at depth 8192 in 1.6 ms, bench/long.py).
+CPU_ATTENTION_FMA_PER_CORE = 20e9
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context, cuBLAS workspace, allocator slack
 RAM_RESERVE_BYTES = 2 * 2**30  # Python, torch and the OS page cache's working minimum
 LAYER_SYNC_SECONDS = 40e-6  # per layer and token: two small copies, an event, a worker hand-off
@@ -207,17 +208,17 @@ def dense_format(group: str, dense_quant: str | None) -> str | None:
 
 
 def kv_choices(kv_cache: str, use_gpu: bool, compute_format: str, lossless: bool) -> list[str]:
-    """The KV formats a plan may use, best first. "auto": the computed precision (fp32, else bf16)
-    when the rest keeps full precision (weights as stored, or exact kernels); otherwise bf16 on a
+    """The KV formats a plan may use, best first. "auto": the computed precision (fp32, fp16, else
+    bf16) when the rest keeps full precision (weights as stored, or exact kernels); otherwise bf16 on a
     GPU, int8 when the budget needs the room, and int8 on the CPU, where a decode step at depth
     reads the whole cache (int8 is half of bf16's bytes; its error, measured in BENCHMARKS.md and
     held by tests/test_long_context.py, is a small part of what int4 experts already cost)."""
     if kv_cache != "auto":
         return [kv_cache]
-    computed = "f32" if compute_format == "fp32" else "bf16"
+    computed = {"fp32": "f32", "fp16": "f16"}.get(compute_format, "bf16")
     if lossless:
         return [computed, "int8"] if use_gpu else [computed]
-    return ["bf16", "int8"] if use_gpu else ["int8"]
+    return [computed if computed == "f16" else "bf16", "int8"] if use_gpu else ["int8"]
 
 
 def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None = None, ctx: int = 4096,
@@ -485,7 +486,8 @@ def _attention_at_depth_s(args: ModelArgs, profile: HardwareProfile, plan: Plan,
     if kv.device == "gpu":
         return kv.nbytes / (gpu.memory_bandwidth * GPU_EFFICIENCY)
     layers = sum(args.layer_type(i) == FULL_ATTENTION for i in range(args.num_hidden_layers))
-    multiply_adds = 2 * args.num_attention_heads * args.head_dim * plan.ctx * layers
+    seen = min(plan.ctx, getattr(args, "sliding_window", None) or plan.ctx)  # positions a query attends to
+    multiply_adds = 2 * args.num_attention_heads * args.head_dim * seen * layers
     return max(kv.nbytes / profile.cpu.ram_bandwidth,
                multiply_adds / (profile.cpu.physical_cores * CPU_ATTENTION_FMA_PER_CORE))
 

@@ -158,11 +158,12 @@ def test_int8_writes_are_the_reference_quantiser():
 
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "int8"])
 @pytest.mark.parametrize("window", [None, 40])
-@pytest.mark.parametrize("path", ["cpu", "device"])
+@pytest.mark.parametrize("path", ["cpu", "device", "whole"])
 def test_prefill_attention_in_blocks_is_attention_over_the_whole_cache(monkeypatch, fmt, window, path):
     """The blockwise path (blocks of 64 here), merged by log-sum-exp, equals one softmax over every
     stored position; a continuing chunk sees its prefix. "device": the blocks' own arithmetic a GPU
-    runs for an int8 cache, here on the CPU."""
+    runs for an int8 cache, here on the CPU; "whole": the one SDPA call over the cache a GPU makes
+    when it is stored in the query's dtype (heads folded into rows)."""
     monkeypatch.setattr(cache_module, "CPU_BLOCK", 64)
     if path == "device":
         block = cache_module._block
@@ -173,8 +174,11 @@ def test_prefill_attention_in_blocks_is_attention_over_the_whole_cache(monkeypat
     cache.write(torch.randn(kv_heads, start + tokens, width, generator=generator),
                 torch.randn(kv_heads, start + tokens, width, generator=generator), 0)
     query = torch.randn(heads, tokens, width, generator=generator)
-    out = cache.attend(query, start, window)
     keys, values = (t[:, :start + tokens] for t in stored(cache))
+    if path == "whole":
+        out = cache_module._attend_whole(query, keys, values, start, window)
+    else:
+        out = cache.attend(query, start, window)
     visible = torch.arange(start + tokens)[None, :] <= torch.arange(start, start + tokens)[:, None]
     if window:
         visible &= torch.arange(start + tokens)[None, :] > torch.arange(start, start + tokens)[:, None] - window
@@ -337,3 +341,21 @@ def test_ctrl_c_stops_a_long_prefill_within_a_second_and_the_next_turn_works(lon
     fresh = Conversation(offload.load(long_moe, quant="int4", ctx=20000), Tokenizer(long_moe), max_tokens=4)
     list(fresh.ask("warm up"))
     assert answer == "".join(fresh.ask("and now?"))
+
+
+def test_int8_groups_divide_any_head_dim_and_fp16_keys_take_the_blockwise_path():
+    from offload.attention import CpuDecodeAttention
+    from offload.models.cache import kv_bytes_per_position, kv_group
+
+    assert [kv_group(d) for d in (16, 64, 80, 96, 128, 192, 256)] == [16, 64, 40, 48, 64, 64, 64]
+    generator = torch.Generator().manual_seed(8)
+    cache = KVCache(64, 2, 80, "int8")
+    keys, values = torch.randn(2, 40, 80, generator=generator), torch.randn(2, 40, 80, generator=generator)
+    cache.write(keys, values, 0)
+    assert (cache.read(0, 40, torch.float32)[0] - keys).abs().max() <= keys.abs().max() / 127
+    assert cache.nbytes == 64 * kv_bytes_per_position(2, 80, "int8")
+    half = KVCache(64, 2, 32, "f16")
+    half.write(keys[..., :32].half(), values[..., :32].half(), 0)
+    query = torch.randn(4, 1, 32, generator=generator).half()
+    assert CpuDecodeAttention(4, 2, 32)(half, query, 39, None) is None  # the kernel reads f32, bf16, int8
+    assert half.attend(query, 39).shape == (1, 4 * 32)

@@ -1,7 +1,7 @@
 """Torch model definitions, one architecture per file, named after its Hugging Face model_type.
 
 Each architecture module provides `Model(args)`, `sanitize(weights, args)` (checkpoint names ->
-parameter names) and `make_cache(args, max_len, dtype, device)`.
+parameter names) and `make_cache(args, max_len, dtype, device, kv_format)`.
 """
 
 from types import ModuleType

@@ -13,19 +13,28 @@ import torch
 import torch.nn.functional as F
 
 
-KV_FORMATS = ("f32", "bf16", "int8")  # how a KVCache stores keys and values
+KV_FORMATS = ("f32", "bf16", "f16", "int8")  # how a KVCache stores keys and values
+KV_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "int8": torch.int8}
 KV_GROUP = 64  # int8: channels of one position and head that share a scale (at most)
 CPU_BLOCK = 4096  # positions of keys and values widened at once when the stored form is not the query's
-DEVICE_BLOCK = 1024  # the same off the CPU, where a block's scores are materialised
+# Off the CPU a block's scores [Hkv, rows, n] fp32 and its widened keys and values are materialised:
+# blocks are as long as these bounds allow (a decode step's usually covers the whole cache: few launches)
+DEVICE_SCORES = 1 << 24  # score elements per block (64 MiB)
+DEVICE_WIDENED = 1 << 26  # bytes of widened keys + values per block
+
+
+def kv_group(head_dim: int) -> int:
+    """int8: channels per scale, the largest divisor of head_dim up to KV_GROUP."""
+    return max(g for g in range(1, min(KV_GROUP, head_dim) + 1) if head_dim % g == 0)
 
 
 class KVCache:
     """Keys and values of one attention layer, written by position, read in the stored format.
 
-    "f32" / "bf16": keys, values [Hkv, max_len, Dh] in that dtype.
+    "f32" / "bf16" / "f16": keys, values [Hkv, max_len, Dh] in that dtype.
     "int8": keys, values int8 [Hkv, max_len, Dh] and key_scales, value_scales fp32
     [Hkv, max_len, Dh / G]: symmetric codes, one scale (max |x| / 127) per position, head and group
-    of G = min(KV_GROUP, Dh) channels, computed as each token is written.
+    of G = kv_group(Dh) channels (64 for the usual 128 or 256), computed as each token is written.
 
     `attend` runs attention over what is stored without widening the whole cache: on the CPU in
     blocks of CPU_BLOCK positions through torch's flash kernel, merged by their log-sum-exp; on a
@@ -39,8 +48,8 @@ class KVCache:
         if format not in KV_FORMATS:
             raise ValueError(f"KV cache format {format!r} is not one of {KV_FORMATS}")
         self.max_len, self.format = max_len, format
-        self.group = min(KV_GROUP, head_dim)
-        dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}[format]
+        self.group = kv_group(head_dim)
+        dtype = KV_DTYPES[format]
         self.keys = torch.zeros(num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         if format == "int8":
@@ -69,8 +78,8 @@ class KVCache:
         """Keys and values of positions begin..end [Hkv, n, Dh] in `dtype` (views when stored so)."""
         if self.format != "int8":
             return self.keys[:, begin:end].to(dtype), self.values[:, begin:end].to(dtype)
-        return tuple((codes[:, begin:end].unflatten(-1, (-1, self.group)).to(dtype)
-                      * scales[:, begin:end, :, None].to(dtype)).flatten(-2)
+        return tuple((codes[:, begin:end].unflatten(-1, (-1, self.group)).float()
+                      * scales[:, begin:end, :, None]).flatten(-2).to(dtype)  # scales stay fp32 until the product
                      for codes, scales in ((self.keys, self.key_scales), (self.values, self.value_scales)))
 
     def attend(self, query: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:
@@ -106,8 +115,8 @@ class KVCache:
 def kv_bytes_per_position(num_kv_heads: int, head_dim: int, format: str) -> float:
     """Bytes one position of one layer's keys and values takes in `format`."""
     if format == "int8":
-        return 2 * num_kv_heads * (head_dim + 4 * head_dim // min(KV_GROUP, head_dim))
-    return 2 * num_kv_heads * head_dim * (4 if format == "f32" else 2)
+        return 2 * num_kv_heads * (head_dim + 4 * head_dim // kv_group(head_dim))
+    return 2 * num_kv_heads * head_dim * KV_DTYPES[format].itemsize
 
 
 def _visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -120,53 +129,63 @@ def _visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> t
 
 def _attend_whole(query, keys, values, start: int, window: int | None) -> torch.Tensor:
     """scaled_dot_product_attention over the cached views (a GPU's fused kernels; the cache in the
-    query's dtype)."""
-    tokens = query.shape[1]
+    query's dtype). The query heads sharing a KV head are rows of one problem, so the fused kernels
+    that take a mask but not grouped heads still apply, and nothing is repeated per head."""
+    heads, tokens, width = query.shape
+    kv_heads = keys.shape[0]
+    rows = query.reshape(kv_heads, heads // kv_heads * tokens, width)[None]  # row i * T + t: head g * rep + i
     mask = None
     if tokens > 1 or window is not None:
         mask = _visible(torch.arange(start, start + tokens, device=query.device),
-                        torch.arange(keys.shape[1], device=query.device), window)
-    out = F.scaled_dot_product_attention(query[None], keys[None], values[None],
-                                         attn_mask=mask, enable_gqa=query.shape[0] != keys.shape[0])
-    return out[0].transpose(0, 1).reshape(tokens, -1)
+                        torch.arange(keys.shape[1], device=query.device), window).repeat(heads // kv_heads, 1)
+    out = F.scaled_dot_product_attention(rows, keys[None], values[None], attn_mask=mask)
+    return out[0].reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
 
 
 def _attend_blocks(cache: KVCache, query: torch.Tensor, start: int, window: int | None) -> torch.Tensor:
     """Attention block by block of positions, each widened to the query's dtype on its own, merged
-    by log-sum-exp. The query heads sharing a KV head are rows of one problem: [Hkv, rep * T, Dh]."""
+    by log-sum-exp as they come. The query heads sharing a KV head are rows of one problem:
+    [Hkv, rep * T, Dh]."""
     heads, tokens, width = query.shape
     kv_heads = cache.keys.shape[0]
-    rows = query.reshape(kv_heads, heads // kv_heads * tokens, width)[None]  # row i * T + t: head g * rep + i
+    per_kv_head = heads // kv_heads
+    rows = query.reshape(kv_heads, per_kv_head * tokens, width)[None]  # row i * T + t: head g * rep + i
     positions = torch.arange(start, start + tokens, device=query.device)
     end = start + tokens
     first = max(0, start - window + 1) if window is not None else 0  # what no query sees
     on_cpu = query.device.type == "cpu"
-    block = CPU_BLOCK if on_cpu else DEVICE_BLOCK
-    outs, sums = [], []
+    if on_cpu:
+        block = CPU_BLOCK
+    else:
+        widened = 2 * kv_heads * width * query.element_size()
+        block = max(1, min(DEVICE_SCORES // (kv_heads * rows.shape[2]), DEVICE_WIDENED // widened))
+    out = total = None  # the merged output so far [1, Hkv, rows, Dh] fp32 and its log-sum-exp [1, Hkv, rows]
     # the prefix in blocks, then the new tokens' own positions as one block: only that one needs a
     # causal mask ([rows, T]; a sliding window may mask the prefix's first blocks too)
     bounds = [(begin, min(start, begin + block)) for begin in range(first, start, block)]
     for begin, stop in bounds + [(max(start, first), end)]:
         keys, values = cache.read(begin, stop, query.dtype)
-        mask = seen = None
+        mask = None
         if stop > start + 1 or (window is not None and begin <= end - 1 - window):  # some key hidden from some query
             visible = _visible(positions, torch.arange(begin, stop, device=query.device), window)
             mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device) \
-                .masked_fill_(~visible, float("-inf")).repeat(heads // kv_heads, 1)
-            seen = visible.any(-1).repeat(heads // kv_heads)  # [rows]: whether the row sees any key here
-        out, lse = _block(rows, keys[None], values[None], mask, width**-0.5, on_cpu)
-        if seen is not None and not seen.all():  # a row that sees nothing has no output: weight 0
-            out = out.masked_fill(~seen[:, None], 0)
+                .masked_fill_(~visible, float("-inf")).repeat(per_kv_head, 1)
+        part, lse = _block(rows, keys[None], values[None], mask, width**-0.5, on_cpu)
+        part, lse = part.float(), lse.float()
+        # every row sees a key of the block unless a sliding window ends before it (decided from
+        # positions on the host: no device sync); a row that sees nothing has no output, weight 0
+        if window is not None and stop - 1 <= end - 1 - window:
+            seen = visible.any(-1).repeat(per_kv_head)  # [rows]
+            part = part.masked_fill(~seen[:, None], 0)
             lse = lse.masked_fill(~seen, float("-inf"))
-        outs.append(out)
-        sums.append(lse.float())
-    if len(outs) == 1:
-        out = outs[0]
-    else:
-        sums = torch.stack(sums)  # [blocks, 1, Hkv, rows]
-        weights = torch.exp(sums - torch.logsumexp(sums, 0))[..., None]
-        out = sum(o.float() * w for o, w in zip(outs, weights)).to(query.dtype)
-    return out[0].reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
+        if out is None:
+            out, total = part, lse
+            continue
+        merged = torch.logaddexp(total, lse)  # -inf for a row no block so far let see anything:
+        weights = (torch.exp(total - merged).nan_to_num_(0.0), torch.exp(lse - merged).nan_to_num_(0.0))
+        out = out * weights[0][..., None] + part * weights[1][..., None]  # -inf - -inf is NaN, its weight 0
+        total = merged
+    return out.to(query.dtype)[0].reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
 
 
 def _block(rows, keys, values, mask, scale: float, on_cpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +193,7 @@ def _block(rows, keys, values, mask, scale: float, on_cpu: bool) -> tuple[torch.
     if on_cpu:  # torch's flash kernel: never the [R, n] score matrix
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(rows, keys, values, attn_mask=mask,
                                                                            scale=scale)
-    scores = (rows @ keys.transpose(-1, -2)).float() * scale
+    scores = (rows.float() * scale) @ keys.float().transpose(-1, -2)  # fp32: no bf16 rounding or fp16 overflow
     if mask is not None:
         scores += mask
     lse = torch.logsumexp(scores, -1)
