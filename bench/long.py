@@ -9,9 +9,10 @@ First the decode attention kernel alone at each depth, against this run's RAM ba
 Two slices with the real per-token shapes, built once into the cache: Qwen3-30B-A3B's (8 layers of
 full attention with 4 KV heads of 128, 32 experts) and Qwen3-Next-80B-A3B's (8 layers, 2 of them
 full attention with 2 KV heads of 256, 128 experts). For each slice and KV format a fresh process
-loads the model with room for the deepest prompt, prefills it in one go (its rate up to each depth
-from the progress callback) stopping at each depth for 16 decode steps (the median step is the
-decode rate at that depth; depth 0 is a 1-token prompt), and reports its peak RSS. llama.cpp
+loads the model with room for the deepest prompt, reads a 1024-token prompt (so that every expert's
+pages have been touched), then a 1-token prompt and 16 decode steps (depth 0: the median step is
+the decode rate), then the deep prompt in pieces, stopping at each depth for 16 decode steps, and
+reports prefill rates up to each depth and its peak RSS. llama.cpp
 (built by bench/peers.py's steps, Q4_K_M) runs `llama-bench -p D -n 0` and `-n 16 -d D` for its KV
 cache configurations: f16 without flash attention, f16 and q8_0 with it (`-fa 1`; a quantised V
 cache needs it). Ratios are offload's rate over llama.cpp's best configuration at that depth.
@@ -87,6 +88,8 @@ def measure(checkpoint: Path, kv_cache: str, depths: list[int], threads: int) ->
             steps.append(time.perf_counter() - started)
         return 1 / statistics.median(steps[1:])
 
+    engine.feed(rng.integers(1, vocab, 1024), all_logits=False)  # touches every expert's pages (mmap'd)
+    engine.reset()
     engine.feed([1], all_logits=False)
     result = {"kv_cache": engine.plan.kv_format, "decode": {0: decode_rate()}, "prefill": {}}
     engine.reset()
