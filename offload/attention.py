@@ -63,20 +63,18 @@ class CpuDecodeAttention:
     def _views(self, cache: KVCache) -> tuple[int, int, tuple[np.ndarray, ...]]:
         """(stored form, group, the eight key/value arrays in the kernel's order) for `cache`."""
         if id(cache) not in self.views:
-            empty32, empty16, empty8 = _EMPTY[np.float32], _EMPTY[np.uint16], _EMPTY[np.int8]
-            if cache.format == "f32":
-                kind = kernel.F32
-                keys = (cache.keys.numpy(), empty16, empty8, empty32)
-                values = (cache.values.numpy(), empty16, empty8, empty32)
-            elif cache.format == "bf16":
-                kind = kernel.BF16
-                keys = (empty32, cache.keys.view(torch.int16).numpy().view(np.uint16), empty8, empty32)
-                values = (empty32, cache.values.view(torch.int16).numpy().view(np.uint16), empty8, empty32)
-            else:
-                kind = kernel.INT8
-                keys = (empty32, empty16, cache.keys.numpy(), cache.key_scales.numpy())
-                values = (empty32, empty16, cache.values.numpy(), cache.value_scales.numpy())
-            self.views[id(cache)] = (kind, cache.group, keys + values)
+            kind = _KINDS[cache.format]
+            arrays = []
+            for stored, scales in ((cache.keys, cache.scales[:1]), (cache.values, cache.scales[1:])):
+                slots = [_EMPTY[np.float32], _EMPTY[np.uint16], _EMPTY[np.int8], _EMPTY[np.float32]]
+                if kind == kernel.BF16:
+                    slots[1] = stored.view(torch.int16).numpy().view(np.uint16)  # bf16's bits
+                else:
+                    slots[0 if kind == kernel.F32 else 2] = stored.numpy()
+                if scales:
+                    slots[3] = scales[0].numpy()
+                arrays += slots
+            self.views[id(cache)] = (kind, cache.group, tuple(arrays))
         return self.views[id(cache)]
 
 

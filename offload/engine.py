@@ -40,13 +40,12 @@ class Engine:
     other's routed experts run on the CPU (on by default on CUDA)."""
 
     def __init__(self, model: nn.Module, args: ModelArgs, ctx: int, device: torch.device, executor=None,
-                 prefill: str = "cpu", kv_format: str | None = None):
+                 prefill: str = "cpu", kv_format: str = "f32"):
         self.model = model
         self.args = args
         self.ctx = ctx
         self.device = device
         self.dtype = model.compute_dtype
-        kv_format = kv_format or {torch.float32: "f32", torch.float16: "f16"}.get(self.dtype, "bf16")
         self.caches: list[Cache] = ARCHITECTURES[args.model_type].make_cache(args, ctx, self.dtype, device, kv_format)
         self.executor = executor  # the int4 routed experts' CpuExpertExecutor, if any
         self.prefill = prefill

@@ -158,18 +158,22 @@ def parameter_counts(args: ModelArgs) -> tuple[int, int]:
     return total, active
 
 
-def cache_bytes(args: ModelArgs, ctx: int, dtype_bytes: int, kv_format: str) -> tuple[int, int]:
-    """(KV cache bytes for `ctx` positions in `kv_format`, recurrent state bytes)."""
-    kv = linear = 0
+def kv_cache_bytes(args: ModelArgs, ctx: int, kv_format: str) -> int:
+    """Bytes of the KV caches for `ctx` positions in `kv_format` (full-attention layers only)."""
+    layers = sum(args.layer_type(layer) == FULL_ATTENTION for layer in range(args.num_hidden_layers))
+    return layers * int(kv_bytes_per_position(args.num_key_value_heads, args.head_dim, kv_format) * ctx)
+
+
+def linear_state_bytes(args: ModelArgs, dtype_bytes: int) -> int:
+    """Bytes of the DeltaNet layers' conv tails (in the compute dtype) and fp32 recurrent states."""
+    total = 0
     for layer in range(args.num_hidden_layers):
-        if args.layer_type(layer) == FULL_ATTENTION:
-            kv += int(kv_bytes_per_position(args.num_key_value_heads, args.head_dim, kv_format) * ctx)
-        else:
+        if args.layer_type(layer) != FULL_ATTENTION:
             conv = (2 * args.linear_num_key_heads * args.linear_key_head_dim
                     + args.linear_num_value_heads * args.linear_value_head_dim)
-            linear += conv * (args.linear_conv_kernel_dim - 1) * dtype_bytes
-            linear += args.linear_num_value_heads * args.linear_key_head_dim * args.linear_value_head_dim * 4
-    return kv, linear
+            total += conv * (args.linear_conv_kernel_dim - 1) * dtype_bytes
+            total += args.linear_num_value_heads * args.linear_key_head_dim * args.linear_value_head_dim * 4
+    return total
 
 
 def _workspace_bytes(args: ModelArgs) -> int:
@@ -250,8 +254,8 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
         tensors["lm_head"] = [("lm_head.weight", tensors["embeddings"][0][1])]
     groups = {group: sum(math.prod(shape) for _, shape in items) for group, items in tensors.items()}
     kv_formats = kv_choices(kv_cache, use_gpu, compute_format, lossless=quant != "int4" or exact)
-    kv = {fmt: cache_bytes(args, ctx, compute_bytes, fmt)[0] for fmt in kv_formats}
-    linear_state = cache_bytes(args, ctx, compute_bytes, kv_formats[0])[1]
+    kv = {fmt: kv_cache_bytes(args, ctx, fmt) for fmt in kv_formats}
+    linear_state = linear_state_bytes(args, compute_bytes)
     total, active = parameter_counts(args)
     moe_layers = sum(args.is_moe_layer(layer) for layer in range(args.num_hidden_layers))
     layer_experts = groups.get("routed experts", 0) * expert_bytes / max(moe_layers, 1)
