@@ -139,15 +139,21 @@ def peer_figures(checkpoint: Path, depths: list[int], threads: int, configs: lis
         prefill = ["-p", ",".join(map(str, depths)), "-n", "0"]
         decode = ["-p", "0", "-n", str(DECODE_STEPS), "-d", ",".join(map(str, [0, *depths]))]
         rates = {"prefill": {}, "decode": {}}
+        name = config
         for kind, extra in (("prefill", prefill), ("decode", decode)):
-            run = subprocess.run([str(part) for part in base + extra], capture_output=True, text=True)
+            command = [str(part) for part in base + extra]
+            run = subprocess.run(command, capture_output=True, text=True)
+            if run.returncode:  # the repacked (e.g. AMX) path crashed: run it as stored
+                peers.step(f"llama-bench {config} {kind} failed ({run.returncode}); again with --repack 0")
+                run = subprocess.run(command + ["--repack", "0"], capture_output=True, text=True)
+                name = f"{config} (no repack)"
             if run.returncode:
                 peers.step(f"llama-bench {config} {kind} failed ({run.returncode}): {run.stderr.strip()[-200:]}")
                 continue
             for row in json.loads(run.stdout):
                 depth = row["n_prompt"] if kind == "prefill" else row.get("n_depth", 0)
                 rates[kind][depth] = row["avg_ts"]
-        figures[config] = rates
+        figures[name] = rates
     return figures
 
 

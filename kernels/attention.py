@@ -27,7 +27,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import literally, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from offload.kernels import isa as paths
+from offload.kernels.q8 import dot4
 
 BLOCK = 64  # positions whose scores a task holds at once: [R, 64] fp32 stays in L1
 F32, BF16, INT8 = 0, 1, 2  # stored forms
@@ -220,3 +226,376 @@ def attend_reference(query: np.ndarray, keys: np.ndarray, values: np.ndarray, li
     weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
     weights /= weights.sum(axis=-1, keepdims=True)
     return np.einsum("grl,gld->grd", weights, values.astype(np.float64)).astype(np.float32)
+
+
+# --- int8 keys and values: integer dot products ---------------------------------------------------
+#
+# With int8 keys the scores come from integer dot products (`kernels.isa`'s paths: 64 byte products
+# per instruction on AVX512-VNNI), the query quantised to int8 once per step with one scale per
+# group of the keys' channels. The instructions multiply unsigned by signed bytes and sum four
+# products into a 32-bit lane, so a CPU cache stores keys biased (code + 128, uint8) and tiled:
+#     keys  uint8 [Hkv, L / TILE, Dh / 4, TILE, 4]   (NumPy view: [Hkv, L / TILE, Dh * TILE])
+# one load of 64 bytes is four channels of sixteen positions, one lane per position, and
+# broadcasting four of a query's codes scores sixteen positions at once: no horizontal sums. The
+# bias comes back out exactly: sum (k + 128) q = sum k q + 128 sum q, per query and group.
+# Values stay rows [Hkv, L, Dh]; each is widened once per block and added into every query's
+# output (a vector of sixteen channels per query in registers). Scores are kept in base 2 (the
+# query's scale carries log2 e) and exponentiated sixteen at a time by a polynomial.
+
+TILE = 16  # positions of keys per tile
+LOG2E = 1.4426950408889634
+# 2^f = sum (ln 2)^k / k! f^k on [-1/2, 1/2]: the first term left out is below 1.2e-7 relative
+_EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]
+
+
+def int8_tiled(head_dim: int, group: int) -> bool:
+    """Whether int8 keys of this shape take the tiled layout (and the integer kernel): sixteen
+    channels at a time must stay inside a scale group."""
+    return head_dim % TILE == 0 and group % TILE == 0
+
+
+def tile_keys(codes: np.ndarray) -> np.ndarray:
+    """int8 codes [Hkv, L, Dh] (L a multiple of TILE) -> the stored tiles uint8 [Hkv, L / TILE, Dh * TILE]."""
+    kv_heads, length, width = codes.shape
+    biased = (codes.astype(np.int16) + 128).astype(np.uint8)
+    return biased.reshape(kv_heads, length // TILE, TILE, width // 4, 4).transpose(0, 1, 3, 2, 4) \
+        .reshape(kv_heads, length // TILE, width * TILE)
+
+
+def _i(bits: int) -> ir.IntType:
+    return ir.IntType(bits)
+
+
+_F32 = ir.FloatType()
+_V16F, _V16I = ir.VectorType(_F32, 16), ir.VectorType(_i(32), 16)
+
+
+def _splat(builder, scalar, vector_type):
+    lanes = vector_type.count
+    single = builder.insert_element(ir.Constant(vector_type, ir.Undefined), scalar, ir.Constant(_i(32), 0))
+    return builder.shuffle_vector(single, single, ir.Constant(ir.VectorType(_i(32), lanes), [0] * lanes))
+
+
+class _Array:
+    """An array argument of an intrinsic: typed element addresses from its data pointer and strides."""
+
+    def __init__(self, context, builder, numba_type, value):
+        self.builder = builder
+        self.struct = context.make_array(numba_type)(context, builder, value)
+        self.ndim = numba_type.ndim
+        self.element = context.get_data_type(numba_type.dtype)
+
+    def shape(self, axis: int):
+        return self.builder.extract_value(self.struct.shape, axis)
+
+    def at(self, *index, as_type=None):
+        """Address of element `index` (i64 values), as a pointer to `as_type` (default: the element)."""
+        builder = self.builder
+        offset = ir.Constant(_i(64), 0)
+        for axis, i in enumerate(index):
+            offset = builder.add(offset, builder.mul(i, builder.extract_value(self.struct.strides, axis)))
+        address = builder.gep(builder.bitcast(self.struct.data, _i(8).as_pointer()), [offset])
+        return builder.bitcast(address, (as_type or self.element).as_pointer())
+
+
+def _const(value: int):
+    return ir.Constant(_i(64), value)
+
+
+def _score_tile_codegen(path: int, rows: int):
+    def codegen(context, builder, sig, args):
+        tile, codes, factors, biases, scales, out = (_Array(context, builder, t, a)
+                                                     for t, a in zip(sig.args[2:], args[2:]))
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+        v64i8 = ir.VectorType(_i(8), 64)
+        width, groups = codes.shape(1), factors.shape(1)
+        chunks = builder.udiv(builder.udiv(width, groups), _const(4))  # of four channels, per group
+        zero_f, zero_i = ir.Constant(_V16F, [0.0] * 16), ir.Constant(_V16I, [0] * 16)
+        totals = [cgutils.alloca_once_value(builder, zero_f) for _ in range(rows)]
+        dots = [cgutils.alloca_once_value(builder, zero_i) for _ in range(rows)]
+        with cgutils.for_range(builder, groups) as by_group:
+            g = by_group.index
+            for dot in dots:
+                builder.store(zero_i, dot)
+            with cgutils.for_range(builder, chunks) as by_chunk:
+                chunk = builder.add(builder.mul(g, chunks), by_chunk.index)
+                keys = builder.load(tile.at(builder.mul(chunk, _const(64)), as_type=v64i8), align=1)
+                for r, dot in enumerate(dots):
+                    four = builder.load(codes.at(_const(r), builder.mul(chunk, _const(4)), as_type=_i(32)), align=1)
+                    query = builder.bitcast(_splat(builder, four, _V16I), v64i8)
+                    builder.store(dot4(builder, path, builder.load(dot), keys, query), dot)
+            key_scale = ir.Constant(_V16F, ir.Undefined)
+            for p in range(TILE):
+                key_scale = builder.insert_element(key_scale, builder.load(scales.at(_const(p), g)),
+                                                   ir.Constant(_i(32), p))
+            for r, (dot, total) in enumerate(zip(dots, totals)):
+                exact = builder.sub(builder.load(dot), _splat(builder, builder.load(biases.at(_const(r), g)), _V16I))
+                scale = builder.fmul(key_scale, _splat(builder, builder.load(factors.at(_const(r), g)), _V16F))
+                builder.store(builder.call(fma, [builder.sitofp(exact, _V16F), scale, builder.load(total)]), total)
+        for r, total in enumerate(totals):
+            builder.store(builder.load(total), out.at(_const(r), _const(0), as_type=_V16F), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def _score_tile(typingctx, path, rows, tile, codes, factors, biases, scales, out):
+    """out[r, 0:16] = scores (base 2) of TILE positions for `rows` queries.
+
+    path: a `kernels.isa` path and rows (1, 2, 4 or 8): compile-time literals. tile uint8 [Dh * TILE]
+    (one tile of biased keys); codes int8 [rows, Dh], factors float32 [rows, G] (query scale x
+    log2 e), biases int32 [rows, G] (128 x the group's code sum); scales float32 [TILE, G] (the
+    keys'); out float32 [rows, >= TILE]."""
+    if not isinstance(path, types.IntegerLiteral) or not isinstance(rows, types.IntegerLiteral):
+        return None
+    # AVX2's 16-bit pair sums would saturate on biased keys (255 x 127 x 2): the portable IR instead
+    chosen = paths.PORTABLE if path.literal_value == paths.AVX2 else path.literal_value
+    return (types.void(path, rows, tile, codes, factors, biases, scales, out),
+            _score_tile_codegen(chosen, rows.literal_value))
+
+
+def _exp2_block_codegen(context, builder, sig, args):
+    row, best = _Array(context, builder, sig.args[0], args[0]), args[1]
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+    rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F]), "llvm.rint.v16f32")
+    floor = ir.Constant(_V16F, [-126.0] * 16)
+    total = ir.Constant(_V16F, [0.0] * 16)
+    for k in range(BLOCK // 16):
+        address = row.at(_const(16 * k), as_type=_V16F)
+        x = builder.fsub(builder.load(address, align=4), _splat(builder, best, _V16F))
+        hidden = builder.fcmp_ordered("<", x, floor)  # -inf (masked) among them: exactly 0
+        x = builder.select(hidden, floor, x)
+        whole = builder.call(rint, [x])
+        fraction = builder.fsub(x, whole)
+        power = ir.Constant(_V16F, [_EXP2_TAYLOR[-1]] * 16)
+        for c in reversed(_EXP2_TAYLOR[:-1]):
+            power = builder.call(fma, [power, fraction, ir.Constant(_V16F, [c] * 16)])
+        exponent = builder.shl(builder.add(builder.fptosi(whole, _V16I), ir.Constant(_V16I, [127] * 16)),
+                               ir.Constant(_V16I, [23] * 16))
+        value = builder.fmul(power, builder.bitcast(exponent, _V16F))
+        value = builder.select(hidden, ir.Constant(_V16F, [0.0] * 16), value)
+        builder.store(value, address, align=4)
+        total = builder.fadd(total, value)
+    result = builder.extract_element(total, ir.Constant(_i(32), 0))
+    for lane in range(1, 16):
+        result = builder.fadd(result, builder.extract_element(total, ir.Constant(_i(32), lane)))
+    return result
+
+
+@intrinsic
+def _exp2_block(typingctx, row, best):
+    """row[:] = 2^(row - best) for BLOCK scores (float32 [BLOCK], -inf for masked ones, which give
+    exactly 0); returns their sum."""
+    return types.float32(row, best), _exp2_block_codegen
+
+
+def _add_values_codegen(rows: int):
+    def codegen(context, builder, sig, args):
+        values, scales, weights, acc = (_Array(context, builder, t, a) for t, a in zip(sig.args[1:], args[1:]))
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+        count, width, groups = values.shape(0), values.shape(1), scales.shape(1)
+        group = builder.udiv(width, groups)
+        totals = [cgutils.alloca_once(builder, _V16F) for _ in range(rows)]
+        with cgutils.for_range(builder, builder.udiv(width, _const(16))) as by_chunk:
+            channel = builder.mul(by_chunk.index, _const(16))
+            g = builder.udiv(channel, group)
+            for r, total in enumerate(totals):
+                builder.store(builder.load(acc.at(_const(r), channel, as_type=_V16F), align=4), total)
+            with cgutils.for_range(builder, count) as by_position:
+                j = by_position.index
+                codes = builder.load(values.at(j, channel, as_type=ir.VectorType(_i(8), 16)), align=1)
+                row = builder.fmul(builder.sitofp(builder.sext(codes, _V16I), _V16F),
+                                   _splat(builder, builder.load(scales.at(j, g)), _V16F))
+                for r, total in enumerate(totals):
+                    weight = _splat(builder, builder.load(weights.at(_const(r), j)), _V16F)
+                    builder.store(builder.call(fma, [weight, row, builder.load(total)]), total)
+            for r, total in enumerate(totals):
+                builder.store(builder.load(total), acc.at(_const(r), channel, as_type=_V16F), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def _add_values(typingctx, rows, values, scales, weights, acc):
+    """acc[r] += sum_j weights[r, j] x values[j] for `rows` queries (a literal: 1, 2, 4 or 8).
+    values int8 [n, Dh] with scales float32 [n, G]; weights float32 [rows, >= n]; acc float32 [rows, Dh]."""
+    if not isinstance(rows, types.IntegerLiteral):
+        return None
+    return types.void(rows, values, scales, weights, acc), _add_values_codegen(rows.literal_value)
+
+
+@njit(cache=True, inline="always")
+def _by_rows(queries, r):
+    """How many query rows the next intrinsic call takes from row r on: 8, 4, 2 or 1."""
+    left = queries - r
+    return 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
+
+
+@njit(cache=True, nogil=True)
+def quantize_queries(query, codes, factors, biases):
+    """query float32 [Hkv, R, Dh] (pre-scaled) -> codes int8, factors float32 [Hkv, R, G] (scale x
+    log2 e), biases int32 [Hkv, R, G] (128 x the code sum): `quantize_rows` per group."""
+    kv_heads, queries, width = query.shape
+    groups = factors.shape[2]
+    group = width // groups
+    for h in range(kv_heads):
+        for r in range(queries):
+            for g in range(groups):
+                base = g * group
+                amax = np.float32(0.0)
+                for d in range(group):
+                    amax = max(amax, abs(query[h, r, base + d]))
+                scale = amax / np.float32(127.0)
+                total = 0
+                for d in range(group):
+                    code = 0 if scale == 0 else int(min(max(np.rint(query[h, r, base + d] / scale), -127.0), 127.0))
+                    codes[h, r, base + d] = code
+                    total += code
+                factors[h, r, g] = scale * np.float32(LOG2E)
+                biases[h, r, g] = 128 * total
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _attend_int8(path, query, limits, window, keys, key_scales, values, value_scales,
+                 codes, factors, biases, part_max, part_sum, part_out, scores, out):
+    literally(path)
+    kv_heads, queries, width = query.shape
+    spans = part_max.shape[1]
+    quantize_queries(query, codes, factors, biases)
+    length = 0
+    lowest, highest = limits[0], limits[0]
+    for r in range(queries):
+        length = max(length, limits[r] + 1)
+        lowest, highest = min(lowest, limits[r]), max(highest, limits[r])
+    first = max(0, lowest - window + 1) // TILE * TILE if window > 0 else 0
+    span = (length - first + spans - 1) // spans
+    span = (span + TILE - 1) // TILE * TILE
+    for task in prange(kv_heads * spans):
+        head, part = task // spans, task % spans
+        begin = first + part * span
+        end = min(length, begin + span)
+        best, total, acc = part_max[head, part], part_sum[head, part], part_out[head, part]
+        best[:] = -np.inf
+        total[:] = 0.0
+        acc[:] = 0.0
+        score = scores[task]
+        for block in range(begin, end, BLOCK):
+            count = min(BLOCK, end - block)
+            covered = (count + TILE - 1) // TILE * TILE
+            for t in range(covered // TILE):
+                position = block + t * TILE
+                tile, key_scale = keys[head, position // TILE], key_scales[head, position:position + TILE]
+                r = 0
+                while r < queries:
+                    n = _by_rows(queries, r)
+                    rows = slice(r, r + n)
+                    if n == 8:
+                        _score_tile(path, 8, tile, codes[head, rows], factors[head, rows], biases[head, rows],
+                                    key_scale, score[rows, t * TILE:])
+                    elif n == 4:
+                        _score_tile(path, 4, tile, codes[head, rows], factors[head, rows], biases[head, rows],
+                                    key_scale, score[rows, t * TILE:])
+                    elif n == 2:
+                        _score_tile(path, 2, tile, codes[head, rows], factors[head, rows], biases[head, rows],
+                                    key_scale, score[rows, t * TILE:])
+                    else:
+                        _score_tile(path, 1, tile, codes[head, rows], factors[head, rows], biases[head, rows],
+                                    key_scale, score[rows, t * TILE:])
+                    r += n
+            seen_by_all = block + count - 1 <= lowest and (window == 0 or block > highest - window)
+            for r in range(queries):
+                if not seen_by_all:
+                    for j in range(count):
+                        position = block + j
+                        if position > limits[r] or (window > 0 and position <= limits[r] - window):
+                            score[r, j] = -np.inf
+                for j in range(count, BLOCK):
+                    score[r, j] = -np.inf  # past the span, or past the last tile
+                top = -np.inf
+                for j in range(count):
+                    top = max(top, score[r, j])
+                if top == -np.inf:  # nothing this query sees in the block
+                    score[r, :count] = 0.0
+                    continue
+                if top > best[r]:
+                    shrink = np.float32(2.0) ** (best[r] - top)
+                    total[r] *= shrink
+                    for d in range(width):
+                        acc[r, d] *= shrink
+                    best[r] = top
+                total[r] += _exp2_block(score[r], best[r])
+            block_values, block_scales = values[head, block:block + count], value_scales[head, block:block + count]
+            r = 0
+            while r < queries:
+                n = _by_rows(queries, r)
+                rows = slice(r, r + n)
+                if n == 8:
+                    _add_values(8, block_values, block_scales, score[rows], acc[rows])
+                elif n == 4:
+                    _add_values(4, block_values, block_scales, score[rows], acc[rows])
+                elif n == 2:
+                    _add_values(2, block_values, block_scales, score[rows], acc[rows])
+                else:
+                    _add_values(1, block_values, block_scales, score[rows], acc[rows])
+                r += n
+    for task in prange(kv_heads * queries):
+        head, r = task // queries, task % queries
+        best = -np.inf
+        for part in range(spans):
+            best = max(best, part_max[head, part, r])
+        total = np.float32(0.0)
+        result = out[head, r]
+        result[:] = 0.0
+        for part in range(spans):
+            if part_sum[head, part, r] == 0.0:
+                continue
+            weight = np.float32(2.0) ** (part_max[head, part, r] - best)
+            total += weight * part_sum[head, part, r]
+            source = part_out[head, part, r]
+            for d in range(width):
+                result[d] += weight * source[d]
+        for d in range(width):
+            result[d] /= total
+
+
+# one compiled entry per path: a global constant is a compile-time literal for the intrinsics
+_VNNI512, _AVXVNNI, _AVX2, _PORTABLE = paths.VNNI512, paths.AVXVNNI, paths.AVX2, paths.PORTABLE
+
+
+@njit(nogil=True, cache=True)
+def _int8_vnni512(query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
+                 part_max, part_sum, part_out, scores, out):
+    _attend_int8(_VNNI512, query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
+                 part_max, part_sum, part_out, scores, out)
+
+
+@njit(nogil=True, cache=True)
+def _int8_avxvnni(query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
+                 part_max, part_sum, part_out, scores, out):
+    _attend_int8(_AVXVNNI, query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
+                 part_max, part_sum, part_out, scores, out)
+
+
+@njit(nogil=True, cache=True)
+def _int8_portable(query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
+                 part_max, part_sum, part_out, scores, out):
+    _attend_int8(_PORTABLE, query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
+                 part_max, part_sum, part_out, scores, out)
+
+
+_INT8 = {paths.VNNI512: _int8_vnni512, paths.AVXVNNI: _int8_avxvnni, paths.AVX2: _int8_portable,
+         paths.PORTABLE: _int8_portable}
+
+
+def attend_decode_int8(path: int, query, limits, window: int, keys, key_scales, values, value_scales,
+                       codes, factors, biases, part_max, part_sum, part_out, scores, out) -> None:
+    """`attend_decode` over int8 keys (tiles, see above) and values, scores by integer dot products
+    on `path` (a `kernels.isa` path this CPU runs; AVX2 takes the portable IR).
+
+    keys uint8 [Hkv, L / TILE, Dh * TILE], key_scales float32 [Hkv, L, G], values int8 [Hkv, L, Dh],
+    value_scales float32 [Hkv, L, G]; codes int8 [Hkv, R, Dh], factors float32 / biases int32
+    [Hkv, R, G]: scratch for the quantised queries; the rest as `attend_decode`, part_max in base 2."""
+    _INT8[path](query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
+                part_max, part_sum, part_out, scores, out)

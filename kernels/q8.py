@@ -104,7 +104,7 @@ def quantize_activations_reference(x: np.ndarray):
 
 # --- the block kernel ---------------------------------------------------------------------------------
 
-def _dot4(builder, path: int, acc, weights, activations):
+def dot4(builder, path: int, acc, weights, activations):
     """acc <16 x i32> + per lane sum of 4 products of weights (<64 x i8>, unsigned) and
     activations (<64 x i8>, signed)."""
     i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
@@ -238,11 +238,11 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
                 activations = builder.bitcast(splat(quad_x, v16i32), v64i8)
                 for half in (0, 1):
                     if bits != 8:
-                        dots[t][half] = _dot4(builder, path, dots[t][half], rows[half], activations)
+                        dots[t][half] = dot4(builder, path, dots[t][half], rows[half], activations)
                         continue
                     signed = builder.select(negative[half], builder.sub(zero_b, activations), activations)
                     signed = builder.select(empty[half], zero_b, signed)
-                    dots[t][half] = _dot4(builder, path, dots[t][half], magnitudes[half], signed)
+                    dots[t][half] = dot4(builder, path, dots[t][half], magnitudes[half], signed)
         w_scales = []
         for half in (0, 1):
             scale_bits = load(scales_ptr, builder.add(first_column, const(16 * half)), ir.VectorType(i16, 16), 2)

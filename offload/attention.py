@@ -1,9 +1,11 @@
 """Decode attention on the CPU: `kernels.attention` plugged into each KV cache of a CPU-only plan.
 
 A decode step (up to DECODE_MAX_TOKENS tokens) reads every cached key and value of each attention
-layer; the kernel reads them in the stored format (fp32, bf16 or int8) and widens one row at a
-time, so a step never copies the cache. Longer inputs (prompts) go through the cache's own
-blockwise path. Scratch is allocated once per engine and shared by every layer.
+layer; the kernel reads them in the stored format and never copies the cache: int8 caches in RAM
+(tiled keys) by integer dot products with the query quantised per step (`attend_decode_int8`),
+fp32 and bf16 ones (and int8 of odd head sizes) widened a row at a time (`attend_decode`).
+Longer inputs (prompts) go through the cache's own blockwise path. Scratch is allocated once per
+engine and shared by every layer.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from offload.config import DECODE_MAX_TOKENS
 from offload.kernels import attention as kernel
+from offload.kernels import isa
 from offload.kernels.threads import kernel_threads, physical_cores
 from offload.models.cache import KVCache
 
@@ -28,7 +31,8 @@ class CpuDecodeAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         self.heads, self.kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.threads = physical_cores()
-        self.scratch: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}  # (spans, rows) -> arrays
+        self.path = isa.best()
+        self.scratch: dict[tuple, tuple[np.ndarray, ...]] = {}  # (spans, rows) or ("query", rows, groups) -> arrays
         self.views: dict[int, tuple[np.ndarray, ...]] = {}  # id(cache) -> the kernel's arguments
 
     def __call__(self, cache: KVCache, query: torch.Tensor, start: int, window: int | None) -> torch.Tensor | None:
@@ -43,8 +47,13 @@ class CpuDecodeAttention:
         part_max, part_sum, part_out, scores, widened, out = self._scratch(spans, rows)
         kind, group, stored = self._views(cache)
         with kernel_threads(self.threads):
-            kernel.attend_decode(scaled, limits, window or 0, kind, group, *stored,
-                                 part_max, part_sum, part_out, scores, widened, out)
+            if cache.tiled:
+                codes, factors, biases = self._query_scratch(rows, width // group)
+                kernel.attend_decode_int8(self.path, scaled, limits, window or 0, *stored, codes, factors, biases,
+                                          part_max, part_sum, part_out, scores, out)
+            else:
+                kernel.attend_decode(scaled, limits, window or 0, kind, group, *stored,
+                                     part_max, part_sum, part_out, scores, widened, out)
         result = torch.from_numpy(out).reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
         return result.to(query.dtype, copy=True)  # `out` is scratch the next layer overwrites
 
@@ -60,8 +69,20 @@ class CpuDecodeAttention:
                                  np.empty((kv_heads, rows, width), np.float32))
         return self.scratch[key]
 
+    def _query_scratch(self, rows: int, groups: int) -> tuple[np.ndarray, ...]:
+        key = ("query", rows, groups)
+        if key not in self.scratch:
+            shape = (self.kv_heads, rows)
+            self.scratch[key] = (np.empty((*shape, self.head_dim), np.int8), np.empty((*shape, groups), np.float32),
+                                 np.empty((*shape, groups), np.int32))
+        return self.scratch[key]
+
     def _views(self, cache: KVCache) -> tuple[int, int, tuple[np.ndarray, ...]]:
-        """(stored form, group, the eight key/value arrays in the kernel's order) for `cache`."""
+        """(stored form, group, the key/value arrays in the kernel's order) for `cache`: eight for
+        `attend_decode`, four for `attend_decode_int8` (tiled keys)."""
+        if id(cache) not in self.views and cache.tiled:
+            stored = (cache.keys.numpy(), cache.key_scales.numpy(), cache.values.numpy(), cache.value_scales.numpy())
+            self.views[id(cache)] = (kernel.INT8, cache.group, stored)
         if id(cache) not in self.views:
             kind = _KINDS[cache.format]
             arrays = []

@@ -123,22 +123,34 @@ def stored(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.read(0, cache.max_len, torch.float32)
 
 
-@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8"])
+def quantized_query(rows: np.ndarray, group: int) -> np.ndarray:
+    """rows as the int8 kernel sees them: quantised per group of the keys' channels, widened."""
+    codes, scales = attention_kernel.quantize_rows(rows, group)
+    grouped = codes.reshape(*codes.shape[:-1], -1, group).astype(np.float32) * scales[..., None]
+    return grouped.reshape(rows.shape)
+
+
+@pytest.mark.parametrize("fmt, width", [("f32", 64), ("bf16", 64), ("int8", 64), ("int8", 128), ("int8", 80)])
 @pytest.mark.parametrize("tokens, window", [(1, None), (3, None), (8, 100)])
-def test_the_decode_kernel_reads_each_format_as_the_reference(fmt, tokens, window):
+def test_the_decode_kernel_reads_each_format_as_the_reference(fmt, width, tokens, window):
     """kernels.attention on the stored format against NumPy softmax attention over the same
-    values widened; GQA rows, several spans, a sliding window."""
+    values widened; GQA rows (8 per KV head and more: 8, 4, 2 and 1 at a time), several spans, a
+    sliding window. int8 keys in tiles are scored by integer dot products with the query quantised
+    per group; 80 channels (groups of 40) take the row-at-a-time kernel instead."""
     from offload.attention import CpuDecodeAttention
 
     generator = torch.Generator().manual_seed(3)
-    heads, kv_heads, width, start = 8, 2, 64, 1500
-    cache = KVCache(2048, kv_heads, width, fmt)
+    heads, kv_heads, start = 8, 2, 1500
+    cache = KVCache(2048 - 7, kv_heads, width, fmt)
+    assert cache.tiled == (fmt == "int8" and width != 80)
     cache.write(torch.randn(kv_heads, start + tokens, width, generator=generator),
                 torch.randn(kv_heads, start + tokens, width, generator=generator), 0)
     query = torch.randn(heads, tokens, width, generator=generator)
     out = CpuDecodeAttention(heads, kv_heads, width)(cache, query, start, window)
     keys, values = stored(cache)
     rows = (query * width**-0.5).reshape(kv_heads, -1, width).numpy()
+    if cache.tiled:
+        rows = quantized_query(rows, cache.group)
     limits = np.tile(np.arange(start, start + tokens), heads // kv_heads)
     expected = attention_kernel.attend_reference(rows, keys.numpy(), values.numpy(), limits, window or 0)
     expected = torch.from_numpy(expected).reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
@@ -154,6 +166,48 @@ def test_int8_writes_are_the_reference_quantiser():
     widened = cache.read(3, 8, torch.float32)[1]
     assert (widened - values).abs().max() <= values.abs().max() / 127  # half a step per group, at most
     assert cache.nbytes == 2 * 2 * 16 * (128 + 2 * 4)
+    # keys in RAM: biased codes in tiles of TILE positions (the integer kernel's layout)
+    codes, scales = attention_kernel.quantize_rows(keys.numpy(), 64)
+    padded = np.zeros((2, 16, 128), np.int8)
+    padded[:, 3:8] = codes
+    def positions(tiles):  # [Hkv, 1, Dh * TILE] -> [Hkv, Dh / 4, TILE, 4]
+        return tiles.reshape(2, 128 // 4, attention_kernel.TILE, 4)
+
+    assert cache.tiled and np.array_equal(positions(cache.keys.numpy())[:, :, 3:8],
+                                          positions(attention_kernel.tile_keys(padded))[:, :, 3:8])
+    assert np.allclose(cache.key_scales[:, 3:8], scales)
+    assert torch.equal(cache.read(4, 7, torch.float32)[0], cache.read(3, 8, torch.float32)[0][:, 1:4])
+
+
+def test_the_int8_kernel_gives_the_same_bits_on_every_path():
+    """Integer dot products are exact and the float part is one code for all: each instruction
+    path this CPU runs (and the portable IR) gives the same output."""
+    from offload.kernels import isa
+
+    generator = torch.Generator().manual_seed(11)
+    kv_heads, rows, width, length = 2, 5, 128, 700
+    cache = KVCache(length, kv_heads, width, "int8")
+    cache.write(torch.randn(kv_heads, length, width, generator=generator),
+                torch.randn(kv_heads, length, width, generator=generator), 0)
+    query = torch.randn(kv_heads, rows, width, generator=generator).numpy()
+    limits = np.full(rows, length - 1, np.int64)
+    groups, spans = width // cache.group, 3
+    outputs = []
+    for path in isa.available():
+        out = np.empty((kv_heads, rows, width), np.float32)
+        attention_kernel.attend_decode_int8(
+            path, query, limits, 0, cache.keys.numpy(), cache.key_scales.numpy(), cache.values.numpy(),
+            cache.value_scales.numpy(), np.empty((kv_heads, rows, width), np.int8),
+            np.empty((kv_heads, rows, groups), np.float32), np.empty((kv_heads, rows, groups), np.int32),
+            np.empty((kv_heads, spans, rows), np.float32), np.empty((kv_heads, spans, rows), np.float32),
+            np.empty((kv_heads, spans, rows, width), np.float32),
+            np.empty((kv_heads * spans, rows, attention_kernel.BLOCK), np.float32), out)
+        outputs.append(out)
+    assert len(outputs) >= 1 and all(np.array_equal(outputs[0], other) for other in outputs[1:])
+    keys, values = stored(cache)
+    expected = attention_kernel.attend_reference(quantized_query(query, cache.group), keys[:, :length].numpy(),
+                                                 values[:, :length].numpy(), limits, 0)
+    assert np.abs(outputs[0] - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "int8"])
@@ -320,13 +374,18 @@ def test_ctrl_c_stops_a_long_prefill_within_a_second_and_the_next_turn_works(lon
     list(chat.ask("warm up"))
     raised_at = []
 
+    def report(done, total):  # the alarm is set once the long prompt's prefill is under way
+        if not seen or seen[-1][1] != total:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+        seen.append((done, total))
+
     def interrupt(*_):
         raised_at.append(time.perf_counter())
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGALRM, interrupt)
+    chat.progress = report
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.5)
         with pytest.raises(KeyboardInterrupt):
             list(chat.ask("word " * 3700))  # ~15000 tokens: about 2 s of prefill on 2 cores
         stopped = time.perf_counter()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from offload.kernels.attention import TILE, int8_tiled
+
 
 KV_FORMATS = ("f32", "bf16", "f16", "int8")  # how a KVCache stores keys and values
 KV_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "int8": torch.int8}
@@ -35,6 +37,8 @@ class KVCache:
     "int8": keys, values int8 [Hkv, max_len, Dh] and key_scales, value_scales fp32
     [Hkv, max_len, Dh / G]: symmetric codes, one scale (max |x| / 127) per position, head and group
     of G = kv_group(Dh) channels (64 for the usual 128 or 256), computed as each token is written.
+    In RAM the keys are stored for the CPU's integer kernel (`kernels.attention`, `tiled`): biased
+    codes (+128) uint8 [Hkv, L / TILE, Dh / 4, TILE, 4], L = max_len rounded up to TILE.
 
     `attend` runs attention over what is stored without widening the whole cache: on the CPU in
     blocks of CPU_BLOCK positions through torch's flash kernel, merged by their log-sum-exp; on a
@@ -49,11 +53,16 @@ class KVCache:
             raise ValueError(f"KV cache format {format!r} is not one of {KV_FORMATS}")
         self.max_len, self.format = max_len, format
         self.group = kv_group(head_dim)
+        self.tiled = format == "int8" and torch.device(device).type == "cpu" and int8_tiled(head_dim, self.group)
+        length = -(-max_len // TILE) * TILE if self.tiled else max_len
         dtype = KV_DTYPES[format]
-        self.keys = torch.zeros(num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros(num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        if self.tiled:
+            self.keys = torch.zeros(num_kv_heads, length // TILE, head_dim * TILE, dtype=torch.uint8)
+        else:
+            self.keys = torch.zeros(num_kv_heads, length, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(num_kv_heads, length, head_dim, dtype=dtype, device=device)
         if format == "int8":
-            scales = (num_kv_heads, max_len, head_dim // self.group)
+            scales = (num_kv_heads, length, head_dim // self.group)
             self.key_scales = torch.zeros(scales, dtype=torch.float32, device=device)
             self.value_scales = torch.zeros(scales, dtype=torch.float32, device=device)
         self.decode = None  # (cache, query, start, window) -> [T, H * Dh], or None to use `attend`'s own path
@@ -67,20 +76,39 @@ class KVCache:
             self.keys[:, start:end] = keys
             self.values[:, start:end] = values
             return
-        for source, codes, scales in ((keys, self.keys, self.key_scales), (values, self.values, self.value_scales)):
+        for source, stored, scales in ((keys, self.keys, self.key_scales), (values, self.values, self.value_scales)):
             grouped = source.float().unflatten(-1, (-1, self.group))  # [Hkv, T, Dh / G, G]
             scale = grouped.abs().amax(-1) / 127
-            codes[:, start:end] = (grouped / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]) \
-                .round_().clamp_(-127, 127).flatten(-2).to(torch.int8)
+            codes = (grouped / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]) \
+                .round_().clamp_(-127, 127).flatten(-2)
             scales[:, start:end] = scale
+            if stored is self.keys and self.tiled:
+                kv_heads, width = codes.shape[0], codes.shape[2]
+                tiles = stored.view(kv_heads, -1, width // 4, TILE, 4)
+                positions = torch.arange(start, end)
+                biased = (codes + 128).to(torch.uint8).view(kv_heads, -1, width // 4, 4).transpose(0, 1)
+                tiles[:, positions // TILE, :, positions % TILE, :] = biased  # [T, Hkv, Dh / 4, 4]
+            else:
+                stored[:, start:end] = codes.to(torch.int8)
 
     def read(self, begin: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions begin..end [Hkv, n, Dh] in `dtype` (views when stored so)."""
         if self.format != "int8":
             return self.keys[:, begin:end].to(dtype), self.values[:, begin:end].to(dtype)
-        return tuple((codes[:, begin:end].unflatten(-1, (-1, self.group)).float()
-                      * scales[:, begin:end, :, None]).flatten(-2).to(dtype)  # scales stay fp32 until the product
-                     for codes, scales in ((self.keys, self.key_scales), (self.values, self.value_scales)))
+        return tuple((codes.unflatten(-1, (-1, self.group)).float() * scales[:, begin:end, :, None])
+                     .flatten(-2).to(dtype)  # scales stay fp32 until the product
+                     for codes, scales in ((self._key_codes(begin, end), self.key_scales),
+                                           (self.values[:, begin:end], self.value_scales)))
+
+    def _key_codes(self, begin: int, end: int) -> torch.Tensor:
+        """int8 keys of positions begin..end [Hkv, n, Dh] (any integer dtype)."""
+        if not self.tiled:
+            return self.keys[:, begin:end]
+        kv_heads, width = self.keys.shape[0], self.keys.shape[2] // TILE
+        first, last = begin // TILE, -(-end // TILE)
+        tiles = self.keys[:, first:last].view(kv_heads, last - first, width // 4, TILE, 4)
+        positions = tiles.permute(0, 1, 3, 2, 4).reshape(kv_heads, (last - first) * TILE, width)
+        return positions[:, begin - first * TILE:end - first * TILE].to(torch.int16) - 128
 
     def attend(self, query: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:
         """Causal attention of query [H, T, Dh] (positions start..start+T, already written) over
