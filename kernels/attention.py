@@ -228,19 +228,22 @@ def attend_reference(query: np.ndarray, keys: np.ndarray, values: np.ndarray, li
     return np.einsum("grl,gld->grd", weights, values.astype(np.float64)).astype(np.float32)
 
 
-# --- int8 keys and values: integer dot products ---------------------------------------------------
+# --- keys in tiles: sixteen positions scored at once -----------------------------------------------
 #
-# With int8 keys the scores come from integer dot products (`kernels.isa`'s paths: 64 byte products
-# per instruction on AVX512-VNNI), the query quantised to int8 once per step with one scale per
-# group of the keys' channels. The instructions multiply unsigned by signed bytes and sum four
-# products into a 32-bit lane, so a CPU cache stores keys biased (code + 128, uint8) and tiled:
-#     keys  uint8 [Hkv, L / TILE, Dh / 4, TILE, 4]   (NumPy view: [Hkv, L / TILE, Dh * TILE])
-# one load of 64 bytes is four channels of sixteen positions, one lane per position, and
-# broadcasting four of a query's codes scores sixteen positions at once: no horizontal sums. The
-# bias comes back out exactly: sum (k + 128) q = sum k q + 128 sum q, per query and group.
+# A CPU cache stores its keys in tiles of TILE positions, position-minor, so that one vector load is
+# one or four channels of sixteen positions, one lane per position, and a query's channel
+# broadcast to every lane scores sixteen positions at once: no horizontal sums.
+#     f32   float32 [Hkv, L / TILE, Dh, TILE]          one channel of sixteen positions per load
+#     bf16  uint16 [Hkv, L / TILE, Dh, TILE]            the same, widened by a shift
+#     int8  uint8 [Hkv, L / TILE, Dh / 4, TILE, 4]      four channels: integer dot products
+# (NumPy views: [Hkv, L / TILE, Dh * TILE]). With int8 keys the scores come from the CPU's
+# dot-product instructions (`kernels.isa`'s paths: 64 byte products per instruction on
+# AVX512-VNNI), the query quantised to int8 once per step with one scale per group of the keys'
+# channels. The instructions multiply unsigned by signed bytes, so int8 keys are stored biased
+# (code + 128) and the bias comes back out exactly: sum (k + 128) q = sum k q + 128 sum q.
 # Values stay rows [Hkv, L, Dh]; each is widened once per block and added into every query's
 # output (a vector of sixteen channels per query in registers). Scores are kept in base 2 (the
-# query's scale carries log2 e) and exponentiated sixteen at a time by a polynomial.
+# query carries log2 e) and exponentiated sixteen at a time by a polynomial.
 
 TILE = 16  # positions of keys per tile
 LOG2E = 1.4426950408889634
@@ -248,18 +251,22 @@ LOG2E = 1.4426950408889634
 _EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]
 
 
-def int8_tiled(head_dim: int, group: int) -> bool:
-    """Whether int8 keys of this shape take the tiled layout (and the integer kernel): sixteen
-    channels at a time must stay inside a scale group."""
-    return head_dim % TILE == 0 and group % TILE == 0
+def tiled(kind: int, head_dim: int, group: int) -> bool:
+    """Whether keys of this stored form and shape take tiles (and `attend_decode_tiled`): sixteen
+    channels at a time must stay inside an int8 scale group."""
+    return head_dim % TILE == 0 and (kind != INT8 or group % TILE == 0)
 
 
-def tile_keys(codes: np.ndarray) -> np.ndarray:
-    """int8 codes [Hkv, L, Dh] (L a multiple of TILE) -> the stored tiles uint8 [Hkv, L / TILE, Dh * TILE]."""
-    kv_heads, length, width = codes.shape
-    biased = (codes.astype(np.int16) + 128).astype(np.uint8)
-    return biased.reshape(kv_heads, length // TILE, TILE, width // 4, 4).transpose(0, 1, 3, 2, 4) \
-        .reshape(kv_heads, length // TILE, width * TILE)
+def tile_keys(keys: np.ndarray) -> np.ndarray:
+    """Keys [Hkv, L, Dh] (L a multiple of TILE) -> stored tiles [Hkv, L / TILE, Dh * TILE]: float32
+    or bf16 bits (uint16) as they are, int8 codes biased to uint8."""
+    kv_heads, length, width = keys.shape
+    if keys.dtype == np.int8:
+        biased = (keys.astype(np.int16) + 128).astype(np.uint8)
+        tiles = biased.reshape(kv_heads, length // TILE, TILE, width // 4, 4).transpose(0, 1, 3, 2, 4)
+    else:
+        tiles = keys.reshape(kv_heads, length // TILE, TILE, width).transpose(0, 1, 3, 2)
+    return np.ascontiguousarray(tiles).reshape(kv_heads, length // TILE, width * TILE)
 
 
 def _i(bits: int) -> ir.IntType:
@@ -302,36 +309,33 @@ def _const(value: int):
     return ir.Constant(_i(64), value)
 
 
-def _score_tile_codegen(path: int, rows: int):
+def _widened(builder, kind: int, pointer):
+    """Sixteen fp32 values from 16 stored ones at `pointer`: f32, bf16 bits (uint16) or int8."""
+    if kind == F32:
+        return builder.load(builder.bitcast(pointer, _V16F.as_pointer()), align=4)
+    if kind == BF16:
+        bits = builder.load(builder.bitcast(pointer, ir.VectorType(_i(16), 16).as_pointer()), align=2)
+        return builder.bitcast(builder.shl(builder.zext(bits, _V16I), ir.Constant(_V16I, [16] * 16)), _V16F)
+    codes = builder.load(builder.bitcast(pointer, ir.VectorType(_i(8), 16).as_pointer()), align=1)
+    return builder.sitofp(builder.sext(codes, _V16I), _V16F)
+
+
+def _score_tile_codegen(path: int, kind: int, rows: int):
     def codegen(context, builder, sig, args):
         tile, codes, factors, biases, scales, out = (_Array(context, builder, t, a)
-                                                     for t, a in zip(sig.args[2:], args[2:]))
+                                                     for t, a in zip(sig.args[3:], args[3:]))
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
-        v64i8 = ir.VectorType(_i(8), 64)
-        width, groups = codes.shape(1), factors.shape(1)
-        chunks = builder.udiv(builder.udiv(width, groups), _const(4))  # of four channels, per group
         zero_f, zero_i = ir.Constant(_V16F, [0.0] * 16), ir.Constant(_V16I, [0] * 16)
         totals = [cgutils.alloca_once_value(builder, zero_f) for _ in range(rows)]
-        dots = [cgutils.alloca_once_value(builder, zero_i) for _ in range(rows)]
-        with cgutils.for_range(builder, groups) as by_group:
-            g = by_group.index
-            for dot in dots:
-                builder.store(zero_i, dot)
-            with cgutils.for_range(builder, chunks) as by_chunk:
-                chunk = builder.add(builder.mul(g, chunks), by_chunk.index)
-                keys = builder.load(tile.at(builder.mul(chunk, _const(64)), as_type=v64i8), align=1)
-                for r, dot in enumerate(dots):
-                    four = builder.load(codes.at(_const(r), builder.mul(chunk, _const(4)), as_type=_i(32)), align=1)
-                    query = builder.bitcast(_splat(builder, four, _V16I), v64i8)
-                    builder.store(dot4(builder, path, builder.load(dot), keys, query), dot)
-            key_scale = ir.Constant(_V16F, ir.Undefined)
-            for p in range(TILE):
-                key_scale = builder.insert_element(key_scale, builder.load(scales.at(_const(p), g)),
-                                                   ir.Constant(_i(32), p))
-            for r, (dot, total) in enumerate(zip(dots, totals)):
-                exact = builder.sub(builder.load(dot), _splat(builder, builder.load(biases.at(_const(r), g)), _V16I))
-                scale = builder.fmul(key_scale, _splat(builder, builder.load(factors.at(_const(r), g)), _V16F))
-                builder.store(builder.call(fma, [builder.sitofp(exact, _V16F), scale, builder.load(total)]), total)
+        if kind != INT8:  # one channel of sixteen positions, times each query's channel
+            with cgutils.for_range(builder, factors.shape(1)) as by_channel:
+                d = by_channel.index
+                keys = _widened(builder, kind, tile.at(builder.mul(d, _const(TILE))))
+                for r, total in enumerate(totals):
+                    query = _splat(builder, builder.load(factors.at(_const(r), d)), _V16F)
+                    builder.store(builder.call(fma, [query, keys, builder.load(total)]), total)
+        else:
+            _score_int8(builder, path, tile, codes, factors, biases, scales, totals, fma)
         for r, total in enumerate(totals):
             builder.store(builder.load(total), out.at(_const(r), _const(0), as_type=_V16F), align=4)
         return context.get_dummy_value()
@@ -339,20 +343,50 @@ def _score_tile_codegen(path: int, rows: int):
     return codegen
 
 
+def _score_int8(builder, path, tile, codes, factors, biases, scales, totals, fma):
+    """totals[r] += the scores of a tile of int8 keys for query r: per group, integer dot products of
+    four channels at a time, then (dot - bias) x key scale x query factor."""
+    v64i8 = ir.VectorType(_i(8), 64)
+    zero_i = ir.Constant(_V16I, [0] * 16)
+    width, groups = codes.shape(1), factors.shape(1)
+    chunks = builder.udiv(builder.udiv(width, groups), _const(4))  # of four channels, per group
+    dots = [cgutils.alloca_once_value(builder, zero_i) for _ in totals]
+    with cgutils.for_range(builder, groups) as by_group:
+        g = by_group.index
+        for dot in dots:
+            builder.store(zero_i, dot)
+        with cgutils.for_range(builder, chunks) as by_chunk:
+            chunk = builder.add(builder.mul(g, chunks), by_chunk.index)
+            keys = builder.load(tile.at(builder.mul(chunk, _const(64)), as_type=v64i8), align=1)
+            for r, dot in enumerate(dots):
+                four = builder.load(codes.at(_const(r), builder.mul(chunk, _const(4)), as_type=_i(32)), align=1)
+                query = builder.bitcast(_splat(builder, four, _V16I), v64i8)
+                builder.store(dot4(builder, path, builder.load(dot), keys, query), dot)
+        key_scale = ir.Constant(_V16F, ir.Undefined)
+        for p in range(TILE):
+            key_scale = builder.insert_element(key_scale, builder.load(scales.at(_const(p), g)),
+                                               ir.Constant(_i(32), p))
+        for r, (dot, total) in enumerate(zip(dots, totals)):
+            exact = builder.sub(builder.load(dot), _splat(builder, builder.load(biases.at(_const(r), g)), _V16I))
+            scale = builder.fmul(key_scale, _splat(builder, builder.load(factors.at(_const(r), g)), _V16F))
+            builder.store(builder.call(fma, [builder.sitofp(exact, _V16F), scale, builder.load(total)]), total)
+
+
 @intrinsic
-def _score_tile(typingctx, path, rows, tile, codes, factors, biases, scales, out):
+def _score_tile(typingctx, path, kind, rows, tile, codes, factors, biases, scales, out):
     """out[r, 0:16] = scores (base 2) of TILE positions for `rows` queries.
 
-    path: a `kernels.isa` path and rows (1, 2, 4 or 8): compile-time literals. tile uint8 [Dh * TILE]
-    (one tile of biased keys); codes int8 [rows, Dh], factors float32 [rows, G] (query scale x
-    log2 e), biases int32 [rows, G] (128 x the group's code sum); scales float32 [TILE, G] (the
-    keys'); out float32 [rows, >= TILE]."""
-    if not isinstance(path, types.IntegerLiteral) or not isinstance(rows, types.IntegerLiteral):
+    path, kind (stored form) and rows (1, 2, 4 or 8): compile-time literals. tile: one tile of keys
+    [Dh * TILE]; out float32 [rows, >= TILE]. f32 / bf16: factors float32 [rows, Dh] is the query
+    (x log2 e); codes, biases, scales unused. int8: codes int8 [rows, Dh], factors float32 [rows, G]
+    (query scale x log2 e), biases int32 [rows, G] (128 x the group's code sum), scales float32
+    [TILE, G] (the keys')."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (path, kind, rows)):
         return None
     # AVX2's 16-bit pair sums would saturate on biased keys (255 x 127 x 2): the portable IR instead
     chosen = paths.PORTABLE if path.literal_value == paths.AVX2 else path.literal_value
-    return (types.void(path, rows, tile, codes, factors, biases, scales, out),
-            _score_tile_codegen(chosen, rows.literal_value))
+    return (types.void(path, kind, rows, tile, codes, factors, biases, scales, out),
+            _score_tile_codegen(chosen, kind.literal_value, rows.literal_value))
 
 
 def _exp2_block_codegen(context, builder, sig, args):
@@ -383,6 +417,25 @@ def _exp2_block_codegen(context, builder, sig, args):
     return result
 
 
+def _block_max_codegen(context, builder, sig, args):
+    row = _Array(context, builder, sig.args[0], args[0])
+    top = None
+    for k in range(BLOCK // 16):
+        x = builder.load(row.at(_const(16 * k), as_type=_V16F), align=4)
+        top = x if top is None else builder.select(builder.fcmp_ordered(">", x, top), x, top)
+    result = builder.extract_element(top, ir.Constant(_i(32), 0))
+    for lane in range(1, 16):
+        x = builder.extract_element(top, ir.Constant(_i(32), lane))
+        result = builder.select(builder.fcmp_ordered(">", x, result), x, result)
+    return result
+
+
+@intrinsic
+def _block_max(typingctx, row):
+    """The largest of BLOCK scores (float32 [BLOCK]; -inf if all are)."""
+    return types.float32(row), _block_max_codegen
+
+
 @intrinsic
 def _exp2_block(typingctx, row, best):
     """row[:] = 2^(row - best) for BLOCK scores (float32 [BLOCK], -inf for masked ones, which give
@@ -390,23 +443,22 @@ def _exp2_block(typingctx, row, best):
     return types.float32(row, best), _exp2_block_codegen
 
 
-def _add_values_codegen(rows: int):
+def _add_values_codegen(kind: int, rows: int):
     def codegen(context, builder, sig, args):
-        values, scales, weights, acc = (_Array(context, builder, t, a) for t, a in zip(sig.args[1:], args[1:]))
+        values, scales, weights, acc = (_Array(context, builder, t, a) for t, a in zip(sig.args[2:], args[2:]))
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
-        count, width, groups = values.shape(0), values.shape(1), scales.shape(1)
-        group = builder.udiv(width, groups)
+        count, width = values.shape(0), values.shape(1)
         totals = [cgutils.alloca_once(builder, _V16F) for _ in range(rows)]
         with cgutils.for_range(builder, builder.udiv(width, _const(16))) as by_chunk:
             channel = builder.mul(by_chunk.index, _const(16))
-            g = builder.udiv(channel, group)
             for r, total in enumerate(totals):
                 builder.store(builder.load(acc.at(_const(r), channel, as_type=_V16F), align=4), total)
             with cgutils.for_range(builder, count) as by_position:
                 j = by_position.index
-                codes = builder.load(values.at(j, channel, as_type=ir.VectorType(_i(8), 16)), align=1)
-                row = builder.fmul(builder.sitofp(builder.sext(codes, _V16I), _V16F),
-                                   _splat(builder, builder.load(scales.at(j, g)), _V16F))
+                row = _widened(builder, kind, values.at(j, channel))
+                if kind == INT8:
+                    g = builder.udiv(channel, builder.udiv(width, scales.shape(1)))
+                    row = builder.fmul(row, _splat(builder, builder.load(scales.at(j, g)), _V16F))
                 for r, total in enumerate(totals):
                     weight = _splat(builder, builder.load(weights.at(_const(r), j)), _V16F)
                     builder.store(builder.call(fma, [weight, row, builder.load(total)]), total)
@@ -418,12 +470,14 @@ def _add_values_codegen(rows: int):
 
 
 @intrinsic
-def _add_values(typingctx, rows, values, scales, weights, acc):
-    """acc[r] += sum_j weights[r, j] x values[j] for `rows` queries (a literal: 1, 2, 4 or 8).
-    values int8 [n, Dh] with scales float32 [n, G]; weights float32 [rows, >= n]; acc float32 [rows, Dh]."""
-    if not isinstance(rows, types.IntegerLiteral):
+def _add_values(typingctx, kind, rows, values, scales, weights, acc):
+    """acc[r] += sum_j weights[r, j] x values[j] for `rows` queries. kind (stored form) and rows (1,
+    2, 4 or 8): literals. values [n, Dh] as stored (bf16 as uint16 bits), with scales float32
+    [n, G] for int8 (unused otherwise); weights float32 [rows, >= n]; acc float32 [rows, Dh]."""
+    if not isinstance(kind, types.IntegerLiteral) or not isinstance(rows, types.IntegerLiteral):
         return None
-    return types.void(rows, values, scales, weights, acc), _add_values_codegen(rows.literal_value)
+    return types.void(kind, rows, values, scales, weights, acc), _add_values_codegen(kind.literal_value,
+                                                                                    rows.literal_value)
 
 
 @njit(cache=True, inline="always")
@@ -457,13 +511,26 @@ def quantize_queries(query, codes, factors, biases):
                 biases[h, r, g] = 128 * total
 
 
+@njit(cache=True, nogil=True)
+def _base2_queries(query, factors):
+    """factors float32 [Hkv, R, Dh] = query x log2 e (f32 and bf16 keys)."""
+    for h in range(query.shape[0]):
+        for r in range(query.shape[1]):
+            for d in range(query.shape[2]):
+                factors[h, r, d] = query[h, r, d] * np.float32(LOG2E)
+
+
 @njit(parallel=True, nogil=True, cache=True)
-def _attend_int8(path, query, limits, window, keys, key_scales, values, value_scales,
-                 codes, factors, biases, part_max, part_sum, part_out, scores, out):
+def _attend_tiled(path, kind, query, limits, window, keys, key_scales, values, value_scales,
+                  codes, factors, biases, part_max, part_sum, part_out, scores, out):
     literally(path)
+    literally(kind)
     kv_heads, queries, width = query.shape
     spans = part_max.shape[1]
-    quantize_queries(query, codes, factors, biases)
+    if kind == INT8:
+        quantize_queries(query, codes, factors, biases)
+    else:
+        _base2_queries(query, factors)
     length = 0
     lowest, highest = limits[0], limits[0]
     for r in range(queries):
@@ -492,16 +559,16 @@ def _attend_int8(path, query, limits, window, keys, key_scales, values, value_sc
                     n = _by_rows(queries, r)
                     rows = slice(r, r + n)
                     if n == 8:
-                        _score_tile(path, 8, tile, codes[head, rows], factors[head, rows], biases[head, rows],
+                        _score_tile(path, kind, 8, tile, codes[head, rows], factors[head, rows], biases[head, rows],
                                     key_scale, score[rows, t * TILE:])
                     elif n == 4:
-                        _score_tile(path, 4, tile, codes[head, rows], factors[head, rows], biases[head, rows],
+                        _score_tile(path, kind, 4, tile, codes[head, rows], factors[head, rows], biases[head, rows],
                                     key_scale, score[rows, t * TILE:])
                     elif n == 2:
-                        _score_tile(path, 2, tile, codes[head, rows], factors[head, rows], biases[head, rows],
+                        _score_tile(path, kind, 2, tile, codes[head, rows], factors[head, rows], biases[head, rows],
                                     key_scale, score[rows, t * TILE:])
                     else:
-                        _score_tile(path, 1, tile, codes[head, rows], factors[head, rows], biases[head, rows],
+                        _score_tile(path, kind, 1, tile, codes[head, rows], factors[head, rows], biases[head, rows],
                                     key_scale, score[rows, t * TILE:])
                     r += n
             seen_by_all = block + count - 1 <= lowest and (window == 0 or block > highest - window)
@@ -513,9 +580,7 @@ def _attend_int8(path, query, limits, window, keys, key_scales, values, value_sc
                             score[r, j] = -np.inf
                 for j in range(count, BLOCK):
                     score[r, j] = -np.inf  # past the span, or past the last tile
-                top = -np.inf
-                for j in range(count):
-                    top = max(top, score[r, j])
+                top = _block_max(score[r])
                 if top == -np.inf:  # nothing this query sees in the block
                     score[r, :count] = 0.0
                     continue
@@ -532,13 +597,13 @@ def _attend_int8(path, query, limits, window, keys, key_scales, values, value_sc
                 n = _by_rows(queries, r)
                 rows = slice(r, r + n)
                 if n == 8:
-                    _add_values(8, block_values, block_scales, score[rows], acc[rows])
+                    _add_values(kind, 8, block_values, block_scales, score[rows], acc[rows])
                 elif n == 4:
-                    _add_values(4, block_values, block_scales, score[rows], acc[rows])
+                    _add_values(kind, 4, block_values, block_scales, score[rows], acc[rows])
                 elif n == 2:
-                    _add_values(2, block_values, block_scales, score[rows], acc[rows])
+                    _add_values(kind, 2, block_values, block_scales, score[rows], acc[rows])
                 else:
-                    _add_values(1, block_values, block_scales, score[rows], acc[rows])
+                    _add_values(kind, 1, block_values, block_scales, score[rows], acc[rows])
                 r += n
     for task in prange(kv_heads * queries):
         head, r = task // queries, task % queries
@@ -560,42 +625,61 @@ def _attend_int8(path, query, limits, window, keys, key_scales, values, value_sc
             result[d] /= total
 
 
-# one compiled entry per path: a global constant is a compile-time literal for the intrinsics
-_VNNI512, _AVXVNNI, _AVX2, _PORTABLE = paths.VNNI512, paths.AVXVNNI, paths.AVX2, paths.PORTABLE
+# one compiled entry per (path, stored form): global constants are compile-time literals
+_VNNI512, _AVXVNNI, _PORTABLE = paths.VNNI512, paths.AVXVNNI, paths.PORTABLE
+_F32_KIND, _BF16_KIND, _INT8_KIND = F32, BF16, INT8
+
+
+@njit(nogil=True, cache=True)
+def _f32_tiled(query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
+               part_max, part_sum, part_out, scores, out):
+    _attend_tiled(_PORTABLE, _F32_KIND, query, limits, window, keys, key_scales, values, value_scales, codes,
+                  factors, biases, part_max, part_sum, part_out, scores, out)
+
+
+@njit(nogil=True, cache=True)
+def _bf16_tiled(query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
+                part_max, part_sum, part_out, scores, out):
+    _attend_tiled(_PORTABLE, _BF16_KIND, query, limits, window, keys, key_scales, values, value_scales, codes,
+                  factors, biases, part_max, part_sum, part_out, scores, out)
 
 
 @njit(nogil=True, cache=True)
 def _int8_vnni512(query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
-                 part_max, part_sum, part_out, scores, out):
-    _attend_int8(_VNNI512, query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
-                 part_max, part_sum, part_out, scores, out)
+                  part_max, part_sum, part_out, scores, out):
+    _attend_tiled(_VNNI512, _INT8_KIND, query, limits, window, keys, key_scales, values, value_scales, codes,
+                  factors, biases, part_max, part_sum, part_out, scores, out)
 
 
 @njit(nogil=True, cache=True)
 def _int8_avxvnni(query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
-                 part_max, part_sum, part_out, scores, out):
-    _attend_int8(_AVXVNNI, query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
-                 part_max, part_sum, part_out, scores, out)
+                  part_max, part_sum, part_out, scores, out):
+    _attend_tiled(_AVXVNNI, _INT8_KIND, query, limits, window, keys, key_scales, values, value_scales, codes,
+                  factors, biases, part_max, part_sum, part_out, scores, out)
 
 
 @njit(nogil=True, cache=True)
 def _int8_portable(query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
-                 part_max, part_sum, part_out, scores, out):
-    _attend_int8(_PORTABLE, query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
-                 part_max, part_sum, part_out, scores, out)
+                   part_max, part_sum, part_out, scores, out):
+    _attend_tiled(_PORTABLE, _INT8_KIND, query, limits, window, keys, key_scales, values, value_scales, codes,
+                  factors, biases, part_max, part_sum, part_out, scores, out)
 
 
-_INT8 = {paths.VNNI512: _int8_vnni512, paths.AVXVNNI: _int8_avxvnni, paths.AVX2: _int8_portable,
-         paths.PORTABLE: _int8_portable}
+_INT8_ENTRIES = {paths.VNNI512: _int8_vnni512, paths.AVXVNNI: _int8_avxvnni, paths.AVX2: _int8_portable,
+                 paths.PORTABLE: _int8_portable}
 
 
-def attend_decode_int8(path: int, query, limits, window: int, keys, key_scales, values, value_scales,
-                       codes, factors, biases, part_max, part_sum, part_out, scores, out) -> None:
-    """`attend_decode` over int8 keys (tiles, see above) and values, scores by integer dot products
-    on `path` (a `kernels.isa` path this CPU runs; AVX2 takes the portable IR).
+def attend_decode_tiled(path: int, kind: int, query, limits, window: int, keys, key_scales, values, value_scales,
+                        codes, factors, biases, part_max, part_sum, part_out, scores, out) -> None:
+    """`attend_decode` over keys in tiles (see above) of stored form `kind`; int8 scores by integer
+    dot products on `path` (a `kernels.isa` path this CPU runs; AVX2 takes the portable IR).
 
-    keys uint8 [Hkv, L / TILE, Dh * TILE], key_scales float32 [Hkv, L, G], values int8 [Hkv, L, Dh],
-    value_scales float32 [Hkv, L, G]; codes int8 [Hkv, R, Dh], factors float32 / biases int32
-    [Hkv, R, G]: scratch for the quantised queries; the rest as `attend_decode`, part_max in base 2."""
-    _INT8[path](query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
-                part_max, part_sum, part_out, scores, out)
+    keys [Hkv, L / TILE, Dh * TILE] as stored (float32, uint16 bf16 bits, biased uint8), values
+    [Hkv, L, Dh] as stored (int8 codes); int8: key_scales, value_scales float32 [Hkv, L, G] (any
+    arrays otherwise). Scratch for the query: int8 codes int8 [Hkv, R, Dh], factors float32 /
+    biases int32 [Hkv, R, G]; f32 and bf16: factors float32 [Hkv, R, Dh] (codes and biases unused).
+    The rest as `attend_decode`, part_max in base 2."""
+    entry = _INT8_ENTRIES[path] if kind == INT8 else _f32_tiled if kind == F32 else _bf16_tiled
+    entry(query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
+          part_max, part_sum, part_out, scores, out)
+

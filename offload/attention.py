@@ -48,9 +48,9 @@ class CpuDecodeAttention:
         kind, group, stored = self._views(cache)
         with kernel_threads(self.threads):
             if cache.tiled:
-                codes, factors, biases = self._query_scratch(rows, width // group)
-                kernel.attend_decode_int8(self.path, scaled, limits, window or 0, *stored, codes, factors, biases,
-                                          part_max, part_sum, part_out, scores, out)
+                codes, factors, biases = self._query_scratch(kind, rows, width // group)
+                kernel.attend_decode_tiled(self.path, kind, scaled, limits, window or 0, *stored, codes, factors,
+                                           biases, part_max, part_sum, part_out, scores, out)
             else:
                 kernel.attend_decode(scaled, limits, window or 0, kind, group, *stored,
                                      part_max, part_sum, part_out, scores, widened, out)
@@ -69,34 +69,42 @@ class CpuDecodeAttention:
                                  np.empty((kv_heads, rows, width), np.float32))
         return self.scratch[key]
 
-    def _query_scratch(self, rows: int, groups: int) -> tuple[np.ndarray, ...]:
-        key = ("query", rows, groups)
+    def _query_scratch(self, kind: int, rows: int, groups: int) -> tuple[np.ndarray, ...]:
+        """The tiled kernel's query in its form: int8 codes, scales and biases per group; or fp32."""
+        key = ("query", kind, rows)
         if key not in self.scratch:
             shape = (self.kv_heads, rows)
-            self.scratch[key] = (np.empty((*shape, self.head_dim), np.int8), np.empty((*shape, groups), np.float32),
-                                 np.empty((*shape, groups), np.int32))
+            self.scratch[key] = ((np.empty((*shape, self.head_dim), np.int8), np.empty((*shape, groups), np.float32),
+                                  np.empty((*shape, groups), np.int32)) if kind == kernel.INT8 else
+                                 (np.empty((*shape, 0), np.int8), np.empty((*shape, self.head_dim), np.float32),
+                                  np.empty((*shape, 0), np.int32)))
         return self.scratch[key]
 
     def _views(self, cache: KVCache) -> tuple[int, int, tuple[np.ndarray, ...]]:
-        """(stored form, group, the key/value arrays in the kernel's order) for `cache`: eight for
-        `attend_decode`, four for `attend_decode_int8` (tiled keys)."""
+        """(stored form, group, the key/value arrays in the kernel's order) for `cache`: four for
+        `attend_decode_tiled` (keys, key scales, values, value scales), eight for `attend_decode`."""
         if id(cache) not in self.views and cache.tiled:
-            stored = (cache.keys.numpy(), cache.key_scales.numpy(), cache.values.numpy(), cache.value_scales.numpy())
-            self.views[id(cache)] = (kernel.INT8, cache.group, stored)
+            kind = _KINDS[cache.format]
+            keys, values = (_numpy(cache.keys), _numpy(cache.values))
+            none = np.empty((*cache.values.shape[:2], 0), np.float32)  # f32 and bf16 have no scales
+            scales = tuple(s.numpy() for s in cache.scales) or (none, none)
+            self.views[id(cache)] = (kind, cache.group, (keys, scales[0], values, scales[1]))
         if id(cache) not in self.views:
             kind = _KINDS[cache.format]
             arrays = []
             for stored, scales in ((cache.keys, cache.scales[:1]), (cache.values, cache.scales[1:])):
                 slots = [_EMPTY[np.float32], _EMPTY[np.uint16], _EMPTY[np.int8], _EMPTY[np.float32]]
-                if kind == kernel.BF16:
-                    slots[1] = stored.view(torch.int16).numpy().view(np.uint16)  # bf16's bits
-                else:
-                    slots[0 if kind == kernel.F32 else 2] = stored.numpy()
+                slots[kind] = _numpy(stored)
                 if scales:
                     slots[3] = scales[0].numpy()
                 arrays += slots
             self.views[id(cache)] = (kind, cache.group, tuple(arrays))
         return self.views[id(cache)]
+
+
+def _numpy(stored: torch.Tensor) -> np.ndarray:
+    """A NumPy view of stored keys or values; bf16 as its bits (uint16)."""
+    return stored.view(torch.int16).numpy().view(np.uint16) if stored.dtype == torch.bfloat16 else stored.numpy()
 
 
 def plug_into(caches: list, args) -> None:

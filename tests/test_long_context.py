@@ -135,21 +135,21 @@ def quantized_query(rows: np.ndarray, group: int) -> np.ndarray:
 def test_the_decode_kernel_reads_each_format_as_the_reference(fmt, width, tokens, window):
     """kernels.attention on the stored format against NumPy softmax attention over the same
     values widened; GQA rows (8 per KV head and more: 8, 4, 2 and 1 at a time), several spans, a
-    sliding window. int8 keys in tiles are scored by integer dot products with the query quantised
-    per group; 80 channels (groups of 40) take the row-at-a-time kernel instead."""
+    sliding window. Keys are read from tiles, int8 ones scored by integer dot products with the query
+    quantised per group; int8 with 80 channels (groups of 40) takes the row-at-a-time kernel instead."""
     from offload.attention import CpuDecodeAttention
 
     generator = torch.Generator().manual_seed(3)
     heads, kv_heads, start = 8, 2, 1500
     cache = KVCache(2048 - 7, kv_heads, width, fmt)
-    assert cache.tiled == (fmt == "int8" and width != 80)
+    assert cache.tiled == (fmt != "int8" or width != 80)
     cache.write(torch.randn(kv_heads, start + tokens, width, generator=generator),
                 torch.randn(kv_heads, start + tokens, width, generator=generator), 0)
     query = torch.randn(heads, tokens, width, generator=generator)
     out = CpuDecodeAttention(heads, kv_heads, width)(cache, query, start, window)
     keys, values = stored(cache)
     rows = (query * width**-0.5).reshape(kv_heads, -1, width).numpy()
-    if cache.tiled:
+    if cache.tiled and fmt == "int8":
         rows = quantized_query(rows, cache.group)
     limits = np.tile(np.arange(start, start + tokens), heads // kv_heads)
     expected = attention_kernel.attend_reference(rows, keys.numpy(), values.numpy(), limits, window or 0)
@@ -195,8 +195,8 @@ def test_the_int8_kernel_gives_the_same_bits_on_every_path():
     outputs = []
     for path in isa.available():
         out = np.empty((kv_heads, rows, width), np.float32)
-        attention_kernel.attend_decode_int8(
-            path, query, limits, 0, cache.keys.numpy(), cache.key_scales.numpy(), cache.values.numpy(),
+        attention_kernel.attend_decode_tiled(
+            path, attention_kernel.INT8, query, limits, 0, cache.keys.numpy(), cache.key_scales.numpy(), cache.values.numpy(),
             cache.value_scales.numpy(), np.empty((kv_heads, rows, width), np.int8),
             np.empty((kv_heads, rows, groups), np.float32), np.empty((kv_heads, rows, groups), np.int32),
             np.empty((kv_heads, spans, rows), np.float32), np.empty((kv_heads, spans, rows), np.float32),

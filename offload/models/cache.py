@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from offload.kernels.attention import TILE, int8_tiled
+from offload.kernels.attention import BF16, F32, INT8, TILE, tiled
 
 
 KV_FORMATS = ("f32", "bf16", "f16", "int8")  # how a KVCache stores keys and values
 KV_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "int8": torch.int8}
+_KERNEL_FORMS = {"f32": F32, "bf16": BF16, "int8": INT8}  # the forms the CPU's decode kernel reads from tiles
 KV_GROUP = 64  # int8: channels of one position and head that share a scale (at most)
 CPU_BLOCK = 4096  # positions of keys and values widened at once when the stored form is not the query's
 # Off the CPU a block's scores [Hkv, rows, n] fp32 and its widened keys and values are materialised:
@@ -37,8 +38,10 @@ class KVCache:
     "int8": keys, values int8 [Hkv, max_len, Dh] and key_scales, value_scales fp32
     [Hkv, max_len, Dh / G]: symmetric codes, one scale (max |x| / 127) per position, head and group
     of G = kv_group(Dh) channels (64 for the usual 128 or 256), computed as each token is written.
-    In RAM the keys are stored for the CPU's integer kernel (`kernels.attention`, `tiled`): biased
-    codes (+128) uint8 [Hkv, L / TILE, Dh / 4, TILE, 4], L = max_len rounded up to TILE.
+    In RAM the keys are stored in tiles for the CPU's decode kernel (`tiled`; `kernels.attention`):
+    [Hkv, L / TILE, Dh * TILE], sixteen positions side by side per channel (int8: per four
+    channels, codes biased to uint8), L = max_len rounded up to TILE. f16, and int8 groups that
+    are not a multiple of TILE channels, keep rows.
 
     `attend` runs attention over what is stored without widening the whole cache: on the CPU in
     blocks of CPU_BLOCK positions through torch's flash kernel, merged by their log-sum-exp; on a
@@ -53,11 +56,13 @@ class KVCache:
             raise ValueError(f"KV cache format {format!r} is not one of {KV_FORMATS}")
         self.max_len, self.format = max_len, format
         self.group = kv_group(head_dim)
-        self.tiled = format == "int8" and torch.device(device).type == "cpu" and int8_tiled(head_dim, self.group)
+        self.tiled = (torch.device(device).type == "cpu" and format in _KERNEL_FORMS
+                      and tiled(_KERNEL_FORMS[format], head_dim, self.group))
         length = -(-max_len // TILE) * TILE if self.tiled else max_len
         dtype = KV_DTYPES[format]
         if self.tiled:
-            self.keys = torch.zeros(num_kv_heads, length // TILE, head_dim * TILE, dtype=torch.uint8)
+            stored = torch.uint8 if format == "int8" else dtype
+            self.keys = torch.zeros(num_kv_heads, length // TILE, head_dim * TILE, dtype=stored)
         else:
             self.keys = torch.zeros(num_kv_heads, length, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(num_kv_heads, length, head_dim, dtype=dtype, device=device)
@@ -72,43 +77,47 @@ class KVCache:
         end = start + keys.shape[1]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
-        if self.format != "int8":
+        if self.format == "int8":
+            (keys, key_scales), (values, value_scales) = _quantized(keys, self.group), _quantized(values, self.group)
+            self.key_scales[:, start:end] = key_scales
+            self.value_scales[:, start:end] = value_scales
+            keys = keys + 128 if self.tiled else keys  # biased for the dot-product instructions
+        self.values[:, start:end] = values
+        if not self.tiled:
             self.keys[:, start:end] = keys
-            self.values[:, start:end] = values
             return
-        for source, stored, scales in ((keys, self.keys, self.key_scales), (values, self.values, self.value_scales)):
-            grouped = source.float().unflatten(-1, (-1, self.group))  # [Hkv, T, Dh / G, G]
-            scale = grouped.abs().amax(-1) / 127
-            codes = (grouped / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]) \
-                .round_().clamp_(-127, 127).flatten(-2)
-            scales[:, start:end] = scale
-            if stored is self.keys and self.tiled:
-                kv_heads, width = codes.shape[0], codes.shape[2]
-                tiles = stored.view(kv_heads, -1, width // 4, TILE, 4)
-                positions = torch.arange(start, end)
-                biased = (codes + 128).to(torch.uint8).view(kv_heads, -1, width // 4, 4).transpose(0, 1)
-                tiles[:, positions // TILE, :, positions % TILE, :] = biased  # [T, Hkv, Dh / 4, 4]
-            else:
-                stored[:, start:end] = codes.to(torch.int8)
+        kv_heads, tokens, width = keys.shape
+        positions = torch.arange(start, end)
+        if self.format == "int8":  # [T, Hkv, Dh / 4, 4] into [Hkv, tiles, Dh / 4, TILE, 4]
+            tiles = self.keys.view(kv_heads, -1, width // 4, TILE, 4)
+            tiles[:, positions // TILE, :, positions % TILE, :] = keys.view(kv_heads, tokens, -1, 4).transpose(0, 1) \
+                .to(torch.uint8)
+        else:  # [T, Hkv, Dh] into [Hkv, tiles, Dh, TILE]
+            tiles = self.keys.view(kv_heads, -1, width, TILE)
+            tiles[:, positions // TILE, :, positions % TILE] = keys.transpose(0, 1).to(self.keys.dtype)
 
     def read(self, begin: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions begin..end [Hkv, n, Dh] in `dtype` (views when stored so)."""
+        keys, values = self._key_rows(begin, end), self.values[:, begin:end]
         if self.format != "int8":
-            return self.keys[:, begin:end].to(dtype), self.values[:, begin:end].to(dtype)
+            return keys.to(dtype), values.to(dtype)
         return tuple((codes.unflatten(-1, (-1, self.group)).float() * scales[:, begin:end, :, None])
                      .flatten(-2).to(dtype)  # scales stay fp32 until the product
-                     for codes, scales in ((self._key_codes(begin, end), self.key_scales),
-                                           (self.values[:, begin:end], self.value_scales)))
+                     for codes, scales in ((keys, self.key_scales), (values, self.value_scales)))
 
-    def _key_codes(self, begin: int, end: int) -> torch.Tensor:
-        """int8 keys of positions begin..end [Hkv, n, Dh] (any integer dtype)."""
+    def _key_rows(self, begin: int, end: int) -> torch.Tensor:
+        """Keys of positions begin..end [Hkv, n, Dh] as stored (int8: codes, in any integer dtype)."""
         if not self.tiled:
             return self.keys[:, begin:end]
         kv_heads, width = self.keys.shape[0], self.keys.shape[2] // TILE
         first, last = begin // TILE, -(-end // TILE)
-        tiles = self.keys[:, first:last].view(kv_heads, last - first, width // 4, TILE, 4)
-        positions = tiles.permute(0, 1, 3, 2, 4).reshape(kv_heads, (last - first) * TILE, width)
-        return positions[:, begin - first * TILE:end - first * TILE].to(torch.int16) - 128
+        if self.format == "int8":
+            tiles = self.keys[:, first:last].view(kv_heads, last - first, width // 4, TILE, 4).permute(0, 1, 3, 2, 4)
+        else:
+            tiles = self.keys[:, first:last].view(kv_heads, last - first, width, TILE).transpose(2, 3)
+        rows = tiles.reshape(kv_heads, (last - first) * TILE, width)[:, begin - first * TILE:end - first * TILE]
+        # channels contiguous (torch's CPU flash kernel needs it; a single tile reshapes to a strided view)
+        return rows.to(torch.int16) - 128 if self.format == "int8" else rows.contiguous()
 
     def attend(self, query: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:
         """Causal attention of query [H, T, Dh] (positions start..start+T, already written) over
@@ -145,6 +154,15 @@ def kv_bytes_per_position(num_kv_heads: int, head_dim: int, format: str) -> floa
     if format == "int8":
         return 2 * num_kv_heads * (head_dim + 4 * head_dim // kv_group(head_dim))
     return 2 * num_kv_heads * head_dim * KV_DTYPES[format].itemsize
+
+
+def _quantized(rows: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [Hkv, T, Dh] -> (int8 codes as int16 [Hkv, T, Dh], fp32 scales [Hkv, T, Dh / group]):
+    symmetric, scale = max |x| / 127 per group (`kernels.attention.quantize_rows`)."""
+    grouped = rows.float().unflatten(-1, (-1, group))
+    scale = grouped.abs().amax(-1) / 127
+    codes = (grouped / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).round_().clamp_(-127, 127)
+    return codes.flatten(-2).to(torch.int16), scale
 
 
 def _visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
