@@ -24,6 +24,11 @@ LINEAR_ATTENTION = "linear_attention"
 
 DEFAULT_CONTEXT = 4096  # positions the KV cache holds unless `ctx` says otherwise
 PREFILL_CHUNK = 512  # prompt tokens per forward pass (bounds activation and attention memory)
+# a streamed prompt (routed experts copied to the device layer by layer) runs in passes of up to
+# this many tokens: every chunk of a pass goes through layer l before any enters layer l + 1, so
+# each layer's experts cross to the device once per pass, and a pass's activations stay resident
+STREAM_PASS_TOKENS = 8192
+STREAM_EXPERT_BATCH = 16  # streamed experts dequantised at once on the device
 DECODE_MAX_TOKENS = 8  # routed experts of calls up to this many tokens take the decode kernels
 
 

@@ -8,6 +8,7 @@ allocated once for `ctx` positions on the execution device.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from offload.checkpoint import Checkpoint, CheckpointError, require_finite
-from offload.config import DECODE_MAX_TOKENS, DEFAULT_CONTEXT, PREFILL_CHUNK, ModelArgs, check_context, load_config
+from offload.config import (DECODE_MAX_TOKENS, DEFAULT_CONTEXT, PREFILL_CHUNK, STREAM_PASS_TOKENS, ModelArgs,
+                            check_context, load_config)
 from offload.errors import OffloadError
 from offload.models import ARCHITECTURES
 from offload.models.cache import Cache, cache_nbytes
@@ -52,6 +54,7 @@ class Engine:
         self.pipelined = device.type == "cuda" and executor is not None and bool(executor.lanes)
         self.plan = None
         self.placement: list[dict] = []
+        self.gpu_outside_bytes = 0  # device memory in use outside the allocator at load (`load` sets it)
         self.position = 0  # tokens of the current sequence held in the caches
         self.history: list[int] = []  # the ids `stream` / `append` have fed in the current sequence
         self.written: list[int] = []  # the ids whose keys and values the KV caches hold, by position
@@ -128,9 +131,19 @@ class Engine:
         return can_stream and threshold is not None and prompt_tokens >= threshold
 
     @property
+    def counters(self) -> dict[str, int]:
+        """Cumulative figures of what the engine moved: "h2d_expert_bytes", the bytes of routed
+        experts copied host to device for streamed prompts."""
+        streamer = self.executor.streamer if self.executor is not None else None
+        return {"h2d_expert_bytes": streamer.copied_bytes if streamer is not None else 0}
+
+    @property
     def gpu_peak_bytes(self) -> int:
-        """The most device memory offload has held at once (0 unless on CUDA)."""
-        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        """The most device memory offload has held at once (0 unless on CUDA): the allocator's
+        peak reservation (fragmentation included) plus what lay outside it at load (the context)."""
+        if self.device.type != "cuda":
+            return 0
+        return torch.cuda.max_memory_reserved(self.device) + self.gpu_outside_bytes
 
     def feed(self, input_ids: Sequence[int] | torch.Tensor, all_logits: bool = True,
              progress: Progress | None = None) -> torch.Tensor:
@@ -139,9 +152,12 @@ class Engine:
 
         Long inputs run in chunks of PREFILL_CHUNK tokens, each continuing from the caches; memory
         beyond the caches is one chunk's work whatever the length (keep all_logits False for long
-        inputs: the logits themselves are [T, vocab]). `progress(done, total)` is called after each
-        chunk of an input longer than one. Interrupted (Ctrl-C), the sequence is left unusable:
-        start a fresh one.
+        inputs: the logits themselves are [T, vocab]). A streamed input (`streams`) runs layer by
+        layer instead: the chunks of a pass of up to STREAM_PASS_TOKENS tokens all go through
+        layer l before any enters layer l + 1, so each layer's experts are copied to the device
+        once per pass. `progress(done, total)` is called after each chunk (each pass, streamed) of
+        an input longer than one. Interrupted (Ctrl-C), the sequence is left unusable: start a
+        fresh one.
         """
         ids = self._ids(input_ids)
         self._check_room(self.position + ids.shape[0])
@@ -153,7 +169,14 @@ class Engine:
         stages = [self.model.stages(ids[begin:begin + PREFILL_CHUNK], self.caches, self.position + begin,
                                     last_only=not all_logits) for begin in starts]
         with torch.inference_mode():
-            if self.pipelined and len(stages) > 1 and not streamed:
+            if streamed:
+                logits = []
+                per_pass = STREAM_PASS_TOKENS // PREFILL_CHUNK
+                for first in range(0, len(stages), per_pass):
+                    logits += _run_layer_by_layer(stages[first:first + per_pass])
+                    if progress is not None and len(stages) > 1:
+                        progress(min((first + per_pass) * PREFILL_CHUNK, ids.shape[0]), ids.shape[0])
+            elif self.pipelined and len(stages) > 1:
                 logits = _run_two_at_a_time(stages)
             else:
                 logits = []
@@ -217,6 +240,23 @@ class Snapshot:
     history: list[int]
     states: list
     logits: torch.Tensor | None = None  # the last token's, if the taker kept them
+
+
+def _run_layer_by_layer(stages: list) -> list[torch.Tensor]:
+    """Run prompt chunks' `stages` generators in turns, one step each: every chunk passes layer l
+    before any enters layer l + 1 (a streamed layer is on the device for all of them at once).
+    Legal as `_run_two_at_a_time` is: chunks enter every layer in order. Returns each chunk's
+    logits, in order."""
+    results: list[torch.Tensor | None] = [None] * len(stages)
+    running = list(range(len(stages)))
+    while running:
+        for index in list(running):
+            try:
+                next(stages[index])
+            except StopIteration as done:
+                results[index] = done.value
+                running.remove(index)
+    return results
 
 
 def _run_two_at_a_time(stages: list) -> list[torch.Tensor]:
@@ -298,8 +338,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     if not plan.fits:
         raise OffloadError(f"{Path(model_dir).name} does not fit: {plan.reason}")
     hybrid = plan.gpu_budget > 0
-    if execution.type == "cuda":
-        _cap_gpu_memory(execution, plan.gpu_budget)
+    outside = _cap_gpu_memory(execution, plan.gpu_budget) if execution.type == "cuda" else 0
     checkpoint = Checkpoint(model_dir, args.fp8_block_size)
     architecture = ARCHITECTURES[args.model_type]
     weights = architecture.sanitize(checkpoint.lazy_all(), args)
@@ -319,6 +358,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     if executor is not None and hybrid and any(p.group == PREFETCH_GROUP for p in plan.placement):
         executor.prepare_streaming()
     engine = Engine(model, args, ctx, execution, executor, prefill, plan.kv_format)
+    engine.gpu_outside_bytes = outside
     if not hybrid:
         from offload.attention import plug_into
 
@@ -365,15 +405,38 @@ def _execution_device(device: str | None, gpu_mem, profile: str | None):
     return execution, hardware, budget
 
 
-def _cap_gpu_memory(device: torch.device, budget: int) -> None:
-    """Make the allocator refuse to grow past the plan's GPU budget (the CUDA context aside), so a
-    large card behaves like the one planned for."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    if budget > total:
-        raise OffloadError(f"gpu_mem is {budget / 2**30:.1f} GiB but the GPU has {total / 2**30:.1f} GiB; "
-                           "lower --gpu-mem")
-    torch.cuda.set_per_process_memory_fraction(budget / total, device)
+def _cap_gpu_memory(device: torch.device, budget: int) -> int:
+    """Make the allocator refuse to grow past the plan's GPU budget, so a large card behaves like
+    the one planned for; returns the bytes in use outside the allocator (context, other processes)."""
+    free, total = torch.cuda.mem_get_info(device)  # creates the context first: it is counted below
+    fraction, outside, note = gpu_memory_cap(budget, total, free, torch.cuda.memory_reserved(device))
+    if note:
+        print(note, file=sys.stderr)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
     torch.cuda.reset_peak_memory_stats(device)
+    return outside
+
+
+def gpu_memory_cap(budget: int, total: int, free: int, reserved: int) -> tuple[float, int, str | None]:
+    """The allocator's share of a card for a plan's budget: (fraction of `total`, bytes in use
+    outside the allocator, a note or None). What lies outside the allocator (the CUDA context,
+    cuBLAS workspaces, other processes: total - free - reserved) comes out of the budget; a budget
+    up to 10% above the card's memory (an "8 GB" card reports a little less) is clamped to it with
+    a note; one further above is refused."""
+    outside = max(0, total - free - reserved)
+    note = None
+    if budget > total:
+        if budget > 1.1 * total:
+            raise OffloadError(f"gpu_mem is {budget / 2**30:.1f} GiB but the GPU has {total / 2**30:.1f} GiB; "
+                               "lower --gpu-mem")
+        note = (f"note: gpu_mem {budget / 2**30:.2f} GiB is more than the GPU's {total / 2**30:.2f} GiB; "
+                f"using {total / 2**30:.2f} GiB")
+        budget = total
+    usable = budget - outside
+    if usable <= 0:
+        raise OffloadError(f"gpu_mem is {budget / 2**30:.1f} GiB but {outside / 2**30:.1f} GiB of the GPU is "
+                           "already in use outside offload's allocator; raise --gpu-mem or free the GPU")
+    return usable / total, outside, note
 
 
 def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_dir, overlap: bool,

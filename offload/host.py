@@ -52,7 +52,12 @@ class OnHost(nn.Module):
         self.device = device
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.inner(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)).to(self.device)
+        # the inputs' copy waits for the device (the CPU needs them); the output goes back from
+        # pinned memory without waiting (the host allocator keeps the block until the copy is done)
+        out = self.inner(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+        if self.device.type == "cuda":
+            return out.pin_memory().to(self.device, non_blocking=True)
+        return out.to(self.device)
 
     def start(self, *args: torch.Tensor):
         """The `Experts.start` protocol, for float routed experts kept in RAM."""
@@ -83,8 +88,8 @@ class HostLane:
         self.x[:tokens].copy_(x, non_blocking=True)
         self.expert_ids[:tokens].copy_(expert_ids, non_blocking=True)
         self.weights[:tokens].copy_(weights, non_blocking=True)
-        if self.landed is not None:
-            self.landed.record()
+        if self.landed is not None:  # on the stream that queued the copies, on the inputs' device
+            self.landed.record(torch.cuda.current_stream(x.device))
         self.busy = True
         return tokens
 

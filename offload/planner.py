@@ -32,7 +32,8 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from offload.config import FULL_ATTENTION, PREFILL_CHUNK, ModelArgs, checkpoint_shapes
+from offload.config import (FULL_ATTENTION, PREFILL_CHUNK, STREAM_EXPERT_BATCH, STREAM_PASS_TOKENS, ModelArgs,
+                            checkpoint_shapes)
 from offload.hardware import HardwareProfile, format_size
 from offload.models.cache import KV_FORMATS, kv_bytes_per_position
 
@@ -44,9 +45,10 @@ DENSE_QUANTS = ("auto", "int8", "int4")  # `dense_quant` values besides None (as
 KV_CACHES = ("auto", *KV_FORMATS)  # `kv_cache` values
 # Decode attention on the CPU (kernels.attention) at depth: with a group of query heads per KV head
 # it does 2 x heads x Dh multiply-adds per cached position, more than the RAM delivers bytes for
-# on a few cores; measured ~20 G multiply-adds/s per core (AMD EPYC Zen 4, 2 cores, bf16 and int8
-# alike: 67M per layer at depth 8192 in 1.6 ms, bench/long.py).
-CPU_ATTENTION_FMA_PER_CORE = 20e9
+# on a few cores. Multiply-adds per second per core by KV format, measured with the RAM's time in
+# them (Intel Xeon with AVX512-VNNI, 2 cores: 67M per layer at depth 8192 in 1.00 ms int8, 1.54 ms
+# bf16, 2.51 ms f32; bench/long.py --kernel-only); fp16 keys take torch's blockwise path, counted as f32.
+CPU_ATTENTION_FMA_PER_CORE = {"int8": 32e9, "bf16": 22e9, "f32": 13e9}
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context, cuBLAS workspace, allocator slack
 RAM_RESERVE_BYTES = 2 * 2**30  # Python, torch and the OS page cache's working minimum
 LAYER_SYNC_SECONDS = 40e-6  # per layer and token: two small copies, an event, a worker hand-off
@@ -176,6 +178,15 @@ def linear_state_bytes(args: ModelArgs, dtype_bytes: int) -> int:
     return total
 
 
+def _stream_pass_bytes(args: ModelArgs) -> int:
+    """What a streamed prompt needs on the device beyond one chunk's work: each of a pass's
+    chunks' residual stream and feed-forward result (fp32, generously), and one batch of experts
+    being dequantised (fp32, then the compute dtype)."""
+    pass_bytes = (STREAM_PASS_TOKENS - PREFILL_CHUNK) * args.hidden_size * 2 * 4
+    expert_weights = 3 * args.moe_intermediate_size * args.hidden_size
+    return pass_bytes + STREAM_EXPERT_BATCH * expert_weights * (4 + 2)
+
+
 def _workspace_bytes(args: ModelArgs) -> int:
     """Activations of one prefill chunk: a handful of [chunk, widest] fp32 tensors, the
     attention scores of one head group, and last-token logits."""
@@ -289,8 +300,8 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
         if linear_state:
             placement.append(Placement("DeltaNet state", device, "fp32", linear_state))
         if use_gpu:
-            placement.append(Placement("workspace + CUDA context", "gpu", "-",
-                                       _workspace_bytes(args) + CUDA_CONTEXT_BYTES))
+            placement.append(Placement("workspace + CUDA context", "gpu", "-", _workspace_bytes(args)
+                                       + (_stream_pass_bytes(args) if with_stream else 0) + CUDA_CONTEXT_BYTES))
             if with_stream:
                 placement.append(Placement(PREFETCH_GROUP, "gpu", expert_format, stream_buffers))
                 placement.append(Placement(STAGING_GROUP, "cpu", expert_format, stream_buffers))
@@ -462,8 +473,9 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
             return max(expert_time, dense_time)
         return expert_time + dense_time + layers * CPU_PREFILL_LAYER_SECONDS * math.ceil(tokens / PREFILL_CHUNK)
 
-    def stream_s(tokens: int) -> float:
-        copy_time = groups.get("routed experts", 0) * INT4_BYTES / gpu.h2d_bandwidth
+    def stream_s(tokens: int) -> float:  # every layer's experts cross once per pass
+        passes = math.ceil(tokens / STREAM_PASS_TOKENS)
+        copy_time = passes * groups.get("routed experts", 0) * INT4_BYTES / gpu.h2d_bandwidth
         compute = tokens * (2 * routed_active / (gpu.bf16_tflops * 1e12 * GPU_EFFICIENCY)
                             + _gpu_flops_s(args, gpu, tokens, plan))
         return max(copy_time, compute)
@@ -492,8 +504,8 @@ def _attention_at_depth_s(args: ModelArgs, profile: HardwareProfile, plan: Plan,
     layers = sum(args.layer_type(i) == FULL_ATTENTION for i in range(args.num_hidden_layers))
     seen = min(plan.ctx, getattr(args, "sliding_window", None) or plan.ctx)  # positions a query attends to
     multiply_adds = 2 * args.num_attention_heads * args.head_dim * seen * layers
-    return max(kv.nbytes / profile.cpu.ram_bandwidth,
-               multiply_adds / (profile.cpu.physical_cores * CPU_ATTENTION_FMA_PER_CORE))
+    rate = CPU_ATTENTION_FMA_PER_CORE.get(plan.kv_format, CPU_ATTENTION_FMA_PER_CORE["f32"])
+    return max(kv.nbytes / profile.cpu.ram_bandwidth, multiply_adds / (profile.cpu.physical_cores * rate))
 
 
 def _gpu_flops_s(args: ModelArgs, gpu, tokens: int, plan: Plan) -> float:

@@ -1,5 +1,5 @@
 """Streamed experts (prefill path b): whole layers of int4 experts copied to the device ahead of
-use, dequantised there and run as grouped matmuls.
+use, dequantised there and run as grouped matmuls, with no host sync.
 
 A long prompt routes tokens to nearly every expert of a layer, so reading the layer once and
 moving it to the device beats running all those tokens through the CPU kernels. `ExpertStreamer`
@@ -23,10 +23,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from offload.config import STREAM_EXPERT_BATCH
 from offload.kernels.int4 import BLOCK, GROUP
 from offload.host import torch_view
-from offload.models.moe import grouped_experts
 from offload.store import ExpertStore
 
 ARRAYS = ("gate_up_packed", "gate_up_scales", "down_packed", "down_scales")
@@ -53,6 +54,7 @@ class ExpertStreamer:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-copy")
         self.pending: dict[int, tuple[int, Future]] = {}  # layer -> (slot, copy in flight or done)
         self.next_slot = 0
+        self.copied_bytes = 0  # cumulative bytes of expert arrays copied into the slots
         self.staging: list[dict[str, torch.Tensor]] = []  # pinned host copies of the slots (CUDA only)
         if self.cuda:
             self.staging = [{name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in slot.items()}
@@ -65,10 +67,12 @@ class ExpertStreamer:
     def _copy(self, layer: int, slot: int) -> None:
         """Runs on the worker thread."""
         arrays = _host_arrays(self.store, layer)
+        self.copied_bytes += sum(a.nbytes for a in arrays.values())
         if not self.cuda:
             for name, target in self.slots[slot].items():
                 target.copy_(torch_view(arrays[name]))
             return
+        self.copied[slot].synchronize()  # the staging's previous copy to the device has left it
         for name, staging in self.staging[slot].items():
             staging.copy_(torch_view(arrays[name]))
         with torch.cuda.stream(self.copy_stream):
@@ -120,23 +124,40 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
     return weight.reshape(experts, blocks * BLOCK, columns).to(dtype)
 
 
-class _Int4Experts:
-    """Stacked int4 experts on the device that dequantise one expert at a time when indexed, so a
-    layer never exists in float all at once (512 experts would be 3 GB of bf16)."""
-
-    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
-        self.packed, self.scales, self.dtype = packed, scales, dtype
-        self.shape = (scales.shape[0], scales.shape[1] * BLOCK, scales.shape[2])
-
-    def __getitem__(self, expert: int) -> torch.Tensor:
-        return dequantize_int4(self.packed[expert:expert + 1], self.scales[expert:expert + 1], self.dtype)[0]
-
-
 def streamed_experts(layer_arrays: dict[str, torch.Tensor], x: torch.Tensor, expert_ids: torch.Tensor,
                      weights: torch.Tensor) -> torch.Tensor:
     """The routed experts of one layer from its streamed int4 arrays: x [T, D] on the device,
-    expert_ids / weights [T, K] -> [T, D] fp32. Only experts with tokens are dequantised."""
+    expert_ids / weights [T, K] -> [T, D] fp32, with no host sync.
+
+    The T x K slots are sorted by expert on the device and each expert's group end found there
+    (`searchsorted`); the layer's experts are dequantised STREAM_EXPERT_BATCH at a time and each
+    batch runs as two grouped matmuls (`torch._grouped_mm`) over a window of the sorted slots that
+    starts at the batch's first slot (a device-side offset: the window is gathered, not sliced).
+    Rows past the batch's last group are not computed and weigh nothing. Every expert is
+    dequantised: a streamed prompt routes to nearly all of them."""
     device = layer_arrays["gate_up_packed"].device
-    gate_up = _Int4Experts(layer_arrays["gate_up_packed"], layer_arrays["gate_up_scales"], x.dtype)
-    down = _Int4Experts(layer_arrays["down_packed"], layer_arrays["down_scales"], x.dtype)
-    return grouped_experts(x, expert_ids.to(device), weights.to(device), gate_up, down)
+    packed = layer_arrays["gate_up_packed"], layer_arrays["down_packed"]
+    scales = layer_arrays["gate_up_scales"], layer_arrays["down_scales"]
+    experts = scales[0].shape[0]
+    tokens, top_k = expert_ids.shape
+    flat = expert_ids.to(device).reshape(-1)
+    order = torch.argsort(flat, stable=True)  # slots sorted by expert
+    # each expert's last slot + 1 (not bincount: on CUDA it reads the largest id on the host)
+    ends = torch.searchsorted(flat[order], torch.arange(experts, device=device), right=True)
+    slots = flat.shape[0]
+    sorted_x, sorted_weights = x[order // top_k], weights.to(device).reshape(-1)[order]
+    rows = torch.arange(slots, device=device)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=device)
+    for first in range(0, experts, STREAM_EXPERT_BATCH):  # a fixed loop: nothing here depends on the routing
+        last = min(first + STREAM_EXPERT_BATCH, experts)
+        start = ends[first - 1] if first else torch.zeros((), dtype=ends.dtype, device=device)
+        window = (rows + start) % slots  # the batch's slots first
+        offsets = (ends[first:last] - start).to(torch.int32)
+        gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], x.dtype)  # [B, 2I, D]
+        gate, up = torch._grouped_mm(sorted_x[window], gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        down = dequantize_int4(packed[1][first:last], scales[1][first:last], x.dtype)  # [B, D, I]
+        y = torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)  # [slots, D]
+        mine = rows < offsets[-1]  # the rest were not computed
+        weighted = torch.where(mine[:, None], y.float() * sorted_weights[window, None], 0.0)
+        out.index_add_(0, order[window] // top_k, weighted)
+    return out

@@ -114,6 +114,77 @@ def test_stand_in_matches_transformers(hf_checkpoint, name, prefill):
     assert (stepped - stepped_reference(reference, ids, 100)).abs().max().item() <= bound
 
 
+def test_a_streamed_prompt_copies_each_layer_once_and_matches_transformers(hf_checkpoint):
+    """Path (b) runs layer by layer: a prompt of two chunks copies every MoE layer's experts to
+    the device once (counted), not once per chunk, with the same logits as transformers."""
+    from offload.config import PREFILL_CHUNK
+    from offload.transfer import ARRAYS, _host_arrays
+
+    checkpoint = hf_checkpoint("next")
+    reference = dequantized_reference(checkpoint.model)
+    ids = torch.randint(0, 160, (2 * PREFILL_CHUNK - 100,), generator=torch.Generator().manual_seed(27))
+    engine = offload.load(checkpoint.path, quant="int4", dense_quant=None, prefill="stream", exact=True, **STAND_IN)
+    store = executor_of(engine).store
+    one_pass = sum(_host_arrays(store, layer)[name].nbytes for layer in store.layers for name in ARRAYS)
+    assert engine.counters["h2d_expert_bytes"] == 0
+    logits = engine.logits(ids)
+    assert engine.counters["h2d_expert_bytes"] == one_pass
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    assert (logits - expected).abs().max().item() <= parity_bound(reference, ids)
+    engine.reset()
+    engine.feed(ids[:PREFILL_CHUNK + 1], all_logits=False)  # the next prompt: one more pass
+    assert engine.counters["h2d_expert_bytes"] == 2 * one_pass
+
+
+def test_streamed_experts_never_wait_for_the_device(hf_checkpoint, monkeypatch):
+    """Path (b)'s routed experts (grouping by expert, dequantisation, grouped matmuls) read no
+    device value on the host: every call that would (item, tolist, cpu, numpy, nonzero, bool)
+    is trapped while a streamed layer runs."""
+    from offload import transfer
+
+    engine = offload.load(hf_checkpoint("next").path, quant="int4", dense_quant=None, prefill="stream",
+                          **STAND_IN)
+    inside, trapped = [False], []
+    for name in ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def trap(self, *args, _original=original, _name=name, **kwargs):
+            if inside[0]:
+                trapped.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, trap)
+    streamed = transfer.streamed_experts
+
+    def watched(*args):
+        inside[0] = True
+        try:
+            return streamed(*args)
+        finally:
+            inside[0] = False
+    monkeypatch.setattr(transfer, "streamed_experts", watched)
+    ids = torch.randint(0, 160, (700,), generator=torch.Generator().manual_seed(28))
+    engine.feed(ids, all_logits=False)
+    assert engine.counters["h2d_expert_bytes"] > 0 and trapped == []
+
+
+def test_the_gpu_memory_cap_takes_out_what_lies_outside_the_allocator():
+    """What the context (and anything else) holds outside torch's allocator comes out of the
+    budget; a budget a little above the card is clamped with a note, far above it refused."""
+    from offload.engine import gpu_memory_cap
+    from offload.errors import OffloadError
+
+    gib = 2**30
+    fraction, outside, note = gpu_memory_cap(8 * gib, 24 * gib, 23 * gib, 0)  # a context of 1 GiB
+    assert outside == gib and fraction == pytest.approx(7 / 24) and note is None
+    fraction, outside, note = gpu_memory_cap(8 * gib, int(7.6 * gib), int(7.1 * gib), 0)  # "8 GB" card
+    assert fraction == pytest.approx(7.1 / 7.6) and "more than the GPU" in note
+    with pytest.raises(OffloadError, match="lower --gpu-mem"):
+        gpu_memory_cap(16 * gib, 8 * gib, 8 * gib, 0)
+    with pytest.raises(OffloadError, match="already in use"):
+        gpu_memory_cap(2 * gib, 24 * gib, 21 * gib, gib)  # 2 GiB used by others
+
+
 def test_stand_in_with_float_experts_in_ram_matches_transformers(hf_checkpoint):
     """quant=None: the routed experts stay float, in RAM as the plan says, computed by torch there."""
     checkpoint = hf_checkpoint("next")
