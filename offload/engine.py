@@ -173,20 +173,31 @@ class Engine:
                 logits = []
                 per_pass = STREAM_PASS_TOKENS // PREFILL_CHUNK
                 for first in range(0, len(stages), per_pass):
-                    logits += _run_layer_by_layer(stages[first:first + per_pass])
+                    logits += _run_layer_by_layer(stages[first:first + per_pass], self._to_host)
                     if progress is not None and len(stages) > 1:
                         progress(min((first + per_pass) * PREFILL_CHUNK, ids.shape[0]), ids.shape[0])
             elif self.pipelined and len(stages) > 1:
-                logits = _run_two_at_a_time(stages)
+                logits = _run_two_at_a_time(stages, self._to_host)
             else:
                 logits = []
                 for begin, chunk in zip(starts, stages):
-                    logits.append(run_stages(chunk))
+                    logits.append(self._to_host(run_stages(chunk)))
                     if progress is not None and len(stages) > 1:
                         progress(min(begin + PREFILL_CHUNK, ids.shape[0]), ids.shape[0])
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # the copies to RAM have landed
         self.written += ids.tolist()
         self.position += ids.shape[0]
-        return torch.cat([chunk.float() for chunk in (logits if all_logits else logits[-1:])]).cpu()
+        return torch.cat(logits if all_logits else logits[-1:])
+
+    def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
+        """A chunk's logits in RAM as float32, copied as it finishes (none are kept on the device: a
+        prompt's [T, vocab] would not be in the plan); from a GPU into pinned memory without waiting."""
+        if self.device.type != "cuda":
+            return logits.float()
+        host = torch.empty(logits.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(logits.float(), non_blocking=True)
+        return host
 
     def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Logits of a fresh sequence: input_ids [T] -> float32 [T, vocab]. No state is kept."""
@@ -242,29 +253,29 @@ class Snapshot:
     logits: torch.Tensor | None = None  # the last token's, if the taker kept them
 
 
-def _run_layer_by_layer(stages: list) -> list[torch.Tensor]:
+def _run_layer_by_layer(stages: list, done: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
     """Run prompt chunks' `stages` generators in turns, one step each: every chunk passes layer l
     before any enters layer l + 1 (a streamed layer is on the device for all of them at once).
-    Legal as `_run_two_at_a_time` is: chunks enter every layer in order. Returns each chunk's
-    logits, in order."""
+    Legal as `_run_two_at_a_time` is: chunks enter every layer in order. Returns `done` of each
+    chunk's logits (applied as each finishes), in order."""
     results: list[torch.Tensor | None] = [None] * len(stages)
     running = list(range(len(stages)))
     while running:
         for index in list(running):
             try:
                 next(stages[index])
-            except StopIteration as done:
-                results[index] = done.value
+            except StopIteration as finished:
+                results[index] = done(finished.value)
                 running.remove(index)
     return results
 
 
-def _run_two_at_a_time(stages: list) -> list[torch.Tensor]:
+def _run_two_at_a_time(stages: list, done: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
     """Run prompt chunks' `stages` generators with two in flight, in turns: while one chunk's
     routed experts run on the CPU, the device works through what the other chunk queued (its
     mixers of the same layer). Legal because chunks enter every layer in order: chunk c+1's
     mixer of layer l reads the caches as chunk c's mixer of layer l left them and nothing of
-    chunk c's experts. Returns each chunk's logits, in order."""
+    chunk c's experts. Returns `done` of each chunk's logits (applied as each finishes), in order."""
     results: list[torch.Tensor | None] = [None] * len(stages)
     in_flight: list[int] = []
     waiting = list(range(len(stages)))
@@ -274,8 +285,8 @@ def _run_two_at_a_time(stages: list) -> list[torch.Tensor]:
         for index in list(in_flight):
             try:
                 next(stages[index])
-            except StopIteration as done:
-                results[index] = done.value
+            except StopIteration as finished:
+                results[index] = done(finished.value)
                 in_flight.remove(index)
     return results
 
