@@ -1,10 +1,15 @@
 """Decode attention on the CPU over a KV cache in its stored format: fp32, bf16 or int8.
 
 At depth a decode step's attention reads every cached key and value once per layer, so its time
-is the cache's bytes over the RAM bandwidth, if nothing else costs more: the stored rows are
-widened to fp32 one at a time (in L1), never copied whole. Work is split like flash-decoding: tasks
-are (KV head, span of positions); each keeps a running max, sum and weighted value sum for the
-queries of its head group, and a second pass merges the spans.
+is the cache's bytes over the RAM bandwidth, if nothing else costs more; with several query heads
+per KV head the arithmetic costs more on a few cores. Two kernels, neither copying the cache:
+`attend_decode_tiled` for keys stored in tiles (every CPU cache of the usual shapes; see "keys in
+tiles" below), and `attend_decode`, which widens stored rows to fp32 four at a time in L1 (int8
+caches whose groups do not tile). Work is split like flash-decoding: tasks are (KV head, span of
+positions); each keeps a running max, sum and weighted value sum for the queries of its head
+group, and a second pass merges the spans.
+
+The shapes below are `attend_decode`'s; `attend_decode_tiled` documents its own.
 
 Shapes: Hkv KV heads, L cached positions (max_len), Dh head dim, R queries per KV head (the
 group's query heads x the step's tokens), S spans per head, B = BLOCK positions.

@@ -188,15 +188,19 @@ class Engine:
                 torch.cuda.current_stream(self.device).synchronize()  # the copies to RAM have landed
         self.written += ids.tolist()
         self.position += ids.shape[0]
-        return torch.cat(logits if all_logits else logits[-1:])
+        return torch.cat(logits if all_logits else logits[-1:]).float()  # widened on the CPU
 
     def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
-        """A chunk's logits in RAM as float32, copied as it finishes (none are kept on the device: a
-        prompt's [T, vocab] would not be in the plan); from a GPU into pinned memory without waiting."""
-        if self.device.type != "cuda":
-            return logits.float()
-        host = torch.empty(logits.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(logits.float(), non_blocking=True)
+        """A chunk's logits in RAM, copied as it finishes (none are kept on the device: a prompt's
+        [T, vocab] would not be in the plan). From a GPU, a last token's row goes to pinned memory
+        without waiting; a whole chunk's is copied as it is (pinned blocks are cached by the
+        allocator, so large ones are not pinned)."""
+        if self.device.type != "cuda" or logits.device.type == "cpu":
+            return logits
+        if logits.shape[0] > 1:
+            return logits.cpu()
+        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+        host.copy_(logits, non_blocking=True)
         return host
 
     def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -418,7 +422,7 @@ def _execution_device(device: str | None, gpu_mem, profile: str | None):
 
 def _cap_gpu_memory(device: torch.device, budget: int) -> int:
     """Make the allocator refuse to grow past the plan's GPU budget, so a large card behaves like
-    the one planned for; returns the bytes in use outside the allocator (context, other processes)."""
+    the one planned for; returns the bytes in use outside the allocator on offload's behalf."""
     free, total = torch.cuda.mem_get_info(device)  # creates the context first: it is counted below
     fraction, outside, note = gpu_memory_cap(budget, total, free, torch.cuda.memory_reserved(device))
     if note:
@@ -430,11 +434,14 @@ def _cap_gpu_memory(device: torch.device, budget: int) -> int:
 
 def gpu_memory_cap(budget: int, total: int, free: int, reserved: int) -> tuple[float, int, str | None]:
     """The allocator's share of a card for a plan's budget: (fraction of `total`, bytes in use
-    outside the allocator, a note or None). What lies outside the allocator (the CUDA context,
-    cuBLAS workspaces, other processes: total - free - reserved) comes out of the budget; a budget
-    up to 10% above the card's memory (an "8 GB" card reports a little less) is clamped to it with
-    a note; one further above is refused."""
-    outside = max(0, total - free - reserved)
+    outside the allocator on offload's behalf, a note or None). That part (the CUDA context,
+    cuBLAS workspaces: total - free - reserved, at most CUDA_CONTEXT_BYTES; beyond that it belongs
+    to other processes) comes out of the budget, and the allocator never counts on more than is
+    free. A budget up to 10% above the card's memory (an "8 GB" card reports a little less) is
+    clamped to it with a note; one further above is refused."""
+    from offload.planner import CUDA_CONTEXT_BYTES
+
+    outside = min(max(0, total - free - reserved), CUDA_CONTEXT_BYTES)
     note = None
     if budget > total:
         if budget > 1.1 * total:
@@ -443,10 +450,10 @@ def gpu_memory_cap(budget: int, total: int, free: int, reserved: int) -> tuple[f
         note = (f"note: gpu_mem {budget / 2**30:.2f} GiB is more than the GPU's {total / 2**30:.2f} GiB; "
                 f"using {total / 2**30:.2f} GiB")
         budget = total
-    usable = budget - outside
+    usable = min(budget - outside, free + reserved)
     if usable <= 0:
-        raise OffloadError(f"gpu_mem is {budget / 2**30:.1f} GiB but {outside / 2**30:.1f} GiB of the GPU is "
-                           "already in use outside offload's allocator; raise --gpu-mem or free the GPU")
+        raise OffloadError(f"gpu_mem is {budget / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB of the GPU is "
+                           "free; free the GPU or lower --gpu-mem")
     return usable / total, outside, note
 
 

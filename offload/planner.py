@@ -180,11 +180,12 @@ def linear_state_bytes(args: ModelArgs, dtype_bytes: int) -> int:
 
 def _stream_pass_bytes(args: ModelArgs) -> int:
     """What a streamed prompt needs on the device beyond one chunk's work: each of a pass's
-    chunks' residual stream and feed-forward result (fp32, generously), and one batch of experts
-    being dequantised (fp32, then the compute dtype)."""
-    pass_bytes = (STREAM_PASS_TOKENS - PREFILL_CHUNK) * args.hidden_size * 2 * 4
+    chunks' residual stream and feed-forward results (fp32), and one batch of experts
+    being dequantised (codes, scaled fp32, its transposed copy and the compute dtype: ~11 bytes a
+    weight at the peak)."""
+    pass_bytes = (STREAM_PASS_TOKENS - PREFILL_CHUNK) * args.hidden_size * 12  # residual, routed, shared
     expert_weights = 3 * args.moe_intermediate_size * args.hidden_size
-    return pass_bytes + STREAM_EXPERT_BATCH * expert_weights * (4 + 2)
+    return pass_bytes + STREAM_EXPERT_BATCH * expert_weights * 11
 
 
 def _workspace_bytes(args: ModelArgs) -> int:

@@ -51,7 +51,11 @@ class ExpertStreamer:
         dtypes = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint16): torch.int16}  # bf16 scales as bits
         self.slots = [{name: torch.empty(a.shape, dtype=dtypes[a.dtype], device=device) for name, a in first.items()}
                       for _ in range(2)]
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-copy")
+        # on CUDA the copy thread works on the model's device (so leaving a stream context never
+        # creates a context on another card)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-copy",
+                                         initializer=torch.cuda.set_device if self.cuda else None,
+                                         initargs=(device,) if self.cuda else ())
         self.pending: dict[int, tuple[int, Future]] = {}  # layer -> (slot, copy in flight or done)
         self.next_slot = 0
         self.copied_bytes = 0  # cumulative bytes of expert arrays copied into the slots
@@ -146,8 +150,10 @@ def streamed_experts(layer_arrays: dict[str, torch.Tensor], x: torch.Tensor, exp
     ends = torch.searchsorted(flat[order], torch.arange(experts, device=device), right=True)
     slots = flat.shape[0]
     sorted_x, sorted_weights = x[order // top_k], weights.to(device).reshape(-1)[order]
-    rows = torch.arange(slots, device=device)
     out = torch.zeros(x.shape, dtype=torch.float32, device=device)
+    if not grouped_kernel(device, x.dtype):
+        return _experts_one_by_one(packed, scales, sorted_x, sorted_weights, order // top_k, ends.tolist(), out)
+    rows = torch.arange(slots, device=device)
     for first in range(0, experts, STREAM_EXPERT_BATCH):  # a fixed loop: nothing here depends on the routing
         last = min(first + STREAM_EXPERT_BATCH, experts)
         start = ends[first - 1] if first else torch.zeros((), dtype=ends.dtype, device=device)
@@ -160,4 +166,32 @@ def streamed_experts(layer_arrays: dict[str, torch.Tensor], x: torch.Tensor, exp
         mine = rows < offsets[-1]  # the rest were not computed
         weighted = torch.where(mine[:, None], y.float() * sorted_weights[window, None], 0.0)
         out.index_add_(0, order[window] // top_k, weighted)
+    return out
+
+
+def grouped_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` reads its group offsets on the device here: the CPU, or CUDA
+    sm90 / sm100 in bf16. Elsewhere torch falls back to reading them on the host per call."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10) \
+        and dtype == torch.bfloat16
+
+
+def _experts_one_by_one(packed, scales, sorted_x, sorted_weights, token_of, ends: list[int], out):
+    """`streamed_experts` where no grouped kernel reads offsets on the device: the group ends read
+    on the host once per call, then each batch's experts with slots, one matmul pair each."""
+    for first in range(0, len(ends), STREAM_EXPERT_BATCH):
+        last = min(first + STREAM_EXPERT_BATCH, len(ends))
+        if ends[last - 1] == (ends[first - 1] if first else 0):
+            continue  # no slot in this batch: nothing to dequantise
+        gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], sorted_x.dtype)
+        down = dequantize_int4(packed[1][first:last], scales[1][first:last], sorted_x.dtype)
+        for expert in range(first, last):
+            begin, end = ends[expert - 1] if expert else 0, ends[expert]
+            if begin == end:
+                continue
+            gate, up = F.linear(sorted_x[begin:end], gate_up[expert - first]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, down[expert - first])
+            out.index_add_(0, token_of[begin:end], y.float() * sorted_weights[begin:end, None])
     return out

@@ -168,6 +168,19 @@ def test_streamed_experts_never_wait_for_the_device(hf_checkpoint, monkeypatch):
     assert engine.counters["h2d_expert_bytes"] > 0 and trapped == []
 
 
+def test_streamed_experts_without_a_grouped_kernel_agree(hf_checkpoint, monkeypatch):
+    """Cards whose grouped matmul would read offsets on the host take the expert-by-expert path
+    (one host read per call): the same logits."""
+    from offload import transfer
+
+    engine = offload.load(hf_checkpoint("next").path, quant="int4", dense_quant=None, prefill="stream",
+                          exact=True, **STAND_IN)
+    ids = torch.randint(0, 160, (600,), generator=torch.Generator().manual_seed(29))
+    grouped = engine.logits(ids)
+    monkeypatch.setattr(transfer, "grouped_kernel", lambda device, dtype: False)
+    assert (engine.logits(ids) - grouped).abs().max().item() <= 1e-4 * grouped.abs().max().item()
+
+
 def test_the_gpu_memory_cap_takes_out_what_lies_outside_the_allocator():
     """What the context (and anything else) holds outside torch's allocator comes out of the
     budget; a budget a little above the card is clamped with a note, far above it refused."""
@@ -175,14 +188,18 @@ def test_the_gpu_memory_cap_takes_out_what_lies_outside_the_allocator():
     from offload.errors import OffloadError
 
     gib = 2**30
-    fraction, outside, note = gpu_memory_cap(8 * gib, 24 * gib, 23 * gib, 0)  # a context of 1 GiB
-    assert outside == gib and fraction == pytest.approx(7 / 24) and note is None
+    fraction, outside, note = gpu_memory_cap(8 * gib, 24 * gib, 23 * gib + gib // 2, 0)  # a context of 0.5 GiB
+    assert outside == gib // 2 and fraction == pytest.approx(7.5 / 24) and note is None
     fraction, outside, note = gpu_memory_cap(8 * gib, int(7.6 * gib), int(7.1 * gib), 0)  # "8 GB" card
     assert fraction == pytest.approx(7.1 / 7.6) and "more than the GPU" in note
+    fraction, outside, note = gpu_memory_cap(8 * gib, 24 * gib, 18 * gib, gib)  # 5 GiB held by others
+    assert outside == gib // 2 and fraction == pytest.approx(7.5 / 24)  # only our context's share
+    fraction, outside, note = gpu_memory_cap(8 * gib, 24 * gib, 4 * gib, gib)  # others hold most of it
+    assert fraction == pytest.approx(5 / 24)  # no more than is free
     with pytest.raises(OffloadError, match="lower --gpu-mem"):
         gpu_memory_cap(16 * gib, 8 * gib, 8 * gib, 0)
-    with pytest.raises(OffloadError, match="already in use"):
-        gpu_memory_cap(2 * gib, 24 * gib, 21 * gib, gib)  # 2 GiB used by others
+    with pytest.raises(OffloadError, match="free the GPU"):
+        gpu_memory_cap(2 * gib, 24 * gib, 0, 0)
 
 
 def test_stand_in_with_float_experts_in_ram_matches_transformers(hf_checkpoint):

@@ -120,11 +120,13 @@ class SparseMoeBlock(nn.Module):
         if self.shared_expert is not None:
             shared = (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()
 
+        dtype = x.dtype  # not x itself: a waiting chunk (streamed prefill) keeps no more than it needs
+
         def finish() -> torch.Tensor:
             out = routed()
             if shared is not None:
                 out = out + shared
-            return out.to(x.dtype)
+            return out.to(dtype)
         return finish
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
