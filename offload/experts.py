@@ -10,7 +10,8 @@ all layers.
 
 With `stream` set, chunks of more than DECODE_MAX_TOKENS tokens run instead from whole
 layers streamed to the device (`offload.transfer`, prefill path b), the next layer's copy
-overlapping this layer's compute.
+overlapping this layer's compute; the chunks of a pass that have started a layer run as one
+call when the first of them finishes it (each expert dequantised once per pass).
 
 When the model executes on a GPU (`device`, or the CPU standing in for one), a call crosses
 through a `HostLane`: the router's output is copied into pinned host buffers and an event
@@ -67,6 +68,8 @@ class CpuExpertExecutor:
             self.fast_scratch = q8.FastScratch(PREFILL_CHUNK, top_k, hidden, intermediate)
         self.lanes = [HostLane(PREFILL_CHUNK, hidden, top_k, self.device) for _ in range(2)] if hybrid else []
         self.next_lane = 0
+        self.queued: dict[int, list] = {}  # layer -> streamed chunks started and not yet run
+        self.results: dict[int, list] = {}  # layer -> streamed results not yet handed over
         # False: the CPU waits until the device has finished everything queued (the shared expert,
         # the other chunk's mixers) before running the kernels; only to measure what concurrency buys
         self.concurrent = True
@@ -76,6 +79,8 @@ class CpuExpertExecutor:
         for lane in self.lanes:
             lane.busy = False
         self.next_lane = 0
+        self.queued.clear()
+        self.results.clear()
 
     def prepare_streaming(self) -> None:
         """Allocate the streamer's two device slots now (the plan counts them in the budget)."""
@@ -112,18 +117,39 @@ class CpuExpertExecutor:
 
     def _run_streamed(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                       weights: torch.Tensor) -> torch.Tensor:
-        from offload.transfer import streamed_experts
+        return self._start_streamed(layer, x, expert_ids, weights)()
 
-        self.prepare_streaming()
-        arrays = self.streamer.get(layer)
-        out = streamed_experts(arrays, x.to(self.device), expert_ids, weights)
-        self.streamer.release(layer)
-        return out.to(x.device)
+    def _start_streamed(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                        weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Queue a chunk for the layer's streamed experts; the returned call runs every chunk
+        queued for the layer so far in one `streamed_experts` call (the first to be called does:
+        a streamed prompt's pass starts all its chunks' layer before finishing any, so the layer's
+        experts are dequantised once per pass) and yields this chunk's [T, D] on x's device."""
+        queued = self.queued.setdefault(layer, [])
+        index = len(queued)
+        queued.append((x.to(self.device), expert_ids, weights))
+
+        def finish() -> torch.Tensor:
+            from offload.transfer import streamed_experts
+
+            if layer in self.queued:  # not yet run: run the whole pass's chunks for this layer
+                self.prepare_streaming()
+                arrays = self.streamer.get(layer)
+                self.results[layer] = streamed_experts(arrays, self.queued.pop(layer))
+                self.streamer.release(layer)
+            results = self.results[layer]
+            out, results[index] = results[index], None  # handed over once
+            if all(r is None for r in results):
+                del self.results[layer]
+            return out.to(x.device)
+        return finish
 
     def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
               weights: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Begin the layer's routed experts; the returned call yields float32 [T, D] on x's device."""
-        if self.lanes and not (self.stream and x.shape[0] > DECODE_MAX_TOKENS):
+        if self.stream and x.shape[0] > DECODE_MAX_TOKENS:
+            return self._start_streamed(layer, x, expert_ids, weights)
+        if self.lanes:
             return self._start_crossing(layer, x, expert_ids, weights)
         if self.worker is None:
             out = self.run(layer, x, expert_ids, weights)

@@ -128,45 +128,51 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
     return weight.reshape(experts, blocks * BLOCK, columns).to(dtype)
 
 
-def streamed_experts(layer_arrays: dict[str, torch.Tensor], x: torch.Tensor, expert_ids: torch.Tensor,
-                     weights: torch.Tensor) -> torch.Tensor:
-    """The routed experts of one layer from its streamed int4 arrays: x [T, D] on the device,
-    expert_ids / weights [T, K] -> [T, D] fp32, with no host sync.
+def streamed_experts(layer_arrays: dict[str, torch.Tensor],
+                     chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """The routed experts of one layer from its streamed int4 arrays, for the chunks of a pass:
+    each (x [T, D] on the device, expert_ids, weights [T, K]) -> [T, D] fp32, with no host sync.
 
-    The T x K slots are sorted by expert on the device and each expert's group end found there
-    (`searchsorted`); the layer's experts are dequantised STREAM_EXPERT_BATCH at a time and each
-    batch runs as two grouped matmuls (`torch._grouped_mm`) over a window of the sorted slots that
-    starts at the batch's first slot (a device-side offset: the window is gathered, not sliced).
-    Rows past the batch's last group are not computed and weigh nothing. Every expert is
-    dequantised: a streamed prompt routes to nearly all of them."""
+    Each chunk's T x K slots are sorted by expert on the device and each expert's group end found
+    there (`searchsorted`). The layer's experts are dequantised STREAM_EXPERT_BATCH at a time, once
+    for all the chunks, and each batch runs per chunk as two grouped matmuls (`torch._grouped_mm`)
+    over a window of the chunk's sorted slots that starts at the batch's first slot (a device-side
+    offset: the window is gathered, not sliced). Rows past the batch's last group are not
+    computed and weigh nothing. Every expert is dequantised: a streamed prompt routes to nearly
+    all of them."""
     device = layer_arrays["gate_up_packed"].device
     packed = layer_arrays["gate_up_packed"], layer_arrays["down_packed"]
     scales = layer_arrays["gate_up_scales"], layer_arrays["down_scales"]
     experts = scales[0].shape[0]
-    tokens, top_k = expert_ids.shape
-    flat = expert_ids.to(device).reshape(-1)
-    order = torch.argsort(flat, stable=True)  # slots sorted by expert
-    # each expert's last slot + 1 (not bincount: on CUDA it reads the largest id on the host)
-    ends = torch.searchsorted(flat[order], torch.arange(experts, device=device), right=True)
-    slots = flat.shape[0]
-    sorted_x, sorted_weights = x[order // top_k], weights.to(device).reshape(-1)[order]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=device)
-    if not grouped_kernel(device, x.dtype):
-        return _experts_one_by_one(packed, scales, sorted_x, sorted_weights, order // top_k, ends.tolist(), out)
-    rows = torch.arange(slots, device=device)
+    sorted_chunks, outs = [], []
+    for x, expert_ids, weights in chunks:
+        top_k = expert_ids.shape[1]
+        flat = expert_ids.to(device).reshape(-1)
+        order = torch.argsort(flat, stable=True)  # slots sorted by expert
+        # each expert's last slot + 1 (not bincount: on CUDA it reads the largest id on the host)
+        ends = torch.searchsorted(flat[order], torch.arange(experts, device=device), right=True)
+        sorted_chunks.append((x, weights.to(device).reshape(-1)[order], order // top_k, ends))
+        outs.append(torch.zeros(x.shape, dtype=torch.float32, device=device))
+    dtype = chunks[0][0].dtype
+    if not grouped_kernel(device, dtype):
+        for (x, sorted_weights, token_of, ends), out in zip(sorted_chunks, outs):
+            _experts_one_by_one(packed, scales, x, sorted_weights, token_of, ends.tolist(), out)
+        return outs
     for first in range(0, experts, STREAM_EXPERT_BATCH):  # a fixed loop: nothing here depends on the routing
         last = min(first + STREAM_EXPERT_BATCH, experts)
-        start = ends[first - 1] if first else torch.zeros((), dtype=ends.dtype, device=device)
-        window = (rows + start) % slots  # the batch's slots first
-        offsets = (ends[first:last] - start).to(torch.int32)
-        gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], x.dtype)  # [B, 2I, D]
-        gate, up = torch._grouped_mm(sorted_x[window], gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-        down = dequantize_int4(packed[1][first:last], scales[1][first:last], x.dtype)  # [B, D, I]
-        y = torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)  # [slots, D]
-        mine = rows < offsets[-1]  # the rest were not computed
-        weighted = torch.where(mine[:, None], y.float() * sorted_weights[window, None], 0.0)
-        out.index_add_(0, order[window] // top_k, weighted)
-    return out
+        gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], dtype).transpose(1, 2)  # [B, D, 2I]
+        down = dequantize_int4(packed[1][first:last], scales[1][first:last], dtype).transpose(1, 2)  # [B, I, D]
+        for (x, sorted_weights, token_of, ends), out in zip(sorted_chunks, outs):
+            rows = torch.arange(token_of.shape[0], device=device)
+            start = ends[first - 1] if first else torch.zeros((), dtype=ends.dtype, device=device)
+            window = (rows + start) % token_of.shape[0]  # the batch's slots first
+            offsets = (ends[first:last] - start).to(torch.int32)
+            gate, up = torch._grouped_mm(x[token_of[window]], gate_up, offs=offsets).chunk(2, dim=-1)
+            y = torch._grouped_mm(F.silu(gate) * up, down, offs=offsets)  # [slots, D]
+            mine = rows < offsets[-1]  # the rest were not computed
+            weighted = torch.where(mine[:, None], y.float() * sorted_weights[window, None], 0.0)
+            out.index_add_(0, token_of[window], weighted)
+    return outs
 
 
 def grouped_kernel(device: torch.device, dtype: torch.dtype) -> bool:
@@ -178,20 +184,20 @@ def grouped_kernel(device: torch.device, dtype: torch.dtype) -> bool:
         and dtype == torch.bfloat16
 
 
-def _experts_one_by_one(packed, scales, sorted_x, sorted_weights, token_of, ends: list[int], out):
-    """`streamed_experts` where no grouped kernel reads offsets on the device: the group ends read
-    on the host once per call, then each batch's experts with slots, one matmul pair each."""
+def _experts_one_by_one(packed, scales, x, sorted_weights, token_of, ends: list[int], out):
+    """`streamed_experts` for one chunk where no grouped kernel reads offsets on the device: the
+    group ends read on the host once, then each batch's experts with slots, one matmul pair each."""
     for first in range(0, len(ends), STREAM_EXPERT_BATCH):
         last = min(first + STREAM_EXPERT_BATCH, len(ends))
         if ends[last - 1] == (ends[first - 1] if first else 0):
             continue  # no slot in this batch: nothing to dequantise
-        gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], sorted_x.dtype)
-        down = dequantize_int4(packed[1][first:last], scales[1][first:last], sorted_x.dtype)
+        gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], x.dtype)
+        down = dequantize_int4(packed[1][first:last], scales[1][first:last], x.dtype)
         for expert in range(first, last):
             begin, end = ends[expert - 1] if expert else 0, ends[expert]
             if begin == end:
                 continue
-            gate, up = F.linear(sorted_x[begin:end], gate_up[expert - first]).chunk(2, dim=-1)
+            gate, up = F.linear(x[token_of[begin:end]], gate_up[expert - first]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, down[expert - first])
             out.index_add_(0, token_of[begin:end], y.float() * sorted_weights[begin:end, None])
     return out

@@ -114,11 +114,17 @@ def test_stand_in_matches_transformers(hf_checkpoint, name, prefill):
     assert (stepped - stepped_reference(reference, ids, 100)).abs().max().item() <= bound
 
 
-def test_a_streamed_prompt_copies_each_layer_once_and_matches_transformers(hf_checkpoint):
+def test_a_streamed_prompt_copies_each_layer_once_and_matches_transformers(hf_checkpoint, monkeypatch):
     """Path (b) runs layer by layer: a prompt of two chunks copies every MoE layer's experts to
-    the device once (counted), not once per chunk, with the same logits as transformers."""
+    the device once (counted) and dequantises them once, not once per chunk, with the same logits
+    as transformers."""
+    from offload import transfer
     from offload.config import PREFILL_CHUNK
     from offload.transfer import ARRAYS, _host_arrays
+
+    dequantized = []
+    dequantize = transfer.dequantize_int4
+    monkeypatch.setattr(transfer, "dequantize_int4", lambda *args: dequantized.append(1) or dequantize(*args))
 
     checkpoint = hf_checkpoint("next")
     reference = dequantized_reference(checkpoint.model)
@@ -129,6 +135,8 @@ def test_a_streamed_prompt_copies_each_layer_once_and_matches_transformers(hf_ch
     assert engine.counters["h2d_expert_bytes"] == 0
     logits = engine.logits(ids)
     assert engine.counters["h2d_expert_bytes"] == one_pass
+    batches = -(-engine.args.num_experts // transfer.STREAM_EXPERT_BATCH)
+    assert len(dequantized) == 2 * batches * len(store.layers)  # gate_up and down, per batch, per pass
     with torch.no_grad():
         expected = reference(ids[None]).logits[0]
     assert (logits - expected).abs().max().item() <= parity_bound(reference, ids)
