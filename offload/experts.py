@@ -69,7 +69,7 @@ class CpuExpertExecutor:
         self.lanes = [HostLane(PREFILL_CHUNK, hidden, top_k, self.device) for _ in range(2)] if hybrid else []
         self.next_lane = 0
         self.queued: dict[int, list] = {}  # layer -> streamed chunks started and not yet run
-        self.results: dict[int, list] = {}  # layer -> streamed results not yet handed over
+        self.results: dict[int, tuple] = {}  # id(queued list) -> (it, its results not yet handed over)
         # False: the CPU waits until the device has finished everything queued (the shared expert,
         # the other chunk's mixers) before running the kernels; only to measure what concurrency buys
         self.concurrent = True
@@ -125,23 +125,25 @@ class CpuExpertExecutor:
         queued for the layer so far in one `streamed_experts` call (the first to be called does:
         a streamed prompt's pass starts all its chunks' layer before finishing any, so the layer's
         experts are dequantised once per pass) and yields this chunk's [T, D] on x's device."""
-        queued = self.queued.setdefault(layer, [])
-        index = len(queued)
+        queued = self.queued.setdefault(layer, [])  # this pass's chunks at this layer
+        index, device = len(queued), x.device
         queued.append((x.to(self.device), expert_ids, weights))
 
         def finish() -> torch.Tensor:
             from offload.transfer import streamed_experts
 
-            if layer in self.queued:  # not yet run: run the whole pass's chunks for this layer
+            if id(queued) not in self.results:  # not yet run: run the whole pass's chunks for this layer
                 self.prepare_streaming()
                 arrays = self.streamer.get(layer)
-                self.results[layer] = streamed_experts(arrays, self.queued.pop(layer))
+                if self.queued.get(layer) is queued:
+                    del self.queued[layer]  # later chunks at this layer start a new call
+                self.results[id(queued)] = (queued, streamed_experts(arrays, queued))
                 self.streamer.release(layer)
-            results = self.results[layer]
+            _, results = self.results[id(queued)]
             out, results[index] = results[index], None  # handed over once
             if all(r is None for r in results):
-                del self.results[layer]
-            return out.to(x.device)
+                del self.results[id(queued)]
+            return out.to(device)
         return finish
 
     def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,

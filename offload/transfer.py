@@ -155,9 +155,7 @@ def streamed_experts(layer_arrays: dict[str, torch.Tensor],
         outs.append(torch.zeros(x.shape, dtype=torch.float32, device=device))
     dtype = chunks[0][0].dtype
     if not grouped_kernel(device, dtype):
-        for (x, sorted_weights, token_of, ends), out in zip(sorted_chunks, outs):
-            _experts_one_by_one(packed, scales, x, sorted_weights, token_of, ends.tolist(), out)
-        return outs
+        return _experts_one_by_one(packed, scales, sorted_chunks, outs)
     for first in range(0, experts, STREAM_EXPERT_BATCH):  # a fixed loop: nothing here depends on the routing
         last = min(first + STREAM_EXPERT_BATCH, experts)
         gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], dtype).transpose(1, 2)  # [B, D, 2I]
@@ -184,20 +182,25 @@ def grouped_kernel(device: torch.device, dtype: torch.dtype) -> bool:
         and dtype == torch.bfloat16
 
 
-def _experts_one_by_one(packed, scales, x, sorted_weights, token_of, ends: list[int], out):
-    """`streamed_experts` for one chunk where no grouped kernel reads offsets on the device: the
-    group ends read on the host once, then each batch's experts with slots, one matmul pair each."""
-    for first in range(0, len(ends), STREAM_EXPERT_BATCH):
-        last = min(first + STREAM_EXPERT_BATCH, len(ends))
-        if ends[last - 1] == (ends[first - 1] if first else 0):
+def _experts_one_by_one(packed, scales, sorted_chunks: list, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`streamed_experts` where no grouped kernel reads offsets on the device: each chunk's group
+    ends read on the host once, then each batch of experts (dequantised once for all the chunks)
+    runs its experts with slots, one matmul pair each."""
+    ends = [chunk_ends.tolist() for *_, chunk_ends in sorted_chunks]
+    experts = len(ends[0])
+    for first in range(0, experts, STREAM_EXPERT_BATCH):
+        last = min(first + STREAM_EXPERT_BATCH, experts)
+        if all(chunk[last - 1] == (chunk[first - 1] if first else 0) for chunk in ends):
             continue  # no slot in this batch: nothing to dequantise
-        gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], x.dtype)
-        down = dequantize_int4(packed[1][first:last], scales[1][first:last], x.dtype)
-        for expert in range(first, last):
-            begin, end = ends[expert - 1] if expert else 0, ends[expert]
-            if begin == end:
-                continue
-            gate, up = F.linear(x[token_of[begin:end]], gate_up[expert - first]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, down[expert - first])
-            out.index_add_(0, token_of[begin:end], y.float() * sorted_weights[begin:end, None])
-    return out
+        dtype = sorted_chunks[0][0].dtype
+        gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], dtype)
+        down = dequantize_int4(packed[1][first:last], scales[1][first:last], dtype)
+        for (x, sorted_weights, token_of, _), chunk, out in zip(sorted_chunks, ends, outs):
+            for expert in range(first, last):
+                begin, end = chunk[expert - 1] if expert else 0, chunk[expert]
+                if begin == end:
+                    continue
+                gate, up = F.linear(x[token_of[begin:end]], gate_up[expert - first]).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, down[expert - first])
+                out.index_add_(0, token_of[begin:end], y.float() * sorted_weights[begin:end, None])
+    return outs

@@ -176,6 +176,28 @@ def test_streamed_experts_never_wait_for_the_device(hf_checkpoint, monkeypatch):
     assert engine.counters["h2d_expert_bytes"] > 0 and trapped == []
 
 
+def test_streamed_chunks_of_overlapping_calls_keep_their_own_results(hf_checkpoint):
+    """A layer's streamed chunks run as one call when the first finishes; chunks that start the
+    layer after that go to a new call, and every chunk gets its own result, whatever the order."""
+    engine = offload.load(hf_checkpoint("next").path, quant="int4", dense_quant=None, prefill="stream",
+                          **STAND_IN)
+    executor = executor_of(engine)
+    executor.stream = True
+    layer = sorted(executor.store.layers)[0]
+    generator = torch.Generator().manual_seed(30)
+    inputs = [(torch.randn(tokens, engine.args.hidden_size, generator=generator),
+               torch.randint(0, engine.args.num_experts, (tokens, engine.args.num_experts_per_tok), generator=generator),
+               torch.rand(tokens, engine.args.num_experts_per_tok, generator=generator)) for tokens in (20, 33, 17, 40)]
+    alone = [executor.start(layer, *chunk)() for chunk in inputs]
+    first, second = executor.start(layer, *inputs[0]), executor.start(layer, *inputs[1])
+    results = {0: first()}
+    third, fourth = executor.start(layer, *inputs[2]), executor.start(layer, *inputs[3])
+    results[1], results[3], results[2] = second(), fourth(), third()
+    for index, expected in enumerate(alone):
+        assert torch.allclose(results[index], expected, atol=1e-5), index
+    assert not executor.queued and not executor.results
+
+
 def test_streamed_experts_without_a_grouped_kernel_agree(hf_checkpoint, monkeypatch):
     """Cards whose grouped matmul would read offsets on the host take the expert-by-expert path
     (one host read per call): the same logits."""

@@ -212,9 +212,9 @@ def test_streamer_on_cuda_matches_the_cpu(hf_checkpoint):
             x = torch.randn(64, engine.args.hidden_size, generator=generator)
             ids = torch.randint(0, engine.args.num_experts, (64, engine.args.num_experts_per_tok), generator=generator)
             weights = torch.rand(ids.shape, generator=generator)
-            on_gpu = streamed_experts(gpu.get(layer), x.cuda(), ids, weights)
+            on_gpu = streamed_experts(gpu.get(layer), [(x.cuda(), ids, weights)])[0]
             gpu.release(layer)
-            on_cpu = streamed_experts(cpu.get(layer), x, ids, weights)
+            on_cpu = streamed_experts(cpu.get(layer), [(x, ids, weights)])[0]
             assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
 
 
