@@ -350,5 +350,7 @@ def _detect_gpu(progress) -> GPU | None:
     tflops = 2 * 8192**3 / timed(lambda: a @ a) / 1e12
     progress(f"  host-to-device {h2d / 1e9:.1f} GB/s, memory {memory_bandwidth / 1e9:.0f} GB/s, "
              f"bf16 {tflops:.0f} TFLOP/s")
+    del host, target, source, copy, a
+    torch.cuda.empty_cache()  # the probes' 2.3 GiB would otherwise stay reserved against a later load's cap
     return GPU(name=properties.name, memory=properties.total_memory, h2d_bandwidth=h2d,
                bf16_tflops=tflops, memory_bandwidth=memory_bandwidth)
