@@ -294,7 +294,6 @@ class _Array:
     def __init__(self, context, builder, numba_type, value):
         self.builder = builder
         self.struct = context.make_array(numba_type)(context, builder, value)
-        self.ndim = numba_type.ndim
         self.element = context.get_data_type(numba_type.dtype)
 
     def shape(self, axis: int):

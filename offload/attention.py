@@ -1,9 +1,9 @@
 """Decode attention on the CPU: `kernels.attention` plugged into each KV cache of a CPU-only plan.
 
 A decode step (up to DECODE_MAX_TOKENS tokens) reads every cached key and value of each attention
-layer; the kernel reads them in the stored format and never copies the cache: int8 caches in RAM
-(tiled keys) by integer dot products with the query quantised per step (`attend_decode_int8`),
-fp32 and bf16 ones (and int8 of odd head sizes) widened a row at a time (`attend_decode`).
+layer; the kernels read them in the stored format and never copy the cache: keys in tiles
+(`attend_decode_tiled`; int8 ones by integer dot products with the query quantised per step),
+and int8 caches whose groups do not tile a row at a time (`attend_decode`).
 Longer inputs (prompts) go through the cache's own blockwise path. Scratch is allocated once per
 engine and shared by every layer.
 """
@@ -32,7 +32,7 @@ class CpuDecodeAttention:
         self.heads, self.kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.threads = physical_cores()
         self.path = isa.best()
-        self.scratch: dict[tuple, tuple[np.ndarray, ...]] = {}  # (spans, rows) or ("query", rows, groups) -> arrays
+        self.scratch: dict[tuple, tuple[np.ndarray, ...]] = {}  # (spans, rows) or ("query", kind, rows) -> arrays
         self.views: dict[int, tuple[np.ndarray, ...]] = {}  # id(cache) -> the kernel's arguments
 
     def __call__(self, cache: KVCache, query: torch.Tensor, start: int, window: int | None) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ from offload.errors import OffloadError
 from offload.models import ARCHITECTURES
 from offload.models.cache import Cache, cache_nbytes
 from offload.models.decoder import run_stages
-from offload.planner import DENSE_QUANTS, KV_CACHES
+from offload.planner import CUDA_CONTEXT_BYTES, DENSE_QUANTS, KV_CACHES
 from offload.sampling import Sampler, SamplingParams, generation_stop_ids
 
 
@@ -173,11 +173,11 @@ class Engine:
                 logits = []
                 per_pass = STREAM_PASS_TOKENS // PREFILL_CHUNK
                 for first in range(0, len(stages), per_pass):
-                    logits += _run_layer_by_layer(stages[first:first + per_pass], self._to_host)
+                    logits += _run_in_turns(stages[first:first + per_pass], per_pass, self._to_host)
                     if progress is not None and len(stages) > 1:
                         progress(min((first + per_pass) * PREFILL_CHUNK, ids.shape[0]), ids.shape[0])
             elif self.pipelined and len(stages) > 1:
-                logits = _run_two_at_a_time(stages, self._to_host)
+                logits = _run_in_turns(stages, 2, self._to_host)
             else:
                 logits = []
                 for begin, chunk in zip(starts, stages):
@@ -257,34 +257,19 @@ class Snapshot:
     logits: torch.Tensor | None = None  # the last token's, if the taker kept them
 
 
-def _run_layer_by_layer(stages: list, done: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-    """Run prompt chunks' `stages` generators in turns, one step each: every chunk passes layer l
-    before any enters layer l + 1 (a streamed layer is on the device for all of them at once).
-    Legal as `_run_two_at_a_time` is: chunks enter every layer in order. Returns `done` of each
-    chunk's logits (applied as each finishes), in order."""
-    results: list[torch.Tensor | None] = [None] * len(stages)
-    running = list(range(len(stages)))
-    while running:
-        for index in list(running):
-            try:
-                next(stages[index])
-            except StopIteration as finished:
-                results[index] = done(finished.value)
-                running.remove(index)
-    return results
-
-
-def _run_two_at_a_time(stages: list, done: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-    """Run prompt chunks' `stages` generators with two in flight, in turns: while one chunk's
-    routed experts run on the CPU, the device works through what the other chunk queued (its
-    mixers of the same layer). Legal because chunks enter every layer in order: chunk c+1's
-    mixer of layer l reads the caches as chunk c's mixer of layer l left them and nothing of
-    chunk c's experts. Returns `done` of each chunk's logits (applied as each finishes), in order."""
+def _run_in_turns(stages: list, at_once: int, done: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Run prompt chunks' `stages` generators in turns, one step (one layer) each, with up to
+    `at_once` chunks in flight. Two: while one chunk's routed experts run on the CPU, the device
+    works through what the other queued (its mixers of the same layer). All of them: every chunk
+    passes layer l before any enters layer l + 1 (a streamed layer serves them all). Legal because
+    chunks enter every layer in order: chunk c+1's mixer of layer l reads the caches as chunk c's
+    mixer of layer l left them and nothing of chunk c's experts. Returns `done` of each chunk's
+    logits (applied as each finishes), in order."""
     results: list[torch.Tensor | None] = [None] * len(stages)
     in_flight: list[int] = []
     waiting = list(range(len(stages)))
     while in_flight or waiting:
-        while len(in_flight) < 2 and waiting:
+        while len(in_flight) < at_once and waiting:
             in_flight.append(waiting.pop(0))
         for index in list(in_flight):
             try:
@@ -439,8 +424,6 @@ def gpu_memory_cap(budget: int, total: int, free: int, reserved: int) -> tuple[f
     to other processes) comes out of the budget, and the allocator never counts on more than is
     free. A budget up to 10% above the card's memory (an "8 GB" card reports a little less) is
     clamped to it with a note; one further above is refused."""
-    from offload.planner import CUDA_CONTEXT_BYTES
-
     outside = min(max(0, total - free - reserved), CUDA_CONTEXT_BYTES)
     note = None
     if budget > total:

@@ -32,6 +32,7 @@ starts, so one set of buffers serves every layer.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -43,6 +44,14 @@ from offload.kernels.threads import kernel_threads, physical_cores
 from offload.config import DECODE_MAX_TOKENS, PREFILL_CHUNK, ModelArgs
 from offload.host import HostLane, numpy_view
 from offload.store import ExpertStore
+
+@dataclass
+class _StreamedCall:
+    """The chunks that started one layer's streamed experts together, and their results once run."""
+
+    chunks: list = field(default_factory=list)  # (x, expert_ids, weights) on the device
+    results: list | None = None
+
 
 class CpuExpertExecutor:
     """The routed experts of every MoE layer. `device` is where the model's activations live;
@@ -68,8 +77,7 @@ class CpuExpertExecutor:
             self.fast_scratch = q8.FastScratch(PREFILL_CHUNK, top_k, hidden, intermediate)
         self.lanes = [HostLane(PREFILL_CHUNK, hidden, top_k, self.device) for _ in range(2)] if hybrid else []
         self.next_lane = 0
-        self.queued: dict[int, list] = {}  # layer -> streamed chunks started and not yet run
-        self.results: dict[int, tuple] = {}  # id(queued list) -> (it, its results not yet handed over)
+        self.calls: dict[int, _StreamedCall] = {}  # layer -> the streamed call chunks are joining
         # False: the CPU waits until the device has finished everything queued (the shared expert,
         # the other chunk's mixers) before running the kernels; only to measure what concurrency buys
         self.concurrent = True
@@ -79,8 +87,7 @@ class CpuExpertExecutor:
         for lane in self.lanes:
             lane.busy = False
         self.next_lane = 0
-        self.queued.clear()
-        self.results.clear()
+        self.calls.clear()
 
     def prepare_streaming(self) -> None:
         """Allocate the streamer's two device slots now (the plan counts them in the budget)."""
@@ -125,24 +132,21 @@ class CpuExpertExecutor:
         queued for the layer so far in one `streamed_experts` call (the first to be called does:
         a streamed prompt's pass starts all its chunks' layer before finishing any, so the layer's
         experts are dequantised once per pass) and yields this chunk's [T, D] on x's device."""
-        queued = self.queued.setdefault(layer, [])  # this pass's chunks at this layer
-        index, device = len(queued), x.device
-        queued.append((x.to(self.device), expert_ids, weights))
+        call = self.calls.setdefault(layer, _StreamedCall())  # this pass's chunks at this layer
+        index, device = len(call.chunks), x.device
+        call.chunks.append((x.to(self.device), expert_ids, weights))
 
         def finish() -> torch.Tensor:
             from offload.transfer import streamed_experts
 
-            if id(queued) not in self.results:  # not yet run: run the whole pass's chunks for this layer
+            if call.results is None:  # the first to finish runs every chunk that joined
+                if self.calls.get(layer) is call:
+                    del self.calls[layer]  # chunks starting this layer later make a new call
                 self.prepare_streaming()
-                arrays = self.streamer.get(layer)
-                if self.queued.get(layer) is queued:
-                    del self.queued[layer]  # later chunks at this layer start a new call
-                self.results[id(queued)] = (queued, streamed_experts(arrays, queued))
+                call.results = streamed_experts(self.streamer.get(layer), call.chunks)
                 self.streamer.release(layer)
-            _, results = self.results[id(queued)]
-            out, results[index] = results[index], None  # handed over once
-            if all(r is None for r in results):
-                del self.results[id(queued)]
+                call.chunks = []
+            out, call.results[index] = call.results[index], None  # handed over once
             return out.to(device)
         return finish
 

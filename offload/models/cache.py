@@ -97,7 +97,8 @@ class KVCache:
             tiles[:, positions // TILE, :, positions % TILE] = keys.transpose(0, 1).to(self.keys.dtype)
 
     def read(self, begin: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions begin..end [Hkv, n, Dh] in `dtype` (views when stored so)."""
+        """Keys and values of positions begin..end [Hkv, n, Dh] in `dtype` (views of rows stored so;
+        tiled keys are copied out)."""
         keys, values = self._key_rows(begin, end), self.values[:, begin:end]
         if self.format != "int8":
             return keys.to(dtype), values.to(dtype)
