@@ -96,6 +96,9 @@ def model_options(command):
                      show_default=True,
                      help="How keys and values are stored; auto: int8 on the CPU, bf16 on a GPU (int8 if the plan "
                           "needs the room), as computed with --quant none or --exact."),
+        click.option("--cuda-graphs", is_flag=True,
+                     help="Replay each decode step's GPU work from captured CUDA graphs (fewer launches; "
+                          "needs a CUDA device and the KV cache in the compute dtype)."),
     ]
 
     @functools.wraps(command)
@@ -108,7 +111,8 @@ def model_options(command):
     return gathered
 
 
-LOAD_FLAGS = ("quant", "dense_quant", "exact", "gpu_mem", "device", "profile", "rope_scaling", "kv_cache")
+LOAD_FLAGS = ("quant", "dense_quant", "exact", "gpu_mem", "device", "profile", "rope_scaling", "kv_cache",
+              "cuda_graphs")
 
 
 def sampling_options(command):

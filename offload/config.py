@@ -30,6 +30,7 @@ PREFILL_CHUNK = 512  # prompt tokens per forward pass (bounds activation and att
 STREAM_PASS_TOKENS = 8192
 STREAM_EXPERT_BATCH = 16  # streamed experts dequantised at once on the device
 DECODE_MAX_TOKENS = 8  # routed experts of calls up to this many tokens take the decode kernels
+GRAPH_SPAN = 256  # positions a captured decode step attends over at first; doubled as a sequence grows
 
 
 @dataclass(frozen=True)

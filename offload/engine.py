@@ -50,6 +50,7 @@ class Engine:
         self.dtype = model.compute_dtype
         self.caches: list[Cache] = ARCHITECTURES[args.model_type].make_cache(args, ctx, self.dtype, device, kv_format)
         self.executor = executor  # the int4 routed experts' CpuExpertExecutor, if any
+        self.graphs = None  # decode steps replayed from CUDA graphs (`offload.graphs.GraphedDecode`), if on
         self.prefill = prefill
         self.pipelined = device.type == "cuda" and executor is not None and bool(executor.lanes)
         self.plan = None
@@ -165,6 +166,13 @@ class Engine:
         if self.executor is not None:
             self.executor.stream = streamed
         del self.written[self.position:]  # overwritten from here on (and unknown if this fails midway)
+        if self.graphs is not None and ids.shape[0] == 1:
+            logits = self.graphs.step(int(ids[0]), self.position)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # an eager step's copy to RAM has landed
+            self.written += ids.tolist()
+            self.position += 1
+            return logits.float()
         starts = range(0, ids.shape[0], PREFILL_CHUNK)
         stages = [self.model.stages(ids[begin:begin + PREFILL_CHUNK], self.caches, self.position + begin,
                                     last_only=not all_logits) for begin in starts]
@@ -284,7 +292,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
          profile: str | None = None, device: str | None = None, ctx: int | None = None,
          store_dir: str | Path | None = None, dense_quant: str | None = "auto", overlap: bool = False,
          prefill: str = "auto", exact: bool = False, rope_scaling: str | dict | None = None,
-         kv_cache: str = "auto") -> Engine:
+         kv_cache: str = "auto", cuda_graphs: bool = False) -> Engine:
     """Load a Hugging Face checkpoint directory into an `Engine`, placed as its plan says.
 
     quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16);
@@ -317,6 +325,9 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     scale per 64 channels), or "auto": as computed when the weights keep their precision (quant=None) or
     with exact=True; otherwise int8 on the CPU, bf16 on a GPU (int8 if the plan needs the room).
     The plan says which (`engine.plan.kv_format`) and why.
+    cuda_graphs=True replays each decode step's device work from captured CUDA graphs
+    (`offload.graphs`): on CUDA, with the KV cache in the compute dtype; elsewhere a note says it
+    is off.
     """
     if dense_quant not in (None, *DENSE_QUANTS):
         raise OffloadError(f"dense_quant={dense_quant!r} is not a format offload has; use 'auto', 'int8', 'int4' "
@@ -367,7 +378,20 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     engine.plan = plan
     expert_nbytes = executor.store.nbytes if executor is not None else 0
     engine.placement = executed_placement(plan, execution, nbytes, engine.caches, expert_nbytes, executor)
+    if cuda_graphs:
+        engine.graphs = _graphed_decode(engine)
     return engine
+
+
+def _graphed_decode(engine: Engine):
+    """The engine's `GraphedDecode`, or None with a note saying why graphs stay off."""
+    from offload.graphs import GraphedDecode
+
+    reason = "they need a CUDA device" if engine.device.type != "cuda" else GraphedDecode.refusal(engine)
+    if reason:
+        print(f"note: CUDA graphs are off: {reason}", file=sys.stderr)
+        return None
+    return GraphedDecode(engine)
 
 
 def _execution_device(device: str | None, gpu_mem, profile: str | None):

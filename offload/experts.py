@@ -42,6 +42,7 @@ from torch import nn
 from offload.kernels import gemm, gemv, q8
 from offload.kernels.threads import kernel_threads, physical_cores
 from offload.config import DECODE_MAX_TOKENS, PREFILL_CHUNK, ModelArgs
+from offload.graphs import between_graphs
 from offload.host import HostLane, numpy_view
 from offload.store import ExpertStore
 
@@ -174,12 +175,15 @@ class CpuExpertExecutor:
             return lambda: out
         tokens = lane.send(x, expert_ids, weights)
 
-        def finish() -> torch.Tensor:
+        def host_work() -> None:
             lane.wait()
             if not self.concurrent and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self._kernels(layer, lane.x[:tokens].numpy(), lane.expert_ids[:tokens].numpy(),
                           lane.weights[:tokens].numpy(), lane.out[:tokens].numpy())
+
+        def finish() -> torch.Tensor:
+            between_graphs(host_work)  # now, or between two graphs of a captured decode step
             return lane.receive(tokens)
         return finish
 

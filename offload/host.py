@@ -52,6 +52,11 @@ class OnHost(nn.Module):
         self.device = device
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        from offload.graphs import capturing
+
+        chain = capturing()
+        if chain is not None:  # inside a decode step being captured: the host's part runs between graphs
+            return chain.cross(self.inner, args, self.device)
         # the inputs' copy waits for the device (the CPU needs them); the output goes back from
         # pinned memory without waiting (the host allocator keeps the block until the copy is done)
         out = self.inner(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
@@ -79,7 +84,8 @@ class HostLane:
         self.weights = torch.empty(max_tokens, top_k, pin_memory=pinned)
         self.out = torch.empty(max_tokens, hidden, pin_memory=pinned)
         self.out_device = torch.empty(max_tokens, hidden, device=device)
-        self.landed = torch.cuda.Event() if pinned else None
+        # external: recorded inside a captured CUDA graph too, and waited on by the host after replay
+        self.landed = torch.cuda.Event(external=True) if pinned else None
         self.busy = False
 
     def send(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> int:

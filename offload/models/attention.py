@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from offload.config import Yarn
-from offload.models.cache import KVCache
+from offload.models.cache import DevicePosition, KVCache
 
 
 class RotaryEmbedding(nn.Module):
@@ -23,7 +23,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, rotary_dim] in `dtype`."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        if self.inv_freq.device != positions.device:  # moved once: a copy per call would wait for the device
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
         angles = torch.cat([freqs, freqs], dim=-1)
         cos, sin = angles.cos(), angles.sin()
         if self.scale != 1.0:
@@ -68,11 +70,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cache: KVCache,
-                     start: int, sliding_window: int | None = None) -> torch.Tensor:
+                     start: int | DevicePosition, sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of new tokens over everything cached so far.
 
-    query [H, T, Dh] for positions start..start+T; keys, values [Hkv, T, Dh] (written to `cache`).
-    Returns [T, H * Dh].
+    query [H, T, Dh] for positions start..start+T (or one token at a `DevicePosition`); keys,
+    values [Hkv, T, Dh] (written to `cache`). Returns [T, H * Dh].
     """
     cache.write(keys, values, start)
     return cache.attend(query, start, sliding_window)

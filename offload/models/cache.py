@@ -9,6 +9,8 @@ Positions are passed explicitly by the caller (`start`); nothing here grows per 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,17 @@ CPU_BLOCK = 4096  # positions of keys and values widened at once when the stored
 # blocks are as long as these bounds allow (a decode step's usually covers the whole cache: few launches)
 DEVICE_SCORES = 1 << 24  # score elements per block (64 MiB)
 DEVICE_WIDENED = 1 << 26  # bytes of widened keys + values per block
+
+
+@dataclass(frozen=True)
+class DevicePosition:
+    """The position of a one-token step, held on the device, so that a captured CUDA graph replays
+    at any position (`offload.graphs`): `index` int64 [1] is the position; attention reads the
+    first `span` cached positions (a bound on index + 1, fixed per graph), those after the token
+    masked on the device."""
+
+    index: torch.Tensor
+    span: int
 
 
 def kv_group(head_dim: int) -> int:
@@ -72,22 +85,30 @@ class KVCache:
             self.value_scales = torch.zeros(scales, dtype=torch.float32, device=device)
         self.decode = None  # (cache, query, start, window) -> [T, H * Dh], or None to use `attend`'s own path
 
-    def write(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        """Store keys/values [Hkv, T, Dh] at positions start..start+T."""
-        end = start + keys.shape[1]
+    def write(self, keys: torch.Tensor, values: torch.Tensor, start: int | DevicePosition) -> None:
+        """Store keys/values [Hkv, T, Dh] at positions start..start+T (or at a DevicePosition)."""
+        at = start if isinstance(start, DevicePosition) else None
+        end = at.span if at else start + keys.shape[1]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+
+        def put(target: torch.Tensor, rows: torch.Tensor) -> None:  # target[:, start:end] = rows
+            if at:
+                target.index_copy_(1, at.index, rows.to(target.dtype))
+            else:
+                target[:, start:end] = rows
+
         if self.format == "int8":
             (keys, key_scales), (values, value_scales) = _quantized(keys, self.group), _quantized(values, self.group)
-            self.key_scales[:, start:end] = key_scales
-            self.value_scales[:, start:end] = value_scales
+            put(self.key_scales, key_scales)
+            put(self.value_scales, value_scales)
             keys = keys + 128 if self.tiled else keys  # biased for the dot-product instructions
-        self.values[:, start:end] = values
+        put(self.values, values)
         if not self.tiled:
-            self.keys[:, start:end] = keys
+            put(self.keys, keys)
             return
         kv_heads, tokens, width = keys.shape
-        positions = torch.arange(start, end)
+        positions = at.index if at else torch.arange(start, end)
         if self.format == "int8":  # [T, Hkv, Dh / 4, 4] into [Hkv, tiles, Dh / 4, TILE, 4]
             tiles = self.keys.view(kv_heads, -1, width // 4, TILE, 4)
             tiles[:, positions // TILE, :, positions % TILE, :] = keys.view(kv_heads, tokens, -1, 4).transpose(0, 1) \
@@ -120,9 +141,11 @@ class KVCache:
         # channels contiguous (torch's CPU flash kernel needs it; a single tile reshapes to a strided view)
         return rows.to(torch.int16) - 128 if self.format == "int8" else rows.contiguous()
 
-    def attend(self, query: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, start: int | DevicePosition, window: int | None = None) -> torch.Tensor:
         """Causal attention of query [H, T, Dh] (positions start..start+T, already written) over
         positions 0..start+T (the last `window` of them, if given). Returns [T, H * Dh]."""
+        if isinstance(start, DevicePosition):
+            return self._attend_at(query, start, window)
         if self.decode is not None:
             out = self.decode(self, query, start, window)
             if out is not None:
@@ -131,6 +154,19 @@ class KVCache:
         if query.device.type != "cpu" and self.keys.dtype == query.dtype:  # the cache itself, no copy
             return _attend_whole(query, self.keys[:, :start + tokens], self.values[:, :start + tokens], start, window)
         return _attend_blocks(self, query, start, window)
+
+    def _attend_at(self, query: torch.Tensor, at: DevicePosition, window: int | None) -> torch.Tensor:
+        """One token at a device-held position: attention over the first `at.span` positions, with
+        those after the token (and before its window) masked, so the same launches serve every
+        position up to the span. Reads the cache itself when stored in the query's dtype."""
+        heads, tokens, width = query.shape
+        keys, values = self.read(0, at.span, query.dtype)
+        kv_heads = keys.shape[0]
+        rows = query.reshape(kv_heads, heads // kv_heads * tokens, width)[None]
+        visible = _visible(at.index, torch.arange(at.span, device=query.device), window)  # [1, span]
+        mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
+        out = F.scaled_dot_product_attention(rows, keys[None], values[None], attn_mask=mask)
+        return out[0].reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
 
     def reset(self) -> None:
         pass  # positions past `start` are never read, so stale entries need no clearing

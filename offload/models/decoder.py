@@ -15,7 +15,7 @@ from torch import nn
 
 from offload.config import ModelArgs
 from offload.models.attention import RotaryEmbedding
-from offload.models.cache import Cache
+from offload.models.cache import Cache, DevicePosition
 from offload.models.moe import MLP, SparseMoeBlock
 
 
@@ -31,7 +31,8 @@ class DecoderLayer(nn.Module):
     """x + mixer(norm(x)), then x + mlp(norm(x)). Subclasses build `input_layernorm`,
     `post_attention_layernorm`, `mlp` and define `mix`, the first half."""
 
-    def mix(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache,
+            start: int | DevicePosition) -> torch.Tensor:
         raise NotImplementedError
 
     def begin_feed_forward(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -43,7 +44,7 @@ class DecoderLayer(nn.Module):
         out = x + self.mlp(h)
         return lambda: out
 
-    def forward(self, x, cos, sin, cache: Cache, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: Cache, start: int | DevicePosition) -> torch.Tensor:
         return self.begin_feed_forward(self.mix(x, cos, sin, cache, start))()
 
 
@@ -67,11 +68,19 @@ class CausalLM(nn.Module):
     def stages(self, input_ids: torch.Tensor, caches: list[Cache], start: int,
                last_only: bool = False) -> Generator[None, None, torch.Tensor]:
         """`forward` as a generator: it yields after starting each layer's feed-forward (a MoE
-        layer's routed experts may then be running elsewhere) and returns the logits. Work queued before a yield only reads this chunk's activations and
-        the caches as the earlier chunks left them, so another chunk may run between yields as
-        long as chunks enter each layer in order."""
+        layer's routed experts may then be running elsewhere) and returns the logits. Work queued
+        before a yield only reads this chunk's activations and the caches as the earlier chunks
+        left them, so another chunk may run between yields as long as chunks enter each layer in
+        order."""
         x = self.embed_tokens(input_ids).to(self.compute_dtype)
         positions = torch.arange(start, start + input_ids.shape[0], device=x.device)
+        return (yield from self.layer_stages(x, positions, caches, start, last_only))
+
+    def layer_stages(self, x: torch.Tensor, positions: torch.Tensor, caches: list[Cache],
+                     start: int | DevicePosition, last_only: bool = False) -> Generator[None, None, torch.Tensor]:
+        """`stages` from the embedded tokens x [T, D] at `positions` [T] (on x's device). The
+        caches write at `start`: the first position, or a one-token step's `DevicePosition` (a
+        captured CUDA graph replays it at any position: `offload.graphs`)."""
         cos, sin = self.rotary(positions, x.dtype)
         for layer, cache in zip(self.layers, caches):
             finish = layer.begin_feed_forward(layer.mix(x, cos, sin, cache, start))

@@ -12,7 +12,7 @@ from torch import nn
 
 from offload.config import Qwen3MoeArgs
 from offload.models.attention import apply_rope, cached_attention
-from offload.models.cache import Cache, KVCache
+from offload.models.cache import Cache, DevicePosition, KVCache
 from offload.models.hub import sanitize  # noqa: F401  (part of the architecture's interface)
 from offload.models import decoder
 from offload.models.decoder import CausalLM, feed_forward
@@ -44,7 +44,7 @@ class Attention(nn.Module):
         self.sliding_window = args.sliding_window
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                start: int) -> torch.Tensor:
+                start: int | DevicePosition) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
         num_tokens = x.shape[0]
         query = self.q_norm(self.q_proj(x).view(num_tokens, -1, self.head_dim)).transpose(0, 1)
@@ -63,7 +63,7 @@ class DecoderLayer(decoder.DecoderLayer):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = feed_forward(args, layer)
 
-    def mix(self, x, cos, sin, cache: KVCache, start: int) -> torch.Tensor:
+    def mix(self, x, cos, sin, cache: KVCache, start: int | DevicePosition) -> torch.Tensor:
         return x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
 
 

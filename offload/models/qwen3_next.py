@@ -18,7 +18,7 @@ from torch import nn
 
 from offload.config import LINEAR_ATTENTION, Qwen3NextArgs
 from offload.models.attention import apply_rope, cached_attention
-from offload.models.cache import Cache, KVCache, LinearAttentionCache
+from offload.models.cache import Cache, DevicePosition, KVCache, LinearAttentionCache
 from offload.models.hub import sanitize  # noqa: F401  (part of the architecture's interface)
 from offload.models import decoder
 from offload.models.decoder import CausalLM, feed_forward
@@ -73,7 +73,7 @@ class GatedAttention(nn.Module):
         self.head_dim = head_dim
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                start: int) -> torch.Tensor:
+                start: int | DevicePosition) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
         num_tokens = x.shape[0]
         query, gate = self.q_proj(x).view(num_tokens, -1, 2 * self.head_dim).chunk(2, dim=-1)
@@ -241,7 +241,7 @@ class DecoderLayer(decoder.DecoderLayer):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = feed_forward(args, layer, args.shared_expert_intermediate_size)
 
-    def mix(self, x, cos, sin, cache: Cache, start: int) -> torch.Tensor:
+    def mix(self, x, cos, sin, cache: Cache, start: int | DevicePosition) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.is_linear:
             return x + self.linear_attn(h, cache)

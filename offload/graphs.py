@@ -1,0 +1,205 @@
+"""CUDA graphs for decode steps (`load(..., cuda_graphs=True)`, `--cuda-graphs`).
+
+One token through a layer is a dozen small kernels on the device; launched one by one from
+Python, launching them takes longer than running them. `GraphedDecode` captures a whole decode
+step once as a chain of CUDA graphs and replays it at every later position. The chain is cut
+wherever the host must work in the middle of a step (`between_graphs`): a MoE layer's routed
+experts on the CPU (the host lane's hand-off) and any module kept in RAM (`OnHost`). A replay
+launches a graph, then does the host work that follows it while the device runs what the graph
+queued after the hand-off (the shared expert), then launches the next.
+
+What changes from step to step lives in static buffers the graphs read: the token's embedding,
+its position (`DevicePosition`: the KV write index, the rotary angles and the attention mask are
+computed from it on the device). Attention reads a fixed span of the cache, positions after the
+token masked; spans double from GRAPH_SPAN up to the context, and a chain is captured for a span
+when a sequence first reaches it. The first step at a new span runs eagerly through the same code
+(it also warms up what must not initialise during capture); the capture follows it, and the next
+step at that span replays.
+
+Off CUDA nothing is captured: `GraphedDecode(capture=False)` runs the same code eagerly, host work
+at once, which is how the CPU stand-in checks it. A capture that fails (an operation that cannot
+be captured) turns graphs off for the engine with a one-line note; decoding goes on eagerly.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Callable
+
+import torch
+
+from offload.config import GRAPH_SPAN
+from offload.models.cache import KV_DTYPES, DevicePosition, KVCache
+from offload.models.decoder import run_stages
+
+_capturing = threading.local()  # .chain: the `_Chain` being captured on this thread, if any
+
+
+def capturing() -> _Chain | None:
+    """The chain a decode step is being captured into on this thread, or None."""
+    return getattr(_capturing, "chain", None)
+
+
+def between_graphs(host_work: Callable[[], None]) -> None:
+    """Do host work that needs what the device has queued so far (it waits for that itself): now,
+    or, while a step is being captured, between two graphs of its chain at every replay."""
+    chain = capturing()
+    if chain is None:
+        host_work()
+    else:
+        chain.cut(host_work)
+
+
+class _Chain:
+    """One decode step as CUDA graphs, each followed by the host work to do before the next."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.pieces: list[tuple[torch.cuda.CUDAGraph, Callable[[], None] | None]] = []
+        self.kept: list = []  # host buffers and events the graphs copy through or record: alive with them
+        self.graph = self._begin()
+
+    def _begin(self) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA calls (a server's, a copy worker's) do not break the capture
+        graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+        return graph
+
+    def cut(self, host_work: Callable[[], None]) -> None:
+        self.graph.capture_end()
+        self.pieces.append((self.graph, host_work))
+        self.graph = self._begin()
+
+    def end(self) -> None:
+        self.graph.capture_end()
+        self.pieces.append((self.graph, None))
+
+    def abandon(self) -> None:
+        """End a capture that failed, leaving the stream usable."""
+        try:
+            self.graph.capture_end()
+        except RuntimeError:
+            pass
+        self.pieces.clear()
+
+    def cross(self, inner: Callable[..., torch.Tensor], args: tuple, device: torch.device) -> torch.Tensor:
+        """An `OnHost` module's call inside the step being captured: its inputs copied into pinned
+        buffers and an event recorded (in the graph), `inner` run on them between graphs, its
+        output copied back from a pinned buffer (in the next graph)."""
+        inputs = [torch.empty(a.shape, dtype=a.dtype, pin_memory=True) if isinstance(a, torch.Tensor) else a
+                  for a in args]
+        for pinned, arg in zip(inputs, args):
+            if isinstance(arg, torch.Tensor):
+                pinned.copy_(arg, non_blocking=True)
+        landed = torch.cuda.Event(external=True)  # recorded by the graph, waited on by the host
+        landed.record(torch.cuda.current_stream(device))
+        # the output's shape and dtype, from a call on zeros now (the capture runs nothing on the device)
+        example = inner(*(torch.zeros_like(a) if isinstance(a, torch.Tensor) else a for a in inputs))
+        out = torch.empty(example.shape, dtype=example.dtype, pin_memory=True)
+
+        def host_work() -> None:
+            landed.synchronize()
+            out.copy_(inner(*inputs))
+
+        self.kept += [*inputs, out, landed]
+        self.cut(host_work)
+        return out.to(device, non_blocking=True)
+
+    def replay(self) -> None:
+        for graph, host_work in self.pieces:
+            graph.replay()
+            if host_work is not None:
+                host_work()
+
+
+class GraphedDecode:
+    """Decode steps of `engine` (one token each) replayed from captured CUDA graphs; with
+    capture=False (the CPU stand-in) the same code runs eagerly at every step."""
+
+    def __init__(self, engine, capture: bool = True):
+        self.engine = engine
+        self.device = engine.device
+        self.capture = capture and self.device.type == "cuda"
+        model = engine.model
+        self.x = torch.zeros(1, model.args.hidden_size, dtype=engine.dtype, device=self.device)  # the token's embedding
+        self.index = torch.zeros(1, dtype=torch.long, device=self.device)  # its position
+        self.chains: dict[int, _Chain] = {}  # span -> the step captured for it
+        self.logits: torch.Tensor | None = None  # the captured step's output, pinned (made at the first capture)
+        if self.capture:
+            self.pool = torch.cuda.graph_pool_handle()  # one pool: the chains never run at the same time
+            self.stream = torch.cuda.Stream(self.device)  # captures run on a side stream
+            self.done = torch.cuda.Event()
+
+    @staticmethod
+    def refusal(engine) -> str | None:
+        """Why graphs cannot serve this engine's decode steps, or None."""
+        stored = {cache.format for cache in engine.caches if isinstance(cache, KVCache)}
+        wanted = next(name for name, dtype in KV_DTYPES.items() if dtype == engine.dtype)
+        if stored - {wanted}:
+            return (f"the KV cache is {', '.join(sorted(stored))}, not the compute dtype; "
+                    f"load with kv_cache={wanted!r}")
+        return None
+
+    def span(self, position: int) -> int:
+        """The cached positions a step at `position` attends over: GRAPH_SPAN doubled until it covers
+        the position, at most the context."""
+        span = GRAPH_SPAN
+        while span <= position:
+            span *= 2
+        return min(span, self.engine.ctx)
+
+    @torch.inference_mode()
+    def step(self, token: int, position: int) -> torch.Tensor:
+        """The logits [1, vocab] of `token` fed at `position` (the caches hold everything before)."""
+        engine = self.engine
+        ids = torch.tensor([token], dtype=torch.long)
+        self.x.copy_(engine.model.embed_tokens(ids).to(engine.dtype), non_blocking=True)
+        self.index.fill_(position)
+        span = self.span(position)
+        chain = self.chains.get(span)
+        if chain is None:
+            logits = self._eager(span)
+            if self.capture:
+                self._capture(span)
+            return logits
+        chain.replay()
+        self.done.record(torch.cuda.current_stream(self.device))
+        self.done.synchronize()
+        return self.logits.clone()
+
+    def _eager(self, span: int) -> torch.Tensor:
+        model = self.engine.model
+        logits = run_stages(model.layer_stages(self.x, self.index, self.engine.caches,
+                                               DevicePosition(self.index, span), last_only=True))
+        return self.engine._to_host(logits)
+
+    def _capture(self, span: int) -> None:
+        """Capture the step at `span`; on failure turn graphs off for good (eager steps go on)."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        chain = None
+        try:
+            with torch.cuda.stream(self.stream):
+                chain = _Chain(self.pool)
+                _capturing.chain = chain
+                logits = run_stages(self.engine.model.layer_stages(
+                    self.x, self.index, self.engine.caches, DevicePosition(self.index, span), last_only=True))
+                if self.logits is None:
+                    self.logits = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+                self.logits.copy_(logits, non_blocking=True)
+                chain.end()
+            self.chains[span] = chain
+        except RuntimeError as error:
+            if chain is not None:
+                chain.abandon()
+            self.capture = False
+            self.engine.graphs = None
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            print(f"note: CUDA graphs turned off, the decode step could not be captured ({reason}); "
+                  "decoding goes on without them", file=sys.stderr)
+        finally:
+            _capturing.chain = None
+            current.wait_stream(self.stream)
+        if self.engine.executor is not None:
+            self.engine.executor.reset()  # the capture started and finished lanes without running them
