@@ -28,7 +28,8 @@ PREFILL_CHUNK = 512  # prompt tokens per forward pass (bounds activation and att
 # this many tokens: every chunk of a pass goes through layer l before any enters layer l + 1, so
 # each layer's experts cross to the device once per pass, and a pass's activations stay resident
 STREAM_PASS_TOKENS = 8192
-STREAM_EXPERT_BATCH = 16  # streamed experts dequantised at once on the device
+STREAM_EXPERT_BATCH = 16  # streamed experts dequantised at once on the device, and copied there as a block
+STAGING_BLOCKS = 4  # pinned buffers of one block each that streamed experts pass through on their way
 DECODE_MAX_TOKENS = 8  # routed experts of calls up to this many tokens take the decode kernels
 GRAPH_SPAN = 256  # positions a captured decode step attends over at first; doubled as a sequence grows
 

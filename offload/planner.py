@@ -32,8 +32,8 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from offload.config import (FULL_ATTENTION, PREFILL_CHUNK, STREAM_EXPERT_BATCH, STREAM_PASS_TOKENS, ModelArgs,
-                            checkpoint_shapes)
+from offload.config import (FULL_ATTENTION, PREFILL_CHUNK, STAGING_BLOCKS, STREAM_EXPERT_BATCH, STREAM_PASS_TOKENS,
+                            ModelArgs, checkpoint_shapes)
 from offload.hardware import HardwareProfile, format_size
 from offload.models.cache import KV_FORMATS, kv_bytes_per_position
 
@@ -61,7 +61,7 @@ CPU_INT4_EFFICIENCY = 0.5  # int4 kernel rate as a fraction of RAM bandwidth, wh
 CPU_FLOPS_PER_CORE = 3e9 * 32 * 0.5  # fp32 GEMM: 3 GHz x 2 AVX2 FMA x 8 lanes x 2 flops, at 50%
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 PREFETCH_GROUP = "expert prefetch buffers (2 layers)"  # present in a plan iff prefill can stream
-STAGING_GROUP = "pinned staging (2 layers)"
+STAGING_GROUP = f"pinned staging ({STAGING_BLOCKS} blocks)"
 MATRIX_GROUPS = ("mixers", "dense MLPs", "shared experts", "lm_head")  # what `dense_quant` applies to
 KEEP_FLOAT = ("mlp.gate", "shared_expert_gate")  # linear layers (by name ending) that stay float
 
@@ -290,6 +290,9 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
     optional = ["shared experts", "lm_head"] if groups.get("shared experts") else ["lm_head"]
     notes: list[str] = []
     stream_buffers = 2 * int(layer_experts) if quant == "int4" else 0
+    batch = min(STREAM_EXPERT_BATCH, args.num_experts)  # the streamer's staging: blocks of experts
+    staging = int(layer_experts * min(STAGING_BLOCKS, -(-args.num_experts // batch)) * batch / args.num_experts) \
+        if quant == "int4" else 0
 
     def layout(gpu_optional: list[str], with_stream: bool, kv_format: str) -> list[Placement]:
         device = "gpu" if use_gpu else "cpu"
@@ -305,7 +308,7 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
                                        + (_stream_pass_bytes(args) if with_stream else 0) + CUDA_CONTEXT_BYTES))
             if with_stream:
                 placement.append(Placement(PREFETCH_GROUP, "gpu", expert_format, stream_buffers))
-                placement.append(Placement(STAGING_GROUP, "cpu", expert_format, stream_buffers))
+                placement.append(Placement(STAGING_GROUP, "cpu", expert_format, staging))
         else:
             placement.append(Placement("workspace", "cpu", "-", _workspace_bytes(args)))
         return placement

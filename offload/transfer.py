@@ -6,12 +6,15 @@ moving it to the device beats running all those tokens through the CPU kernels. 
 keeps two device slots: while layer l computes from one, the copy of the next MoE layer fills
 the other.
 
-On CUDA a copy is two stages: the int4 arrays (memory-mapped from the store, pageable) are
-copied into pinned staging on a worker thread, then to the device on a dedicated copy stream,
-with an event the compute stream waits on; a slot is refilled only after the compute stream has
-passed an event recorded when its previous layer was finished. On the CPU (no CUDA, or tests)
-the same protocol runs with the device = CPU: the worker thread copies into the slot, and
-waiting on a layer means waiting for that copy.
+A layer travels in blocks of STREAM_EXPERT_BATCH experts, the unit the compute dequantises. On
+CUDA each block is copied from the memory-mapped store (pageable) into one of STAGING_BLOCKS
+pinned buffers on a worker thread, then to the device on a dedicated copy stream, with an event
+per block: the host copy of block b+1 overlaps the device copy of block b, a staging buffer is
+refilled only once its previous device copy is done, and the compute of a layer's first experts
+starts as soon as their block has landed (`StreamedLayer.ready`), while the rest are still on
+their way. A slot is refilled only after the compute stream has passed the event recorded when
+its previous layer was finished. On the CPU (no CUDA, or tests) the same protocol runs with the
+device = CPU: the worker copies each block into the slot and flags it.
 
 Shapes (one layer, E experts): gate_up packed uint8 [E, 2I/32, D*16], scales uint16 [E, 2I/32, D];
 down packed uint8 [E, D/32, I*16], scales uint16 [E, D/32, I] (the `kernels.int4` layout).
@@ -19,13 +22,15 @@ down packed uint8 [E, D/32, I*16], scales uint16 [E, D/32, I] (the `kernels.int4
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from offload.config import STREAM_EXPERT_BATCH
+from offload.config import STAGING_BLOCKS, STREAM_EXPERT_BATCH
 from offload.kernels.int4 import BLOCK, GROUP
 from offload.host import torch_view
 from offload.store import ExpertStore
@@ -39,8 +44,31 @@ def _host_arrays(store: ExpertStore, layer: int) -> dict[str, np.ndarray]:
             "down_packed": experts.down.packed, "down_scales": experts.down.scales}
 
 
+@dataclass
+class StreamedLayer:
+    """One layer's copy into a device slot: its arrays there, and a flag (plus, on CUDA, an event)
+    per block of STREAM_EXPERT_BATCH experts, set as each block lands."""
+
+    arrays: dict[str, torch.Tensor]
+    slot: int
+    device: torch.device
+    copying: Future | None = None
+    staged: list[threading.Event] = field(default_factory=list)
+    landed: list[torch.cuda.Event] = field(default_factory=list)
+
+    def ready(self, block: int) -> None:
+        """Block `block` (experts block * STREAM_EXPERT_BATCH onwards) is usable by work queued
+        after this call: waits on the host until it was handed to the copy stream (not for the
+        device), then makes the current stream wait for its copy."""
+        while not self.staged[block].wait(timeout=0.05):
+            if self.copying.done():
+                self.copying.result()  # the copy failed: raise its error here
+        if self.landed:
+            torch.cuda.current_stream(self.device).wait_event(self.landed[block])
+
+
 class ExpertStreamer:
-    """Two device slots of int4 layers; `get(layer)` returns one, already or soon copied."""
+    """Two device slots of int4 layers; `get(layer)` returns one, its blocks landing as they come."""
 
     def __init__(self, store: ExpertStore, device: torch.device):
         self.store = store
@@ -48,6 +76,9 @@ class ExpertStreamer:
         self.cuda = device.type == "cuda"
         self.order = sorted(store.layers)  # MoE layers, in the order a forward pass meets them
         first = _host_arrays(store, self.order[0])  # every MoE layer has the same shapes
+        self.experts = first["gate_up_scales"].shape[0]
+        self.blocks = [(begin, min(begin + STREAM_EXPERT_BATCH, self.experts))
+                       for begin in range(0, self.experts, STREAM_EXPERT_BATCH)]
         dtypes = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint16): torch.int16}  # bf16 scales as bits
         self.slots = [{name: torch.empty(a.shape, dtype=dtypes[a.dtype], device=device) for name, a in first.items()}
                       for _ in range(2)]
@@ -56,34 +87,43 @@ class ExpertStreamer:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-copy",
                                          initializer=torch.cuda.set_device if self.cuda else None,
                                          initargs=(device,) if self.cuda else ())
-        self.pending: dict[int, tuple[int, Future]] = {}  # layer -> (slot, copy in flight or done)
+        self.pending: dict[int, StreamedLayer] = {}  # layer -> its copy, in flight or done
         self.next_slot = 0
         self.copied_bytes = 0  # cumulative bytes of expert arrays copied into the slots
-        self.staging: list[dict[str, torch.Tensor]] = []  # pinned host copies of the slots (CUDA only)
+        self.staging: list[dict[str, torch.Tensor]] = []  # pinned blocks on the way to the device (CUDA only)
         if self.cuda:
-            self.staging = [{name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in slot.items()}
-                            for slot in self.slots]
+            batch = min(STREAM_EXPERT_BATCH, self.experts)
+            self.staging = [{name: torch.empty((batch, *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+                             for name, t in self.slots[0].items()} for _ in range(min(STAGING_BLOCKS, len(self.blocks)))]
+            self.staging_free = [torch.cuda.Event() for _ in self.staging]  # its last copy to the device is done
+            self.next_staging = 0
             self.copy_stream = torch.cuda.Stream(device)
-            self.copied = [torch.cuda.Event() for _ in self.slots]
             self.released = [torch.cuda.Event() for _ in self.slots]
 
     @torch.inference_mode()  # the slots may be inference tensors (made during a forward pass)
-    def _copy(self, layer: int, slot: int) -> None:
-        """Runs on the worker thread."""
+    def _copy(self, layer: int, target: StreamedLayer) -> None:
+        """Runs on the worker thread: the layer's blocks into the slot, each flagged as it goes."""
         arrays = _host_arrays(self.store, layer)
         self.copied_bytes += sum(a.nbytes for a in arrays.values())
         if not self.cuda:
-            for name, target in self.slots[slot].items():
-                target.copy_(torch_view(arrays[name]))
+            for (begin, end), staged in zip(self.blocks, target.staged):
+                for name, slot in target.arrays.items():
+                    slot[begin:end].copy_(torch_view(arrays[name][begin:end]))
+                staged.set()
             return
-        self.copied[slot].synchronize()  # the staging's previous copy to the device has left it
-        for name, staging in self.staging[slot].items():
-            staging.copy_(torch_view(arrays[name]))
         with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(self.released[slot])  # the slot's last reader is done
-            for name, target in self.slots[slot].items():
-                target.copy_(self.staging[slot][name], non_blocking=True)
-            self.copied[slot].record(self.copy_stream)
+            self.copy_stream.wait_event(self.released[target.slot])  # the slot's last reader is done
+            for (begin, end), staged, landed in zip(self.blocks, target.staged, target.landed):
+                staging, free = self.staging[self.next_staging], self.staging_free[self.next_staging]
+                self.next_staging = (self.next_staging + 1) % len(self.staging)
+                free.synchronize()  # this buffer's previous block has left it
+                for name, slot in target.arrays.items():
+                    block = staging[name][:end - begin]
+                    block.copy_(torch_view(arrays[name][begin:end]))
+                    slot[begin:end].copy_(block, non_blocking=True)
+                free.record(self.copy_stream)
+                landed.record(self.copy_stream)
+                staged.set()
 
     def prefetch(self, layer: int) -> None:
         """Start copying `layer` into the slot not in use (no-op if it is there or on its way)."""
@@ -91,28 +131,27 @@ class ExpertStreamer:
             return
         slot = self.next_slot
         self.next_slot ^= 1
-        for other, (other_slot, _) in list(self.pending.items()):
-            if other_slot == slot:
+        for other, copy in list(self.pending.items()):
+            if copy.slot == slot:
                 del self.pending[other]
-        self.pending[layer] = (slot, self.worker.submit(self._copy, layer, slot))
+        target = StreamedLayer(self.slots[slot], slot, self.device, staged=[threading.Event() for _ in self.blocks],
+                               landed=[torch.cuda.Event() for _ in self.blocks] if self.cuda else [])
+        target.copying = self.worker.submit(self._copy, layer, target)
+        self.pending[layer] = target
 
-    def get(self, layer: int) -> dict[str, torch.Tensor]:
-        """The layer's arrays on the device, usable by work queued after this call. Starts the
-        copy of the next MoE layer, so it overlaps this layer's compute."""
+    def get(self, layer: int) -> StreamedLayer:
+        """The layer's copy (`StreamedLayer.ready` before using a block of it). Starts the copy of
+        the next MoE layer, which follows this one's on the worker and the copy stream."""
         self.prefetch(layer)
-        slot, copying = self.pending[layer]
-        copying.result()
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
         position = self.order.index(layer)
         if position + 1 < len(self.order):
             self.prefetch(self.order[position + 1])
-        return self.slots[slot]
+        return self.pending[layer]
 
     def release(self, layer: int) -> None:
         """The compute queued so far is the last to read `layer`'s slot."""
         if self.cuda and layer in self.pending:
-            self.released[self.pending[layer][0]].record(torch.cuda.current_stream(self.device))
+            self.released[self.pending[layer].slot].record(torch.cuda.current_stream(self.device))
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -128,9 +167,9 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
     return weight.reshape(experts, blocks * BLOCK, columns).to(dtype)
 
 
-def streamed_experts(layer_arrays: dict[str, torch.Tensor],
+def streamed_experts(layer: StreamedLayer,
                      chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """The routed experts of one layer from its streamed int4 arrays, for the chunks of a pass:
+    """The routed experts of one layer from its streamed copy, for the chunks of a pass:
     each (x [T, D] on the device, expert_ids, weights [T, K]) -> [T, D] fp32, with no host sync.
 
     Each chunk's T x K slots are sorted by expert on the device and each expert's group end found
@@ -139,10 +178,10 @@ def streamed_experts(layer_arrays: dict[str, torch.Tensor],
     over a window of the chunk's sorted slots that starts at the batch's first slot (a device-side
     offset: the window is gathered, not sliced). Rows past the batch's last group are not
     computed and weigh nothing. Every expert is dequantised: a streamed prompt routes to nearly
-    all of them."""
-    device = layer_arrays["gate_up_packed"].device
-    packed = layer_arrays["gate_up_packed"], layer_arrays["down_packed"]
-    scales = layer_arrays["gate_up_scales"], layer_arrays["down_scales"]
+    all of them. A batch is queued as soon as its block of the copy has landed."""
+    device = layer.device
+    packed = layer.arrays["gate_up_packed"], layer.arrays["down_packed"]
+    scales = layer.arrays["gate_up_scales"], layer.arrays["down_scales"]
     experts = scales[0].shape[0]
     sorted_chunks, outs = [], []
     for x, expert_ids, weights in chunks:
@@ -155,9 +194,10 @@ def streamed_experts(layer_arrays: dict[str, torch.Tensor],
         outs.append(torch.zeros(x.shape, dtype=torch.float32, device=device))
     dtype = chunks[0][0].dtype
     if not grouped_kernel(device, dtype):
-        return _experts_one_by_one(packed, scales, sorted_chunks, outs)
+        return _experts_one_by_one(layer, sorted_chunks, outs)
     for first in range(0, experts, STREAM_EXPERT_BATCH):  # a fixed loop: nothing here depends on the routing
         last = min(first + STREAM_EXPERT_BATCH, experts)
+        layer.ready(first // STREAM_EXPERT_BATCH)  # the batch's block has landed (the rest may still be coming)
         gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], dtype).transpose(1, 2)  # [B, D, 2I]
         down = dequantize_int4(packed[1][first:last], scales[1][first:last], dtype).transpose(1, 2)  # [B, I, D]
         for (x, sorted_weights, token_of, ends), out in zip(sorted_chunks, outs):
@@ -182,14 +222,17 @@ def grouped_kernel(device: torch.device, dtype: torch.dtype) -> bool:
         and dtype == torch.bfloat16
 
 
-def _experts_one_by_one(packed, scales, sorted_chunks: list, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+def _experts_one_by_one(layer: StreamedLayer, sorted_chunks: list, outs: list[torch.Tensor]) -> list[torch.Tensor]:
     """`streamed_experts` where no grouped kernel reads offsets on the device: each chunk's group
     ends read on the host once, then each batch of experts (dequantised once for all the chunks)
     runs its experts with slots, one matmul pair each."""
+    packed = layer.arrays["gate_up_packed"], layer.arrays["down_packed"]
+    scales = layer.arrays["gate_up_scales"], layer.arrays["down_scales"]
     ends = [chunk_ends.tolist() for *_, chunk_ends in sorted_chunks]
     experts = len(ends[0])
     for first in range(0, experts, STREAM_EXPERT_BATCH):
         last = min(first + STREAM_EXPERT_BATCH, experts)
+        layer.ready(first // STREAM_EXPERT_BATCH)  # waited for in order, skipped batch or not
         if all(chunk[last - 1] == (chunk[first - 1] if first else 0) for chunk in ends):
             continue  # no slot in this batch: nothing to dequantise
         dtype = sorted_chunks[0][0].dtype

@@ -145,6 +145,36 @@ def test_a_streamed_prompt_copies_each_layer_once_and_matches_transformers(hf_ch
     assert engine.counters["h2d_expert_bytes"] == 2 * one_pass
 
 
+def test_a_streamed_layer_is_computed_as_its_blocks_land(hf_checkpoint, monkeypatch):
+    """A layer crosses in blocks of experts, and a batch of experts is computed as soon as its block
+    has landed: with the copy slowed down, the first layer's first batches run while later blocks
+    are still on their way, and the logits are transformers'."""
+    import time
+
+    from offload import transfer
+
+    monkeypatch.setattr(transfer, "STREAM_EXPERT_BATCH", 4)  # several blocks per layer of the tiny model
+    view = transfer.torch_view
+    monkeypatch.setattr(transfer, "torch_view", lambda array: time.sleep(0.003) or view(array))
+    landed_when_queued = []
+    ready = transfer.StreamedLayer.ready
+
+    def watched(self, block):
+        ready(self, block)
+        landed_when_queued.append((sum(flag.is_set() for flag in self.staged), len(self.staged)))
+    monkeypatch.setattr(transfer.StreamedLayer, "ready", watched)
+    checkpoint = hf_checkpoint("next")
+    reference = dequantized_reference(checkpoint.model)
+    engine = offload.load(checkpoint.path, quant="int4", dense_quant=None, prefill="stream", exact=True, **STAND_IN)
+    ids = torch.randint(0, 160, (600,), generator=torch.Generator().manual_seed(30))
+    logits = engine.logits(ids)
+    assert landed_when_queued and landed_when_queued[0][1] > 2
+    assert any(landed < blocks for landed, blocks in landed_when_queued)
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    assert (logits - expected).abs().max().item() <= parity_bound(reference, ids)
+
+
 def test_streamed_experts_never_wait_for_the_device(hf_checkpoint, monkeypatch):
     """Path (b)'s routed experts (grouping by expert, dequantisation, grouped matmuls) read no
     device value on the host: every call that would (item, tolist, cpu, numpy, nonzero, bool)

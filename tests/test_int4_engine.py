@@ -178,7 +178,10 @@ def test_streamer_double_buffers_layers_in_order(hf_checkpoint):
     assert len(streamer.order) >= 2
     for _ in range(2):  # two prompt chunks: every layer comes back right, through two slots
         for layer in streamer.order:
-            arrays = streamer.get(layer)
+            copy = streamer.get(layer)
+            for block in range(len(streamer.blocks)):
+                copy.ready(block)
+            arrays = copy.arrays
             host = store.layers[layer]
             assert np.array_equal(arrays["gate_up_packed"].numpy(), host.gate_up.packed)
             assert np.array_equal(arrays["down_scales"].numpy().view(np.uint16), host.down.scales)
