@@ -254,6 +254,20 @@ def test_prefill_attention_in_blocks_is_attention_over_the_whole_cache(monkeypat
     assert (out - expected[0].transpose(0, 1).reshape(tokens, -1)).abs().max() <= 1e-5
 
 
+def test_half_precision_chunks_take_the_lower_right_causal_bias_with_grouped_heads():
+    """A GPU's prompt chunk over a bf16 cache: SDPA with a causal bias aligned to the last key and
+    grouped heads (the flash kernel's case: no mask, no repeated keys), the same attention."""
+    generator = torch.Generator().manual_seed(5)
+    heads, kv_heads, width, start, tokens = 8, 2, 64, 150, 70
+    query = torch.randn(heads, tokens, width, generator=generator)
+    keys, values = (torch.randn(kv_heads, start + tokens, width, generator=generator) for _ in range(2))
+    visible = torch.arange(start + tokens)[None, :] <= torch.arange(start, start + tokens)[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(query[None], keys[None], values[None],
+                                                                attn_mask=visible, enable_gqa=True)
+    out = cache_module._attend_whole(query.bfloat16(), keys.bfloat16(), values.bfloat16(), start, None)
+    assert (out.float() - expected[0].transpose(0, 1).reshape(tokens, -1)).abs().max() <= 3e-2
+
+
 def test_each_format_is_what_the_plan_says(hf_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
     path = hf_checkpoint("next").path

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from offload.kernels.attention import BF16, F32, INT8, TILE, tiled
 
@@ -212,10 +213,16 @@ def _visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> t
 
 def _attend_whole(query, keys, values, start: int, window: int | None) -> torch.Tensor:
     """scaled_dot_product_attention over the cached views (a GPU's fused kernels; the cache in the
-    query's dtype). The query heads sharing a KV head are rows of one problem, so the fused kernels
-    that take a mask but not grouped heads still apply, and nothing is repeated per head."""
+    query's dtype). Several half-precision tokens: a causal bias aligned to the last key (lower
+    right) with the heads grouped, which the flash kernel takes without any mask or repeated keys.
+    Otherwise the query heads sharing a KV head are rows of one problem, so the fused kernels that
+    take a mask but not grouped heads still apply, and nothing is repeated per head."""
     heads, tokens, width = query.shape
     kv_heads = keys.shape[0]
+    if tokens > 1 and window is None and query.dtype in (torch.float16, torch.bfloat16):
+        bias = causal_lower_right(tokens, keys.shape[1])
+        out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=bias, enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(tokens, -1)
     rows = query.reshape(kv_heads, heads // kv_heads * tokens, width)[None]  # row i * T + t: head g * rep + i
     mask = None
     if tokens > 1 or window is not None:
