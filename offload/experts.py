@@ -151,29 +151,38 @@ class CpuExpertExecutor:
             return out.to(device)
         return finish
 
-    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
-              weights: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """Begin the layer's routed experts; the returned call yields float32 [T, D] on x's device."""
+    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+              shared: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[], torch.Tensor]:
+        """Begin the layer's routed experts; the returned call yields float32 [T, D] on x's device.
+        `shared` (a shared expert kept in RAM) is computed on the host from x and added: through a
+        host lane, inside the lane's CPU work, with no crossing of its own."""
         if self.stream and x.shape[0] > DECODE_MAX_TOKENS:
-            return self._start_streamed(layer, x, expert_ids, weights)
-        if self.lanes:
-            return self._start_crossing(layer, x, expert_ids, weights)
-        if self.worker is None:
+            finish = self._start_streamed(layer, x, expert_ids, weights)
+        elif self.lanes:
+            return self._start_crossing(layer, x, expert_ids, weights, shared)
+        elif self.worker is None:
             out = self.run(layer, x, expert_ids, weights)
-            return lambda: out
-        return self.worker.submit(self.run, layer, x, expert_ids, weights).result
+            finish = lambda: out  # noqa: E731
+        else:
+            finish = self.worker.submit(self.run, layer, x, expert_ids, weights).result
+        if shared is None:
+            return finish
+        extra = shared(x.cpu()).to(x.device)
+        return lambda: finish() + extra
 
-    def _start_crossing(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
-                        weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def _start_crossing(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                        shared: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[], torch.Tensor]:
         """Inputs to a host lane now (asynchronously on CUDA); kernels and the way back on the call."""
         lane = self.lanes[self.next_lane]
         if lane.busy:
             raise RuntimeError("both host lanes are in use: finish a layer call before starting a third")
         self.next_lane ^= 1
         if x.shape[0] > lane.x.shape[0]:  # a direct call with more tokens than a prompt chunk
-            out = self.run(layer, x.cpu(), expert_ids.cpu(), weights.cpu()).to(x.device)
+            host = x.cpu()
+            out = self.run(layer, host, expert_ids.cpu(), weights.cpu())
+            out = (out if shared is None else out + shared(host)).to(x.device)
             return lambda: out
-        tokens = lane.send(x, expert_ids, weights)
+        tokens, dtype = lane.send(x, expert_ids, weights), x.dtype
 
         def host_work() -> None:
             lane.wait()
@@ -181,6 +190,8 @@ class CpuExpertExecutor:
                 torch.cuda.synchronize(self.device)
             self._kernels(layer, lane.x[:tokens].numpy(), lane.expert_ids[:tokens].numpy(),
                           lane.weights[:tokens].numpy(), lane.out[:tokens].numpy())
+            if shared is not None:  # from the same inputs, already in RAM
+                lane.out[:tokens] += shared(lane.x[:tokens].to(dtype))
 
         def finish() -> torch.Tensor:
             between_graphs(host_work)  # now, or between two graphs of a captured decode step
@@ -199,5 +210,6 @@ class Int4Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.executor.run(self.layer, x, expert_ids, weights)
 
-    def start(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Callable[[], torch.Tensor]:
-        return self.executor.start(self.layer, x, expert_ids, weights)
+    def start(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+              shared: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[], torch.Tensor]:
+        return self.executor.start(self.layer, x, expert_ids, weights, shared)

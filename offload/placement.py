@@ -7,7 +7,8 @@ place that maps plan groups to modules:
   checkpoint's precision;
 - groups on "cpu" stay in RAM: dense matrices become `QuantizedLinear` where the plan gives them
   int8/int4, embeddings stay as stored, the routed experts stay with the int4 executor (which
-  crosses through its host lanes). On CUDA each RAM-resident module is wrapped in `OnHost`;
+  crosses through its host lanes, and computes a shared expert kept in RAM in the same CPU work).
+  On CUDA each other RAM-resident module is wrapped in `OnHost`;
 - a plan that computes in fp32 on the CPU widens what stays float, and a DeltaNet mixer placed
   on the CPU in fp32 becomes `FusedDeltaNet`.
 It returns what it did, group by group (`Engine.placement`).
@@ -23,6 +24,7 @@ from offload.experts import Int4Experts
 from offload.host import OnHost
 from offload.models.cache import KVCache, LinearAttentionCache
 from offload.models.hub import hub_name
+from offload.models.moe import SparseMoeBlock
 from offload.planner import PREFETCH_GROUP, STAGING_GROUP, Plan, group_of
 
 QUANTIZED = ("int8", "int6", "int4")
@@ -61,11 +63,23 @@ def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = F
             group = _group(module_name)
             nbytes[group] = nbytes.get(group, 0) + module.nbytes
     model.rotary.to(device)
+    if "shared experts" in where and where["shared experts"].device == "cpu":
+        _run_shared_experts_with_routed(model)
     if device.type != "cpu":
         _wrap_host_modules(model, {g for g, p in where.items() if p.device == "cpu"}, device)
     if plan.activations == "fp32" and "mixers" in where and where["mixers"].device == "cpu":
         _fuse_deltanet_steps(model)
     return nbytes
+
+
+def _run_shared_experts_with_routed(model: nn.Module) -> None:
+    """Shared experts kept in RAM beside int4 routed experts that cross to the CPU (host lanes) run
+    in the lanes' CPU work, from the inputs already there: no crossing of their own."""
+    for layer in model.layers:
+        block = layer.mlp
+        if isinstance(block, SparseMoeBlock) and block.shared_expert is not None \
+                and isinstance(block.experts, Int4Experts) and block.experts.executor.lanes:
+            block.shared_on_host = True
 
 
 def _groups_within(module: nn.Module, prefix: str) -> set[str] | None:
@@ -84,6 +98,8 @@ def _groups_within(module: nn.Module, prefix: str) -> set[str] | None:
 def _wrap_host_modules(module: nn.Module, host_groups: set[str], device: torch.device, prefix: str = "") -> None:
     """Wrap each largest module whose tensors all stay in RAM in `OnHost`."""
     for name, child in module.named_children():
+        if getattr(module, "shared_on_host", False) and name in ("shared_expert", "shared_expert_gate"):
+            continue  # called on the host by the routed experts' lane work
         full = f"{prefix}{name}"
         groups = _groups_within(child, full)
         if groups and groups <= host_groups:

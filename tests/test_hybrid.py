@@ -57,9 +57,11 @@ def test_stand_in_places_every_group_as_planned(hf_checkpoint, name):
 
 
 def test_a_short_budget_moves_shared_experts_and_lm_head_to_the_cpu(hf_checkpoint):
-    path = hf_checkpoint("next").path
-    roomy = offload.load(path, quant="int4", **STAND_IN)
-    engine = offload.load(path, quant="int4", **{**STAND_IN, "gpu_mem": roomy.plan.minimum_gpu_bytes})
+    """The shared experts then run in the host lanes' CPU work beside the routed experts (no
+    crossing of their own), and the logits are still transformers'."""
+    checkpoint = hf_checkpoint("next")
+    roomy = offload.load(checkpoint.path, quant="int4", **STAND_IN)
+    engine = offload.load(checkpoint.path, quant="int4", **{**STAND_IN, "gpu_mem": roomy.plan.minimum_gpu_bytes})
     where = {p["group"]: p for p in engine.placement}
     assert where["shared experts"]["device"] == where["lm_head"]["device"] == "cpu"
     assert where["lm_head"]["format"] == "int6" and engine.model.lm_head.format == "int6"
@@ -67,6 +69,19 @@ def test_a_short_budget_moves_shared_experts_and_lm_head_to_the_cpu(hf_checkpoin
     assert where["shared experts"]["format"] == "fp32"
     assert_placement_agrees(engine, "cpu")
     assert engine.generate(list(range(1, 30)), max_new_tokens=8)  # runs end to end
+    exact_options = dict(quant="int4", dense_quant=None, exact=True, kv_cache="f32")
+    smallest = offload.load(checkpoint.path, **exact_options, **STAND_IN).plan.minimum_gpu_bytes
+    exact = offload.load(checkpoint.path, **exact_options, **{**STAND_IN, "gpu_mem": smallest})
+    assert all(layer.mlp.shared_on_host for layer in exact.model.layers)
+    reference = dequantized_reference(checkpoint.model)
+    ids = torch.randint(0, 160, (120,), generator=torch.Generator().manual_seed(31))
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    bound = parity_bound(reference, ids, prefix=100)
+    assert (exact.logits(ids) - expected).abs().max().item() <= bound
+    exact.reset()
+    stepped = torch.cat([exact.feed(ids[:100])] + [exact.feed(ids[i:i + 1]) for i in range(100, 120)])
+    assert (stepped - stepped_reference(reference, ids, 100)).abs().max().item() <= bound
 
 
 def test_ram_resident_modules_are_the_ones_wrapped_for_a_gpu(hf_checkpoint):
@@ -83,8 +98,8 @@ def test_ram_resident_modules_are_the_ones_wrapped_for_a_gpu(hf_checkpoint):
     _wrap_host_modules(engine.model, host_groups, torch.device("cpu"))
     wrapped = sorted(name for name, m in engine.model.named_modules() if isinstance(m, OnHost))
     layers = range(len(engine.model.layers))
-    assert wrapped == sorted(["embed_tokens", "lm_head"] + [f"layers.{i}.mlp.shared_expert" for i in layers]
-                             + [f"layers.{i}.mlp.shared_expert_gate" for i in layers])
+    assert wrapped == ["embed_tokens", "lm_head"]  # the shared experts run in the host lanes' work
+    assert all(engine.model.layers[i].mlp.shared_on_host for i in layers)
     assert torch.equal(engine.logits(ids), before)
 
 
@@ -392,3 +407,25 @@ def test_cuda_pipelined_prefill_and_the_memory_cap(hf_checkpoint):
     if total > 16 * 2**30:  # the cap holds: a big card behaves like the planned 8 GB one
         with pytest.raises(torch.OutOfMemoryError):
             torch.empty(9 * 2**30, dtype=torch.uint8, device="cuda")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_the_smallest_budget_that_works_holds_a_load_and_its_work(hf_checkpoint):
+    """The plan's smallest budget is enough for what a load then does on the card (prefill by
+    both paths, decode), and the peak stays inside it."""
+    path = hf_checkpoint("next").path
+    roomy = offload.load(path, quant="int4", gpu_mem="8G", profile="rtx4060-ddr5")
+    smallest = roomy.plan.minimum_gpu_bytes
+    del roomy
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    engine = offload.load(path, quant="int4", gpu_mem=smallest, profile="rtx4060-ddr5")
+    ids = torch.randint(0, 160, (1000,), generator=torch.Generator().manual_seed(26))
+    for prefill in ("cpu", "stream"):
+        engine.prefill = prefill
+        engine.reset()
+        engine.feed(ids, all_logits=False)
+        for i in range(8):
+            engine.feed([i + 1], all_logits=False)
+    assert engine.gpu_peak_bytes <= smallest * 1.05

@@ -110,17 +110,24 @@ class SparseMoeBlock(nn.Module):
         if shared_intermediate_size:
             self.shared_expert = MLP(hidden_size, shared_intermediate_size)
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        # set where the shared expert is kept in RAM and the routed experts cross to the CPU anyway:
+        # their call computes it there (`experts.start(..., shared=...)`) instead of a round trip of its own
+        self.shared_on_host = False
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The gated shared expert of x [T, D]: [T, D] fp32."""
+        return (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()
 
     def begin(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Route x [T, D], start the routed experts and compute the shared expert (meanwhile, when
         the experts run elsewhere); the returned call yields the block's output [T, D] in x's dtype."""
         weights, expert_ids = self.gate(x)
-        routed = self.experts.start(x, expert_ids, weights)
-        shared = None
-        if self.shared_expert is not None:
-            shared = (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()
-
         dtype = x.dtype  # not x itself: a waiting chunk (streamed prefill) keeps no more than it needs
+        if self.shared_on_host:
+            routed = self.experts.start(x, expert_ids, weights, shared=self.shared_output)
+            return lambda: routed().to(dtype)
+        routed = self.experts.start(x, expert_ids, weights)
+        shared = self.shared_output(x) if self.shared_expert is not None else None
 
         def finish() -> torch.Tensor:
             out = routed()
