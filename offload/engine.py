@@ -123,13 +123,11 @@ class Engine:
         """Whether a prompt of this many tokens runs its routed experts streamed to the device."""
         if self.executor is None or prompt_tokens <= DECODE_MAX_TOKENS or self.prefill == "cpu":
             return False  # every decode step ends here
-        if self.prefill == "stream":
-            return True
-        from offload.planner import PREFETCH_GROUP
-
+        planned = self.plan is not None and _plans_streaming(self.plan)
+        if self.prefill == "stream":  # a GPU plan streams only into the slots it counted
+            return planned or not self.executor.lanes
         threshold = self.plan.predicted.stream_from_tokens if self.plan and self.plan.predicted else None
-        can_stream = self.plan is not None and any(p.group == PREFETCH_GROUP for p in self.plan.placement)
-        return can_stream and threshold is not None and prompt_tokens >= threshold
+        return planned and threshold is not None and prompt_tokens >= threshold
 
     @property
     def counters(self) -> dict[str, int]:
@@ -349,6 +347,10 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     if not plan.fits:
         raise OffloadError(f"{Path(model_dir).name} does not fit: {plan.reason}")
     hybrid = plan.gpu_budget > 0
+    if prefill == "stream" and hybrid and quant == "int4" and not _plans_streaming(plan):
+        raise OffloadError(f"prefill='stream' needs room on the GPU for two layers of experts, which a "
+                           f"{plan.gpu_budget / 2**30:.1f} GiB budget leaves none of; raise gpu_mem, or use "
+                           "prefill='auto' (streams when there is room)")
     outside = _cap_gpu_memory(execution, plan.gpu_budget) if execution.type == "cuda" else 0
     checkpoint = Checkpoint(model_dir, args.fp8_block_size)
     architecture = ARCHITECTURES[args.model_type]
@@ -363,10 +365,9 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     _fill(model, weights, dtype, str(model_dir))
     model.eval()
     from offload.placement import executed_placement, place
-    from offload.planner import PREFETCH_GROUP
 
     nbytes = place(model, plan, execution, progress=_total_bytes(model) >= PROGRESS_BYTES, exact=exact)
-    if executor is not None and hybrid and any(p.group == PREFETCH_GROUP for p in plan.placement):
+    if executor is not None and hybrid and _plans_streaming(plan):
         executor.prepare_streaming()
     engine = Engine(model, args, ctx, execution, executor, prefill, plan.kv_format)
     engine.gpu_outside_bytes = outside
@@ -381,6 +382,13 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     if cuda_graphs:
         engine.graphs = _graphed_decode(engine)
     return engine
+
+
+def _plans_streaming(plan) -> bool:
+    """Whether the plan counts the device slots that streamed prefill copies experts into."""
+    from offload.planner import PREFETCH_GROUP
+
+    return any(p.group == PREFETCH_GROUP for p in plan.placement)
 
 
 def _graphed_decode(engine: Engine):

@@ -305,6 +305,18 @@ def test_pipelined_prefill_is_the_sequential_prefill(hf_checkpoint):
     assert torch.equal(engine.feed(ids[:1]), after_pipelined)
 
 
+def test_streamed_prefill_stays_inside_the_plan(hf_checkpoint):
+    """Streaming needs the device slots the plan counts: asked for where the budget leaves no room
+    for them, it is refused at load; an engine without them never streams."""
+    path = hf_checkpoint("next").path
+    roomy = offload.load(path, quant="int4", **STAND_IN)
+    with pytest.raises(offload.OffloadError, match="prefill='stream' needs room on the GPU"):
+        offload.load(path, quant="int4", prefill="stream", **{**STAND_IN, "gpu_mem": roomy.plan.minimum_gpu_bytes})
+    tight = offload.load(path, quant="int4", **{**STAND_IN, "gpu_mem": roomy.plan.minimum_gpu_bytes})
+    tight.prefill = "stream"
+    assert not tight.streams(2000) and executor_of(tight).streamer is None
+
+
 def test_the_engine_chooses_the_prefill_path_per_prompt(hf_checkpoint):
     engine = offload.load(hf_checkpoint("next").path, quant="int4", dense_quant=None, **STAND_IN)
     threshold = engine.plan.predicted.stream_from_tokens
