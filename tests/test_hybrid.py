@@ -221,6 +221,52 @@ def test_streamed_experts_never_wait_for_the_device(hf_checkpoint, monkeypatch):
     assert engine.counters["h2d_expert_bytes"] > 0 and trapped == []
 
 
+@pytest.mark.parametrize("graphed", [False, True])
+def test_a_layer_reads_nothing_from_the_device_but_the_lane_hand_off(hf_checkpoint, monkeypatch, graphed):
+    """Inside the layers of a decode step and of a prompt chunk (path a, two chunks in flight),
+    every call that would read a device value on the host (item, tolist, cpu, numpy, nonzero,
+    bool, int) is trapped; the only ones allowed are the host lane's own buffers, which the CPU
+    kernels read by design after the lane's event. With `graphed`, decode steps take the
+    graph-ready path (`DevicePosition`)."""
+    from offload.graphs import GraphedDecode
+    from offload.models.decoder import CausalLM
+
+    engine = offload.load(hf_checkpoint("next").path, quant="int4", dense_quant=None, prefill="cpu", **STAND_IN)
+    engine.pipelined = True
+    if graphed:
+        engine.graphs = GraphedDecode(engine, capture=False)
+    lanes = {buffer.untyped_storage().data_ptr() for lane in executor_of(engine).lanes
+             for buffer in (lane.x, lane.expert_ids, lane.weights, lane.out)}
+    inside, trapped, handed_off = [False], [], []
+    for name in ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def trap(self, *args, _original=original, _name=name, **kwargs):
+            if inside[0]:
+                (handed_off if self.untyped_storage().data_ptr() in lanes else trapped).append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, trap)
+    layer_stages = CausalLM.layer_stages
+
+    def watched(self, *args, **kwargs):  # the trap is armed while the layers run, not around them
+        stages = layer_stages(self, *args, **kwargs)
+        while True:
+            inside[0] = True
+            try:
+                next(stages)
+            except StopIteration as done:
+                return done.value
+            finally:
+                inside[0] = False
+            yield
+    monkeypatch.setattr(CausalLM, "layer_stages", watched)
+    ids = torch.randint(0, 160, (700,), generator=torch.Generator().manual_seed(32))
+    engine.feed(ids, all_logits=False)
+    for token in range(1, 6):
+        engine.feed([token], all_logits=False)
+    assert trapped == [] and "numpy" in handed_off  # the trap was armed where the kernels read the lanes
+
+
 def test_streamed_chunks_of_overlapping_calls_keep_their_own_results(hf_checkpoint):
     """A layer's streamed chunks run as one call when the first finishes; chunks that start the
     layer after that go to a new call, and every chunk gets its own result, whatever the order."""
