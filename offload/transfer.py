@@ -156,15 +156,20 @@ class ExpertStreamer:
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int4 experts on any device: packed uint8 [E, out/32, in*16], scales int16 (bf16 bits)
-    [E, out/32, in] -> dtype [E, out, in]. The torch twin of `kernels.int4.dequantize`."""
+    [E, out/32, in] -> dtype [E, out, in]. The torch twin of `kernels.int4.dequantize`, bit for bit.
+
+    Two passes over the weights: the nibbles split (uint8), then one multiply-add that reads the
+    codes as they are and writes each weight straight to its transposed place, (code - 8) x scale
+    computed exactly in fp32 and rounded once (about 4.5 bytes of memory traffic per weight)."""
     experts, blocks, columns = scales.shape
     nibbles = packed.reshape(experts, blocks, columns, 16)
-    codes = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).to(torch.int8) - 8  # [E, blocks, in, 32 rows]
-    bits = scales.to(torch.int32).bitwise_and(0xFFFF).bitwise_left_shift(16).view(torch.float32)
-    per_row = bits.reshape(experts, blocks, columns // GROUP, BLOCK)  # [E, blocks, groups, 32 rows]
-    weight = codes.reshape(experts, blocks, columns // GROUP, GROUP, BLOCK).to(torch.float32) * per_row[:, :, :, None]
-    weight = weight.reshape(experts, blocks, columns, BLOCK).transpose(2, 3)  # [E, blocks, 32 rows, in]
-    return weight.reshape(experts, blocks * BLOCK, columns).to(dtype)
+    # [E, blocks, groups, GROUP columns, BLOCK rows]: the low nibbles are rows 0-15, the high 16-31
+    codes = torch.stack([nibbles & 15, nibbles >> 4], dim=3).view(experts, blocks, columns // GROUP, GROUP, BLOCK)
+    scale = scales.view(torch.bfloat16).reshape(experts, blocks, columns // GROUP, 1, BLOCK).to(dtype)
+    weight = torch.empty(experts, blocks, BLOCK, columns, dtype=dtype, device=packed.device)
+    rows_last = weight.view(experts, blocks, BLOCK, columns // GROUP, GROUP).permute(0, 1, 3, 4, 2)
+    torch.addcmul(scale * -8, codes, scale, out=rows_last)
+    return weight.view(experts, blocks * BLOCK, columns)
 
 
 def streamed_experts(layer: StreamedLayer,
