@@ -181,11 +181,11 @@ def linear_state_bytes(args: ModelArgs, dtype_bytes: int) -> int:
 def _stream_pass_bytes(args: ModelArgs) -> int:
     """What a streamed prompt needs on the device beyond one chunk's work: each of a pass's
     chunks' residual stream and feed-forward results (fp32), and one batch of experts
-    being dequantised (codes, scaled fp32, its transposed copy and the compute dtype: ~11 bytes a
+    being dequantised (the nibbles, the codes and the weights in the compute dtype: ~6 bytes a
     weight at the peak)."""
     pass_bytes = (STREAM_PASS_TOKENS - PREFILL_CHUNK) * args.hidden_size * 12  # residual, routed, shared
     expert_weights = 3 * args.moe_intermediate_size * args.hidden_size
-    return pass_bytes + STREAM_EXPERT_BATCH * expert_weights * 11
+    return pass_bytes + STREAM_EXPERT_BATCH * expert_weights * 6
 
 
 def _workspace_bytes(args: ModelArgs) -> int:
