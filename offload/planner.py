@@ -332,8 +332,11 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
                 break
         else:
             fits = False
-            reason = (f"needs at least {format_size(minimum)} of GPU memory for {ctx} tokens of context "
-                      f"(mixers, routers, CUDA context, caches with a {cheapest} KV cache), the budget is {format_size(gpu_budget)}; "
+            need, have = format_size(minimum), format_size(gpu_budget)
+            if need == have:  # a few bytes short: show the difference
+                need, have = f"{minimum / 2**20:.2f}MiB", f"{gpu_budget / 2**20:.2f}MiB"
+            reason = (f"needs at least {need} of GPU memory for {ctx} tokens of context (mixers, routers, "
+                      f"CUDA context, caches with a {cheapest} KV cache), the budget is {have}; "
                       f"raise --gpu-mem, lower --ctx, or use --gpu-mem 0 to run on the CPU")
         if fits and stream_buffers and not any(p.group == PREFETCH_GROUP for p in placement):
             notes.append("no room for expert prefetch buffers: prefill runs the experts on the CPU")
