@@ -33,12 +33,17 @@ from offload.config import GRAPH_SPAN
 from offload.models.cache import KV_DTYPES, DevicePosition, KVCache
 from offload.models.decoder import run_stages
 
-_capturing = threading.local()  # .chain: the `_Chain` being captured on this thread, if any
+_state = threading.local()  # .chain: the `_Chain` being captured on this thread; .warming: the eager step before
 
 
 def capturing() -> _Chain | None:
     """The chain a decode step is being captured into on this thread, or None."""
-    return getattr(_capturing, "chain", None)
+    return getattr(_state, "chain", None)
+
+
+def warming() -> bool:
+    """Whether this thread runs the eager step a capture follows (crossings make their buffers)."""
+    return getattr(_state, "warming", False)
 
 
 def between_graphs(host_work: Callable[[], None]) -> None:
@@ -51,13 +56,25 @@ def between_graphs(host_work: Callable[[], None]) -> None:
         chain.cut(host_work)
 
 
+class Crossing:
+    """What an `OnHost` module needs to run inside a captured step, made during the eager step
+    before the capture (nothing pinned is allocated while capturing): pinned buffers shaped like
+    that call's inputs and output, and the event that says the inputs have landed."""
+
+    def __init__(self, args: tuple, out: torch.Tensor):
+        self.inputs = [torch.empty(a.shape, dtype=a.dtype, pin_memory=True) if isinstance(a, torch.Tensor) else a
+                       for a in args]
+        self.out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        self.landed = torch.cuda.Event(external=True)  # recorded by the graph, waited on by the host
+
+
 class _Chain:
     """One decode step as CUDA graphs, each followed by the host work to do before the next."""
 
-    def __init__(self, pool):
+    def __init__(self, pool, device: torch.device):
         self.pool = pool
+        self.device = device
         self.pieces: list[tuple[torch.cuda.CUDAGraph, Callable[[], None] | None]] = []
-        self.kept: list = []  # host buffers and events the graphs copy through or record: alive with them
         self.graph = self._begin()
 
     def _begin(self) -> torch.cuda.CUDAGraph:
@@ -76,35 +93,37 @@ class _Chain:
         self.pieces.append((self.graph, None))
 
     def abandon(self) -> None:
-        """End a capture that failed, leaving the stream usable."""
+        """End a capture that failed (on the stream it began on). An invalidated capture makes
+        `capture_end` raise before torch stops routing this thread's allocations to the pool: that
+        is undone here too."""
         try:
             self.graph.capture_end()
         except RuntimeError:
-            pass
+            try:
+                torch.cuda.memory._cuda_endAllocateToPool(self.device.index, self.pool)
+            except (AttributeError, RuntimeError):
+                pass
         self.pieces.clear()
 
-    def cross(self, inner: Callable[..., torch.Tensor], args: tuple, device: torch.device) -> torch.Tensor:
-        """An `OnHost` module's call inside the step being captured: its inputs copied into pinned
-        buffers and an event recorded (in the graph), `inner` run on them between graphs, its
-        output copied back from a pinned buffer (in the next graph)."""
-        inputs = [torch.empty(a.shape, dtype=a.dtype, pin_memory=True) if isinstance(a, torch.Tensor) else a
-                  for a in args]
-        for pinned, arg in zip(inputs, args):
+    def cross(self, module, args: tuple) -> torch.Tensor:
+        """An `OnHost` module's call inside the step being captured: its inputs copied into its
+        crossing's pinned buffers and the event recorded (in the graph), the module run on them
+        between graphs, its output copied back (in the next graph)."""
+        crossing = getattr(module, "crossing", None)
+        if crossing is None or [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)] != \
+                [tuple(p.shape) for p in crossing.inputs if isinstance(p, torch.Tensor)]:
+            raise RuntimeError(f"{type(module.inner).__name__} kept in RAM has no buffers for this call")
+        for pinned, arg in zip(crossing.inputs, args):
             if isinstance(arg, torch.Tensor):
                 pinned.copy_(arg, non_blocking=True)
-        landed = torch.cuda.Event(external=True)  # recorded by the graph, waited on by the host
-        landed.record(torch.cuda.current_stream(device))
-        # the output's shape and dtype, from a call on zeros now (the capture runs nothing on the device)
-        example = inner(*(torch.zeros_like(a) if isinstance(a, torch.Tensor) else a for a in inputs))
-        out = torch.empty(example.shape, dtype=example.dtype, pin_memory=True)
+        crossing.landed.record(torch.cuda.current_stream(self.device))
 
         def host_work() -> None:
-            landed.synchronize()
-            out.copy_(inner(*inputs))
+            crossing.landed.synchronize()
+            crossing.out.copy_(module.inner(*crossing.inputs))
 
-        self.kept += [*inputs, out, landed]
         self.cut(host_work)
-        return out.to(device, non_blocking=True)
+        return crossing.out.to(self.device, non_blocking=True)
 
     def replay(self) -> None:
         for graph, host_work in self.pieces:
@@ -125,11 +144,11 @@ class GraphedDecode:
         self.x = torch.zeros(1, model.args.hidden_size, dtype=engine.dtype, device=self.device)  # the token's embedding
         self.index = torch.zeros(1, dtype=torch.long, device=self.device)  # its position
         self.chains: dict[int, _Chain] = {}  # span -> the step captured for it
-        self.logits: torch.Tensor | None = None  # the captured step's output, pinned (made at the first capture)
         if self.capture:
             self.pool = torch.cuda.graph_pool_handle()  # one pool: the chains never run at the same time
             self.stream = torch.cuda.Stream(self.device)  # captures run on a side stream
             self.done = torch.cuda.Event()
+            self.logits = torch.empty(1, model.args.vocab_size, pin_memory=True)  # a replayed step's output
 
     @staticmethod
     def refusal(engine) -> str | None:
@@ -168,38 +187,43 @@ class GraphedDecode:
         self.done.synchronize()
         return self.logits.clone()
 
+    def _run(self, span: int) -> torch.Tensor:
+        return run_stages(self.engine.model.layer_stages(self.x, self.index, self.engine.caches,
+                                                         DevicePosition(self.index, span), last_only=True))
+
     def _eager(self, span: int) -> torch.Tensor:
-        model = self.engine.model
-        logits = run_stages(model.layer_stages(self.x, self.index, self.engine.caches,
-                                               DevicePosition(self.index, span), last_only=True))
-        return self.engine._to_host(logits)
+        _state.warming = self.capture  # a capture follows: crossings make their buffers now
+        try:
+            return self.engine._to_host(self._run(span))
+        finally:
+            _state.warming = False
 
     def _capture(self, span: int) -> None:
         """Capture the step at `span`; on failure turn graphs off for good (eager steps go on)."""
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        chain = None
-        try:
-            with torch.cuda.stream(self.stream):
-                chain = _Chain(self.pool)
-                _capturing.chain = chain
-                logits = run_stages(self.engine.model.layer_stages(
-                    self.x, self.index, self.engine.caches, DevicePosition(self.index, span), last_only=True))
-                if self.logits is None:
-                    self.logits = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
-                self.logits.copy_(logits, non_blocking=True)
+        failure = None
+        with torch.cuda.stream(self.stream):  # a failed capture is ended on the stream it began on
+            chain = None
+            try:
+                chain = _Chain(self.pool, self.device)
+                _state.chain = chain
+                self.logits.copy_(self._run(span), non_blocking=True)
                 chain.end()
-            self.chains[span] = chain
-        except RuntimeError as error:
-            if chain is not None:
-                chain.abandon()
-            self.capture = False
-            self.engine.graphs = None
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            print(f"note: CUDA graphs turned off, the decode step could not be captured ({reason}); "
-                  "decoding goes on without them", file=sys.stderr)
-        finally:
-            _capturing.chain = None
-            current.wait_stream(self.stream)
+            except Exception as error:  # an operation that cannot be captured
+                if chain is not None:
+                    chain.abandon()
+                failure = error
+            finally:
+                _state.chain = None
         if self.engine.executor is not None:
             self.engine.executor.reset()  # the capture started and finished lanes without running them
+        if failure is None:
+            current.wait_stream(self.stream)
+            self.chains[span] = chain
+            return
+        self.capture = False
+        self.engine.graphs = None
+        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+        print(f"note: CUDA graphs turned off, the decode step could not be captured ({reason}); "
+              "decoding goes on without them", file=sys.stderr)

@@ -50,19 +50,22 @@ class OnHost(nn.Module):
         super().__init__()
         self.inner = inner
         self.device = device
+        self.crossing = None  # pinned buffers for a captured decode step (`offload.graphs.Crossing`)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        from offload.graphs import capturing
+        from offload.graphs import Crossing, capturing, warming
 
         chain = capturing()
         if chain is not None:  # inside a decode step being captured: the host's part runs between graphs
-            return chain.cross(self.inner, args, self.device)
+            return chain.cross(self, args)
         # the inputs' copy waits for the device (the CPU needs them); the output goes back from
         # pinned memory without waiting (the host allocator keeps the block until the copy is done)
         out = self.inner(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
-        if self.device.type == "cuda":
-            return out.pin_memory().to(self.device, non_blocking=True)
-        return out.to(self.device)
+        if self.device.type != "cuda":
+            return out.to(self.device)
+        if warming():  # the eager step before a capture: buffers for this call's shapes, made now
+            self.crossing = Crossing(args, out)
+        return out.pin_memory().to(self.device, non_blocking=True)
 
     def start(self, *args: torch.Tensor):
         """The `Experts.start` protocol, for float routed experts kept in RAM."""

@@ -83,10 +83,11 @@ class ExpertStreamer:
         self.slots = [{name: torch.empty(a.shape, dtype=dtypes[a.dtype], device=device) for name, a in first.items()}
                       for _ in range(2)]
         # on CUDA the copy thread works on the model's device (so leaving a stream context never
-        # creates a context on another card)
+        # creates a context on another card); "cuda" alone means the current one
+        index = (device.index if device.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-copy",
                                          initializer=torch.cuda.set_device if self.cuda else None,
-                                         initargs=(device,) if self.cuda else ())
+                                         initargs=(index,) if self.cuda else ())
         self.pending: dict[int, StreamedLayer] = {}  # layer -> its copy, in flight or done
         self.next_slot = 0
         self.copied_bytes = 0  # cumulative bytes of expert arrays copied into the slots

@@ -159,15 +159,18 @@ class KVCache:
     def _attend_at(self, query: torch.Tensor, at: DevicePosition, window: int | None) -> torch.Tensor:
         """One token at a device-held position: attention over the first `at.span` positions, with
         those after the token (and before its window) masked, so the same launches serve every
-        position up to the span. Reads the cache itself when stored in the query's dtype."""
+        position up to the span. Two batched matmuls over the cache itself when it is stored in the
+        query's dtype (spread over the span by the GEMM, where a fused kernel with a mask would give
+        each KV head one block), scores and softmax in fp32."""
         heads, tokens, width = query.shape
         keys, values = self.read(0, at.span, query.dtype)
         kv_heads = keys.shape[0]
-        rows = query.reshape(kv_heads, heads // kv_heads * tokens, width)[None]
+        rows = query.reshape(kv_heads, heads // kv_heads * tokens, width)  # row i * T + t: head g * rep + i
+        scores = _fp32_bmm(rows, keys.transpose(1, 2)) * width**-0.5  # [Hkv, rows, span]
         visible = _visible(at.index, torch.arange(at.span, device=query.device), window)  # [1, span]
-        mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
-        out = F.scaled_dot_product_attention(rows, keys[None], values[None], attn_mask=mask)
-        return out[0].reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
+        probs = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
+        out = _fp32_bmm(probs.to(values.dtype), values)  # [Hkv, rows, Dh]
+        return out.to(query.dtype).reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
 
     def reset(self) -> None:
         pass  # positions past `start` are never read, so stale entries need no clearing
@@ -211,6 +214,27 @@ def _visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> t
     return visible
 
 
+def _fp32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (batched) with fp32 results: half-precision inputs on CUDA accumulate and write fp32
+    in the GEMM itself; elsewhere (the CPU stand-in, fp32) widened first."""
+    if a.dtype != torch.float32 and a.device.type == "cuda":
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def _flash_takes(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether CUDA's flash kernel serves a causal, grouped-head problem of these tensors (else
+    SDPA's fallback for a lower-right bias would materialise the scores of every head)."""
+    if query.device.type != "cuda":
+        return True  # no flash kernel to miss: the bias is materialised as a [T, S] mask, no more
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    try:
+        return can_use_flash_attention(SDPAParams(query, keys, values, None, 0.0, True, True))
+    except (TypeError, RuntimeError):
+        return False
+
+
 def _attend_whole(query, keys, values, start: int, window: int | None) -> torch.Tensor:
     """scaled_dot_product_attention over the cached views (a GPU's fused kernels; the cache in the
     query's dtype). Several half-precision tokens: a causal bias aligned to the last key (lower
@@ -219,7 +243,8 @@ def _attend_whole(query, keys, values, start: int, window: int | None) -> torch.
     take a mask but not grouped heads still apply, and nothing is repeated per head."""
     heads, tokens, width = query.shape
     kv_heads = keys.shape[0]
-    if tokens > 1 and window is None and query.dtype in (torch.float16, torch.bfloat16):
+    if tokens > 1 and window is None and query.dtype in (torch.float16, torch.bfloat16) \
+            and _flash_takes(query[None], keys[None], values[None]):
         bias = causal_lower_right(tokens, keys.shape[1])
         out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=bias, enable_gqa=True)
         return out[0].transpose(0, 1).reshape(tokens, -1)
