@@ -214,11 +214,17 @@ def _visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> t
     return visible
 
 
+_BMM_OUT_DTYPE = [True]  # whether this torch's CUDA bmm takes out_dtype (found out on first use)
+
+
 def _fp32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b (batched) with fp32 results: half-precision inputs on CUDA accumulate and write fp32
-    in the GEMM itself; elsewhere (the CPU stand-in, fp32) widened first."""
-    if a.dtype != torch.float32 and a.device.type == "cuda":
-        return torch.bmm(a, b, out_dtype=torch.float32)
+    in the GEMM itself; elsewhere (the CPU stand-in, fp32, an older torch) widened first."""
+    if a.dtype != torch.float32 and a.device.type == "cuda" and _BMM_OUT_DTYPE[0]:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, NotImplementedError, RuntimeError):
+            _BMM_OUT_DTYPE[0] = False
     return torch.bmm(a.float(), b.float())
 
 
