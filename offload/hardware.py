@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import humanfriendly
 import yaml
 
 from offload.errors import OffloadError
@@ -99,6 +98,8 @@ def parse_size(text: str | int | float, what: str = "size") -> int:
             raise ProfileError(f"{what}: must not be negative, got {text!r}")
         if not SIZE_PATTERN.match(str(text)):  # humanfriendly reads "8 bananas" as 8 bytes
             raise ProfileError(f"{what}: {text!r} is not a size; write e.g. 8GiB, 8G or 512MiB")
+        import humanfriendly  # here, not at the top: `import offload` and byte counts do without it
+
         try:
             value = int(humanfriendly.parse_size(str(text), binary=True))
         except humanfriendly.InvalidSize:
@@ -114,6 +115,8 @@ def parse_rate(text: str | int | float, what: str = "bandwidth") -> float:
         raise ProfileError(f"{what}: expected a rate like '25 GB/s', got {text!r}")
     if text.strip().startswith("-"):
         raise ProfileError(f"{what}: must be positive, got {text!r}")
+    import humanfriendly
+
     try:
         value = float(humanfriendly.parse_size(text.strip()[:-2].strip()))
     except humanfriendly.InvalidSize:
