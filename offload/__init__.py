@@ -13,13 +13,16 @@ import sys
 from pathlib import Path
 
 # The Numba kernels are `offload.kernels`. Installed, they live in offload/kernels; in the source
-# tree they stay beside the package (kernels/), and a run from the tree finds them there.
+# tree they stay beside the package (kernels/), and a run from the tree uses them, also where an
+# editable install of another checkout (a git worktree) maps `offload.kernels` to its own.
 _TREE_KERNELS = Path(__file__).resolve().parent.parent / "kernels"
-if importlib.util.find_spec("offload.kernels") is None and (_TREE_KERNELS / "__init__.py").is_file():
+_FOUND = importlib.util.find_spec("offload.kernels")
+if (_TREE_KERNELS / "__init__.py").is_file() and (
+        _FOUND is None or Path(_FOUND.origin).resolve().parent != Path(__file__).resolve().parent / "kernels"):
     _spec = importlib.util.spec_from_file_location("offload.kernels", _TREE_KERNELS / "__init__.py",
                                                    submodule_search_locations=[str(_TREE_KERNELS)])
-    sys.modules["offload.kernels"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["offload.kernels"])
+    kernels = sys.modules["offload.kernels"] = importlib.util.module_from_spec(_spec)  # as an import binds it
+    _spec.loader.exec_module(kernels)
 
 from offload.conversation import Conversation  # noqa: E402
 from offload.engine import Engine, load  # noqa: E402
