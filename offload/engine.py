@@ -20,6 +20,7 @@ from offload.checkpoint import Checkpoint, CheckpointError, require_finite
 from offload.config import (DECODE_MAX_TOKENS, DEFAULT_CONTEXT, PREFILL_CHUNK, STREAM_PASS_TOKENS, ModelArgs,
                             check_context, load_config)
 from offload.errors import OffloadError
+from offload.hardware import HardwareProfile
 from offload.models import ARCHITECTURES
 from offload.models.cache import Cache, cache_nbytes
 from offload.models.decoder import run_stages
@@ -287,7 +288,7 @@ def _run_in_turns(stages: list, at_once: int, done: Callable[[torch.Tensor], tor
 
 
 def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | None = None,
-         profile: str | None = None, device: str | None = None, ctx: int | None = None,
+         profile: str | HardwareProfile | None = None, device: str | None = None, ctx: int | None = None,
          store_dir: str | Path | None = None, dense_quant: str | None = "auto", overlap: bool = False,
          prefill: str = "auto", exact: bool = False, rope_scaling: str | dict | None = None,
          kv_cache: str = "auto", cuda_graphs: bool = False) -> Engine:
@@ -299,11 +300,12 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     quantised to int8, integer dot products) or, with exact=True, those that keep activations in
     fp32 and reproduce transformers on the int4 weights. The same holds for the dense matrices
     quantised for the CPU (dense_quant).
-    gpu_mem ("8G", bytes, 0 for CPU only) and profile (a name in profiles/ or a YAML file; default
-    this machine's detected one, else the reference box) make the placement plan, kept as
-    `engine.plan` and executed: mixers, norms, routers, shared experts and lm_head on the GPU in
-    the checkpoint's precision, routed experts (and embeddings) in RAM. A plan that does not fit
-    is refused before anything loads; `gpu_mem` caps what offload allocates on the GPU.
+    gpu_mem ("8G", bytes, 0 for CPU only) and profile (a name in profiles/, a YAML file or a
+    `HardwareProfile`; default this machine's detected one, else the reference box) make the
+    placement plan, kept as `engine.plan` and executed: mixers, norms, routers, shared experts
+    and lm_head on the GPU in the checkpoint's precision, routed experts (and embeddings) in RAM.
+    A plan that does not fit is refused before anything loads; `gpu_mem` caps what offload
+    allocates on the GPU.
     device: where the GPU groups run. None picks CUDA when torch sees it (without it the
     model runs on the CPU, with a one-line notice if gpu_mem asked for a GPU); "cuda", "cuda:1";
     "cpu" with a gpu_mem > 0 runs the GPU plan on the CPU as a stand-in (tests).
@@ -402,13 +404,16 @@ def _graphed_decode(engine: Engine):
     return GraphedDecode(engine)
 
 
-def _execution_device(device: str | None, gpu_mem, profile: str | None):
+def _execution_device(device: str | None, gpu_mem, profile: str | HardwareProfile | None):
     """(execution device, hardware profile, GPU budget for the plan: None = the profile's GPU)."""
     import sys
 
     from offload.hardware import default_profile, load_profile, parse_size
 
-    hardware = load_profile(profile) if profile else default_profile()[0]
+    if isinstance(profile, HardwareProfile):
+        hardware = profile
+    else:
+        hardware = load_profile(profile) if profile else default_profile()[0]
     budget = parse_size(gpu_mem, "gpu_mem") if gpu_mem is not None else None
     if device is None:
         if budget == 0:
