@@ -37,11 +37,14 @@ from offload.planner import FORMAT_BYTES, MATRIX_GROUPS, dense_format, parameter
 from offload.synthetic import preset_config, synthesize  # noqa: E402
 
 
-def slice_dir(layers: int, experts: int) -> Path:
-    path = cache_root() / "bench" / f"qwen3-next-slice-{layers}l-{experts}e"
+def slice_dir(layers: int, experts: int, vocab: int | None = None) -> Path:
+    """The slice in the cache, built on first use; `vocab` replaces the real vocabulary (a smaller
+    one makes a quicker rehearsal: the embedding and lm_head are most of a short slice's bytes)."""
+    path = cache_root() / "bench" / f"qwen3-next-slice-{layers}l-{experts}e{f'-{vocab}v' if vocab else ''}"
     if not (path / "config.json").is_file():
         print(f"building the slice checkpoint in {path} (once) ...", flush=True)
-        synthesize(path, preset_config("qwen3-next-80b-a3b", layers=layers, experts=experts), overwrite=True)
+        config = preset_config("qwen3-next-80b-a3b", layers=layers, experts=experts)
+        synthesize(path, {**config, "vocab_size": vocab or config["vocab_size"]}, overwrite=True)
     return path
 
 
