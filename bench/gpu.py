@@ -10,8 +10,9 @@ tokenizers and jinja2; pytest and transformers for the tests; ~10 GB of disk in 
 ($OFFLOAD_CACHE, else ~/.cache/offload). Nothing is installed: offload runs from the source tree
 (this script puts the repository on sys.path), and neither the script nor what it loads imports
 humanfriendly, prompt_toolkit, wcwidth or the server's packages. The gpu tests read YAML hardware
-profiles, which takes humanfriendly: without it they are skipped with a line saying so (it is
-pure Python: a copy of its folder on PYTHONPATH is enough).
+profiles, which takes humanfriendly: without it they are skipped with a line saying so. Pure-Python
+wheels in .whl/ (ignored by git) are put on the path as they are, so carrying humanfriendly's is
+enough: `python3 -m pip download --no-deps --only-binary=:all: humanfriendly==10.0 -d .whl`.
 
 Phases, each with a budget printed up front (for the CUDA machine and the default slice) and its
 time printed when it ends:
@@ -25,9 +26,11 @@ time printed when it ends:
 - load (60 s): the slice, hybrid (--gpu-mem, 8 GiB: dense work on the GPU, routed experts on
   the CPU) and CPU-only (gpu_mem=0) on the same machine;
 - decode (30 s): tok/s hybrid, with the device and the CPU working concurrently and serialised,
-  and CPU-only;
+  with each step's device work replayed from CUDA graphs (`offload.graphs`; on the stand-in the
+  same code eagerly), and CPU-only;
 - prefill N (20 + N / 50 s), for each prompt length: tok/s by path (a) (CPU experts,
-  chunks pipelined and not), path (b) (experts streamed to the GPU), and CPU-only;
+  chunks pipelined and not), path (b) (experts streamed to the GPU) beside its bound (every
+  layer's experts once over the measured host-to-device bandwidth), and CPU-only;
 then peak device memory against the plan's `gpu_bytes` and predicted decode against measured,
 printed as ratios beside the card and CPU, with their targets. About 390 s in all; a phase that
 would start after --budget seconds (480) is skipped and recorded as skipped, a phase that fails
@@ -69,6 +72,10 @@ STARTED = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))  # after the tree: bench/kernels.py is not the package
+# pure-Python wheels carried to a bare machine (e.g. humanfriendly, for the gpu tests' YAML
+# profiles) are importable as they are: zip files on the path
+WHEELS = sorted(str(wheel) for wheel in (ROOT / ".whl").glob("*-py3-none-any.whl"))
+sys.path += WHEELS
 
 
 def choose_threads() -> dict[str, tuple[str, bool]]:
@@ -94,6 +101,7 @@ import torch  # noqa: E402
 import offload  # noqa: E402
 from decode import slice_dir  # noqa: E402
 from offload.config import load_config  # noqa: E402
+from offload.graphs import GraphedDecode  # noqa: E402
 from offload.hardware import CPU, GPU, HardwareProfile, cpu_model, detect, write_profile  # noqa: E402
 from offload.placement import torch_device_name  # noqa: E402
 from offload.store import open_store  # noqa: E402
@@ -306,7 +314,8 @@ def tests_cannot_run() -> str | None:
         import humanfriendly  # noqa: F401
     except ImportError:
         return ("the gpu tests read YAML hardware profiles, which takes humanfriendly, and it is not installed "
-                "(pure Python: put a copy on PYTHONPATH to run them)")
+                "(carry its wheel in .whl/: `python3 -m pip download --no-deps --only-binary=:all: "
+                "humanfriendly==10.0 -d .whl`)")
     return None
 
 
@@ -314,7 +323,7 @@ def run_gpu_tests(timeout: float, log: Path | None) -> dict:
     files = gpu_test_files()
     print(f"pytest -m gpu ({len(files)} files, stopped after {timeout:.0f} s) ...", flush=True)
     started = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *WHEELS, os.environ.get("PYTHONPATH", "")]))
     code, output = run_command([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *files],
                                timeout, cwd=ROOT, env=env)
     if log is not None:
@@ -414,6 +423,22 @@ def stand_in_profile(hardware: HardwareProfile, gpu_bytes: int) -> HardwareProfi
     gpu = GPU(name="CPU stand-in", memory=gpu_bytes, h2d_bandwidth=hardware.cpu.ram_bandwidth,
               bf16_tflops=2 * bf16_rate / 1e12, memory_bandwidth=hardware.cpu.ram_bandwidth)
     return dataclasses.replace(hardware, name="detected-cpu-stand-in", gpu=gpu)
+
+
+def graphed_decode_tok_s(engine, steps: int, capture: bool) -> tuple[float | None, str]:
+    """Decode through `offload.graphs` (captured CUDA graphs; without CUDA the same code eagerly):
+    (tok/s, what happened), None when graphs could not serve this engine."""
+    reason = GraphedDecode.refusal(engine)
+    if reason:
+        return None, f"off: {reason}"
+    engine.graphs = GraphedDecode(engine, capture=capture)
+    try:
+        rate = decode_tok_s(engine, steps)
+        if capture and engine.graphs is None:
+            return None, "the capture failed (see the note above); eager steps were timed"
+        return rate, f"{len(engine.graphs.chains)} span(s) captured" if capture else "device positions, eagerly"
+    finally:
+        engine.graphs = None
 
 
 def decode_tok_s(engine, steps: int) -> float:
@@ -548,6 +573,10 @@ def main() -> int:
         finally:
             executor.concurrent = True
         decode["cpu-only"] = decode_tok_s(cpu_only, options.steps)
+        rate, how = graphed_decode_tok_s(hybrid, options.steps, capture=device.type == "cuda")
+        results["cuda_graphs"] = how
+        if rate is not None:
+            decode["hybrid, CUDA graphs" if device.type == "cuda" else "hybrid, graph path (eager)"] = rate
 
     phases.run("decode", measure_decode, needs=("load",))
     prefill: dict = results.setdefault("prefill_tok_s", {})
@@ -560,6 +589,8 @@ def main() -> int:
         row["(a)"] = prefill_tok_s(hybrid, tokens)
         hybrid.prefill = "stream"
         row["(b) streamed"] = prefill_tok_s(hybrid, tokens)
+        if hardware.gpu is not None:  # every layer's experts over the bus once: the bound
+            row["(b) copy bound"] = tokens * hardware.gpu.h2d_bandwidth / hybrid.executor.store.nbytes
         row["cpu-only"] = prefill_tok_s(cpu_only, tokens)
 
     for tokens in options.prompts:
@@ -592,6 +623,9 @@ def report(results: dict, options: argparse.Namespace, device: torch.device) -> 
               "concurrency (hybrid vs serialised decode)": ratio(decode.get("hybrid"), decode.get("hybrid, serialised")),
               "streamed prefill vs CPU prefill (a), longest prompt": ratio(longest.get("(b) streamed"), longest.get("(a)")),
               "pipelined vs plain prefill (a), longest prompt": ratio(longest.get("(a) pipelined"), longest.get("(a)")),
+              "streamed prefill vs its copy bound, longest prompt": ratio(longest.get("(b) streamed"),
+                                                                          longest.get("(b) copy bound")),
+              "CUDA graphs vs eager hybrid decode": ratio(decode.get("hybrid, CUDA graphs"), decode.get("hybrid")),
               "peak device memory vs plan": ratio(peak, plan and plan["gpu_bytes"]) if device.type == "cuda" else None,
               "predicted decode vs measured": None}
     if plan and decode.get("hybrid"):
@@ -602,7 +636,9 @@ def report(results: dict, options: argparse.Namespace, device: torch.device) -> 
     print(f"\nQwen3-Next slice, {options.layers} layers x {options.experts} experts; GPU share on {where}, "
           f"routed experts on {results['cpu']['physical_cores']} CPU cores")
     for name, value in decode.items():
-        print(f"  decode {name:<22} {value:8.1f} tok/s")
+        print(f"  decode {name:<26} {value:8.1f} tok/s")
+    if results.get("cuda_graphs"):
+        print(f"  CUDA graphs: {results['cuda_graphs']}")
     for tokens, row in prefill.items():
         print(f"  prefill {tokens:>5}: " + ", ".join(f"{name} {value:.0f}" for name, value in row.items()) + " tok/s")
     if plan:
