@@ -18,7 +18,7 @@ class OffloadGroup(click.Group):
     (a traceback with --debug)."""
 
     def invoke(self, ctx: click.Context):
-        from offload.errors import OffloadError
+        from offload.errors import OffloadError, interrupted
 
         try:
             return super().invoke(ctx)
@@ -27,8 +27,8 @@ class OffloadGroup(click.Group):
                 raise
             click.echo(f"error: {' '.join(str(e).split())}", err=True)  # one line, whatever a file put in it
             ctx.exit(1)
-        except KeyboardInterrupt:
-            if ctx.params.get("debug"):
+        except (KeyboardInterrupt, SystemError) as error:
+            if ctx.params.get("debug") or not interrupted(error):
                 raise
             click.echo("\ninterrupted", err=True)  # files are written to temporary names: nothing half-done stays
             ctx.exit(130)

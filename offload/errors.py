@@ -15,3 +15,11 @@ class ConfigError(OffloadError):
 
 class CheckpointError(OffloadError):
     """A safetensors checkpoint is missing a file or tensor, or holds one of the wrong shape."""
+
+
+def interrupted(error: BaseException) -> bool:
+    """Whether `error` is Ctrl-C: a KeyboardInterrupt, or the SystemError Python raises in its stead
+    when the signal lands while a compiled kernel is returning ("... returned a result with an
+    exception set", caused by the KeyboardInterrupt)."""
+    return isinstance(error, KeyboardInterrupt) or (
+        isinstance(error, SystemError) and isinstance(error.__cause__ or error.__context__, KeyboardInterrupt))

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import click
 
 from offload.conversation import Conversation
-from offload.errors import OffloadError
+from offload.errors import OffloadError, interrupted
 from offload.paths import cache_root
 from offload.sampling import SamplingParams
 from offload.tokenizer import ThinkingFilter, decode_input
@@ -159,7 +159,9 @@ class Repl:
             if split:
                 self._show(split.flush())
             click.echo()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemError) as error:
+            if not interrupted(error):
+                raise
             pieces.close()
             self.prefill_bar.close()
             click.echo(click.style(" [stopped]", dim=True) if self.interactive else " [stopped]")

@@ -76,3 +76,18 @@ def test_a_piped_conversation(endless, tmp_path):
     saved = json.loads((tmp_path / "conversation.json").read_text())
     assert saved["system"] == "Be brief." and [m["role"] for m in saved["messages"]] == ["user", "assistant"]
     assert saved["messages"][0]["content"] == "What now?"
+
+
+def test_ctrl_c_landing_as_a_kernel_returns_reads_as_ctrl_c():
+    """Python raises SystemError caused by the KeyboardInterrupt when Ctrl-C lands while a compiled
+    kernel is returning; the chat and the CLI treat it as the Ctrl-C it is, and nothing else so."""
+    from offload.errors import interrupted
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as cause:
+            raise SystemError("CPUDispatcher(...) returned a result with an exception set") from cause
+    except SystemError as error:
+        assert interrupted(error)
+    assert interrupted(KeyboardInterrupt()) and not interrupted(SystemError("a real bug"))
