@@ -48,21 +48,53 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x's dtype."""
-        flat = numpy_view(x.reshape(-1, self.in_features))
-        tokens = flat.shape[0]
+        out = torch.from_numpy(self.rows(numpy_view(x.reshape(-1, self.in_features))))
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    @classmethod
+    def joined(cls, pieces: list[QuantizedLinear]) -> QuantizedLinear | None:
+        """One layer over the rows of `pieces` (same format, input width and kernels, no bias), or
+        None where they differ: layers that read the same input then cost one kernel call and one
+        quantisation of it. The pieces' weights become views of the joined one (no memory added)."""
+        first = pieces[0]
+        if any(not isinstance(piece, QuantizedLinear) or piece.bias is not None or piece.exact != first.exact
+               or (piece.format, piece.in_features) != (first.format, first.in_features) for piece in pieces):
+            return None
+        kind = type(first.weight)
+        packed = np.concatenate([piece.weight.packed for piece in pieces], axis=1)
+        scales = np.concatenate([piece.weight.scales for piece in pieces], axis=1)
+        joined = cls.__new__(cls)
+        nn.Module.__init__(joined)
+        joined.format, joined.threads, joined.exact, joined.bias = first.format, first.threads, first.exact, None
+        joined.weight = kind(packed=packed, scales=scales, shape=(1, packed.shape[1] * int4.BLOCK, first.in_features))
+        _, joined.out_features, joined.in_features = joined.weight.shape
+        if first.exact:
+            joined.x_sums = first.x_sums
+        else:
+            joined.activations = first.activations  # one buffer per input width
+        begin = 0
+        for piece in pieces:  # each piece now reads its rows of the joined arrays
+            blocks = piece.out_features // int4.BLOCK
+            piece.weight = kind(packed=packed[:, begin:begin + blocks], scales=scales[:, begin:begin + blocks],
+                                shape=piece.weight.shape)
+            begin += blocks
+        return joined
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """x float32 [T, in] (C-contiguous) -> float32 [T, out], NumPy in and out."""
+        tokens = x.shape[0]
         out = np.empty((tokens, self.out_features), np.float32)
         with kernel_threads(self.threads):
             if self.exact:
                 x_sums = self.x_sums if tokens <= PREFILL_CHUNK else np.zeros(
                     (tokens, self.in_features // int4.GROUP), np.float32)
-                linear(flat, self.weight, out, x_sums)
+                linear(x, self.weight, out, x_sums)
             else:
                 activations = self.activations if tokens <= PREFILL_CHUNK else q8.Activations(tokens, self.in_features)
-                q8.linear_fast(flat, self.weight, out, activations)
-        result = torch.from_numpy(out)
+                q8.linear_fast(x, self.weight, out, activations)
         if self.bias is not None:
-            result += self.bias
-        return result.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            out += self.bias.numpy()
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -96,3 +128,32 @@ def quantize_dense(model: nn.Module, fmt: str = "int8", names=None, threads: int
         bar.update(module.weight.numel())
     bar.close()
     return len(eligible)
+
+
+class JoinedMLP(nn.Module):
+    """A SwiGLU MLP kept in RAM as quantised layers (a shared expert, a dense MLP), swapped in for
+    the model's `MLP`: gate and up as one kernel call over their joined rows, silu(gate) * up in
+    NumPy on the kernel's output, then down. Same maths, one call and a few torch operations less
+    per token."""
+
+    def __init__(self, mlp: nn.Module, gate_up: QuantizedLinear):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj  # views of gate_up
+        object.__setattr__(self, "gate_up", gate_up)  # not a submodule: its bytes are gate_proj's and up_proj's
+        self.intermediate = mlp.gate_proj.out_features
+
+    @classmethod
+    def of(cls, mlp: nn.Module) -> JoinedMLP | None:
+        gate_up = QuantizedLinear.joined([mlp.gate_proj, mlp.up_proj])
+        return cls(mlp, gate_up) if gate_up is not None and isinstance(mlp.down_proj, QuantizedLinear) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> [..., D] in x's dtype."""
+        gate_up = self.gate_up.rows(numpy_view(x.reshape(-1, self.gate_up.in_features)))
+        gate, up = gate_up[:, :self.intermediate], gate_up[:, self.intermediate:]
+        hidden = np.exp(np.negative(gate))  # silu(g) = g / (1 + e^-g)
+        hidden += 1
+        np.divide(gate, hidden, out=hidden)
+        hidden *= up
+        out = torch.from_numpy(self.down_proj.rows(hidden))
+        return out.to(x.dtype).reshape(x.shape)

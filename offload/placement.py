@@ -10,7 +10,8 @@ place that maps plan groups to modules:
   crosses through its host lanes, and computes a shared expert kept in RAM in the same CPU work).
   On CUDA each other RAM-resident module is wrapped in `OnHost`;
 - a plan that computes in fp32 on the CPU widens what stays float, and a DeltaNet mixer placed
-  on the CPU in fp32 becomes `FusedDeltaNet`.
+  on the CPU in fp32 becomes `FusedDeltaNet`; an MLP whose projections are quantised becomes a
+  `JoinedMLP` (gate and up in one kernel call).
 It returns what it did, group by group (`Engine.placement`).
 """
 
@@ -19,12 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from offload.dense import QuantizedLinear, quantize_dense
+from offload.dense import JoinedMLP, QuantizedLinear, quantize_dense
 from offload.experts import Int4Experts
 from offload.host import OnHost
 from offload.models.cache import KVCache, LinearAttentionCache
 from offload.models.hub import hub_name
-from offload.models.moe import SparseMoeBlock
+from offload.models.moe import MLP, SparseMoeBlock
 from offload.planner import PREFETCH_GROUP, STAGING_GROUP, Plan, group_of
 
 QUANTIZED = ("int8", "int6", "int4")
@@ -63,6 +64,7 @@ def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = F
             group = _group(module_name)
             nbytes[group] = nbytes.get(group, 0) + module.nbytes
     model.rotary.to(device)
+    _join_mlps(model)
     if "shared experts" in where and where["shared experts"].device == "cpu":
         _run_shared_experts_with_routed(model)
     if device.type != "cpu":
@@ -70,6 +72,16 @@ def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = F
     if plan.activations == "fp32" and "mixers" in where and where["mixers"].device == "cpu":
         _fuse_deltanet_steps(model)
     return nbytes
+
+
+def _join_mlps(model: nn.Module) -> None:
+    """Each MLP kept in RAM as quantised layers becomes a `JoinedMLP` (gate and up in one call)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MLP):
+            joined = JoinedMLP.of(module)
+            if joined is not None:
+                parent, _, attribute = name.rpartition(".")
+                setattr(model.get_submodule(parent), attribute, joined)
 
 
 def _run_shared_experts_with_routed(model: nn.Module) -> None:

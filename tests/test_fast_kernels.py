@@ -119,6 +119,36 @@ def test_dense_linear_every_path_matches_the_reference(fmt_name, tokens):
     assert np.sqrt(((results[PATHS[0]] - exact) ** 2).sum() / (exact ** 2).sum()) < 0.02
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int6", "int8"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_layers_reading_one_input_run_as_one_call_over_their_joined_rows(fmt, exact):
+    """`QuantizedLinear.joined`: the same rows as the pieces (whose weights become views of the
+    joined arrays: no memory added); `JoinedMLP` (gate and up in one call, silu in NumPy) is the
+    model's MLP over the same layers."""
+    import torch
+
+    from offload.dense import JoinedMLP, QuantizedLinear
+    from offload.models.moe import MLP
+
+    torch.manual_seed(33)
+    mlp = MLP(128, 96)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(mlp, name, QuantizedLinear(getattr(mlp, name), fmt, 2, exact=exact))
+        apart = (mlp.gate_proj(x), mlp.up_proj(x))
+        expected = mlp(x)
+        joined = JoinedMLP.of(mlp)
+        assert joined is not None and joined.gate_up.out_features == 192
+        gate_up = torch.from_numpy(joined.gate_up.rows(x.numpy()))
+        assert torch.equal(gate_up, torch.cat(apart, dim=1))
+        assert np.shares_memory(mlp.gate_proj.weight.packed, joined.gate_up.weight.packed)
+        assert torch.equal(mlp.gate_proj(x), apart[0]) and torch.equal(mlp.up_proj(x), apart[1])  # views read right
+        assert (joined(x) - expected).abs().max().item() <= 1e-5 * expected.abs().max().item() + 1e-6
+    bias = torch.nn.Linear(128, 32, bias=True)
+    assert QuantizedLinear.joined([mlp.gate_proj, QuantizedLinear(bias, fmt, 2, exact=exact)]) is None
+
+
 def test_quantized_linear_is_fast_by_default_and_exact_on_request():
     import torch
 
@@ -134,3 +164,38 @@ def test_quantized_linear_is_fast_by_default_and_exact_on_request():
     assert torch.allclose(exact(x), reference, atol=1e-5)
     moved = ((fast(x) - reference).norm() / reference.norm()).item()
     assert 1e-5 < moved < 0.02  # int8 activations
+
+
+def test_a_deltanet_step_runs_its_input_projections_as_one_call():
+    """`FusedDeltaNet` joins in_proj_qkvz and in_proj_ba when both are quantised alike: the same
+    decode step, bit for bit, as with the two calls apart."""
+    import torch
+
+    from offload.config import args_from_dict
+    from offload.deltanet import FusedDeltaNet
+    from offload.dense import QuantizedLinear
+    from offload.models.cache import LinearAttentionCache
+    from offload.models.qwen3_next import GatedDeltaNet
+    from offload.synthetic import preset_config
+
+    config = preset_config("qwen3-next-80b-a3b", layers=1, experts=4)
+    config.update(hidden_size=256, linear_num_key_heads=4, linear_key_head_dim=32, linear_num_value_heads=16,
+                  linear_value_head_dim=32)
+    args = args_from_dict(config)
+    torch.manual_seed(34)
+    mixer = GatedDeltaNet(args).float()
+    with torch.no_grad():
+        for name in ("in_proj_qkvz", "in_proj_ba", "out_proj"):
+            setattr(mixer, name, QuantizedLinear(getattr(mixer, name), "int4", 2))
+    fused = FusedDeltaNet(mixer)
+    assert fused.in_proj is not None and fused.in_proj.out_features == 1280 + 32
+    caches = [LinearAttentionCache(mixer.conv_dim, args.linear_conv_kernel_dim, 16, 32, 32, torch.float32)
+              for _ in range(2)]
+    in_proj = fused.in_proj
+    for step in range(3):
+        x = torch.randn(1, 256)
+        joined = fused(x, caches[0])
+        object.__setattr__(fused, "in_proj", None)  # the two calls apart
+        apart = fused(x, caches[1])
+        object.__setattr__(fused, "in_proj", in_proj)
+        assert torch.equal(joined, apart) and torch.equal(caches[0].recurrent_state, caches[1].recurrent_state)
