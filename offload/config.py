@@ -31,6 +31,9 @@ STREAM_PASS_TOKENS = 8192
 STREAM_EXPERT_BATCH = 16  # streamed experts dequantised at once on the device, and copied there as a block
 STAGING_BLOCKS = 4  # pinned buffers of one block each that streamed experts pass through on their way
 DECODE_MAX_TOKENS = 8  # routed experts of calls up to this many tokens take the decode kernels
+# a CPU DeltaNet mixer runs calls of up to this many tokens by the fused step, one token after another
+# (a short prompt: 8 tokens 1.3 vs 8.5 ms a layer); longer ones by the chunked form, as transformers does
+DELTANET_STEP_MAX_TOKENS = 16
 GRAPH_SPAN = 256  # positions a captured decode step attends over at first; doubled as a sequence grows
 
 

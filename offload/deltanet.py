@@ -1,10 +1,14 @@
 """The Gated DeltaNet mixer on the CPU: decode steps by `kernels.deltanet.deltanet_step`.
 
 `FusedDeltaNet` is swapped in for a `GatedDeltaNet` placed on the CPU in fp32 (a CPU-only plan
-with quantised dense layers): one token runs the input projections (one kernel call over their
+with quantised dense layers): a call of up to DELTANET_STEP_MAX_TOKENS tokens (a decode step, a
+short prompt) runs the input projections for all its tokens at once (one kernel call over their
 joined rows), then the fused kernel (conv, gates, delta rule, gated norm in one parallel region
-instead of ~60 small torch operations), then out_proj; a prompt chunk runs the model's own
-chunked torch code. The model file stays pure torch.
+instead of ~60 small torch operations) token after token, then out_proj for all of them. Longer
+chunks run the model's chunked torch form, as transformers' prefill does. The step is faster at
+every length measured (2-core Zen 4, one Qwen3-Next layer: 8 tokens 1.3 vs 8.5 ms, 64 tokens
+10.2 vs 12.6, 512 tokens 76 vs 113), but over a long prompt the recurrence rounds differently
+from the chunked form that prefill is checked against. The model file stays pure torch.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from offload.config import DELTANET_STEP_MAX_TOKENS
 from offload.dense import QuantizedLinear
 from offload.kernels.deltanet import deltanet_step
 from offload.kernels.threads import kernel_threads
@@ -23,7 +28,7 @@ from offload.models.cache import LinearAttentionCache
 class FusedDeltaNet(nn.Module):
     def __init__(self, mixer: nn.Module):
         super().__init__()
-        self.mixer = mixer  # the model's GatedDeltaNet: its parameters and its prefill path
+        self.mixer = mixer  # the model's GatedDeltaNet: its parameters and its chunked form
         self.mixed = np.empty(mixer.conv_dim, np.float32)  # [C] the kernel's scratch
         # float32 NumPy views of the small parameters, made once
         self.conv_weight = numpy_view(mixer.conv1d.weight[:, 0])  # [C, K]
@@ -34,20 +39,22 @@ class FusedDeltaNet(nn.Module):
         object.__setattr__(self, "in_proj", QuantizedLinear.joined([mixer.in_proj_qkvz, mixer.in_proj_ba]))
 
     def forward(self, x: torch.Tensor, cache: LinearAttentionCache) -> torch.Tensor:
-        """x [T, D] float32 -> [T, D]; reads and advances `cache`."""
+        """x [T, D] float32 -> [T, D]; reads and advances `cache`: the projections of every token at
+        once, the recurrence token after token (longer chunks: the model's chunked form)."""
         mixer = self.mixer
-        if x.shape[0] != 1:
+        tokens = x.shape[0]
+        if tokens > DELTANET_STEP_MAX_TOKENS:
             return mixer(x, cache)
-        out = torch.empty(mixer.num_value_heads, mixer.value_head_dim)
         if self.in_proj is not None:
-            both = self.in_proj.rows(numpy_view(x))[0]
+            both = self.in_proj.rows(numpy_view(x))
             width = mixer.in_proj_qkvz.out_features
-            qkvz, ba = both[:width].reshape(mixer.num_key_heads, -1), both[width:].reshape(mixer.num_key_heads, -1)
+            qkvz, ba = both[:, :width], both[:, width:]
         else:
-            qkvz = mixer.in_proj_qkvz(x).float().reshape(mixer.num_key_heads, -1).numpy()
-            ba = mixer.in_proj_ba(x).float().reshape(mixer.num_key_heads, -1).numpy()
+            qkvz, ba = numpy_view(mixer.in_proj_qkvz(x)), numpy_view(mixer.in_proj_ba(x))
+        out = torch.empty(tokens, mixer.num_value_heads, mixer.value_head_dim)
         with kernel_threads():
-            deltanet_step(qkvz, ba, cache.conv_state.numpy(), self.conv_weight, self.A_log,
-                          self.dt_bias, self.norm_weight, np.float32(mixer.norm.eps),
-                          cache.recurrent_state.numpy(), self.mixed, out.numpy())
-        return mixer.out_proj(out.reshape(1, -1))
+            for t, step_out in enumerate(out.numpy()):  # the recurrence: token after token
+                deltanet_step(qkvz[t].reshape(mixer.num_key_heads, -1), ba[t].reshape(mixer.num_key_heads, -1),
+                              cache.conv_state.numpy(), self.conv_weight, self.A_log, self.dt_bias, self.norm_weight,
+                              np.float32(mixer.norm.eps), cache.recurrent_state.numpy(), self.mixed, step_out)
+        return mixer.out_proj(out.reshape(tokens, -1))
