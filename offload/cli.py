@@ -386,7 +386,8 @@ def bench(model_dir, demo, ctx, load_options, prompt_lengths, decode_tokens) -> 
     """Measure prefill and decode speed vs the plan.
 
     For each prompt length: prefill tok/s and the median decode step, beside the planner's
-    prediction for this machine's profile."""
+    prediction for this machine's profile, and decode as a share of its bound (every byte a token
+    reads at the profile's memory bandwidth)."""
     import statistics
 
     import numpy as np
@@ -412,7 +413,7 @@ def bench(model_dir, demo, ctx, load_options, prompt_lengths, decode_tokens) -> 
         click.echo(f"  ({source})")
     rng = np.random.default_rng(0)
     engine.feed(rng.integers(1, engine.args.vocab_size, 16), all_logits=False)  # compile / warm up
-    click.echo(f"{'prompt':>8} {'prefill tok/s':>14} {'(plan)':>8} {'decode tok/s':>14} {'(plan)':>8}")
+    click.echo(f"{'prompt':>8} {'prefill tok/s':>14} {'(plan)':>8} {'decode tok/s':>14} {'(plan)':>8} {'of bound':>9}")
     for length in lengths:
         engine.reset()
         prompt = rng.integers(1, engine.args.vocab_size, length)
@@ -429,7 +430,9 @@ def bench(model_dir, demo, ctx, load_options, prompt_lengths, decode_tokens) -> 
                               dense_quant=engine.plan.dense_quant, prompt_tokens=length,
                               kv_cache=engine.plan.kv_format).predicted
         click.echo(f"{length:>8} {prefill:>14.1f} {predicted.prefill_tok_s:>8.1f} {decode:>14.1f} "
-                   f"{predicted.decode_tok_s:>8.1f}")
+                   f"{predicted.decode_tok_s:>8.1f} {decode / predicted.decode_limit_tok_s:>9.0%}")
+    click.echo(f"bound: every byte a decoded token reads at the profile's memory bandwidth, "
+               f"{predicted.decode_limit_tok_s:.1f} tok/s")
 
 
 @main.command()

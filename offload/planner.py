@@ -79,6 +79,7 @@ class Placement:
 class Prediction:
     decode_tok_s: float  # at depth 0
     decode_bound: str
+    decode_limit_tok_s: float  # every byte a token reads (at depth 0), at the memories' bandwidth
     decode_tok_s_at_ctx: float  # with the context full: every cached key and value read per token
     decode_bound_at_ctx: str
     prefill_tok_s: float
@@ -465,6 +466,9 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
              "GPU memory bandwidth": gpu_s, "GPU-CPU synchronisation": sync_s}
     decode_s = sum(parts.values())
     decode_bound = max(parts, key=parts.get)
+    cpu_bytes = routed_active * (INT4_BYTES if plan.quant == "int4" else DTYPE_BYTES.get(args.torch_dtype, 2)) \
+        + sum(p.nbytes for p in cpu_dense)
+    limit_s = cpu_bytes / profile.cpu.ram_bandwidth + (gpu_dense_bytes / gpu.memory_bandwidth if gpu else 0.0)
     attention_s = _attention_at_depth_s(args, profile, plan, gpu)
     decode_at_ctx_s = decode_s + attention_s
     bound_at_ctx = "attention over the full KV cache" if attention_s > max(parts.values()) else decode_bound
@@ -496,7 +500,7 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
         if stream_s(prompt_tokens) < cpu_time:
             strategy, prefill_s, prefill_bound = "stream", stream_s(prompt_tokens), "host-to-device bandwidth"
         stream_from = _crossing(cpu_experts_s, stream_s, plan.ctx)
-    return Prediction(decode_tok_s=1 / decode_s, decode_bound=decode_bound,
+    return Prediction(decode_tok_s=1 / decode_s, decode_bound=decode_bound, decode_limit_tok_s=1 / limit_s,
                       decode_tok_s_at_ctx=1 / decode_at_ctx_s, decode_bound_at_ctx=bound_at_ctx,
                       prefill_tok_s=prompt_tokens / prefill_s, prefill_bound=prefill_bound,
                       prefill_tokens=prompt_tokens, prefill_strategy=strategy, stream_from_tokens=stream_from)

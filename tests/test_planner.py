@@ -105,6 +105,12 @@ def test_cost_model():
     assert short.decode_tok_s < profile.cpu.ram_bandwidth / routed_bytes
     slower_ram = make_plan(NEXT, load_profile("rtx3090-ddr4"), None, ctx=8192).predicted
     assert slower_ram.decode_tok_s < short.decode_tok_s
+    # the bound `offload bench` reports against: every byte a token reads, at the memories' bandwidth
+    assert short.decode_tok_s < short.decode_limit_tok_s < profile.cpu.ram_bandwidth / routed_bytes
+    cpu_only = make_plan(NEXT, profile, 0, ctx=8192)
+    read = routed_bytes + sum(p.nbytes for p in cpu_only.placement
+                              if p.group in ("mixers", "routers", "shared experts", "lm_head"))
+    assert math.isclose(cpu_only.predicted.decode_limit_tok_s, profile.cpu.ram_bandwidth / read, rel_tol=1e-9)
 
 
 def test_plan_command_fits_and_fails():
