@@ -109,14 +109,20 @@ class KVCache:
             put(self.keys, keys)
             return
         kv_heads, tokens, width = keys.shape
-        positions = at.index if at else torch.arange(start, end)
-        if self.format == "int8":  # [T, Hkv, Dh / 4, 4] into [Hkv, tiles, Dh / 4, TILE, 4]
-            tiles = self.keys.view(kv_heads, -1, width // 4, TILE, 4)
-            tiles[:, positions // TILE, :, positions % TILE, :] = keys.view(kv_heads, tokens, -1, 4).transpose(0, 1) \
-                .to(torch.uint8)
-        else:  # [T, Hkv, Dh] into [Hkv, tiles, Dh, TILE]
-            tiles = self.keys.view(kv_heads, -1, width, TILE)
-            tiles[:, positions // TILE, :, positions % TILE] = keys.transpose(0, 1).to(self.keys.dtype)
+        # one token at a known position (a decode step): its tile and lane as numbers, a plain copy
+        positions = divmod(start, TILE) if not at and tokens == 1 else None
+        if positions is None:
+            positions = at.index if at else torch.arange(start, end)
+            positions = positions // TILE, positions % TILE
+            keys = keys.transpose(0, 1)  # [T, Hkv, Dh]: where the two indexed dimensions put the tokens
+        else:
+            keys = keys[:, 0]
+        tile, lane = positions
+        if self.format == "int8":  # [Hkv, Dh / 4, 4] per token into [Hkv, tiles, Dh / 4, TILE, 4]
+            self.keys.view(kv_heads, -1, width // 4, TILE, 4)[:, tile, :, lane, :] = \
+                keys.unflatten(-1, (-1, 4)).to(torch.uint8)
+        else:  # [Hkv, Dh] per token into [Hkv, tiles, Dh, TILE]
+            self.keys.view(kv_heads, -1, width, TILE)[:, tile, :, lane] = keys.to(self.keys.dtype)
 
     def read(self, begin: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions begin..end [Hkv, n, Dh] in `dtype` (views of rows stored so;
