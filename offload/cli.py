@@ -482,8 +482,9 @@ def quantize(model_dir: Path, out: Path | None, verify: bool) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--layers", type=int, default=None, help="Number of layers (default: the preset's).")
 @click.option("--experts", type=int, default=None, help="Routed experts per layer (default: the preset's).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
-              help="Weight dtype (default: the preset's).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp8"]), default=None,
+              help="Weight dtype (default: the preset's); fp8: the projections block-scaled e4m3 as the "
+                   "official FP8 releases store them, the rest bf16.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shard-mib", default=2048, show_default=True, type=click.IntRange(min=1),
               help="Largest shard file, in MiB.")

@@ -88,8 +88,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# "fp8": as the official FP8 releases store it: every projection's weight e4m3 with one fp32 scale
+# per 128 x 128 block beside it (`<name>_scale_inv`, weight = code x scale); the rest in bf16
+FP8_BLOCK = 128
+FP8_MAX = 448.0  # the largest finite e4m3 value
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
 DEFAULT_SHARD_BYTES = 2 * 2**30
 
 
@@ -111,8 +117,38 @@ def preset_config(preset: str, layers: int | None = None, experts: int | None = 
     if dtype is not None:
         if dtype not in DTYPES:
             raise OffloadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        config["torch_dtype"] = _DTYPE_NAMES[DTYPES[dtype]]
+        config["torch_dtype"] = _DTYPE_NAMES.get(DTYPES[dtype], "bfloat16")
+        if dtype == "fp8":
+            config["quantization_config"] = dict(FP8_CONFIG)
     return config
+
+
+def _fp8(config: dict[str, Any]) -> bool:
+    return (config.get("quantization_config") or {}).get("quant_method") == "fp8"
+
+
+def stored_as_fp8(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether an FP8 checkpoint stores this tensor in e4m3: the projections' weights (attention,
+    DeltaNet, experts, shared expert); embeddings, lm_head, norms and the routers stay bf16."""
+    return len(shape) == 2 and name.endswith("_proj.weight")
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [R, C] -> (e4m3 codes [R, C], fp32 scales [ceil(R / 128), ceil(C / 128)]), one scale
+    per block (its largest magnitude / 448); `checkpoint.dequantize_fp8` is the inverse."""
+    rows, cols = weight.shape
+    padded = torch.nn.functional.pad(weight.float(), (0, -cols % FP8_BLOCK, 0, -rows % FP8_BLOCK))
+    blocks = padded.unflatten(0, (-1, FP8_BLOCK)).unflatten(2, (-1, FP8_BLOCK))  # [Rb, 128, Cb, 128]
+    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    codes = (blocks / scale[:, None, :, None]).flatten(2).flatten(0, 1)[:rows, :cols].to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def _stored_bytes(config: dict[str, Any], name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    count = math.prod(shape)
+    if _fp8(config) and stored_as_fp8(name, shape):
+        return count + 4 * math.ceil(shape[0] / FP8_BLOCK) * math.ceil(shape[1] / FP8_BLOCK)
+    return count * dtype.itemsize
 
 
 def random_tensor(args: ModelArgs, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -151,7 +187,8 @@ def synthesize(out_dir: str | Path, config: dict[str, Any], seed: int = 0,
     args = args_from_dict(config)
     dtype = _dtype(args)
     shapes = checkpoint_shapes(args)
-    shards = _assign_shards(shapes, dtype.itemsize, max_shard_bytes)
+    sizes = {name: _stored_bytes(config, name, shape, dtype) for name, shape in shapes.items()}
+    shards = _assign_shards(sizes, max_shard_bytes)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
@@ -162,14 +199,18 @@ def synthesize(out_dir: str | Path, config: dict[str, Any], seed: int = 0,
         for shard_name, names in shards:
             tensors = {}
             for name in names:
-                tensors[name] = random_tensor(args, name, shapes[name], seed).to(dtype).contiguous()
+                weight = random_tensor(args, name, shapes[name], seed)
+                if _fp8(config) and stored_as_fp8(name, shapes[name]):
+                    tensors[name], tensors[name + "_scale_inv"] = quantize_fp8(weight)
+                    weight_map[name + "_scale_inv"] = shard_name
+                else:
+                    tensors[name] = weight.to(dtype).contiguous()
                 weight_map[name] = shard_name
                 if progress:
-                    progress(tensors[name].nbytes)
+                    progress(sizes[name])
             save_file(tensors, partial / shard_name, metadata={"format": "pt"})
         if len(shards) > 1:
-            total = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_tokenizer(partial, args.vocab_size)
@@ -241,12 +282,10 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "do_sample": False}, indent=2) + "\n")
 
 
-def _assign_shards(shapes: dict[str, tuple[int, ...]], itemsize: int,
-                   max_shard_bytes: int) -> list[tuple[str, list[str]]]:
+def _assign_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[tuple[str, list[str]]]:
     groups: list[list[str]] = [[]]
     size = 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * itemsize
+    for name, nbytes in sizes.items():
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
@@ -263,6 +302,7 @@ def _dtype(args: ModelArgs) -> torch.dtype:
 
 
 def checkpoint_nbytes(config: dict[str, Any]) -> int:
-    """Bytes of weights a checkpoint of `config` holds."""
+    """Bytes of weights a checkpoint of `config` holds (FP8 ones: codes and scales)."""
     args = args_from_dict(config)
-    return sum(math.prod(shape) for shape in checkpoint_shapes(args).values()) * _dtype(args).itemsize
+    dtype = _dtype(args)
+    return sum(_stored_bytes(config, name, shape, dtype) for name, shape in checkpoint_shapes(args).items())

@@ -55,6 +55,37 @@ def test_sharding_and_determinism(tmp_path):
     assert offload.load(single).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-qwen3-next"])
+def test_fp8_checkpoints_are_stored_as_the_official_releases_store_them(preset, tmp_path):
+    """--dtype fp8: every projection's weight e4m3 with an fp32 scale per 128 x 128 block beside it
+    (`_scale_inv`), the rest bf16, `quantization_config` in config.json; offload reads it back
+    within e4m3's precision of the weights a bf16 synth of the same seed holds."""
+    from offload.checkpoint import Checkpoint
+    from offload.synthetic import FP8_BLOCK, checkpoint_nbytes, stored_as_fp8
+
+    config = preset_config(preset, dtype="fp8")
+    path = synthesize(tmp_path / "fp8", config, seed=4, max_shard_bytes=200_000)
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
+    stored = {}
+    for shard in path.glob("*.safetensors"):
+        stored |= load_file(shard)
+    assert sum(t.nbytes for t in stored.values()) == checkpoint_nbytes(config)
+    shapes = checkpoint_shapes(args_from_dict(config))
+    fp8 = [name for name, shape in shapes.items() if stored_as_fp8(name, shape)]
+    assert fp8 and all(stored[name].dtype == torch.float8_e4m3fn for name in fp8)
+    for name in fp8:
+        rows, cols = shapes[name]
+        assert stored[name + "_scale_inv"].shape == (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+    assert all(stored[name].dtype == torch.bfloat16 for name in shapes if name not in fp8)
+    bf16 = synthesize(tmp_path / "bf16", preset_config(preset, dtype="bf16"), seed=4)
+    wide, narrow = Checkpoint(bf16), Checkpoint(path, args_from_dict(config).fp8_block_size)
+    for name in fp8[:6]:
+        expected, got = wide.read(name).float(), narrow.read(name).float()
+        assert ((got - expected).norm() / expected.norm()).item() < 0.04  # e4m3: 3 mantissa bits
+    ids = list(range(1, 30))
+    assert offload.load(path, quant="int4").generate(ids, max_new_tokens=4)
+
+
 def test_real_presets_have_the_published_sizes():
     # total parameters, from the model cards: 80B, 30.5B, 235B
     expected = {"qwen3-next-80b-a3b": 80e9, "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9}
