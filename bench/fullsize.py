@@ -1,0 +1,134 @@
+"""A whole Qwen3-30B-A3B (48 layers x 128 experts) end to end on this machine, CPU only.
+
+    python bench/fullsize.py [--model DIR] [--steps 32] [--prompt 512] [--out FILE.json]
+
+Steps, each timed: write the checkpoint if DIR holds none (`offload synth qwen3-30b-a3b DIR
+--dtype fp8`: block-scaled FP8 as the official FP8 release stores it, ~31 GB); build its int4
+expert store (`offload quantize DIR`; "up to date" when it exists); then, in a fresh process,
+load from the existing store (seconds, peak RSS), a first 512-token prompt (which brings every
+expert's pages in from the memory-mapped store), then decode (median step after a 16-token
+prompt) and prefill a 512-token prompt. Decode is shown against its bound: every byte a token reads (the
+active routed experts as int4, the dense layers in their CPU formats) over this machine's read
+bandwidth, measured in the same run. Targets: load from an existing store < 15 s, peak RSS <
+20 GiB, decode >= 80% of the bound. Prints the CPU's model name and flags with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"load s": 15.0, "peak RSS GiB": 20.0, "decode vs bound": 0.8}
+
+CHILD = r"""
+import json, resource, statistics, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import offload
+import offload.hardware
+from offload.kernels.membw import read_bandwidth
+from offload.kernels.threads import physical_cores
+
+path, steps, prompt = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+started = time.perf_counter()
+engine = offload.load(path, quant="int4", gpu_mem=0, ctx=prompt + 64)
+load_s = time.perf_counter() - started
+rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rng = np.random.default_rng(0)
+begun = time.perf_counter()  # a first prompt brings every expert's pages in from the store (mmap)
+engine.feed(rng.integers(1, 1000, prompt), all_logits=False)
+warm_s = time.perf_counter() - begun
+engine.reset()
+engine.feed(rng.integers(1, 1000, 16), all_logits=False)
+engine.feed([7], all_logits=False)  # warm-up step
+times = []
+for token in rng.integers(1, 1000, steps):
+    begun = time.perf_counter()
+    engine.feed([int(token)], all_logits=False)
+    times.append(time.perf_counter() - begun)
+engine.reset()
+begun = time.perf_counter()
+engine.feed(rng.integers(1, 1000, prompt), all_logits=False)
+prefill_s = time.perf_counter() - begun
+plan = engine.plan
+hardware = offload.hardware.default_profile()[0]  # the profile the plan was made with (load's default)
+bytes_per_token = hardware.cpu.ram_bandwidth / plan.predicted.decode_limit_tok_s  # what the bound counts
+values = np.ones(1 << 28, np.float32)  # 1 GiB
+bandwidth = max(read_bandwidth(values, physical_cores()) for _ in range(3))
+print(json.dumps({"load_s": load_s, "rss_after_load": rss_after_load, "first_prompt_s": warm_s,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "decode_s": statistics.median(times), "prefill_s": prefill_s,
+                  "bandwidth": bandwidth, "bytes_per_token": bytes_per_token, "profile": hardware.name}))
+"""
+
+
+def cpu_line() -> str:
+    model, flags = "unknown CPU", []
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = [f for f in wanted if f in value.split()]
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} threads; flags: {' '.join(flags)}"
+
+
+def timed(command: list[str], what: str) -> float:
+    print(f"{what}: {' '.join(command)}", flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path.home() / "models" / "qwen3-30b-a3b-fp8")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
+    options = parser.parse_args()
+    offload_cli = [sys.executable, "-m", "offload"]
+    results: dict = {"cpu": cpu_line()}
+    print(results["cpu"], flush=True)
+    if not (options.model / "config.json").is_file():
+        results["synth s"] = timed([*offload_cli, "synth", "qwen3-30b-a3b", str(options.model), "--dtype", "fp8"],
+                                   "writing the checkpoint")
+    results["store s"] = timed([*offload_cli, "quantize", str(options.model)], "the int4 expert store")
+    print("loading from the store in a fresh process, then decode and prefill ...", flush=True)
+    child = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(options.model), str(options.steps),
+                            str(options.prompt)], stdout=subprocess.PIPE, text=True, check=True)  # progress on stderr
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    results.update(measured)
+    print(f"\nQwen3-30B-A3B (48 layers x 128 experts, FP8 checkpoint -> int4 experts), CPU only; {results['cpu']}")
+    if "synth s" in results:
+        print(f"  checkpoint written in {results['synth s']:.0f} s")
+    print(f"  expert store: {results['store s']:.0f} s (built now, or found up to date)")
+    gib = 2**30
+    print(f"  load from the store  {measured['load_s']:6.1f} s    (target < {TARGETS['load s']:.0f} s)")
+    print(f"  peak RSS             {measured['peak_rss'] / gib:6.2f} GiB  after load {measured['rss_after_load'] / gib:.2f}"
+          f" (target < {TARGETS['peak RSS GiB']:.0f} GiB)")
+    decode, bound = 1 / measured["decode_s"], measured["bandwidth"] / measured["bytes_per_token"]
+    results["decode vs bound"] = decode / bound
+    print(f"  decode               {decode:6.1f} tok/s = {decode / bound:.0%} of the bound, {bound:.1f} tok/s "
+          f"({measured['bytes_per_token'] / 1e6:.0f} MB a token) (target >= {TARGETS['decode vs bound']:.0%})")
+    print(f"  prefill {options.prompt}          {options.prompt / measured['prefill_s']:6.1f} tok/s (the first prompt "
+          f"after load, which brings the experts in from the store: {options.prompt / measured['first_prompt_s']:.1f})")
+    print(f"  read bandwidth       {measured['bandwidth'] / 1e9:6.1f} GB/s (this run)")
+    if options.out:
+        options.out.write_text(json.dumps(results, indent=2, default=str))
+        print(f"wrote {options.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
