@@ -43,8 +43,12 @@ def require_finite(tensor: torch.Tensor, where: str) -> None:
     propagates through both), ~90x faster than an elementwise isfinite on a bf16 lm_head."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return
-    lowest, highest = torch.aminmax(tensor)
-    if not bool(lowest.isfinite() & highest.isfinite()):
+    if tensor.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        lowest, highest = torch.aminmax(tensor)
+        finite = bool(lowest.isfinite() & highest.isfinite())
+    else:  # FP8 and the like: no min/max kernel on the CPU
+        finite = bool(torch.isfinite(tensor.float()).all())
+    if not finite:
         raise CheckpointError(f"{where}: holds NaN or infinite values; the file is corrupt: download it again")
 
 

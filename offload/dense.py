@@ -133,8 +133,9 @@ def quantize_dense(model: nn.Module, fmt: str = "int8", names=None, threads: int
 class JoinedMLP(nn.Module):
     """A SwiGLU MLP kept in RAM as quantised layers (a shared expert, a dense MLP), swapped in for
     the model's `MLP`: gate and up as one kernel call over their joined rows, silu(gate) * up in
-    NumPy on the kernel's output, then down. Same maths, one call and a few torch operations less
-    per token."""
+    NumPy on the kernel's output, then down: one call and a few torch operations less per token.
+    The hidden activations stay fp32 until down's input (the model's MLP rounds them to its dtype
+    between operations when that is bf16: a hybrid plan's shared expert in RAM)."""
 
     def __init__(self, mlp: nn.Module, gate_up: QuantizedLinear):
         super().__init__()
@@ -151,7 +152,8 @@ class JoinedMLP(nn.Module):
         """x [..., D] -> [..., D] in x's dtype."""
         gate_up = self.gate_up.rows(numpy_view(x.reshape(-1, self.gate_up.in_features)))
         gate, up = gate_up[:, :self.intermediate], gate_up[:, self.intermediate:]
-        hidden = np.exp(np.negative(gate))  # silu(g) = g / (1 + e^-g)
+        with np.errstate(over="ignore"):  # e^-g overflows to inf for g < -88: silu is -0 there, as torch's
+            hidden = np.exp(np.negative(gate))  # silu(g) = g / (1 + e^-g)
         hidden += 1
         np.divide(gate, hidden, out=hidden)
         hidden *= up

@@ -261,7 +261,8 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
     # activations); what stays float is widened to it. Otherwise everything keeps the checkpoint's dtype.
     compute_bytes = 4 if not use_gpu and dense_quant else dense_bytes
     compute_format = "fp32" if compute_bytes == 4 else stored_format
-    expert_bytes, expert_format = (INT4_BYTES, "int4") if quant == "int4" else (dense_bytes, stored_format)
+    # float experts are widened with the rest when the model computes in fp32 (`placement.place`)
+    expert_bytes, expert_format = (INT4_BYTES, "int4") if quant == "int4" else (compute_bytes, compute_format)
     tensors = tensors_by_group(args)
     if args.tie_word_embeddings:  # the head is a second copy on its device
         tensors["lm_head"] = [("lm_head.weight", tensors["embeddings"][0][1])]
@@ -466,9 +467,15 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
              "GPU memory bandwidth": gpu_s, "GPU-CPU synchronisation": sync_s}
     decode_s = sum(parts.values())
     decode_bound = max(parts, key=parts.get)
-    cpu_bytes = routed_active * (INT4_BYTES if plan.quant == "int4" else DTYPE_BYTES.get(args.torch_dtype, 2)) \
-        + sum(p.nbytes for p in cpu_dense)
-    limit_s = cpu_bytes / profile.cpu.ram_bandwidth + (gpu_dense_bytes / gpu.memory_bandwidth if gpu else 0.0)
+    # the bound: the active routed experts as placed, the dense layers and, for each DeltaNet layer,
+    # its state read and written once; CPU and GPU parts added (a hybrid step runs them in turn)
+    routed = next(p for p in plan.placement if p.group == "routed experts")
+    state = next((p for p in plan.placement if p.group == "DeltaNet state"), None)
+    cpu_bytes = routed.nbytes * top_k / experts + sum(p.nbytes for p in cpu_dense)
+    state_bytes = 2 * state.nbytes if state is not None else 0
+    cpu_bytes += state_bytes if state is not None and state.device == "cpu" else 0
+    gpu_bytes = gpu_dense_bytes + (state_bytes if state is not None and state.device == "gpu" else 0)
+    limit_s = cpu_bytes / profile.cpu.ram_bandwidth + (gpu_bytes / gpu.memory_bandwidth if gpu else 0.0)
     attention_s = _attention_at_depth_s(args, profile, plan, gpu)
     decode_at_ctx_s = decode_s + attention_s
     bound_at_ctx = "attention over the full KV cache" if attention_s > max(parts.values()) else decode_bound

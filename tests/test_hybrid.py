@@ -408,6 +408,18 @@ def test_cpu_only_plans_run_the_cpu_kernels(hf_checkpoint):
     assert not executor_of(engine).lanes
 
 
+def test_float_experts_widened_with_the_rest_are_planned_as_placed(tmp_path):
+    """Float routed experts of a bf16 checkpoint beside quantised dense layers on the CPU compute in
+    fp32 like the rest: the plan counts them at 4 bytes a weight, as placed."""
+    from offload.synthetic import preset_config, synthesize
+
+    path = synthesize(tmp_path / "bf16", preset_config("tiny-qwen3-moe", dtype="bf16"))
+    engine = offload.load(path, quant=None, dense_quant="int8", gpu_mem=0)
+    routed = next(p for p in engine.placement if p["group"] == "routed experts")
+    assert routed["format"] == "fp32"
+    assert_placement_agrees(engine, "cpu")
+
+
 def test_without_cuda_a_gpu_budget_falls_back_to_the_cpu_with_a_notice(hf_checkpoint, capfd):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
