@@ -171,26 +171,8 @@ def test_a_deltanet_step_runs_its_input_projections_as_one_call():
     decode step, bit for bit, as with the two calls apart."""
     import torch
 
-    from offload.config import args_from_dict
-    from offload.deltanet import FusedDeltaNet
-    from offload.dense import QuantizedLinear
-    from offload.models.cache import LinearAttentionCache
-    from offload.models.qwen3_next import GatedDeltaNet
-    from offload.synthetic import preset_config
-
-    config = preset_config("qwen3-next-80b-a3b", layers=1, experts=4)
-    config.update(hidden_size=256, linear_num_key_heads=4, linear_key_head_dim=32, linear_num_value_heads=16,
-                  linear_value_head_dim=32)
-    args = args_from_dict(config)
-    torch.manual_seed(34)
-    mixer = GatedDeltaNet(args).float()
-    with torch.no_grad():
-        for name in ("in_proj_qkvz", "in_proj_ba", "out_proj"):
-            setattr(mixer, name, QuantizedLinear(getattr(mixer, name), "int4", 2))
-    fused = FusedDeltaNet(mixer)
+    fused, caches = quantised_deltanet(seed=34)
     assert fused.in_proj is not None and fused.in_proj.out_features == 1280 + 32
-    caches = [LinearAttentionCache(mixer.conv_dim, args.linear_conv_kernel_dim, 16, 32, 32, torch.float32)
-              for _ in range(2)]
     in_proj = fused.in_proj
     for step in range(3):
         x = torch.randn(1, 256)
@@ -206,7 +188,23 @@ def test_a_short_deltanet_call_is_its_tokens_stepped_one_by_one():
     projections computed for all of them at once: what the same tokens give one call each."""
     import torch
 
-    from offload.config import DELTANET_STEP_MAX_TOKENS, args_from_dict
+    from offload.config import DELTANET_STEP_MAX_TOKENS
+
+    fused, caches = quantised_deltanet(seed=35)
+    x = torch.randn(DELTANET_STEP_MAX_TOKENS, 256)
+    together = fused(x, caches[0])
+    one_by_one = torch.cat([fused(x[t:t + 1], caches[1]) for t in range(x.shape[0])])
+    assert (together - one_by_one).abs().max().item() <= 1e-6 * one_by_one.abs().max().item()
+    assert torch.allclose(caches[0].recurrent_state, caches[1].recurrent_state, rtol=0, atol=1e-7)
+    assert torch.equal(caches[0].conv_state, caches[1].conv_state)
+
+
+def quantised_deltanet(seed: int):
+    """A small Gated DeltaNet (16 value heads: in_proj_ba has 32 rows, so it quantises) with int4
+    projections, as `FusedDeltaNet`, and two fresh caches for it."""
+    import torch
+
+    from offload.config import args_from_dict
     from offload.deltanet import FusedDeltaNet
     from offload.dense import QuantizedLinear
     from offload.models.cache import LinearAttentionCache
@@ -217,7 +215,7 @@ def test_a_short_deltanet_call_is_its_tokens_stepped_one_by_one():
     config.update(hidden_size=256, linear_num_key_heads=4, linear_key_head_dim=32, linear_num_value_heads=16,
                   linear_value_head_dim=32)
     args = args_from_dict(config)
-    torch.manual_seed(35)
+    torch.manual_seed(seed)
     mixer = GatedDeltaNet(args).float()
     with torch.no_grad():
         for name in ("in_proj_qkvz", "in_proj_ba", "out_proj"):
@@ -225,9 +223,4 @@ def test_a_short_deltanet_call_is_its_tokens_stepped_one_by_one():
     fused = FusedDeltaNet(mixer)
     caches = [LinearAttentionCache(mixer.conv_dim, args.linear_conv_kernel_dim, 16, 32, 32, torch.float32)
               for _ in range(2)]
-    x = torch.randn(DELTANET_STEP_MAX_TOKENS, 256)
-    together = fused(x, caches[0])
-    one_by_one = torch.cat([fused(x[t:t + 1], caches[1]) for t in range(x.shape[0])])
-    assert (together - one_by_one).abs().max().item() <= 1e-6 * one_by_one.abs().max().item()
-    assert torch.allclose(caches[0].recurrent_state, caches[1].recurrent_state, rtol=0, atol=1e-7)
-    assert torch.equal(caches[0].conv_state, caches[1].conv_state)
+    return fused, caches
