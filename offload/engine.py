@@ -166,9 +166,7 @@ class Engine:
             self.executor.stream = streamed
         del self.written[self.position:]  # overwritten from here on (and unknown if this fails midway)
         if self.graphs is not None and ids.shape[0] == 1:
-            logits = self.graphs.step(int(ids[0]), self.position)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()  # an eager step's copy to RAM has landed
+            logits = self.graphs.step(int(ids[0]), self.position)  # in RAM, complete
             self.written += ids.tolist()
             self.position += 1
             return logits.float()

@@ -194,9 +194,12 @@ class GraphedDecode:
     def _eager(self, span: int) -> torch.Tensor:
         _state.warming = self.capture  # a capture follows: crossings make their buffers now
         try:
-            return self.engine._to_host(self._run(span))
+            logits = self.engine._to_host(self._run(span))
         finally:
             _state.warming = False
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the copy to RAM has landed
+        return logits
 
     def _capture(self, span: int) -> None:
         """Capture the step at `span`; on failure turn graphs off for good (eager steps go on)."""

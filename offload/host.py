@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from offload.graphs import Crossing, capturing, warming
+
 
 def numpy_view(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> np.ndarray:
     """A C-contiguous NumPy array over a CPU tensor in `dtype` (zero-copy when it already is one)."""
@@ -53,8 +55,6 @@ class OnHost(nn.Module):
         self.crossing = None  # pinned buffers for a captured decode step (`offload.graphs.Crossing`)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        from offload.graphs import Crossing, capturing, warming
-
         chain = capturing()
         if chain is not None:  # inside a decode step being captured: the host's part runs between graphs
             return chain.cross(self, args)
