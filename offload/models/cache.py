@@ -109,15 +109,11 @@ class KVCache:
             put(self.keys, keys)
             return
         kv_heads, tokens, width = keys.shape
-        # one token at a known position (a decode step): its tile and lane as numbers, a plain copy
-        positions = divmod(start, TILE) if not at and tokens == 1 else None
-        if positions is None:
+        if not at and tokens == 1:  # a decode step: its tile and lane as numbers, a plain copy
+            (tile, lane), keys = divmod(start, TILE), keys[:, 0]
+        else:  # index tensors put the tokens first: [T, Hkv, Dh]
             positions = at.index if at else torch.arange(start, end)
-            positions = positions // TILE, positions % TILE
-            keys = keys.transpose(0, 1)  # [T, Hkv, Dh]: where the two indexed dimensions put the tokens
-        else:
-            keys = keys[:, 0]
-        tile, lane = positions
+            tile, lane, keys = positions // TILE, positions % TILE, keys.transpose(0, 1)
         if self.format == "int8":  # [Hkv, Dh / 4, 4] per token into [Hkv, tiles, Dh / 4, TILE, 4]
             self.keys.view(kv_heads, -1, width // 4, TILE, 4)[:, tile, :, lane, :] = \
                 keys.unflatten(-1, (-1, 4)).to(torch.uint8)
