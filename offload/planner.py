@@ -470,11 +470,9 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
     # the bound: the active routed experts as placed, the dense layers and, for each DeltaNet layer,
     # its state read and written once; CPU and GPU parts added (a hybrid step runs them in turn)
     routed = next(p for p in plan.placement if p.group == "routed experts")
-    state = next((p for p in plan.placement if p.group == "DeltaNet state"), None)
-    cpu_bytes = routed.nbytes * top_k / experts + sum(p.nbytes for p in cpu_dense)
-    state_bytes = 2 * state.nbytes if state is not None else 0
-    cpu_bytes += state_bytes if state is not None and state.device == "cpu" else 0
-    gpu_bytes = gpu_dense_bytes + (state_bytes if state is not None and state.device == "gpu" else 0)
+    state = {p.device: 2 * p.nbytes for p in plan.placement if p.group == "DeltaNet state"}  # by device
+    cpu_bytes = routed.nbytes * top_k / experts + sum(p.nbytes for p in cpu_dense) + state.get("cpu", 0)
+    gpu_bytes = gpu_dense_bytes + state.get("gpu", 0)
     limit_s = cpu_bytes / profile.cpu.ram_bandwidth + (gpu_bytes / gpu.memory_bandwidth if gpu else 0.0)
     attention_s = _attention_at_depth_s(args, profile, plan, gpu)
     decode_at_ctx_s = decode_s + attention_s
