@@ -144,7 +144,10 @@ def test_layers_reading_one_input_run_as_one_call_over_their_joined_rows(fmt, ex
         assert torch.equal(gate_up, torch.cat(apart, dim=1))
         assert np.shares_memory(mlp.gate_proj.weight.packed, joined.gate_up.weight.packed)
         assert torch.equal(mlp.gate_proj(x), apart[0]) and torch.equal(mlp.up_proj(x), apart[1])  # views read right
-        assert (joined(x) - expected).abs().max().item() <= 1e-5 * expected.abs().max().item() + 1e-6
+        # silu in NumPy and torch may differ by an ulp, which can move one int8 activation of down's
+        # input across a rounding step in the fast kernels: a real mix-up of rows is O(1)
+        tolerance = 1e-5 if exact else 1e-2
+        assert (joined(x) - expected).abs().max().item() <= tolerance * expected.abs().max().item() + 1e-6
     bias = torch.nn.Linear(128, 32, bias=True)
     assert QuantizedLinear.joined([mlp.gate_proj, QuantizedLinear(bias, fmt, 2, exact=exact)]) is None
 
