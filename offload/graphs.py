@@ -32,6 +32,7 @@ import torch
 from offload.config import GRAPH_SPAN
 from offload.models.cache import KV_DTYPES, DevicePosition, KVCache
 from offload.models.decoder import run_stages
+from offload.models.moe import Experts
 
 _state = threading.local()  # .chain: the `_Chain` being captured on this thread; .warming: the eager step before
 
@@ -74,6 +75,7 @@ class _Chain:
     def __init__(self, pool, device: torch.device):
         self.pool = pool
         self.device = device
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
         self.pieces: list[tuple[torch.cuda.CUDAGraph, Callable[[], None] | None]] = []
         self.graph = self._begin()
 
@@ -100,8 +102,8 @@ class _Chain:
             self.graph.capture_end()
         except RuntimeError:
             try:
-                torch.cuda.memory._cuda_endAllocateToPool(self.device.index, self.pool)
-            except (AttributeError, RuntimeError):
+                torch.cuda.memory._cuda_endAllocateToPool(self.index, self.pool)
+            except Exception:  # a private hook: whatever it does, the engine goes on without graphs
                 pass
         self.pieces.clear()
 
@@ -153,6 +155,9 @@ class GraphedDecode:
     @staticmethod
     def refusal(engine) -> str | None:
         """Why graphs cannot serve this engine's decode steps, or None."""
+        if any(isinstance(module, Experts) and module.gate_up_proj.device.type == "cuda"
+               for module in engine.model.modules()):
+            return "routed experts kept in float on the GPU group tokens on the host; use quant='int4'"
         stored = {cache.format for cache in engine.caches if isinstance(cache, KVCache)}
         wanted = next(name for name, dtype in KV_DTYPES.items() if dtype == engine.dtype)
         if stored - {wanted}:
