@@ -17,12 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_kernels_are_offloads_and_transformers_ignores_them():
+    """offload's kernels are `offload.kernels` only: a top-level `kernels`, if any, is Hugging
+    Face's package (recent transformers releases install it), never our directory."""
+    import importlib.util
+
     import offload.kernels
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-    from transformers.utils.import_utils import is_kernels_available
 
     assert Path(offload.kernels.__file__).parent.name == "kernels"
-    assert not is_kernels_available()
+    top_level = importlib.util.find_spec("kernels")
+    assert top_level is None or Path(top_level.origin).resolve().parent != ROOT / "kernels"
     config = Qwen3MoeConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                             num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4,
                             num_experts_per_tok=2, moe_intermediate_size=8)
