@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import offload  # noqa: E402  (this tree's; then the tree leaves the path, or its kernels/
+sys.path.remove(str(Path(__file__).resolve().parents[1]))  # would shadow the `kernels` package transformers imports)
 
-import offload  # noqa: E402
 from offload.kernels.membw import read_bandwidth  # noqa: E402
 from offload.kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E402
 from offload.kernels.threads import physical_cores  # noqa: E402

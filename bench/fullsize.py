@@ -86,6 +86,8 @@ def ram_bandwidth() -> float:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
+    import offload  # noqa: F401  (this tree's; then off the path, as at the top of bench/step.py)
+    sys.path.remove(str(ROOT))
     from offload.kernels.membw import read_bandwidth
     from offload.kernels.threads import physical_cores
 

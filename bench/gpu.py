@@ -71,7 +71,9 @@ import psutil
 STARTED = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "bench"))  # after the tree: bench/kernels.py is not the package
+import offload  # noqa: E402  (this tree's; then the tree leaves the path, or its kernels/
+sys.path.remove(str(ROOT))  # would shadow the `kernels` package transformers imports)
+sys.path.insert(1, str(ROOT / "bench"))
 # pure-Python wheels carried to a bare machine (e.g. humanfriendly, for the gpu tests' YAML
 # profiles) are importable as they are: zip files on the path
 WHEELS = sorted(str(wheel) for wheel in (ROOT / ".whl").glob("*-py3-none-any.whl"))
@@ -98,7 +100,6 @@ THREADS = choose_threads()  # before numpy, torch and numba are imported: they r
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import offload  # noqa: E402
 from decode import slice_dir  # noqa: E402
 from offload.config import load_config  # noqa: E402
 from offload.graphs import GraphedDecode  # noqa: E402

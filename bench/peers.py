@@ -33,9 +33,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "bench"))  # after the tree: bench/kernels.py is not the package
+import offload  # noqa: E402  (this tree's; then the tree leaves the path, or its kernels/
+sys.path.remove(str(ROOT))  # would shadow the `kernels` package transformers imports)
+sys.path.insert(1, str(ROOT / "bench"))
 
-import offload  # noqa: E402
 from decode import offload_decode, prefill_seconds, slice_dir  # noqa: E402
 from offload.kernels.threads import physical_cores  # noqa: E402
 from offload.hardware import cpu_model  # noqa: E402

@@ -21,12 +21,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import offload  # noqa: E402  (this tree's; then the tree leaves the path, or its kernels/
+sys.path.remove(str(ROOT))  # would shadow the `kernels` package transformers imports)
 sys.path.insert(1, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import openai  # noqa: E402
 
-import offload  # noqa: E402
 from decode import slice_dir  # noqa: E402
 from offload.hardware import cpu_model  # noqa: E402
 from offload.kernels.threads import physical_cores  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def load_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+    path = Path(__file__).resolve().parents[1] / "bench" / "kernel_rates.py"
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

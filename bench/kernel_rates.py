@@ -1,6 +1,6 @@
 """Int4 expert kernels against this machine's limits and against torch, in one run.
 
-    python bench/kernels.py [--threads N] [--quick]
+    python bench/kernel_rates.py [--threads N] [--quick]
 
 Prints: DRAM read bandwidth (1 thread and all threads); then, for the Qwen3-Next-80B expert
 shape (hidden 2048, expert 512, top-10) and the Qwen3-30B one (2048, 768, top-8), decode at
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import offload  # noqa: E402  (this tree's; then the tree leaves the path, or its kernels/
+sys.path.remove(str(Path(__file__).resolve().parents[1]))  # would shadow the `kernels` package transformers imports)
 
 from offload.kernels import gemm, int4, isa, q8  # noqa: E402
 from offload.kernels.membw import read_bandwidth  # noqa: E402
