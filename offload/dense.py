@@ -150,12 +150,16 @@ class JoinedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D] in x's dtype."""
-        gate_up = self.gate_up.rows(numpy_view(x.reshape(-1, self.gate_up.in_features)))
+        out = torch.from_numpy(self.rows(numpy_view(x.reshape(-1, self.gate_up.in_features))))
+        return out.to(x.dtype).reshape(x.shape)
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """x float32 [T, D] (C-contiguous) -> float32 [T, D], NumPy in and out."""
+        gate_up = self.gate_up.rows(x)
         gate, up = gate_up[:, :self.intermediate], gate_up[:, self.intermediate:]
         with np.errstate(over="ignore"):  # e^-g overflows to inf for g < -88: silu is -0 there, as torch's
             hidden = np.exp(np.negative(gate))  # silu(g) = g / (1 + e^-g)
         hidden += 1
         np.divide(gate, hidden, out=hidden)
         hidden *= up
-        out = torch.from_numpy(self.down_proj.rows(hidden))
-        return out.to(x.dtype).reshape(x.shape)
+        return self.down_proj.rows(hidden)

@@ -11,7 +11,8 @@ place that maps plan groups to modules:
   On CUDA each other RAM-resident module is wrapped in `OnHost`;
 - a plan that computes in fp32 on the CPU widens what stays float, and a DeltaNet mixer placed
   on the CPU in fp32 becomes `FusedDeltaNet`; an MLP whose projections are quantised becomes a
-  `JoinedMLP` (gate and up in one kernel call).
+  `JoinedMLP` (gate and up in one kernel call); a CPU-only fp32 plan with the fast kernels takes
+  the lean decode step's norms and MoE blocks (`offload.lean`).
 It returns what it did, group by group (`Engine.placement`).
 """
 
@@ -71,6 +72,10 @@ def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = F
         _wrap_host_modules(model, {g for g, p in where.items() if p.device == "cpu"}, device)
     if plan.activations == "fp32" and "mixers" in where and where["mixers"].device == "cpu":
         _fuse_deltanet_steps(model)
+    if plan.activations == "fp32" and device.type == "cpu" and not plan.gpu_budget and not exact:
+        from offload.lean import lean_layers
+
+        lean_layers(model)
     return nbytes
 
 

@@ -28,6 +28,10 @@ class RMSNorm(nn.Module):
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
+    def scale(self) -> torch.Tensor:
+        """What the normalised row is multiplied by, fp32 [dim]."""
+        return self.weight.float()
+
 
 class Attention(nn.Module):
     def __init__(self, args: Qwen3MoeArgs):

@@ -43,6 +43,10 @@ class RMSNorm(nn.Module):
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * (1.0 + self.weight.float())).to(x.dtype)
 
+    def scale(self) -> torch.Tensor:
+        """What the normalised row is multiplied by, fp32 [dim]."""
+        return 1.0 + self.weight.float()
+
 
 class RMSNormGated(nn.Module):
     """RMSNorm (plain scale) of the DeltaNet output, then times silu(gate)."""

@@ -1,0 +1,84 @@
+"""The small pieces of a decode step between the matrix kernels, fused: norms and the MoE router.
+
+In torch each RMSNorm is ~8 operations and a MoE block's routing (router logits, softmax, top-k,
+renormalisation, the shared expert's sigmoid gate) another ~8, each a few microseconds of
+dispatch on a vector of a few thousand floats. Here each is one call: a norm is one pass over
+the row; routing is one parallel pass over the router's rows (the only part that reads
+memory: [E, D] fp32, 1-4 MB a layer) and a short serial tail per token.
+
+Shapes: T tokens, D hidden, E routed experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def rms_norm(x, scale, eps, out):
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * scale, float32 [T, D] (scale [D]: the norm's
+    effective weight, `1 + w` for a zero-centred norm)."""
+    tokens, width = x.shape
+    for t in range(tokens):
+        square = np.float32(0.0)
+        for d in range(width):
+            square += x[t, d] * x[t, d]
+        inverse = np.float32(1.0) / np.sqrt(square / np.float32(width) + eps)
+        for d in range(width):
+            out[t, d] = x[t, d] * inverse * scale[d]
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def router_logits(h, router, shared_gate, logits):
+    """logits[t, :E] = router @ h[t]; with a shared-expert gate [1, D], logits[t, E] = its logit.
+    h float32 [T, D], router float32 [E, D], shared_gate float32 [G, D] (G = 0 or 1),
+    logits float32 [T, E + G]. Parallel over the router's rows: each is read once for all tokens."""
+    tokens, width = h.shape
+    experts, gates = router.shape[0], shared_gate.shape[0]
+    for e in prange(experts + gates):
+        row = router[e] if e < experts else shared_gate[e - experts]
+        for t in range(tokens):
+            total = np.float32(0.0)
+            for d in range(width):
+                total += row[d] * h[t, d]
+            logits[t, e] = total
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _taken(ids, count, e):
+    for k in range(count):
+        if ids[k] == e:
+            return True
+    return False
+
+
+@njit(nogil=True, cache=True, fastmath={"contract"})
+def top_k_softmax(logits, experts, normalise, weights, expert_ids, shared_gate):
+    """From `router_logits`' output: per token the K largest of softmax(logits[t, :experts])
+    (ties to the lower index, as torch.topk), renormalised to sum to 1 if `normalise`, into
+    weights float32 [T, K] and expert_ids int64 [T, K]; with a gate logit at logits[t, experts],
+    shared_gate[t] = sigmoid of it."""
+    tokens, top_k = weights.shape
+    for t in range(tokens):
+        row = logits[t]
+        peak = row[0]
+        for e in range(1, experts):
+            peak = max(peak, row[e])
+        total = np.float32(0.0)
+        for e in range(experts):
+            total += np.exp(row[e] - peak)
+        picked_sum = np.float32(0.0)
+        for k in range(top_k):  # K passes of an argmax over E: K * E is a few thousand compares
+            best = -1  # the first expert not yet taken, then any larger (NaN logits: still a valid id)
+            for e in range(experts):
+                if not _taken(expert_ids[t], k, e) and (best < 0 or row[e] > row[best]):
+                    best = e
+            expert_ids[t, k] = best
+            weights[t, k] = np.exp(row[best] - peak) / total
+            picked_sum += weights[t, k]
+        if normalise:
+            for k in range(top_k):
+                weights[t, k] /= picked_sum
+        if logits.shape[1] > experts:
+            shared_gate[t] = np.float32(1.0) / (np.float32(1.0) + np.exp(-row[experts]))

@@ -1,0 +1,126 @@
+"""The lean decode step (`offload.lean`): its kernels against torch, and a lean engine against the
+model's own modules on the same quantised weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import offload
+from offload.kernels.step import rms_norm, router_logits, top_k_softmax
+from offload.lean import LeanMoeBlock, LeanNorm, lean_off
+from offload.models import qwen3_moe, qwen3_next
+from offload.models.moe import Router
+
+EPS32 = float(np.finfo(np.float32).eps)
+STAND_IN = dict(gpu_mem="8G", profile="rtx4060-ddr5", device="cpu")  # a GPU plan, the CPU standing in
+
+
+@pytest.mark.parametrize("norm_class", [qwen3_next.RMSNorm, qwen3_moe.RMSNorm])
+@pytest.mark.parametrize("tokens, width", [(1, 2048), (5, 96)])
+def test_a_lean_norm_is_the_models_norm(norm_class, tokens, width):
+    """Either norm form (zero-centred 1 + w, or w): the same values up to the order of one sum of
+    `width` squares (relative rounding <= width * eps, far below a wrong scale's error)."""
+    generator = torch.Generator().manual_seed(width)
+    norm = norm_class(width, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(width, generator=generator) * 0.5)
+    x = torch.randn(tokens, width, generator=generator) * 3
+    lean = LeanNorm(norm)
+    torch.testing.assert_close(lean(x), norm(x), rtol=width * EPS32, atol=1e-6)
+    bf16 = x.to(torch.bfloat16)  # not the lean path's input: the model's norm serves it
+    assert torch.equal(lean(bf16), norm(bf16))
+
+
+@pytest.mark.parametrize("experts, top_k, normalise, tokens", [(128, 10, True, 1), (12, 3, False, 8), (64, 1, True, 3)])
+def test_routing_picks_what_torch_picks(experts, top_k, normalise, tokens):
+    """Router logits, softmax, top-k (in torch.topk's order), renormalisation and the shared
+    expert's sigmoid gate from one parallel and one serial call. Random logits are separated far
+    beyond the sum-order rounding (width * eps of |w| |h|), so the same experts must be picked."""
+    width = 256
+    generator = torch.Generator().manual_seed(experts)
+    router = Router(width, experts, top_k, normalise)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(experts, width, generator=generator) * 0.1)
+    shared_gate = torch.randn(1, width, generator=generator) * 0.1
+    h = torch.randn(tokens, width, generator=generator)
+    expected_weights, expected_ids = router(h)
+    logits = np.empty((tokens, experts + 1), np.float32)
+    router_logits(h.numpy(), router.weight.detach().numpy(), shared_gate.numpy(), logits)
+    bound = width * EPS32 * (router.weight.abs() @ h.abs().T).max().item()
+    np.testing.assert_allclose(logits[:, :experts], F.linear(h, router.weight).detach().numpy(), rtol=0, atol=bound)
+    weights = np.empty((tokens, top_k), np.float32)
+    ids = np.empty((tokens, top_k), np.int64)
+    gate = np.empty(tokens, np.float32)
+    top_k_softmax(logits, experts, normalise, weights, ids, gate)
+    assert np.array_equal(ids, expected_ids.numpy())
+    np.testing.assert_allclose(weights, expected_weights.detach().numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gate, torch.sigmoid(F.linear(h, shared_gate))[:, 0].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_routing_of_a_broken_activation_still_names_real_experts():
+    """NaN logits (an overflowed activation) must not index outside the experts: the kernels
+    behind have no bounds checks."""
+    logits = np.full((2, 8), np.nan, np.float32)
+    logits[1, :4] = [1.0, np.nan, 3.0, 2.0]
+    weights, ids = np.empty((2, 3), np.float32), np.empty((2, 3), np.int64)
+    top_k_softmax(logits, 8, True, weights, ids, np.empty(2, np.float32))
+    assert ((ids >= 0) & (ids < 8)).all()
+    assert all(len(set(row)) == 3 for row in ids.tolist())
+
+
+@pytest.mark.parametrize("name", ["next", "next-hub", "moe-hub"])
+def test_a_lean_engine_decodes_as_the_models_modules_do(hf_checkpoint, name):
+    """The default CPU engine (int4 experts, quantised dense layers, fast kernels) decodes through
+    the lean modules; on the same weights and kernels the model's own modules give the same
+    tokens' logits up to rounding: far less than what the fast kernels' int8 activations move
+    them against the exact ones (itself a small part of what int4 costs: test_int4_engine)."""
+    checkpoint = hf_checkpoint(name)
+    ids = torch.randint(0, 160, (40,), generator=torch.Generator().manual_seed(5))
+    lean = offload.load(checkpoint.path, quant="int4")
+    moe_layers = sum(lean.args.is_moe_layer(i) for i in range(lean.args.num_hidden_layers))
+    assert sum(isinstance(m, LeanMoeBlock) for m in lean.model.modules()) == moe_layers
+    plain = offload.load(checkpoint.path, quant="int4")
+    lean_off(plain.model)
+    exact = offload.load(checkpoint.path, quant="int4", exact=True)
+    assert not any(isinstance(m, (LeanMoeBlock, LeanNorm)) for m in exact.model.modules())
+
+    def moved(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    lean_moves, fast_moves = [], []
+    for engine in (lean, plain, exact):
+        engine.feed(ids[:30])
+    for i in range(30, 40):  # decode steps: the lean path
+        step = ids[i:i + 1]
+        lean_logits, plain_logits, exact_logits = (engine.feed(step) for engine in (lean, plain, exact))
+        lean_moves.append(moved(lean_logits, plain_logits))
+        fast_moves.append(moved(plain_logits, exact_logits))
+    assert max(lean_moves) < 0.25 * max(fast_moves)
+    # a short prompt goes through the lean path as a whole
+    lean.reset()
+    plain.reset()
+    assert moved(lean.feed(ids[:6]), plain.feed(ids[:6])) < 0.25 * max(fast_moves)
+
+
+@pytest.mark.parametrize("name", ["next", "moe-hub"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_a_lean_moe_block_is_the_models_block(hf_checkpoint, name, tokens):
+    """On the same input both run the same expert and shared-expert kernels on the same int8
+    codes: only the router's sums round in another order (a relative 1e-7 on the weights)."""
+    engine = offload.load(hf_checkpoint(name).path, quant="int4")
+    blocks = [m for m in engine.model.modules() if isinstance(m, LeanMoeBlock)]
+    assert blocks
+    h = torch.randn(tokens, engine.args.hidden_size, generator=torch.Generator().manual_seed(tokens))
+    for lean in blocks:
+        expected = lean.block(h)
+        assert ((lean(h) - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_plans_off_the_lean_path_keep_the_models_modules(hf_checkpoint):
+    """A GPU plan (here on the CPU standing in) keeps the model's norms and MoE blocks."""
+    checkpoint = hf_checkpoint("next")
+    hybrid = offload.load(checkpoint.path, quant="int4", **STAND_IN)
+    assert not any(isinstance(m, (LeanMoeBlock, LeanNorm)) for m in hybrid.model.modules())
