@@ -17,7 +17,9 @@ codes, then dotted with the four activations broadcast to every lane. 16 dot ins
 group on zmm; the group's integer sums become floats once:
     out[r] += alpha * sum_g (dot_g[r] - 8 sums[g]) * w_scale[r, g] * scales[g]
 Integer sums are exact, and the float part is the same code on every path, so all paths give
-the same bits.
+the same bits. On AVX2 one token's int4 / int6 block skips the transpose (`_ColumnDots`: each
+column's activation spread over alternate bytes, products summed in 16 bits), in a loop over
+pairs of quads that keeps its values in the 16 registers: 2.4x the int4 rate, 1.8x int6.
 
 Decode (`moe_decode_fast`) is `gemv.moe_decode` with these blocks: gate_up per (token, expert,
 row block), whose 32 rows of silu(gate) * up are one group of down's input and are quantised
@@ -146,6 +148,84 @@ def dot4(builder, path: int, acc, weights, activations):
     return builder.shuffle_vector(results[0], results[1], ir.Constant(v16i32, list(range(16))))
 
 
+class _ColumnDots:
+    """AVX2's single-token dot of int4 / int6 codes without transposing them (`_block_dot_codegen`).
+
+    A quad's codes come column by column (byte j*16 + r: column j, row r), and `vpmaddubsw` adds
+    the products of neighbouring bytes, rows r and r+1 of one column: a row's four products would
+    first need a transpose (on 256-bit registers, eight shuffles a quad). Here each column's
+    activation is instead spread over the even bytes (then the odd ones) of its 128-bit lane, the
+    other bytes zero, so each 16-bit sum holds one product: even rows and odd rows in two
+    accumulators per nibble plane, columns 0-1 and 2-3 into the same ones. 16-bit sums are widened
+    every `flush` quads, before they can overflow (a product is at most 15 x 127, int6 63 x 127),
+    and at the group's end the even and odd rows are interleaved back: the same integer dots as
+    the transposed form, so the same bits."""
+
+    def __init__(self, builder, bits: int):
+        i8, i32 = ir.IntType(8), ir.IntType(32)
+        self.builder = builder
+        self.v32i8, self.v16i16, self.v8i32 = ir.VectorType(i8, 32), ir.VectorType(ir.IntType(16), 16), \
+            ir.VectorType(i32, 8)
+        module = builder.module
+        self.pshufb = cgutils.get_or_insert_function(module, ir.FunctionType(self.v32i8, [self.v32i8] * 2),
+                                                     "llvm.x86.avx2.pshuf.b")
+        self.maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(self.v16i16, [self.v32i8] * 2),
+                                                      "llvm.x86.avx2.pmadd.ub.sw")
+        # control of `vpshufb` over the broadcast quad of activations: columns (2 half, 2 half + 1) in
+        # lanes 0 and 1, on the bytes of one parity, -128 (zero) on the others
+        self.controls = [[ir.Constant(self.v32i8, [2 * half + lane if i % 2 == parity else -128
+                                                   for lane in (0, 1) for i in range(16)])
+                          for parity in (0, 1)] for half in (0, 1)]
+        self.flush_every = 8 if bits == 4 else 2  # quads
+        self.zero16 = ir.Constant(self.v16i16, [0] * 16)
+        self.zero32 = ir.Constant(self.v8i32, [0] * 8)
+        self.narrow = [[self.zero16] * 2 for _ in range(2)]  # [plane][parity] 16-bit sums
+        self.wide = [[self.zero32] * 2 for _ in range(2)]  # [plane][parity] rows 2k + parity, 32-bit
+
+    def values(self) -> list:
+        """The running sums, for the phis of a loop over quads."""
+        return [v for plane in self.narrow for v in plane] + [v for plane in self.wide for v in plane]
+
+    def set_values(self, values: list) -> None:
+        self.narrow = [list(values[0:2]), list(values[2:4])]
+        self.wide = [list(values[4:6]), list(values[6:8])]
+
+    def _pick(self, a, b, indices):
+        return self.builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), len(indices)), indices))
+
+    def add_quad(self, planes, quad_x) -> None:
+        """planes: the quad's two nibble planes (<64 x i8>, rows 0-15 and 16-31, column-major);
+        quad_x: the quad's four int8 activations as one i32."""
+        b = self.builder
+        spread = b.bitcast(b.shuffle_vector(b.insert_element(ir.Constant(self.v8i32, ir.Undefined), quad_x,
+                                                             ir.Constant(ir.IntType(32), 0)),
+                                            ir.Constant(self.v8i32, ir.Undefined),
+                                            ir.Constant(self.v8i32, [0] * 8)), self.v32i8)
+        xs = [[b.call(self.pshufb, [spread, self.controls[half][parity]]) for parity in (0, 1)] for half in (0, 1)]
+        for plane, codes in enumerate(planes):
+            halves = [self._pick(codes, codes, list(range(32 * h, 32 * h + 32))) for h in (0, 1)]
+            for parity in (0, 1):
+                for half in (0, 1):
+                    product = b.call(self.maddubs, [halves[half], xs[half][parity]])
+                    self.narrow[plane][parity] = b.add(self.narrow[plane][parity], product)
+
+    def flush(self) -> None:
+        """Widen the 16-bit sums into the 32-bit ones."""
+        b = self.builder
+        for plane in (0, 1):
+            for parity in (0, 1):
+                sums = self.narrow[plane][parity]
+                for lane in (0, 1):  # the two columns of each 128-bit lane: same rows
+                    part = b.sext(self._pick(sums, sums, list(range(8 * lane, 8 * lane + 8))), self.v8i32)
+                    self.wide[plane][parity] = b.add(self.wide[plane][parity], part)
+                self.narrow[plane][parity] = self.zero16
+
+    def dots(self) -> list:
+        """The group's <16 x i32> dots of rows 0-15 and 16-31."""
+        return [self._pick(self.wide[plane][0], self.wide[plane][1], [k // 2 + 8 * (k % 2) for k in range(16)])
+                for plane in (0, 1)]
+
+
 def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
     """LLVM code of `_q8_block_dot` (tokens=1) or `_q8_block_dot_pair` (tokens=2: each quad's
     codes are split and transposed once for both tokens), for int4 (bits=4), int6 or int8 weights.
@@ -207,24 +287,60 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
             address = builder.gep(packed_ptr, [builder.add(group_bytes, const(PREFETCH_BYTES + 64 * line))])
             builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         dots = [[zero_i, zero_i] for _ in range(tokens)]
+        columns = _ColumnDots(builder, bits) if path == paths.AVX2 and bits in (4, 6) and tokens == 1 else None
         low_mask, shift = ir.Constant(v64i8, [15] * 64), ir.Constant(v64i8, [4] * 64)
         transpose = ir.Constant(ir.VectorType(i32, 64), _TRANSPOSE)
         zero_b = ir.Constant(v64i8, [0] * 64)
         three, blend = ir.Constant(v64i8, [3] * 64), ir.Constant(ir.VectorType(i32, 64), _HIGH_BLEND)
-        for quad in range(QUADS):
+
+        def planes_at(quad_bytes):
+            """The int4 / int6 codes of the quad at byte `quad_bytes` (an i64) as two planes of
+            <64 x i8> (rows 0-15 and 16-31), column-major as stored."""
+            codes = load(packed_ptr, quad_bytes, v64i8, 1)
+            nibbles = [builder.and_(codes, low_mask), builder.lshr(codes, shift)]
+            if bits == 6:  # the high bits of rows 0-15 and 16-31, to the left of their nibbles
+                top = load(packed_ptr, builder.add(quad_bytes, const(64)), ir.VectorType(i8, 32), 1)
+                top = builder.shuffle_vector(top, top, ir.Constant(ir.VectorType(i32, 64), _HIGH_BYTES))
+                fields = [builder.and_(builder.lshr(top, ir.Constant(v64i8, [2 * f] * 64)), three) for f in range(4)]
+                nibbles = [builder.or_(part, builder.shl(builder.shuffle_vector(fields[2 * h], fields[2 * h + 1],
+                                                                                blend), shift))
+                           for h, part in enumerate(nibbles)]
+            return nibbles
+
+        if columns is not None:  # an IR loop over pairs of quads: each pair's values die in its iteration
+            pair_head, pair_body, pair_done = (function.append_basic_block(name) for name in
+                                               ("pair_head", "pair_body", "pair_done"))
+            before = builder.block
+            builder.branch(pair_head)
+            builder.position_at_end(pair_head)
+            pair = builder.phi(i64)
+            pair.add_incoming(const(0), before)
+            state = [builder.phi(value.type) for value in columns.values()]
+            for phi, value in zip(state, columns.values()):
+                phi.add_incoming(value, before)
+            columns.set_values(state)
+            builder.cbranch(builder.icmp_unsigned("<", pair, const(QUADS // 2)), pair_body, pair_done)
+            builder.position_at_end(pair_body)
+            for step in (0, 1):
+                quad_index = builder.add(builder.mul(pair, const(2)), const(step))
+                quad_bytes = builder.add(group_bytes, builder.mul(quad_index, const(4 * column_bytes)))
+                column = builder.add(first_column, builder.mul(quad_index, const(4)))
+                columns.add_quad(planes_at(quad_bytes), builder.load(
+                    builder.bitcast(builder.gep(xq_ptrs[0], [column]), i32.as_pointer()), align=1))
+            if columns.flush_every == 2:
+                columns.flush()
+            for phi, value in zip(state, columns.values()):
+                phi.add_incoming(value, builder.block)
+            pair.add_incoming(builder.add(pair, const(1)), builder.block)
+            builder.branch(pair_head)
+            builder.position_at_end(pair_done)
+            columns.set_values(state)
+            if columns.flush_every != 2:
+                columns.flush()
+        for quad in range(0 if columns is not None else QUADS):
             if bits in (4, 6):
-                codes = load(packed_ptr, builder.add(group_bytes, const(4 * column_bytes * quad)), v64i8, 1)
-                nibbles = [builder.and_(codes, low_mask), builder.lshr(codes, shift)]
-                if bits == 6:  # the high bits of rows 0-15 and 16-31, to the left of their nibbles
-                    top = load(packed_ptr, builder.add(group_bytes, const(4 * column_bytes * quad + 64)),
-                               ir.VectorType(i8, 32), 1)
-                    top = builder.shuffle_vector(top, top, ir.Constant(ir.VectorType(i32, 64), _HIGH_BYTES))
-                    fields = [builder.and_(builder.lshr(top, ir.Constant(v64i8, [2 * f] * 64)), three)
-                              for f in range(4)]
-                    nibbles = [builder.or_(part, builder.shl(builder.shuffle_vector(fields[2 * h], fields[2 * h + 1],
-                                                                                    blend), shift))
-                               for h, part in enumerate(nibbles)]
-                rows = [builder.shuffle_vector(part, part, transpose) for part in nibbles]
+                rows = [builder.shuffle_vector(part, part, transpose)
+                        for part in planes_at(builder.add(group_bytes, const(4 * column_bytes * quad)))]
             else:
                 codes = load(packed_ptr, builder.add(group_bytes, const(128 * quad)), ir.VectorType(i8, 128), 1)
                 rows = [builder.shuffle_vector(codes, codes, ir.Constant(ir.VectorType(i32, 64), indices))
@@ -243,6 +359,8 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
                     signed = builder.select(negative[half], builder.sub(zero_b, activations), activations)
                     signed = builder.select(empty[half], zero_b, signed)
                     dots[t][half] = dot4(builder, path, dots[t][half], magnitudes[half], signed)
+        if columns is not None:
+            dots[0] = columns.dots()
         w_scales = []
         for half in (0, 1):
             scale_bits = load(scales_ptr, builder.add(first_column, const(16 * half)), ir.VectorType(i16, 16), 2)
