@@ -1,6 +1,6 @@
 """Where a CPU decode step's time goes: each kernel family timed inside real decode steps.
 
-    python bench/step.py [--layers 8] [--experts 128] [--steps 60] [--runs 3]
+    python bench/step.py [--layers 8] [--experts 128] [--vocab N] [--steps 60] [--runs 3] [--lean on|off]
 
 The slice of `bench/decode.py` (built once into the cache), CPU only, offload's defaults. A
 16-token prompt, then decode steps: first untimed (the step as users get it, median of `runs`
@@ -15,6 +15,7 @@ the step as the model's torch layers do it, without the lean executor, for compa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -77,29 +78,33 @@ class Timers:
             setattr(module, name, original)
 
 
-def decode_steps(engine, steps: int) -> float:
-    """Seconds per step over `steps` decode steps after a 16-token prompt."""
+def decode_steps(engine, steps: int, timers: Timers | None = None) -> float:
+    """Seconds per step over `steps` decode steps after a 16-token prompt (with `timers` installed
+    around the steps alone)."""
     engine.reset()
     engine.feed(list(range(1, 17)), all_logits=False)
     engine.feed([99], all_logits=False)  # warm
-    start = time.perf_counter()
-    for i in range(steps):
-        engine.feed([100 + i], all_logits=False)
-    return (time.perf_counter() - start) / steps
+    with timers or contextlib.nullcontext():
+        start = time.perf_counter()
+        for i in range(steps):
+            engine.feed([100 + i], all_logits=False)
+        return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--vocab", type=int, help="a smaller vocabulary than the real one (a quick rehearsal)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--lean", choices=["on", "off"], default="on")
     options = parser.parse_args()
     threads = physical_cores()
     torch.set_num_threads(threads)
-    path = slice_dir(options.layers, options.experts)
+    path = slice_dir(options.layers, options.experts, options.vocab)
 
+    print("RAM read bandwidth (1 GiB) ...", flush=True)
     values = np.ones(2**28, np.float32)  # 1 GiB: far beyond any L3 seen
     bandwidth = read_bandwidth(values, threads)
     del values
@@ -110,8 +115,8 @@ def main() -> None:
     bytes_per_token = hardware.cpu.ram_bandwidth / engine.plan.predicted.decode_limit_tok_s
     limit = bandwidth / bytes_per_token
     seconds = statistics.median(decode_steps(engine, options.steps) for _ in range(options.runs))
-    with Timers() as timers:
-        timed = decode_steps(engine, options.steps)
+    timers = Timers()
+    timed = decode_steps(engine, options.steps, timers)
     scale = 1e3 / options.steps
 
     print(f"{cpu_model()}, {threads} threads; {path.name}; RAM read {bandwidth / 1e9:.1f} GB/s (1 GiB)")

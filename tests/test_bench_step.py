@@ -1,0 +1,31 @@
+"""bench/step.py rehearsed on a small slice: every kernel family it times shows up in real decode
+steps, and what is left between them is what the step takes beyond them."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("lean", ["on", "off"])
+def test_the_step_profile_accounts_for_the_step(tmp_path, lean):
+    env = {**os.environ, "OFFLOAD_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "bench/step.py", "--layers", "4", "--experts", "16", "--vocab", "4096",
+                          "--steps", "4", "--runs", "1", "--lean", lean],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    out = run.stdout
+    assert re.search(r"decode step [\d.]+ ms \([\d.]+ tok/s\), \d+% of the bound", out)
+    step = float(re.search(r"one timed run: ([\d.]+) ms a step", out).group(1))
+    rows = {name.strip(): (float(ms), share) for name, ms, share in
+            re.findall(r"^  (\w[\w ]+?)\s+([\d.]+)\s+(?:\d+\s+)?(\d+)%$", out, re.M)}
+    assert {"dense kernels", "expert kernels", "DeltaNet kernel", "attention kernel", "between kernels"} <= set(rows)
+    assert abs(sum(ms for ms, _ in rows.values()) - step) < 0.01 * step + 0.05
+    assert all(ms > 0 for ms, _ in rows.values())
