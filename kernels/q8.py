@@ -19,7 +19,8 @@ group on zmm; the group's integer sums become floats once:
 Integer sums are exact, and the float part is the same code on every path, so all paths give
 the same bits. On AVX2 one token's int4 / int6 block skips the transpose (`_ColumnDots`: each
 column's activation spread over alternate bytes, products summed in 16 bits), in a loop over
-pairs of quads that keeps its values in the 16 registers: 2.4x the int4 rate, 1.8x int6.
+pairs of quads that keeps its values in the 16 registers (Zen 3, a matrix streamed from RAM:
+int4 1.4x the transposed form's rate, int6 1.4x).
 
 Decode (`moe_decode_fast`) is `gemv.moe_decode` with these blocks: gate_up per (token, expert,
 row block), whose 32 rows of silu(gate) * up are one group of down's input and are quantised
