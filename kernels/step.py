@@ -1,4 +1,5 @@
-"""The small pieces of a decode step between the matrix kernels, fused: norms and the MoE router.
+"""The small pieces of a decode step between the matrix kernels, fused: norms, the MoE router and
+an attention layer's inputs (per-head norms, rotary, the output gate).
 
 In torch each RMSNorm is ~8 operations and a MoE block's routing (router logits, softmax, top-k,
 renormalisation, the shared expert's sigmoid gate) another ~8, each a few microseconds of
@@ -82,3 +83,46 @@ def top_k_softmax(logits, experts, normalise, weights, expert_ids, shared_gate):
                 weights[t, k] /= picked_sum
         if logits.shape[1] > experts:
             shared_gate[t] = np.float32(1.0) / (np.float32(1.0) + np.exp(-row[experts]))
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def attention_inputs(rows, gated, q_scale, k_scale, eps, cos, sin, query, keys, values, gate):
+    """An attention layer's projections to what the cache and the kernel take, for T tokens.
+
+    rows    float32 [T, Q + 2 Hkv Dh]  q_proj's rows, then k_proj's, then v_proj's; q_proj's are per
+                                       head [query (Dh), gate (Dh)] when `gated`, else [query]
+    q_scale, k_scale float32 [Dh]      the per-head norms' effective weights; eps their epsilon
+    cos, sin float32 [T, R]            rotary tables: channels [0, R) turn in half-split pairs
+    query   float32 [H, T, Dh]         out: normed, rotated
+    keys    float32 [Hkv, T, Dh]       out: normed, rotated
+    values  float32 [Hkv, T, Dh]       out
+    gate    float32 [T, H Dh]          out: sigmoid of the gate rows (when `gated`)
+    """
+    heads, tokens, width = query.shape
+    kv_heads = keys.shape[0]
+    half = cos.shape[1] // 2
+    q_stride = 2 * width if gated else width
+    key_base = heads * q_stride
+    value_base = key_base + kv_heads * width
+    for t in range(tokens):
+        for h in range(heads + kv_heads):
+            if h < heads:
+                base, scale, target = h * q_stride, q_scale, query[h, t]
+            else:
+                base, scale, target = key_base + (h - heads) * width, k_scale, keys[h - heads, t]
+            square = np.float32(0.0)
+            for d in range(width):
+                square += rows[t, base + d] * rows[t, base + d]
+            inverse = np.float32(1.0) / np.sqrt(square / np.float32(width) + eps)
+            for d in range(width):
+                target[d] = rows[t, base + d] * inverse * scale[d]
+            for d in range(half):
+                first, second = target[d], target[d + half]
+                target[d] = first * cos[t, d] - second * sin[t, d]
+                target[d + half] = second * cos[t, d + half] + first * sin[t, d + half]
+            if gated and h < heads:
+                for d in range(width):
+                    gate[t, h * width + d] = np.float32(1.0) / (np.float32(1.0) + np.exp(-rows[t, base + width + d]))
+        for h in range(kv_heads):
+            for d in range(width):
+                values[h, t, d] = rows[t, value_base + h * width + d]

@@ -9,7 +9,10 @@ up to DECODE_MAX_TOKENS tokens (a decode step, a short prompt's chunk):
   gate logit in one parallel pass over the router (`kernels.step.router_logits`), softmax, top-k
   and renormalisation in one serial call, then the routed experts' kernel, the shared expert's
   two kernel calls (a `JoinedMLP`) and the gated sum, all on NumPy arrays: no torch operation,
-  conversion or view between the kernels.
+  conversion or view between the kernels;
+- `LeanAttention` stands in for an attention mixer whose projections are quantised alike: q, k and
+  v in one kernel call, per-head norms, rotary and the output gate's sigmoid in one Numba call,
+  the cache's write and attention as the model's.
 Longer calls (prefill chunks) go to the model's modules, which stay the definition of the maths:
 the lean path is checked against them (its sums round in another order, and top-k may pick
 another expert where two logits tie to the last bit), and `exact=True` never uses it.
@@ -24,10 +27,11 @@ import torch
 from torch import nn
 
 from offload.config import DECODE_MAX_TOKENS
-from offload.dense import JoinedMLP
+from offload.dense import JoinedMLP, QuantizedLinear
 from offload.experts import Int4Experts
 from offload.host import numpy_view
-from offload.kernels.step import rms_norm, router_logits, top_k_softmax
+from offload.kernels.step import attention_inputs, rms_norm, router_logits, top_k_softmax
+from offload.models.attention import cached_attention
 from offload.models.moe import SparseMoeBlock
 
 
@@ -107,9 +111,53 @@ class LeanMoeBlock(nn.Module):
         return self.begin(x)()
 
 
+class LeanAttention(nn.Module):
+    """A model's attention mixer (`self_attn`, either architecture: `output_gate` says whether
+    q_proj also yields a gate) whose q, k, v projections are quantised alike: for calls of up to
+    DECODE_MAX_TOKENS tokens, the three as one kernel call, per-head norms, rotary and the gate's
+    sigmoid in one Numba call (`kernels.step.attention_inputs`), the cache's write and attention
+    as the model does them, the gate and o_proj on NumPy arrays."""
+
+    def __init__(self, attention: nn.Module, qkv: QuantizedLinear):
+        super().__init__()
+        self.attention = attention
+        object.__setattr__(self, "qkv", qkv)  # not a submodule: its bytes are q_proj's, k_proj's, v_proj's
+        self.q_scale, self.k_scale = numpy_view(attention.q_norm.scale()), numpy_view(attention.k_norm.scale())
+        self.eps = np.float32(attention.q_norm.eps)
+        self.head_dim = attention.head_dim
+        self.heads = attention.o_proj.in_features // attention.head_dim
+        self.kv_heads = attention.k_proj.out_features // attention.head_dim
+
+    @classmethod
+    def of(cls, attention: nn.Module | None) -> LeanAttention | None:
+        if attention is None or not hasattr(attention, "output_gate"):
+            return None
+        qkv = QuantizedLinear.joined([attention.q_proj, attention.k_proj, attention.v_proj])
+        return None if qkv is None else cls(attention, qkv)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start) -> torch.Tensor:
+        """x [T, D] -> [T, D]: the model's attention forward."""
+        if not _lean_input(x) or not isinstance(start, int):
+            return self.attention(x, cos, sin, cache, start)
+        attention, tokens, width = self.attention, x.shape[0], self.head_dim
+        rows = self.qkv.rows(numpy_view(x))
+        query = np.empty((self.heads, tokens, width), np.float32)
+        keys, values = (np.empty((self.kv_heads, tokens, width), np.float32) for _ in range(2))
+        gate = np.empty((tokens, self.heads * width) if attention.output_gate else (0, 0), np.float32)
+        attention_inputs(rows, attention.output_gate, self.q_scale, self.k_scale, self.eps, numpy_view(cos),
+                         numpy_view(sin), query, keys, values, gate)
+        out = numpy_view(cached_attention(torch.from_numpy(query), torch.from_numpy(keys), torch.from_numpy(values),
+                                          cache, start, attention.sliding_window))  # [T, H * Dh], a new array
+        if attention.output_gate:
+            out *= gate
+        if isinstance(attention.o_proj, QuantizedLinear):
+            return torch.from_numpy(attention.o_proj.rows(out))
+        return attention.o_proj(torch.from_numpy(out))
+
+
 def lean_layers(model: nn.Module) -> int:
     """Swap the lean pieces into `model` (placed on the CPU in fp32, routed experts int4 with the
-    fast kernels): each layer's two norms and each MoE block that qualifies.
+    fast kernels): each layer's two norms, its attention mixer and its MoE block where they qualify.
     Returns how many MoE blocks were swapped."""
     swapped = 0
     for layer in model.layers:
@@ -119,6 +167,9 @@ def lean_layers(model: nn.Module) -> int:
         if lean is not None:
             layer.mlp = lean
             swapped += 1
+        attention = LeanAttention.of(getattr(layer, "self_attn", None))  # both architectures' name for it
+        if attention is not None:
+            layer.self_attn = attention
     return swapped
 
 
@@ -131,3 +182,5 @@ def lean_off(model: nn.Module) -> None:
                 setattr(layer, name, module.norm)
         if isinstance(layer.mlp, LeanMoeBlock):
             layer.mlp = layer.mlp.block
+        if isinstance(getattr(layer, "self_attn", None), LeanAttention):
+            layer.self_attn = layer.self_attn.attention

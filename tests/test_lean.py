@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import offload
-from offload.kernels.step import rms_norm, router_logits, top_k_softmax
-from offload.lean import LeanMoeBlock, LeanNorm, lean_off
+from offload.kernels.step import attention_inputs, rms_norm, router_logits, top_k_softmax
+from offload.lean import LeanAttention, LeanMoeBlock, LeanNorm, lean_off
+from offload.models.attention import RotaryEmbedding, apply_rope
+from offload.models.cache import KVCache
 from offload.models import qwen3_moe, qwen3_next
 from offload.models.moe import Router
 
@@ -71,6 +73,58 @@ def test_routing_of_a_broken_activation_still_names_real_experts():
     assert all(len(set(row)) == 3 for row in ids.tolist())
 
 
+@pytest.mark.parametrize("gated, rotary_dim", [(True, 16), (False, 64)])
+def test_attention_inputs_are_the_models_norms_rotary_and_gate(gated, rotary_dim):
+    """Per-head RMSNorm, rotary on the first channels (half-split pairs) and the gate's sigmoid in
+    one call, against the model's torch pieces (rounding: a sum of Dh squares, a few products)."""
+    heads, kv_heads, width, tokens = 4, 2, 64, 3
+    generator = torch.Generator().manual_seed(rotary_dim)
+    q_norm, k_norm = qwen3_next.RMSNorm(width, 1e-6), qwen3_next.RMSNorm(width, 1e-6)
+    with torch.no_grad():
+        for norm in (q_norm, k_norm):
+            norm.weight.copy_(torch.randn(width, generator=generator) * 0.3)
+    q_width = heads * width * (2 if gated else 1)
+    rows = torch.randn(tokens, q_width + 2 * kv_heads * width, generator=generator) * 2
+    cos, sin = RotaryEmbedding(rotary_dim, 10000.0)(torch.arange(40, 40 + tokens), torch.float32)
+    query, keys, values = (np.empty((n, tokens, width), np.float32) for n in (heads, kv_heads, kv_heads))
+    gate = np.empty((tokens, heads * width) if gated else (0, 0), np.float32)
+    attention_inputs(rows.numpy(), gated, q_norm.scale().detach().numpy(), k_norm.scale().detach().numpy(),
+                     np.float32(1e-6), cos.numpy(), sin.numpy(), query, keys, values, gate)
+    q_rows = rows[:, :q_width].view(tokens, heads, -1)
+    expected_query = apply_rope(q_norm(q_rows[..., :width]).transpose(0, 1), cos, sin)
+    k_rows = rows[:, q_width:q_width + kv_heads * width].view(tokens, kv_heads, width)
+    expected_keys = apply_rope(k_norm(k_rows).transpose(0, 1), cos, sin)
+    tolerance = dict(rtol=width * EPS32, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(query), expected_query.detach(), **tolerance)
+    torch.testing.assert_close(torch.from_numpy(keys), expected_keys.detach(), **tolerance)
+    assert np.array_equal(values, rows[:, q_width + kv_heads * width:].view(tokens, kv_heads, width).transpose(0, 1))
+    if gated:
+        torch.testing.assert_close(torch.from_numpy(gate), torch.sigmoid(q_rows[..., width:]).reshape(tokens, -1),
+                                   rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["next", "moe-hub", "moe-window"])
+def test_a_lean_attention_is_the_models_attention(hf_checkpoint, name):
+    """Same caches (f32, after the same 30-token prompt), same input: the same output up to the
+    rounding of the norms and rotary, which can move one of o_proj's int8 activation codes by
+    one step (far below what a wrong norm, rotary or gate would do: order 1)."""
+    engine = offload.load(hf_checkpoint(name).path, quant="int4")
+    args, rotary = engine.args, engine.model.rotary
+    attention_layers = [layer.self_attn for layer in engine.model.layers if hasattr(layer, "self_attn")]
+    assert attention_layers and all(isinstance(module, LeanAttention) for module in attention_layers)
+    generator = torch.Generator().manual_seed(3)
+    for lean in attention_layers:
+        caches = [KVCache(64, args.num_key_value_heads, args.head_dim, "f32") for _ in range(2)]
+        prompt = torch.randn(30, args.hidden_size, generator=generator)
+        cos, sin = rotary(torch.arange(30), torch.float32)
+        for cache in caches:  # 30 tokens: the model's path for both
+            lean(prompt, cos, sin, cache, 0)
+        x = torch.randn(3, args.hidden_size, generator=generator)
+        cos, sin = rotary(torch.arange(30, 33), torch.float32)
+        expected = lean.attention(x, cos, sin, caches[0], 30)
+        assert ((lean(x, cos, sin, caches[1], 30) - expected).norm() / expected.norm()).item() < 1e-3
+
+
 @pytest.mark.parametrize("name", ["next", "next-hub", "moe-hub"])
 def test_a_lean_engine_decodes_as_the_models_modules_do(hf_checkpoint, name):
     """The default CPU engine (int4 experts, quantised dense layers, fast kernels) decodes through
@@ -85,7 +139,7 @@ def test_a_lean_engine_decodes_as_the_models_modules_do(hf_checkpoint, name):
     plain = offload.load(checkpoint.path, quant="int4")
     lean_off(plain.model)
     exact = offload.load(checkpoint.path, quant="int4", exact=True)
-    assert not any(isinstance(m, (LeanMoeBlock, LeanNorm)) for m in exact.model.modules())
+    assert not any(isinstance(m, (LeanMoeBlock, LeanNorm, LeanAttention)) for m in exact.model.modules())
 
     def moved(a, b):
         return ((a - b).norm() / b.norm()).item()
@@ -123,4 +177,4 @@ def test_plans_off_the_lean_path_keep_the_models_modules(hf_checkpoint):
     """A GPU plan (here on the CPU standing in) keeps the model's norms and MoE blocks."""
     checkpoint = hf_checkpoint("next")
     hybrid = offload.load(checkpoint.path, quant="int4", **STAND_IN)
-    assert not any(isinstance(m, (LeanMoeBlock, LeanNorm)) for m in hybrid.model.modules())
+    assert not any(isinstance(m, (LeanMoeBlock, LeanNorm, LeanAttention)) for m in hybrid.model.modules())

@@ -34,6 +34,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    output_gate = False
+
     def __init__(self, args: Qwen3MoeArgs):
         super().__init__()
         heads, kv_heads, head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim

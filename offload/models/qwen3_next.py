@@ -64,6 +64,9 @@ class RMSNormGated(nn.Module):
 class GatedAttention(nn.Module):
     """Full attention whose output is gated per channel by sigmoid(gate); q_proj yields both."""
 
+    output_gate = True  # q_proj's rows per head: [query, gate]
+    sliding_window = None
+
     def __init__(self, args: Qwen3NextArgs):
         super().__init__()
         heads, kv_heads, head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
