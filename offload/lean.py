@@ -31,6 +31,7 @@ from offload.dense import JoinedMLP, QuantizedLinear
 from offload.experts import Int4Experts
 from offload.host import numpy_view
 from offload.kernels.step import attention_inputs, rms_norm, router_logits, top_k_softmax
+from offload.kernels.threads import kernel_threads
 from offload.models.attention import cached_attention
 from offload.models.moe import SparseMoeBlock
 
@@ -93,7 +94,8 @@ class LeanMoeBlock(nn.Module):
         h = numpy_view(x)
         tokens = h.shape[0]
         logits = self.logits[:tokens]
-        router_logits(h, self.router, self.shared_gate, logits)
+        with kernel_threads(self.executor.threads):
+            router_logits(h, self.router, self.shared_gate, logits)
         weights = np.empty((tokens, self.top_k), np.float32)
         expert_ids = np.empty((tokens, self.top_k), np.int64)
         gate = np.empty(tokens, np.float32)
@@ -162,7 +164,8 @@ def lean_layers(model: nn.Module) -> int:
     swapped = 0
     for layer in model.layers:
         for name in ("input_layernorm", "post_attention_layernorm"):
-            setattr(layer, name, LeanNorm(getattr(layer, name)))
+            if not isinstance(getattr(layer, name), LeanNorm):
+                setattr(layer, name, LeanNorm(getattr(layer, name)))
         lean = LeanMoeBlock.of(layer.mlp)
         if lean is not None:
             layer.mlp = lean
