@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from offload.config import DECODE_MAX_TOKENS
+from offload.host import numpy_view
 from offload.kernels import attention as kernel
 from offload.kernels import isa
 from offload.kernels.threads import kernel_threads, physical_cores
@@ -107,9 +108,30 @@ def _numpy(stored: torch.Tensor) -> np.ndarray:
     return stored.view(torch.int16).numpy().view(np.uint16) if stored.dtype == torch.bfloat16 else stored.numpy()
 
 
+class Int8Writer:
+    """`KVCache.writer` for an int8 cache in tiles: rows quantised and stored by one Numba call
+    (`kernels.attention.write_int8_tiled`) instead of ~15 torch operations."""
+
+    def __init__(self):
+        self.views: dict[int, tuple[np.ndarray, ...]] = {}  # id(cache) -> the kernel's arrays
+
+    def __call__(self, cache: KVCache, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        if id(cache) not in self.views:
+            kv_heads, _, width = cache.values.shape
+            self.views[id(cache)] = (cache.keys.view(kv_heads, -1, width // 4, kernel.TILE, 4).numpy(),
+                                     cache.key_scales.numpy(), cache.values.numpy(), cache.value_scales.numpy())
+        tiles, key_scales, value_codes, value_scales = self.views[id(cache)]
+        kernel.write_int8_tiled(numpy_view(keys), numpy_view(values), start, tiles, key_scales, value_codes,
+                                value_scales)
+
+
 def plug_into(caches: list, args) -> None:
-    """Give every KV cache in `caches` (CPU tensors) the CPU decode kernel, with shared scratch."""
+    """Give every KV cache in `caches` (CPU tensors) the CPU decode kernel, with shared scratch, and
+    an int8 cache in tiles its writer."""
     decoder = CpuDecodeAttention(args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+    writer = Int8Writer()
     for cache in caches:
         if isinstance(cache, KVCache):
             cache.decode = decoder
+            if cache.format == "int8" and cache.tiled:
+                cache.writer = writer

@@ -446,3 +446,23 @@ def test_int8_groups_divide_any_head_dim_and_fp16_keys_take_the_blockwise_path()
     query = torch.randn(4, 1, 32, generator=generator).half()
     assert CpuDecodeAttention(4, 2, 32)(half, query, 39, None) is None  # the kernel reads f32, bf16, int8
     assert half.attend(query, 39).shape == (1, 4 * 32)
+
+
+def test_the_cpu_int8_writer_stores_what_the_caches_own_path_stores():
+    """`Int8Writer` (one Numba call) against `KVCache.write`'s torch quantiser: the same bits in
+    the tiles, the values and both scales, for a prompt crossing a tile and single steps, an
+    all-zero group included."""
+    from offload.attention import Int8Writer
+
+    generator = torch.Generator().manual_seed(8)
+    plain, written = KVCache(80, 2, 128, "int8"), KVCache(80, 2, 128, "int8")
+    written.writer = Int8Writer()
+    assert plain.tiled and written.tiled
+    keys, values = torch.randn(2, 40, 128, generator=generator) * 3, torch.randn(2, 40, 128, generator=generator)
+    values[1, 7, :64] = 0
+    for cache in (plain, written):
+        cache.write(keys[:, :37], values[:, :37], 0)
+        for position in range(37, 40):
+            cache.write(keys[:, position:position + 1], values[:, position:position + 1], position)
+    for name in ("keys", "values", "key_scales", "value_scales"):
+        assert torch.equal(getattr(written, name), getattr(plain, name)), name

@@ -85,6 +85,7 @@ class KVCache:
             self.key_scales = torch.zeros(scales, dtype=torch.float32, device=device)
             self.value_scales = torch.zeros(scales, dtype=torch.float32, device=device)
         self.decode = None  # (cache, query, start, window) -> [T, H * Dh], or None to use `attend`'s own path
+        self.writer = None  # (cache, keys, values, start) storing CPU rows at an int position, if plugged in
 
     def write(self, keys: torch.Tensor, values: torch.Tensor, start: int | DevicePosition) -> None:
         """Store keys/values [Hkv, T, Dh] at positions start..start+T (or at a DevicePosition)."""
@@ -92,6 +93,10 @@ class KVCache:
         end = at.span if at else start + keys.shape[1]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+
+        if self.writer is not None and not at:
+            self.writer(self, keys, values, start)
+            return
 
         def put(target: torch.Tensor, rows: torch.Tensor) -> None:  # target[:, start:end] = rows
             if at:
