@@ -203,6 +203,24 @@ def attend_decode(query, limits, window, kind, group,
             result[d] /= total
 
 
+_SMALLEST = np.float32(1.1754944e-38)  # the least normal float32: an all-zero group's divisor
+
+
+@njit(cache=True, inline="always")
+def _group_scale(row, begin, end):
+    """max |row[begin:end]| / 127: the scale of one int8 group."""
+    peak = np.float32(0.0)
+    for d in range(begin, end):
+        peak = max(peak, abs(row[d]))
+    return peak / np.float32(127.0)
+
+
+@njit(cache=True, inline="always")
+def _code(value, scale):
+    """round(value / scale) in [-127, 127], as the cache's torch quantiser rounds it."""
+    return min(max(np.rint(value / max(scale, _SMALLEST)), np.float32(-127.0)), np.float32(127.0))
+
+
 @njit(cache=True, nogil=True)
 def write_int8_tiled(keys, values, start, key_tiles, key_scales, value_codes, value_scales):
     """Store keys and values float32 [Hkv, T, Dh] at positions start..start+T of an int8 cache:
@@ -211,32 +229,20 @@ def write_int8_tiled(keys, values, start, key_tiles, key_scales, value_codes, va
     key_tiles uint8 [Hkv, tiles, Dh / 4, TILE, 4]; value_codes int8 [Hkv, L, Dh]; key_scales,
     value_scales float32 [Hkv, L, Dh / G]."""
     kv_heads, tokens, width = keys.shape
-    groups = key_scales.shape[2]
-    group = width // groups
+    group = width // key_scales.shape[2]
     tile_length = key_tiles.shape[3]
-    smallest = np.float32(1.1754944e-38)  # the least normal float32: an all-zero group's divisor
     for h in range(kv_heads):
         for t in range(tokens):
             position = start + t
             tile, lane = position // tile_length, position % tile_length
-            for g in range(groups):
-                for which in range(2):
-                    rows = keys if which == 0 else values
-                    peak = np.float32(0.0)
-                    for d in range(g * group, (g + 1) * group):
-                        peak = max(peak, abs(rows[h, t, d]))
-                    scale = peak / np.float32(127.0)
-                    divisor = max(scale, smallest)
-                    if which == 0:
-                        key_scales[h, position, g] = scale
-                    else:
-                        value_scales[h, position, g] = scale
-                    for d in range(g * group, (g + 1) * group):
-                        code = min(max(np.rint(rows[h, t, d] / divisor), np.float32(-127.0)), np.float32(127.0))
-                        if which == 0:
-                            key_tiles[h, tile, d // 4, lane, d % 4] = np.uint8(np.int32(code) + 128)
-                        else:
-                            value_codes[h, position, d] = np.int8(code)
+            for begin in range(0, width, group):
+                key_scale = _group_scale(keys[h, t], begin, begin + group)
+                value_scale = _group_scale(values[h, t], begin, begin + group)
+                key_scales[h, position, begin // group] = key_scale
+                value_scales[h, position, begin // group] = value_scale
+                for d in range(begin, begin + group):
+                    key_tiles[h, tile, d // 4, lane, d % 4] = np.uint8(np.int32(_code(keys[h, t, d], key_scale)) + 128)
+                    value_codes[h, position, d] = np.int8(_code(values[h, t, d], value_scale))
 
 
 def spans_for(kv_heads: int, length: int, threads: int) -> int:

@@ -177,7 +177,10 @@ class _ColumnDots:
         self.controls = [[ir.Constant(self.v32i8, [2 * half + lane if i % 2 == parity else -128
                                                    for lane in (0, 1) for i in range(16)])
                           for parity in (0, 1)] for half in (0, 1)]
-        self.flush_every = 8 if bits == 4 else 2  # quads
+        # quads between widenings: int4 once a group (QUADS = 8: 16 products of at most 15 x 127),
+        # int6 every pair (4 of at most 63 x 127)
+        assert QUADS <= 8
+        self.flush_every = QUADS if bits == 4 else 2
         self.zero16 = ir.Constant(self.v16i16, [0] * 16)
         self.zero32 = ir.Constant(self.v8i32, [0] * 8)
         self.narrow = [[self.zero16] * 2 for _ in range(2)]  # [plane][parity] 16-bit sums
@@ -225,6 +228,41 @@ class _ColumnDots:
         """The group's <16 x i32> dots of rows 0-15 and 16-31."""
         return [self._pick(self.wide[plane][0], self.wide[plane][1], [k // 2 + 8 * (k % 2) for k in range(16)])
                 for plane in (0, 1)]
+
+    def group(self, function, planes_at, group_bytes, first_column, column_bytes: int, xq_ptr) -> list:
+        """One group's dots (`dots`) as an IR loop over its pairs of quads: each pair's values die
+        in its iteration, so they stay in the 16 registers. planes_at(byte offset) gives a quad's
+        nibble planes; xq_ptr points at the token's int8 activations."""
+        b = self.builder
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        head, body, done = (function.append_basic_block(name) for name in ("pair_head", "pair_body", "pair_done"))
+        before = b.block
+        b.branch(head)
+        b.position_at_end(head)
+        pair = b.phi(i64)
+        pair.add_incoming(ir.Constant(i64, 0), before)
+        state = [b.phi(value.type) for value in self.values()]
+        for phi, value in zip(state, self.values()):
+            phi.add_incoming(value, before)
+        self.set_values(state)
+        b.cbranch(b.icmp_unsigned("<", pair, ir.Constant(i64, QUADS // 2)), body, done)
+        b.position_at_end(body)
+        for step in (0, 1):
+            quad = b.add(b.mul(pair, ir.Constant(i64, 2)), ir.Constant(i64, step))
+            codes = planes_at(b.add(group_bytes, b.mul(quad, ir.Constant(i64, 4 * column_bytes))))
+            column = b.add(first_column, b.mul(quad, ir.Constant(i64, 4)))
+            self.add_quad(codes, b.load(b.bitcast(b.gep(xq_ptr, [column]), i32.as_pointer()), align=1))
+        if self.flush_every == 2:
+            self.flush()
+        for phi, value in zip(state, self.values()):
+            phi.add_incoming(value, b.block)
+        pair.add_incoming(b.add(pair, ir.Constant(i64, 1)), b.block)
+        b.branch(head)
+        b.position_at_end(done)
+        self.set_values(state)
+        if self.flush_every != 2:
+            self.flush()
+        return self.dots()
 
 
 def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
@@ -308,36 +346,8 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
                            for h, part in enumerate(nibbles)]
             return nibbles
 
-        if columns is not None:  # an IR loop over pairs of quads: each pair's values die in its iteration
-            pair_head, pair_body, pair_done = (function.append_basic_block(name) for name in
-                                               ("pair_head", "pair_body", "pair_done"))
-            before = builder.block
-            builder.branch(pair_head)
-            builder.position_at_end(pair_head)
-            pair = builder.phi(i64)
-            pair.add_incoming(const(0), before)
-            state = [builder.phi(value.type) for value in columns.values()]
-            for phi, value in zip(state, columns.values()):
-                phi.add_incoming(value, before)
-            columns.set_values(state)
-            builder.cbranch(builder.icmp_unsigned("<", pair, const(QUADS // 2)), pair_body, pair_done)
-            builder.position_at_end(pair_body)
-            for step in (0, 1):
-                quad_index = builder.add(builder.mul(pair, const(2)), const(step))
-                quad_bytes = builder.add(group_bytes, builder.mul(quad_index, const(4 * column_bytes)))
-                column = builder.add(first_column, builder.mul(quad_index, const(4)))
-                columns.add_quad(planes_at(quad_bytes), builder.load(
-                    builder.bitcast(builder.gep(xq_ptrs[0], [column]), i32.as_pointer()), align=1))
-            if columns.flush_every == 2:
-                columns.flush()
-            for phi, value in zip(state, columns.values()):
-                phi.add_incoming(value, builder.block)
-            pair.add_incoming(builder.add(pair, const(1)), builder.block)
-            builder.branch(pair_head)
-            builder.position_at_end(pair_done)
-            columns.set_values(state)
-            if columns.flush_every != 2:
-                columns.flush()
+        if columns is not None:
+            dots[0] = columns.group(function, planes_at, group_bytes, first_column, column_bytes, xq_ptrs[0])
         for quad in range(0 if columns is not None else QUADS):
             if bits in (4, 6):
                 rows = [builder.shuffle_vector(part, part, transpose)
@@ -360,8 +370,6 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
                     signed = builder.select(negative[half], builder.sub(zero_b, activations), activations)
                     signed = builder.select(empty[half], zero_b, signed)
                     dots[t][half] = dot4(builder, path, dots[t][half], magnitudes[half], signed)
-        if columns is not None:
-            dots[0] = columns.dots()
         w_scales = []
         for half in (0, 1):
             scale_bits = load(scales_ptr, builder.add(first_column, const(16 * half)), ir.VectorType(i16, 16), 2)

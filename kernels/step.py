@@ -16,18 +16,24 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(nogil=True, cache=True, inline="always", fastmath={"reassoc", "contract"})
+def _normed(row, scale, eps, out):
+    """out = row / sqrt(mean(row^2) + eps) * scale, one float32 row."""
+    width = row.shape[0]
+    square = np.float32(0.0)
+    for d in range(width):
+        square += row[d] * row[d]
+    inverse = np.float32(1.0) / np.sqrt(square / np.float32(width) + eps)
+    for d in range(width):
+        out[d] = row[d] * inverse * scale[d]
+
+
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def rms_norm(x, scale, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * scale, float32 [T, D] (scale [D]: the norm's
     effective weight, `1 + w` for a zero-centred norm)."""
-    tokens, width = x.shape
-    for t in range(tokens):
-        square = np.float32(0.0)
-        for d in range(width):
-            square += x[t, d] * x[t, d]
-        inverse = np.float32(1.0) / np.sqrt(square / np.float32(width) + eps)
-        for d in range(width):
-            out[t, d] = x[t, d] * inverse * scale[d]
+    for t in range(x.shape[0]):
+        _normed(x[t], scale, eps, out[t])
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})
@@ -110,12 +116,7 @@ def attention_inputs(rows, gated, q_scale, k_scale, eps, cos, sin, query, keys, 
                 base, scale, target = h * q_stride, q_scale, query[h, t]
             else:
                 base, scale, target = key_base + (h - heads) * width, k_scale, keys[h - heads, t]
-            square = np.float32(0.0)
-            for d in range(width):
-                square += rows[t, base + d] * rows[t, base + d]
-            inverse = np.float32(1.0) / np.sqrt(square / np.float32(width) + eps)
-            for d in range(width):
-                target[d] = rows[t, base + d] * inverse * scale[d]
+            _normed(rows[t, base:base + width], scale, eps, target)
             for d in range(half):
                 first, second = target[d], target[d + half]
                 target[d] = first * cos[t, d] - second * sin[t, d]

@@ -102,10 +102,10 @@ class CpuExpertExecutor:
         if x.shape[0] > DECODE_MAX_TOKENS and self.stream:
             return self._run_streamed(layer, x, expert_ids, weights)
         out = np.empty((x.shape[0], x.shape[1]), np.float32)  # handed to torch: the caller owns it
-        self._kernels(layer, numpy_view(x), numpy_view(expert_ids, torch.int64), numpy_view(weights), out)
+        self.kernels(layer, numpy_view(x), numpy_view(expert_ids, torch.int64), numpy_view(weights), out)
         return torch.from_numpy(out)
 
-    def _kernels(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray,
+    def kernels(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray,
                  out: np.ndarray) -> None:
         """The int4 kernels: x float32 [T, D], expert_ids int64 [T, K], weights float32 [T, K] ->
         out float32 [T, D] (overwritten)."""
@@ -188,7 +188,7 @@ class CpuExpertExecutor:
             lane.wait()
             if not self.concurrent and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self._kernels(layer, lane.x[:tokens].numpy(), lane.expert_ids[:tokens].numpy(),
+            self.kernels(layer, lane.x[:tokens].numpy(), lane.expert_ids[:tokens].numpy(),
                           lane.weights[:tokens].numpy(), lane.out[:tokens].numpy())
             if shared is not None:  # from the same inputs, already in RAM
                 lane.out[:tokens] += shared(lane.x[:tokens].to(dtype))

@@ -101,7 +101,7 @@ class LeanMoeBlock(nn.Module):
         gate = np.empty(tokens, np.float32)
         top_k_softmax(logits, self.router.shape[0], self.normalise, weights, expert_ids, gate)
         out = np.empty(h.shape, np.float32)
-        self.executor._kernels(self.layer, h, expert_ids, weights, out)
+        self.executor.kernels(self.layer, h, expert_ids, weights, out)
         if self.shared is not None:  # in RAM: quantised (a JoinedMLP), or float where its shape is not
             shared = self.shared.rows(h) if isinstance(self.shared, JoinedMLP) else numpy_view(self.shared(x))
             shared *= gate[:, None]
@@ -157,11 +157,9 @@ class LeanAttention(nn.Module):
         return attention.o_proj(torch.from_numpy(out))
 
 
-def lean_layers(model: nn.Module) -> int:
+def lean_layers(model: nn.Module) -> None:
     """Swap the lean pieces into `model` (placed on the CPU in fp32, routed experts int4 with the
-    fast kernels): each layer's two norms, its attention mixer and its MoE block where they qualify.
-    Returns how many MoE blocks were swapped."""
-    swapped = 0
+    fast kernels): each layer's two norms, its attention mixer and its MoE block where they qualify."""
     for layer in model.layers:
         for name in ("input_layernorm", "post_attention_layernorm"):
             if not isinstance(getattr(layer, name), LeanNorm):
@@ -169,11 +167,9 @@ def lean_layers(model: nn.Module) -> int:
         lean = LeanMoeBlock.of(layer.mlp)
         if lean is not None:
             layer.mlp = lean
-            swapped += 1
         attention = LeanAttention.of(getattr(layer, "self_attn", None))  # both architectures' name for it
         if attention is not None:
             layer.self_attn = attention
-    return swapped
 
 
 def lean_off(model: nn.Module) -> None:

@@ -12,7 +12,7 @@ place that maps plan groups to modules:
 - a plan that computes in fp32 on the CPU widens what stays float, and a DeltaNet mixer placed
   on the CPU in fp32 becomes `FusedDeltaNet`; an MLP whose projections are quantised becomes a
   `JoinedMLP` (gate and up in one kernel call); a CPU-only fp32 plan with the fast kernels takes
-  the lean decode step's norms and MoE blocks (`offload.lean`).
+  the lean decode step's norms, attention mixers and MoE blocks (`offload.lean`).
 It returns what it did, group by group (`Engine.placement`).
 """
 
