@@ -17,10 +17,10 @@ codes, then dotted with the four activations broadcast to every lane. 16 dot ins
 group on zmm; the group's integer sums become floats once:
     out[r] += alpha * sum_g (dot_g[r] - 8 sums[g]) * w_scale[r, g] * scales[g]
 Integer sums are exact, and the float part is the same code on every path, so all paths give
-the same bits. On AVX2 one token's int4 / int6 block skips the transpose (`_ColumnDots`: each
-column's activation spread over alternate bytes, products summed in 16 bits), in a loop over
-pairs of quads that keeps its values in the 16 registers (Zen 3, a matrix streamed from RAM:
-int4 1.4x the transposed form's rate, int6 1.4x).
+the same bits. On AVX2 an int4 / int6 block skips the transpose (`_ColumnDots`: columns j and
+j + 2 interleaved, so that each 16-bit sum is one row's two products), for one or two tokens at
+a time, in a loop over pairs of quads that keeps its values in the 16 registers (Zen 3, a matrix
+streamed from RAM, against the transposed form: int4 1.3x with one token, 1.8x with two).
 
 Decode (`moe_decode_fast`) is `gemv.moe_decode` with these blocks: gate_up per (token, expert,
 row block), whose 32 rows of silu(gate) * up are one group of down's input and are quantised
@@ -43,19 +43,19 @@ from numba.extending import intrinsic
 
 from offload.kernels import isa as paths
 from offload.kernels.gemm import group_by_expert
-from offload.kernels.gemv import PREFETCH_BYTES, _check, _silu
+from offload.kernels.gemv import _check, _silu
 from offload.kernels.int4 import BLOCK, GROUP, Int4Weights
 
 QUADS = GROUP // 4  # 4-column quads per group
+PREFETCH_AHEAD = 4096  # bytes ahead of the current group that a block dot asks for (a 1024-byte lead left
+# the int6 output head, 240 MB read once a token, at 80% of a parallel read's rate; 4096 reached 93%)
 TOKEN_TILE = 64  # tokens per pass of a dense matrix (`linear_fast`): their int8 activations stay in L2
 # lane r*4 + j of a transposed quad <- byte j*16 + r of the packed quad (row r, column j)
 _TRANSPOSE = [j * 16 + r for r in range(16) for j in range(4)]
+# int6: byte j*16 + r (pre-transpose) of a plane takes its high bits from byte 16 (j % 2) + r of the
+# quad's 32; of its four 2-bit fields, rows 0-15 take field 0 (columns 0, 1) or 1 (columns 2, 3),
+# rows 16-31 fields 2 or 3
 # int8 weights: a quad is 128 bytes (column j: 32 bytes, row r at byte 32j + r); rows 0-15, 16-31
-# int6: lane j*16 + r (pre-transpose) of the high-bit vector <- byte 16 (j % 2) + r of the quad's 32;
-# of its four 2-bit fields, rows 0-15 take field 0 (columns 0, 1) or 1 (columns 2, 3), rows 16-31
-# fields 2 or 3: a blend of two shifted copies, lanes 0-31 from the first, 32-63 from the second
-_HIGH_BYTES = [i % 32 for i in range(64)]
-_HIGH_BLEND = list(range(32)) + list(range(96, 128))
 _TRANSPOSE8 = [[j * 32 + half * 16 + r for r in range(16) for j in range(4)] for half in (0, 1)]
 
 
@@ -150,19 +150,21 @@ def dot4(builder, path: int, acc, weights, activations):
 
 
 class _ColumnDots:
-    """AVX2's single-token dot of int4 / int6 codes without transposing them (`_block_dot_codegen`).
+    """AVX2's dot of int4 / int6 codes with one or two tokens, without transposing the codes
+    (`_block_dot_codegen`).
 
     A quad's codes come column by column (byte j*16 + r: column j, row r), and `vpmaddubsw` adds
-    the products of neighbouring bytes, rows r and r+1 of one column: a row's four products would
-    first need a transpose (on 256-bit registers, eight shuffles a quad). Here each column's
-    activation is instead spread over the even bytes (then the odd ones) of its 128-bit lane, the
-    other bytes zero, so each 16-bit sum holds one product: even rows and odd rows in two
-    accumulators per nibble plane, columns 0-1 and 2-3 into the same ones. 16-bit sums are widened
-    every `flush` quads, before they can overflow (a product is at most 15 x 127, int6 63 x 127),
-    and at the group's end the even and odd rows are interleaved back: the same integer dots as
-    the transposed form, so the same bits."""
+    the products of neighbouring bytes: a row's four products would first need a transpose (on
+    256-bit registers, eight shuffles a quad). Interleaving the bytes of columns 0-1 with those of
+    columns 2-3 instead (`vpunpcklbw` / `vpunpckhbw`, within 128-bit lanes) makes neighbours one
+    row's codes in columns j and j + 2, lane j holding column pair (j, j + 2): against the
+    activations (x_j, x_j+2) repeated over lane j, one instruction sums two products a row. Rows
+    0-7, 8-15, 16-23 and 24-31 each accumulate in one register as 16-bit sums, lane 0's column
+    pair beside lane 1's; the lanes are widened and added every `flush_every` quads, before a sum
+    can overflow (a pair of products is at most 2 x 15 x 127, int6 2 x 63 x 127). The same
+    integer dots as the transposed form, so the same bits."""
 
-    def __init__(self, builder, bits: int):
+    def __init__(self, builder, bits: int, tokens: int):
         i8, i32 = ir.IntType(8), ir.IntType(32)
         self.builder = builder
         self.v32i8, self.v16i16, self.v8i32 = ir.VectorType(i8, 32), ir.VectorType(ir.IntType(16), 16), \
@@ -172,67 +174,72 @@ class _ColumnDots:
                                                      "llvm.x86.avx2.pshuf.b")
         self.maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(self.v16i16, [self.v32i8] * 2),
                                                       "llvm.x86.avx2.pmadd.ub.sw")
-        # control of `vpshufb` over the broadcast quad of activations: columns (2 half, 2 half + 1) in
-        # lanes 0 and 1, on the bytes of one parity, -128 (zero) on the others
-        self.controls = [[ir.Constant(self.v32i8, [2 * half + lane if i % 2 == parity else -128
-                                                   for lane in (0, 1) for i in range(16)])
-                          for parity in (0, 1)] for half in (0, 1)]
+        # the broadcast quad of activations -> (x0, x2) over lane 0, (x1, x3) over lane 1
+        self.control = ir.Constant(self.v32i8, [0, 2] * 8 + [1, 3] * 8)
+        # a plane (<64 x i8>: columns 0, 1 | 2, 3) -> rows 0-7, then rows 8-15, as pairs (column j,
+        # column j + 2) in lane j: the two 256-bit halves' bytes interleaved within 128-bit lanes
+        self.interleave = [ir.Constant(ir.VectorType(i32, 32),
+                                       [index for lane in (0, 1) for i in range(8)
+                                        for index in (16 * lane + 8 * half + i, 32 + 16 * lane + 8 * half + i)])
+                           for half in (0, 1)]
         # quads between widenings: int4 once a group (QUADS = 8: 16 products of at most 15 x 127),
         # int6 every pair (4 of at most 63 x 127)
         assert QUADS <= 8
         self.flush_every = QUADS if bits == 4 else 2
+        self.tokens = tokens
         self.zero16 = ir.Constant(self.v16i16, [0] * 16)
         self.zero32 = ir.Constant(self.v8i32, [0] * 8)
-        self.narrow = [[self.zero16] * 2 for _ in range(2)]  # [plane][parity] 16-bit sums
-        self.wide = [[self.zero32] * 2 for _ in range(2)]  # [plane][parity] rows 2k + parity, 32-bit
+        self.narrow = [[self.zero16] * 4 for _ in range(tokens)]  # [token][row octet] 16-bit sums
+        self.wide = [[self.zero32] * 4 for _ in range(tokens)]  # [token][row octet] 32-bit sums
 
     def values(self) -> list:
         """The running sums, for the phis of a loop over quads."""
-        return [v for plane in self.narrow for v in plane] + [v for plane in self.wide for v in plane]
+        return [v for t in range(self.tokens) for v in self.narrow[t] + self.wide[t]]
 
     def set_values(self, values: list) -> None:
-        self.narrow = [list(values[0:2]), list(values[2:4])]
-        self.wide = [list(values[4:6]), list(values[6:8])]
+        self.narrow = [list(values[8 * t:8 * t + 4]) for t in range(self.tokens)]
+        self.wide = [list(values[8 * t + 4:8 * t + 8]) for t in range(self.tokens)]
 
     def _pick(self, a, b, indices):
         return self.builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), len(indices)), indices))
 
-    def add_quad(self, planes, quad_x) -> None:
+    def add_quad(self, planes, quad_xs) -> None:
         """planes: the quad's two nibble planes (<64 x i8>, rows 0-15 and 16-31, column-major);
-        quad_x: the quad's four int8 activations as one i32."""
+        quad_xs: per token, the quad's four int8 activations as one i32."""
         b = self.builder
-        spread = b.bitcast(b.shuffle_vector(b.insert_element(ir.Constant(self.v8i32, ir.Undefined), quad_x,
-                                                             ir.Constant(ir.IntType(32), 0)),
-                                            ir.Constant(self.v8i32, ir.Undefined),
-                                            ir.Constant(self.v8i32, [0] * 8)), self.v32i8)
-        xs = [[b.call(self.pshufb, [spread, self.controls[half][parity]]) for parity in (0, 1)] for half in (0, 1)]
-        for plane, codes in enumerate(planes):
-            halves = [self._pick(codes, codes, list(range(32 * h, 32 * h + 32))) for h in (0, 1)]
-            for parity in (0, 1):
-                for half in (0, 1):
-                    product = b.call(self.maddubs, [halves[half], xs[half][parity]])
-                    self.narrow[plane][parity] = b.add(self.narrow[plane][parity], product)
+        pairs = [b.shuffle_vector(codes, codes, self.interleave[half]) for codes in planes for half in (0, 1)]
+        for t, quad_x in enumerate(quad_xs):
+            broadcast = b.shuffle_vector(b.insert_element(ir.Constant(self.v8i32, ir.Undefined), quad_x,
+                                                          ir.Constant(ir.IntType(32), 0)),
+                                         ir.Constant(self.v8i32, ir.Undefined), ir.Constant(self.v8i32, [0] * 8))
+            x = b.call(self.pshufb, [b.bitcast(broadcast, self.v32i8), self.control])
+            for octet, codes in enumerate(pairs):
+                self.narrow[t][octet] = self._kept(b.add(self.narrow[t][octet], b.call(self.maddubs, [codes, x])))
+
+    def _kept(self, value):
+        """value, which the optimiser may no longer reassociate: summed quad after quad, the sums
+        keep four registers; regrouped across quads (as LLVM would), their inputs spill."""
+        return self.builder.asm(ir.FunctionType(value.type, [value.type]), "", "=x,0", [value], False)
 
     def flush(self) -> None:
-        """Widen the 16-bit sums into the 32-bit ones."""
+        """Widen the 16-bit sums (both lanes: the same rows) into the 32-bit ones."""
         b = self.builder
-        for plane in (0, 1):
-            for parity in (0, 1):
-                sums = self.narrow[plane][parity]
-                for lane in (0, 1):  # the two columns of each 128-bit lane: same rows
+        for t in range(self.tokens):
+            for octet, sums in enumerate(self.narrow[t]):
+                for lane in (0, 1):
                     part = b.sext(self._pick(sums, sums, list(range(8 * lane, 8 * lane + 8))), self.v8i32)
-                    self.wide[plane][parity] = b.add(self.wide[plane][parity], part)
-                self.narrow[plane][parity] = self.zero16
+                    self.wide[t][octet] = b.add(self.wide[t][octet], part)
+                self.narrow[t][octet] = self.zero16
 
     def dots(self) -> list:
-        """The group's <16 x i32> dots of rows 0-15 and 16-31."""
-        return [self._pick(self.wide[plane][0], self.wide[plane][1], [k // 2 + 8 * (k % 2) for k in range(16)])
-                for plane in (0, 1)]
+        """Per token, the group's <16 x i32> dots of rows 0-15 and 16-31."""
+        return [[self._pick(self.wide[t][2 * plane], self.wide[t][2 * plane + 1], list(range(16)))
+                 for plane in (0, 1)] for t in range(self.tokens)]
 
-    def group(self, function, planes_at, group_bytes, first_column, column_bytes: int, xq_ptr) -> list:
+    def group(self, function, planes_at, group_bytes, first_column, column_bytes: int, xq_ptrs) -> list:
         """One group's dots (`dots`) as an IR loop over its pairs of quads: each pair's values die
         in its iteration, so they stay in the 16 registers. planes_at(byte offset) gives a quad's
-        nibble planes; xq_ptr points at the token's int8 activations."""
+        nibble planes; xq_ptrs point at the tokens' int8 activations."""
         b = self.builder
         i32, i64 = ir.IntType(32), ir.IntType(64)
         head, body, done = (function.append_basic_block(name) for name in ("pair_head", "pair_body", "pair_done"))
@@ -251,7 +258,8 @@ class _ColumnDots:
             quad = b.add(b.mul(pair, ir.Constant(i64, 2)), ir.Constant(i64, step))
             codes = planes_at(b.add(group_bytes, b.mul(quad, ir.Constant(i64, 4 * column_bytes))))
             column = b.add(first_column, b.mul(quad, ir.Constant(i64, 4)))
-            self.add_quad(codes, b.load(b.bitcast(b.gep(xq_ptr, [column]), i32.as_pointer()), align=1))
+            self.add_quad(codes, [b.load(b.bitcast(b.gep(xq_ptr, [column]), i32.as_pointer()), align=1)
+                                  for xq_ptr in xq_ptrs])
         if self.flush_every == 2:
             self.flush()
         for phi, value in zip(state, self.values()):
@@ -305,96 +313,112 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
             return builder.load(builder.bitcast(builder.gep(pointer, [offset]), vector_type.as_pointer()), align=align)
 
         function = builder.function
-        entry = builder.block
-        head, body, done = (function.append_basic_block(name) for name in ("group_head", "group_body", "done"))
-        groups = builder.udiv(in_features, const(GROUP))
-        builder.branch(head)
-
-        builder.position_at_end(head)
-        group = builder.phi(i64)
-        totals = [[builder.phi(v16f), builder.phi(v16f)] for _ in range(tokens)]  # rows 0-15, rows 16-31
         column_bytes = BLOCK * bits // 8
-        group.add_incoming(const(0), entry)
-        for total in (total for per_token in totals for total in per_token):
-            total.add_incoming(zero_f, entry)
-        builder.cbranch(builder.icmp_unsigned("<", group, groups), body, done)
-
-        builder.position_at_end(body)
-        first_column = builder.mul(group, const(GROUP))
-        group_bytes = builder.mul(first_column, const(column_bytes))
-        for line in range(GROUP * column_bytes // 64):  # this group's lines, PREFETCH_BYTES ahead
-            address = builder.gep(packed_ptr, [builder.add(group_bytes, const(PREFETCH_BYTES + 64 * line))])
-            builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        dots = [[zero_i, zero_i] for _ in range(tokens)]
-        columns = _ColumnDots(builder, bits) if path == paths.AVX2 and bits in (4, 6) and tokens == 1 else None
         low_mask, shift = ir.Constant(v64i8, [15] * 64), ir.Constant(v64i8, [4] * 64)
         transpose = ir.Constant(ir.VectorType(i32, 64), _TRANSPOSE)
         zero_b = ir.Constant(v64i8, [0] * 64)
-        three, blend = ir.Constant(v64i8, [3] * 64), ir.Constant(ir.VectorType(i32, 64), _HIGH_BLEND)
+        halves = ir.Constant(ir.VectorType(i32, 64), list(range(64)))  # two <32 x i8> as one <64 x i8>
 
         def planes_at(quad_bytes):
             """The int4 / int6 codes of the quad at byte `quad_bytes` (an i64) as two planes of
             <64 x i8> (rows 0-15 and 16-31), column-major as stored."""
             codes = load(packed_ptr, quad_bytes, v64i8, 1)
             nibbles = [builder.and_(codes, low_mask), builder.lshr(codes, shift)]
-            if bits == 6:  # the high bits of rows 0-15 and 16-31, to the left of their nibbles
-                top = load(packed_ptr, builder.add(quad_bytes, const(64)), ir.VectorType(i8, 32), 1)
-                top = builder.shuffle_vector(top, top, ir.Constant(ir.VectorType(i32, 64), _HIGH_BYTES))
-                fields = [builder.and_(builder.lshr(top, ir.Constant(v64i8, [2 * f] * 64)), three) for f in range(4)]
-                nibbles = [builder.or_(part, builder.shl(builder.shuffle_vector(fields[2 * h], fields[2 * h + 1],
-                                                                                blend), shift))
+            if bits == 6:  # the high bits of rows 0-15 and 16-31, to the left of their nibbles: field f
+                # of the top byte moved to bits 4-5 (plane h, columns 0-1: field 2h; columns 2-3: 2h + 1)
+                v32i8 = ir.VectorType(i8, 32)
+                top = load(packed_ptr, builder.add(quad_bytes, const(64)), v32i8, 1)
+
+                def field(f):
+                    moved = (builder.shl(top, ir.Constant(v32i8, [4 - 2 * f] * 32)) if f < 2 else
+                             builder.lshr(top, ir.Constant(v32i8, [2 * f - 4] * 32)) if f > 2 else top)
+                    return builder.and_(moved, ir.Constant(v32i8, [0x30] * 32))
+
+                nibbles = [builder.or_(part, builder.shuffle_vector(field(2 * h), field(2 * h + 1), halves))
                            for h, part in enumerate(nibbles)]
             return nibbles
 
-        if columns is not None:
-            dots[0] = columns.group(function, planes_at, group_bytes, first_column, column_bytes, xq_ptrs[0])
-        for quad in range(0 if columns is not None else QUADS):
-            if bits in (4, 6):
-                rows = [builder.shuffle_vector(part, part, transpose)
-                        for part in planes_at(builder.add(group_bytes, const(4 * column_bytes * quad)))]
-            else:
-                codes = load(packed_ptr, builder.add(group_bytes, const(128 * quad)), ir.VectorType(i8, 128), 1)
-                rows = [builder.shuffle_vector(codes, codes, ir.Constant(ir.VectorType(i32, 64), indices))
-                        for indices in _TRANSPOSE8]
-                negative = [builder.icmp_signed("<", row, zero_b) for row in rows]
-                empty = [builder.icmp_signed("==", row, zero_b) for row in rows]
-                magnitudes = [builder.select(n, builder.sub(zero_b, row), row) for n, row in zip(negative, rows)]
-            for t in range(tokens):
-                column = builder.add(first_column, const(4 * quad))
-                quad_x = builder.load(builder.bitcast(builder.gep(xq_ptrs[t], [column]), i32.as_pointer()), align=1)
-                activations = builder.bitcast(splat(quad_x, v16i32), v64i8)
-                for half in (0, 1):
-                    if bits != 8:
-                        dots[t][half] = dot4(builder, path, dots[t][half], rows[half], activations)
-                        continue
-                    signed = builder.select(negative[half], builder.sub(zero_b, activations), activations)
-                    signed = builder.select(empty[half], zero_b, signed)
-                    dots[t][half] = dot4(builder, path, dots[t][half], magnitudes[half], signed)
-        w_scales = []
-        for half in (0, 1):
-            scale_bits = load(scales_ptr, builder.add(first_column, const(16 * half)), ir.VectorType(i16, 16), 2)
-            w_scales.append(builder.bitcast(builder.shl(builder.zext(scale_bits, v16i32), ir.Constant(v16i32, [16] * 16)),
-                                            v16f))
-        for t in range(tokens):
-            if bits in (4, 6):  # codes are q + 8 (q + 32): subtract 8 (32) x the activations' group sum
-                offset = builder.mul(builder.load(builder.gep(x_sums_ptrs[t], [group])),
-                                     ir.Constant(i32, 8 if bits == 4 else 32))
-                for half in (0, 1):
-                    dots[t][half] = builder.sub(dots[t][half], splat(offset, v16i32))
-            x_scale = splat(builder.load(builder.gep(x_scales_ptrs[t], [group])), v16f)
-            for half in (0, 1):
-                exact = builder.sitofp(dots[t][half], v16f)
-                value = builder.call(fma, [exact, builder.fmul(w_scales[half], x_scale), totals[t][half]])
-                totals[t][half].add_incoming(value, builder.block)
-        group.add_incoming(builder.add(group, const(1)), builder.block)
-        builder.branch(head)
+        def block_loop(chosen):
+            """The loop over the block's groups for the tokens `chosen`; adds their rows to out."""
+            entry = builder.block
+            head, body, done = (function.append_basic_block(name) for name in ("group_head", "group_body", "done"))
+            groups = builder.udiv(in_features, const(GROUP))
+            builder.branch(head)
 
-        builder.position_at_end(done)
-        for t in range(tokens):
+            builder.position_at_end(head)
+            group = builder.phi(i64)
+            totals = [[builder.phi(v16f), builder.phi(v16f)] for _ in chosen]  # rows 0-15, rows 16-31
+            group.add_incoming(const(0), entry)
+            for total in (total for per_token in totals for total in per_token):
+                total.add_incoming(zero_f, entry)
+            builder.cbranch(builder.icmp_unsigned("<", group, groups), body, done)
+
+            builder.position_at_end(body)
+            first_column = builder.mul(group, const(GROUP))
+            group_bytes = builder.mul(first_column, const(column_bytes))
+            for line in range(GROUP * column_bytes // 64):  # this group's lines, PREFETCH_AHEAD bytes ahead
+                address = builder.gep(packed_ptr, [builder.add(group_bytes, const(PREFETCH_AHEAD + 64 * line))])
+                builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            if path == paths.AVX2 and bits in (4, 6):
+                columns = _ColumnDots(builder, bits, len(chosen))
+                dots = columns.group(function, planes_at, group_bytes, first_column, column_bytes,
+                                     [xq_ptrs[t] for t in chosen])
+            else:
+                dots = [[zero_i, zero_i] for _ in chosen]
+            for quad in range(0 if path == paths.AVX2 and bits in (4, 6) else QUADS):
+                if bits in (4, 6):
+                    rows = [builder.shuffle_vector(part, part, transpose)
+                            for part in planes_at(builder.add(group_bytes, const(4 * column_bytes * quad)))]
+                else:
+                    codes = load(packed_ptr, builder.add(group_bytes, const(128 * quad)), ir.VectorType(i8, 128), 1)
+                    rows = [builder.shuffle_vector(codes, codes, ir.Constant(ir.VectorType(i32, 64), indices))
+                            for indices in _TRANSPOSE8]
+                    negative = [builder.icmp_signed("<", row, zero_b) for row in rows]
+                    empty = [builder.icmp_signed("==", row, zero_b) for row in rows]
+                    magnitudes = [builder.select(n, builder.sub(zero_b, row), row) for n, row in zip(negative, rows)]
+                for i, t in enumerate(chosen):
+                    column = builder.add(first_column, const(4 * quad))
+                    quad_x = builder.load(builder.bitcast(builder.gep(xq_ptrs[t], [column]), i32.as_pointer()), align=1)
+                    activations = builder.bitcast(splat(quad_x, v16i32), v64i8)
+                    for half in (0, 1):
+                        if bits != 8:
+                            dots[i][half] = dot4(builder, path, dots[i][half], rows[half], activations)
+                            continue
+                        signed = builder.select(negative[half], builder.sub(zero_b, activations), activations)
+                        signed = builder.select(empty[half], zero_b, signed)
+                        dots[i][half] = dot4(builder, path, dots[i][half], magnitudes[half], signed)
+            w_scales = []
             for half in (0, 1):
-                address = builder.bitcast(builder.gep(out_ptrs[t], [const(16 * half)]), v16f.as_pointer())
-                result = builder.call(fma, [splat(alphas[t], v16f), totals[t][half], builder.load(address, align=4)])
-                builder.store(result, address, align=4)
+                scale_bits = load(scales_ptr, builder.add(first_column, const(16 * half)), ir.VectorType(i16, 16), 2)
+                w_scales.append(builder.bitcast(builder.shl(builder.zext(scale_bits, v16i32),
+                                                            ir.Constant(v16i32, [16] * 16)), v16f))
+            for i, t in enumerate(chosen):
+                if bits in (4, 6):  # codes are q + 8 (q + 32): subtract 8 (32) x the activations' group sum
+                    offset = builder.mul(builder.load(builder.gep(x_sums_ptrs[t], [group])),
+                                         ir.Constant(i32, 8 if bits == 4 else 32))
+                    for half in (0, 1):
+                        dots[i][half] = builder.sub(dots[i][half], splat(offset, v16i32))
+                x_scale = splat(builder.load(builder.gep(x_scales_ptrs[t], [group])), v16f)
+                for half in (0, 1):
+                    exact = builder.sitofp(dots[i][half], v16f)
+                    value = builder.call(fma, [exact, builder.fmul(w_scales[half], x_scale), totals[i][half]])
+                    totals[i][half].add_incoming(value, builder.block)
+            group.add_incoming(builder.add(group, const(1)), builder.block)
+            builder.branch(head)
+
+            builder.position_at_end(done)
+            for i, t in enumerate(chosen):
+                for half in (0, 1):
+                    address = builder.bitcast(builder.gep(out_ptrs[t], [const(16 * half)]), v16f.as_pointer())
+                    result = builder.call(fma, [splat(alphas[t], v16f), totals[i][half],
+                                                builder.load(address, align=4)])
+                    builder.store(result, address, align=4)
+
+        # AVX2's column pairs keep two tokens' sums in its 16 registers: four tokens take two passes
+        # over the block (the second from cache)
+        passes = 2 if path == paths.AVX2 and bits in (4, 6) and tokens == 4 else 1
+        for first in range(0, tokens, tokens // passes):
+            block_loop(list(range(first, first + tokens // passes)))
         return context.get_dummy_value()
 
     return codegen
@@ -431,7 +455,7 @@ def _q8_block_dot_quad(typingctx, path, packed, scales, xq0, x_scales0, x_sums0,
                        xq2, x_scales2, x_sums2, xq3, x_scales3, x_sums3, alpha0, alpha1, alpha2, alpha3,
                        out0, out1, out2, out3):
     """`_q8_block_dot` for four tokens (prefill: a block applied to its tokens four at a time), the
-    same bits per token; on AVX2's 16 registers the accumulators spill, still a small gain."""
+    same bits per token; on AVX2, two passes of two tokens (`_ColumnDots`)."""
     if not isinstance(path, types.IntegerLiteral):
         return None
     signature = types.void(path, packed, scales, xq0, x_scales0, x_sums0, xq1, x_scales1, x_sums1,
