@@ -1,6 +1,8 @@
 """llama.cpp, the peer, beside offload: the same checkpoint, the same machine, one run.
 
     python bench/peers.py [--layers 8] [--experts 128] [--threads N] [--quants Q4_K_M,Q4_0]
+    python bench/peers.py --checkpoint DIR   # any checkpoint offload and llama.cpp both read, e.g.
+                                             # `offload synth qwen3-30b-a3b DIR --experts 16`
 
 Everything the peer needs is built once into the cache (`--peer-dir`, default
 ~/.cache/offload/peers), each step skipped when its output exists:
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -202,15 +205,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--quants", default="Q4_K_M,Q4_0")
     parser.add_argument("--peer-dir", type=Path, default=cache_root() / "peers")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="a Hugging Face checkpoint directory instead of the slice (--layers, --experts ignored)")
     options = parser.parse_args()
     quants = options.quants.split(",")
     peer_dir = options.peer_dir
     peer_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = slice_dir(options.layers, options.experts)
+    if options.checkpoint and not (options.checkpoint / "config.json").is_file():
+        raise SystemExit(f"error: {options.checkpoint} holds no config.json; give a Hugging Face checkpoint directory")
+    checkpoint = options.checkpoint.resolve() if options.checkpoint else slice_dir(options.layers, options.experts)
     source = llama_cpp_source(peer_dir)
     binaries = llama_cpp_binaries(peer_dir, source)
     python = converter_python(peer_dir, source)
-    files = gguf_files(checkpoint, peer_dir / checkpoint.name, quants, peer_dir, source, binaries, python,
+    # the GGUFs are kept per checkpoint: the slice by its name, another by its name and its path
+    where = checkpoint.name if not options.checkpoint else \
+        f"{checkpoint.name}-{hashlib.sha1(str(checkpoint).encode()).hexdigest()[:8]}"
+    files = gguf_files(checkpoint, peer_dir / where, quants, peer_dir, source, binaries, python,
                        options.threads)
     peers = {}
     for quant, path in files.items():
