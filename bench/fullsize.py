@@ -12,6 +12,12 @@ prefill a 512-token prompt. Decode is shown against its bound: every byte a toke
 active routed experts as int4, the dense layers in their CPU formats) over that bandwidth.
 Targets: load from an existing store < 15 s, peak RSS < 20 GiB, decode >= 80% of the bound.
 Prints the CPU's model name and flags with the figures.
+
+llama.cpp's converter goes through a bf16 GGUF (61 GB for this model), more than a disk that
+holds the checkpoint and the store usually has left; its figures come from `bench/peers.py
+--checkpoint` on a full-depth checkpoint with fewer experts (`offload synth qwen3-30b-a3b DIR
+--experts 16`: 48 layers, top-8, a token reads within 3% of the whole model's bytes, on a
+third of the disk).
 """
 
 from __future__ import annotations

@@ -21,8 +21,7 @@ Layout of E matrices of shape [out, in] (`Int6Weights`), codes u = q + 32 with q
 
     weight[e, 32b + r, c] = q * scales[e, b, 32(c // 32) + r]
 
-The two high bits of a row land beside its nibble with one shift, mask and half-register blend per
-64 lanes. `packed` is 4-dimensional so a block ([in // 4, 96]) tells the kernels its format by
+The two high bits of a row land beside its nibble with one shift and one mask per field. `packed` is 4-dimensional so a block ([in // 4, 96]) tells the kernels its format by
 its type. Both dimensions must be multiples of 32.
 """
 

@@ -5,7 +5,8 @@ sum them four at a time into 32-bit lanes. Paths, best first:
 
     VNNI512   AVX512-VNNI `vpdpbusd` on zmm: 64 multiply-adds per instruction
     AVXVNNI   `vpdpbusd` on ymm (AVX-VNNI, or AVX512-VNNI with AVX512-VL)
-    AVX2      `vpmaddubsw` + `vpmaddwd` on ymm (no saturation: codes are at most 15)
+    AVX2      `vpmaddubsw` + `vpmaddwd` on ymm (no saturation: a pair of products is at most
+              2 x 63 x 127 for int6 codes, 2 x 127 x 127 for int8's |w|)
     PORTABLE  plain vector IR that LLVM lowers for any CPU
 
 A path is an integer so that kernels can take it as a compile-time literal: each path is its own

@@ -19,16 +19,17 @@ group on zmm; the group's integer sums become floats once:
 Integer sums are exact, and the float part is the same code on every path, so all paths give
 the same bits. On AVX2 an int4 / int6 block skips the transpose (`_ColumnDots`: columns j and
 j + 2 interleaved, so that each 16-bit sum is one row's two products), for one or two tokens at
-a time, in a loop over pairs of quads that keeps its values in the 16 registers (Zen 3, a matrix
-streamed from RAM, against the transposed form: int4 1.3x with one token, 1.8x with two).
+a time, in a loop over pairs of quads (Zen 3, a matrix streamed from RAM, against the transposed
+form: int4 1.3x with one token, 1.8x with two; int6 1.1x, 1.5x).
 
 Decode (`moe_decode_fast`) is `gemv.moe_decode` with these blocks: gate_up per (token, expert,
 row block), whose 32 rows of silu(gate) * up are one group of down's input and are quantised
 right there; then down per (token, output block) over the token's experts. Prefill
-(`moe_prefill_fast`) is `gemm.moe_prefill` likewise, tokens grouped by expert, four tokens per
-prepared quad of codes (`_q8_block_dot_quad`, then a pair and a single for the rest). A dense matrix (`linear_fast`, int4 or `kernels.int8`, whose
-signed codes enter as |w| times x sign(w)) is one always-active expert: 32-row blocks over tiles
-of TOKEN_TILE tokens, the same code from one token to a whole prompt chunk.
+(`moe_prefill_fast`) is `gemm.moe_prefill` likewise, tokens grouped by expert, a block applied
+to four tokens at a time (`_q8_block_dot_quad`, then a pair and a single for the rest). A dense
+matrix (`linear_fast`: int4, int6 or `kernels.int8`, whose signed codes enter as |w| times
+x sign(w)) is one always-active expert: 32-row blocks over tiles of TOKEN_TILE tokens, the same
+code from one token to a whole prompt chunk.
 """
 
 from __future__ import annotations
@@ -48,13 +49,11 @@ from offload.kernels.int4 import BLOCK, GROUP, Int4Weights
 
 QUADS = GROUP // 4  # 4-column quads per group
 PREFETCH_AHEAD = 4096  # bytes ahead of the current group that a block dot asks for (a 1024-byte lead left
-# the int6 output head, 240 MB read once a token, at 80% of a parallel read's rate; 4096 reached 93%)
+# the int6 output head, 240 MB read once a token, at 80% of a parallel read's rate; 4096 reached 93%;
+# routed experts' decode was the same at both, within noise)
 TOKEN_TILE = 64  # tokens per pass of a dense matrix (`linear_fast`): their int8 activations stay in L2
 # lane r*4 + j of a transposed quad <- byte j*16 + r of the packed quad (row r, column j)
 _TRANSPOSE = [j * 16 + r for r in range(16) for j in range(4)]
-# int6: byte j*16 + r (pre-transpose) of a plane takes its high bits from byte 16 (j % 2) + r of the
-# quad's 32; of its four 2-bit fields, rows 0-15 take field 0 (columns 0, 1) or 1 (columns 2, 3),
-# rows 16-31 fields 2 or 3
 # int8 weights: a quad is 128 bytes (column j: 32 bytes, row r at byte 32j + r); rows 0-15, 16-31
 _TRANSPOSE8 = [[j * 32 + half * 16 + r for r in range(16) for j in range(4)] for half in (0, 1)]
 
@@ -160,9 +159,10 @@ class _ColumnDots:
     row's codes in columns j and j + 2, lane j holding column pair (j, j + 2): against the
     activations (x_j, x_j+2) repeated over lane j, one instruction sums two products a row. Rows
     0-7, 8-15, 16-23 and 24-31 each accumulate in one register as 16-bit sums, lane 0's column
-    pair beside lane 1's; the lanes are widened and added every `flush_every` quads, before a sum
-    can overflow (a pair of products is at most 2 x 15 x 127, int6 2 x 63 x 127). The same
-    integer dots as the transposed form, so the same bits."""
+    pair beside lane 1's; the lanes are widened and added once a group (int4) or after each pair
+    of quads (int6), before a sum can overflow (a pair of products is at most 2 x 15 x 127, int6
+    2 x 63 x 127). The same integer dots as the transposed form, so the same bits. One token's
+    sums and values stay in the 16 registers; int6 with two tokens spills a few."""
 
     def __init__(self, builder, bits: int, tokens: int):
         i8, i32 = ir.IntType(8), ir.IntType(32)
@@ -182,10 +182,10 @@ class _ColumnDots:
                                        [index for lane in (0, 1) for i in range(8)
                                         for index in (16 * lane + 8 * half + i, 32 + 16 * lane + 8 * half + i)])
                            for half in (0, 1)]
-        # quads between widenings: int4 once a group (QUADS = 8: 16 products of at most 15 x 127),
-        # int6 every pair (4 of at most 63 x 127)
+        # widened: int4 once a group (QUADS = 8: 16 products of at most 15 x 127 a sum), int6 after
+        # each pair of quads (4 of at most 63 x 127)
         assert QUADS <= 8
-        self.flush_every = QUADS if bits == 4 else 2
+        self.flush_each_pair = bits == 6
         self.tokens = tokens
         self.zero16 = ir.Constant(self.v16i16, [0] * 16)
         self.zero32 = ir.Constant(self.v8i32, [0] * 8)
@@ -218,7 +218,7 @@ class _ColumnDots:
 
     def _kept(self, value):
         """value, which the optimiser may no longer reassociate: summed quad after quad, the sums
-        keep four registers; regrouped across quads (as LLVM would), their inputs spill."""
+        keep four registers a token; regrouped across quads (as LLVM would), their inputs spill."""
         return self.builder.asm(ir.FunctionType(value.type, [value.type]), "", "=x,0", [value], False)
 
     def flush(self) -> None:
@@ -237,9 +237,9 @@ class _ColumnDots:
                  for plane in (0, 1)] for t in range(self.tokens)]
 
     def group(self, function, planes_at, group_bytes, first_column, column_bytes: int, xq_ptrs) -> list:
-        """One group's dots (`dots`) as an IR loop over its pairs of quads: each pair's values die
-        in its iteration, so they stay in the 16 registers. planes_at(byte offset) gives a quad's
-        nibble planes; xq_ptrs point at the tokens' int8 activations."""
+        """One group's dots (`dots`) as an IR loop over its pairs of quads, whose values die in
+        their iteration. planes_at(byte offset) gives a quad's nibble planes; xq_ptrs point at the
+        tokens' int8 activations."""
         b = self.builder
         i32, i64 = ir.IntType(32), ir.IntType(64)
         head, body, done = (function.append_basic_block(name) for name in ("pair_head", "pair_body", "pair_done"))
@@ -260,7 +260,7 @@ class _ColumnDots:
             column = b.add(first_column, b.mul(quad, ir.Constant(i64, 4)))
             self.add_quad(codes, [b.load(b.bitcast(b.gep(xq_ptr, [column]), i32.as_pointer()), align=1)
                                   for xq_ptr in xq_ptrs])
-        if self.flush_every == 2:
+        if self.flush_each_pair:
             self.flush()
         for phi, value in zip(state, self.values()):
             phi.add_incoming(value, b.block)
@@ -268,14 +268,15 @@ class _ColumnDots:
         b.branch(head)
         b.position_at_end(done)
         self.set_values(state)
-        if self.flush_every != 2:
+        if not self.flush_each_pair:
             self.flush()
         return self.dots()
 
 
 def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
-    """LLVM code of `_q8_block_dot` (tokens=1) or `_q8_block_dot_pair` (tokens=2: each quad's
-    codes are split and transposed once for both tokens), for int4 (bits=4), int6 or int8 weights.
+    """LLVM code of `_q8_block_dot` (tokens=1), `_q8_block_dot_pair` (tokens=2: each quad's
+    codes are prepared once for both tokens) or `_q8_block_dot_quad` (tokens=4; AVX2's int4 /
+    int6 column pairs: two passes of two tokens), for int4 (bits=4), int6 or int8 weights.
     Arguments: path, packed, scales, then per token (xq, x_scales, x_sums), then per token
     alpha, then per token out.
 
@@ -317,15 +318,17 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
         low_mask, shift = ir.Constant(v64i8, [15] * 64), ir.Constant(v64i8, [4] * 64)
         transpose = ir.Constant(ir.VectorType(i32, 64), _TRANSPOSE)
         zero_b = ir.Constant(v64i8, [0] * 64)
-        halves = ir.Constant(ir.VectorType(i32, 64), list(range(64)))  # two <32 x i8> as one <64 x i8>
+        joined = ir.Constant(ir.VectorType(i32, 64), list(range(64)))  # two <32 x i8> as one <64 x i8>
+        column_pairs = path == paths.AVX2 and bits in (4, 6)  # `_ColumnDots` instead of the transpose
 
         def planes_at(quad_bytes):
             """The int4 / int6 codes of the quad at byte `quad_bytes` (an i64) as two planes of
             <64 x i8> (rows 0-15 and 16-31), column-major as stored."""
             codes = load(packed_ptr, quad_bytes, v64i8, 1)
             nibbles = [builder.and_(codes, low_mask), builder.lshr(codes, shift)]
-            if bits == 6:  # the high bits of rows 0-15 and 16-31, to the left of their nibbles: field f
-                # of the top byte moved to bits 4-5 (plane h, columns 0-1: field 2h; columns 2-3: 2h + 1)
+            if bits == 6:  # the high bits, to the left of the nibbles: byte j*16 + r of a plane takes
+                # field f of top byte 16 (j % 2) + r, moved to bits 4-5 (plane h, columns 0-1: field 2h;
+                # columns 2-3: field 2h + 1)
                 v32i8 = ir.VectorType(i8, 32)
                 top = load(packed_ptr, builder.add(quad_bytes, const(64)), v32i8, 1)
 
@@ -334,7 +337,7 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
                              builder.lshr(top, ir.Constant(v32i8, [2 * f - 4] * 32)) if f > 2 else top)
                     return builder.and_(moved, ir.Constant(v32i8, [0x30] * 32))
 
-                nibbles = [builder.or_(part, builder.shuffle_vector(field(2 * h), field(2 * h + 1), halves))
+                nibbles = [builder.or_(part, builder.shuffle_vector(field(2 * h), field(2 * h + 1), joined))
                            for h, part in enumerate(nibbles)]
             return nibbles
 
@@ -359,13 +362,13 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
             for line in range(GROUP * column_bytes // 64):  # this group's lines, PREFETCH_AHEAD bytes ahead
                 address = builder.gep(packed_ptr, [builder.add(group_bytes, const(PREFETCH_AHEAD + 64 * line))])
                 builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-            if path == paths.AVX2 and bits in (4, 6):
+            if column_pairs:
                 columns = _ColumnDots(builder, bits, len(chosen))
                 dots = columns.group(function, planes_at, group_bytes, first_column, column_bytes,
                                      [xq_ptrs[t] for t in chosen])
             else:
                 dots = [[zero_i, zero_i] for _ in chosen]
-            for quad in range(0 if path == paths.AVX2 and bits in (4, 6) else QUADS):
+            for quad in range(QUADS) if not column_pairs else ():
                 if bits in (4, 6):
                     rows = [builder.shuffle_vector(part, part, transpose)
                             for part in planes_at(builder.add(group_bytes, const(4 * column_bytes * quad)))]
@@ -414,9 +417,9 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
                                                 builder.load(address, align=4)])
                     builder.store(result, address, align=4)
 
-        # AVX2's column pairs keep two tokens' sums in its 16 registers: four tokens take two passes
+        # AVX2's column pairs hold two tokens' sums in its 16 registers: four tokens take two passes
         # over the block (the second from cache)
-        passes = 2 if path == paths.AVX2 and bits in (4, 6) and tokens == 4 else 1
+        passes = 2 if column_pairs and tokens == 4 else 1
         for first in range(0, tokens, tokens // passes):
             block_loop(list(range(first, first + tokens // passes)))
         return context.get_dummy_value()
@@ -455,7 +458,7 @@ def _q8_block_dot_quad(typingctx, path, packed, scales, xq0, x_scales0, x_sums0,
                        xq2, x_scales2, x_sums2, xq3, x_scales3, x_sums3, alpha0, alpha1, alpha2, alpha3,
                        out0, out1, out2, out3):
     """`_q8_block_dot` for four tokens (prefill: a block applied to its tokens four at a time), the
-    same bits per token; on AVX2, two passes of two tokens (`_ColumnDots`)."""
+    same bits per token; AVX2's int4 / int6 blocks take two passes of two tokens (`_ColumnDots`)."""
     if not isinstance(path, types.IntegerLiteral):
         return None
     signature = types.void(path, packed, scales, xq0, x_scales0, x_sums0, xq1, x_scales1, x_sums1,

@@ -119,6 +119,32 @@ def test_dense_linear_every_path_matches_the_reference(fmt_name, tokens):
     assert np.sqrt(((results[PATHS[0]] - exact) ** 2).sum() / (exact ** 2).sum()) < 0.02
 
 
+@pytest.mark.parametrize("fmt_name", ["int4", "int6"])
+def test_the_largest_codes_against_the_largest_activations_do_not_overflow(fmt_name):
+    """Every code at its maximum (15, 63) against activations of +-127 over several groups: the
+    partial sums some paths keep in 16 bits (AVX2) reach their largest values, which random
+    weights almost never do; a path that widened them too late would wrap."""
+    from offload.kernels import int4, int6
+
+    fmt = {"int4": int4, "int6": int6}[fmt_name]
+    out_features, in_features = 64, 128
+    packed_shape = ((1, out_features // 32, in_features * 16) if fmt is int4
+                    else (1, out_features // 32, in_features // 4, int6.QUAD_BYTES))
+    scales = np.full((1, out_features // 32, in_features), 0x3F80, np.uint16)  # bf16 1.0
+    weight = (fmt.Int4Weights if fmt is int4 else fmt.Int6Weights)(
+        np.full(packed_shape, 0xFF, np.uint8), scales, (1, out_features, in_features))
+    signs = np.array([1, -1, 1, -1, -1, 1, 1], np.float32)[:, None]
+    x = np.ones((7, in_features), np.float32) * signs  # quantised to exactly +-127
+    x[1, ::3] *= -1  # and one token of mixed signs
+    activations = q8.Activations(8, in_features)
+    for tokens in (1, 2, 3, 4, 7):  # single, pair, pair + single, quad, quad + pair + single
+        expected = q8.linear_reference_fast(x[:tokens], weight)
+        for path in PATHS:
+            result = q8.linear_fast(x[:tokens], weight, np.full((tokens, out_features), np.nan, np.float32),
+                                    activations, path)
+            assert np.array_equal(result, expected), (isa.NAMES[path], tokens)
+
+
 @pytest.mark.parametrize("fmt", ["int4", "int6", "int8"])
 @pytest.mark.parametrize("exact", [False, True])
 def test_layers_reading_one_input_run_as_one_call_over_their_joined_rows(fmt, exact):
