@@ -48,6 +48,8 @@ from offload.tokenizer import ThinkingFilter, Tokenizer, partial_suffix
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_SNAPSHOTS = 4
 MAX_STOP_STRINGS = 16
+# what the server itself gives a chat template: not for a request's chat_template_kwargs to set
+TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
 
 
 class ApiError(Exception):
@@ -212,7 +214,9 @@ class Service:
 
     def submit(self, job: Job) -> None:
         with self.lock:
-            if self.waiting >= self.max_queue:
+            # jobs queued or running before this one: all but one of them wait, and so would this one
+            ahead = self.waiting + (self.current is not None)
+            if ahead > self.max_queue:
                 raise ApiError(429, f"the server is busy: {self.waiting} requests are waiting (--max-queue "
                                     f"{self.max_queue}); retry later", code="queue_full")
             self.waiting += 1
@@ -373,6 +377,9 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(400, "messages is empty: give at least one message", param="messages")
         plain = [_plain(m) for m in messages]
         extra = dict(variables or {})
+        if reserved := sorted(TEMPLATE_VARIABLES & set(extra)):
+            raise ApiError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server passes "
+                                f"{'it' if len(reserved) == 1 else 'them'} from the request", param="chat_template_kwargs")
         if tools is not None:
             if "tools" not in (tokenizer.chat_template or ""):
                 raise ApiError(400, "this model's chat template does not take tools", param="tools")

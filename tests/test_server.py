@@ -29,10 +29,11 @@ HELLO = [{"role": "user", "content": "Hello! How are you today?"}]
 class Running:
     """A server on a thread: its service, base URL and an openai client."""
 
-    def __init__(self, path, **options):
+    def __init__(self, path, worker: bool = True, **options):
         engine = offload.load(path, quant=None, ctx=512)
         self.service = Service(engine, Tokenizer(path), "tiny", generation_defaults(path), **options)
-        self.service.start()
+        if worker:  # without one, requests stay queued: a busy server, held still
+            self.service.start()
         self.http = Http(self.service)
         self.url = self.http.url.removesuffix("/v1")
         self.client = openai.OpenAI(base_url=self.http.url, api_key=options.get("api_key") or "none",
@@ -220,10 +221,13 @@ def test_a_client_that_disconnects_frees_the_engine(endless):
 
 
 def test_a_full_queue_is_answered_429(endless):
-    with Running(endless, max_queue=0) as running:
-        with httpx.stream("POST", f"{running.url}/v1/completions", timeout=60,
-                          json={"prompt": "go", "max_tokens": 300, "stream": True}) as response:
-            next(response.iter_lines())
+    with Running(endless, max_queue=0) as running:  # no request may wait, but an idle server serves one
+        assert running.client.completions.create(model="tiny", prompt="go", max_tokens=2).usage.completion_tokens == 2
+    with Running(endless, worker=False, max_queue=1) as running:  # one runs (when a worker takes it), one waits
+        request = {"prompt": "go", "max_tokens": 2, "stream": True}
+        with httpx.stream("POST", f"{running.url}/v1/completions", timeout=60, json=request) as first, \
+                httpx.stream("POST", f"{running.url}/v1/completions", timeout=60, json=request) as second:
+            assert first.status_code == second.status_code == 200 and running.service.waiting == 2
             refused = httpx.post(f"{running.url}/v1/completions", json={"prompt": "go", "max_tokens": 2})
         assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
 
@@ -237,6 +241,9 @@ def error_of(response, status):
 
 def test_bad_requests_get_openai_errors(server):
     url = f"{server.url}/v1/chat/completions"
+    for variable in ("messages", "add_generation_prompt"):  # the server's own template variables
+        error = error_of(httpx.post(url, json={"messages": HELLO, "chat_template_kwargs": {variable: []}}), 400)
+        assert variable in error["message"] and error["param"] == "chat_template_kwargs"
     error = error_of(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
     assert "not valid JSON" in error["message"]
     assert "temperature" in error_of(httpx.post(url, json={"messages": HELLO, "temperature": "hot"}), 400)["message"]
