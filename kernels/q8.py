@@ -275,8 +275,8 @@ class _ColumnDots:
 
 def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
     """LLVM code of `_q8_block_dot` (tokens=1), `_q8_block_dot_pair` (tokens=2: each quad's
-    codes are prepared once for both tokens) or `_q8_block_dot_quad` (tokens=4; AVX2's int4 /
-    int6 column pairs: two passes of two tokens), for int4 (bits=4), int6 or int8 weights.
+    codes are prepared once for both tokens) or `_q8_block_dot_quad` (tokens=4; AVX2's int4
+    column pairs: two passes of two tokens), for int4 (bits=4), int6 or int8 weights.
     Arguments: path, packed, scales, then per token (xq, x_scales, x_sums), then per token
     alpha, then per token out.
 
@@ -319,7 +319,9 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
         transpose = ir.Constant(ir.VectorType(i32, 64), _TRANSPOSE)
         zero_b = ir.Constant(v64i8, [0] * 64)
         joined = ir.Constant(ir.VectorType(i32, 64), list(range(64)))  # two <32 x i8> as one <64 x i8>
-        column_pairs = path == paths.AVX2 and bits in (4, 6)  # `_ColumnDots` instead of the transpose
+        # `_ColumnDots` instead of the transpose; four tokens of int6 stay transposed (two passes of
+        # column pairs, which spill at int6, were no faster)
+        column_pairs = path == paths.AVX2 and (bits == 4 or bits == 6 and tokens <= 2)
 
         def planes_at(quad_bytes):
             """The int4 / int6 codes of the quad at byte `quad_bytes` (an i64) as two planes of
@@ -341,34 +343,11 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
                            for h, part in enumerate(nibbles)]
             return nibbles
 
-        def block_loop(chosen):
-            """The loop over the block's groups for the tokens `chosen`; adds their rows to out."""
-            entry = builder.block
-            head, body, done = (function.append_basic_block(name) for name in ("group_head", "group_body", "done"))
-            groups = builder.udiv(in_features, const(GROUP))
-            builder.branch(head)
-
-            builder.position_at_end(head)
-            group = builder.phi(i64)
-            totals = [[builder.phi(v16f), builder.phi(v16f)] for _ in chosen]  # rows 0-15, rows 16-31
-            group.add_incoming(const(0), entry)
-            for total in (total for per_token in totals for total in per_token):
-                total.add_incoming(zero_f, entry)
-            builder.cbranch(builder.icmp_unsigned("<", group, groups), body, done)
-
-            builder.position_at_end(body)
-            first_column = builder.mul(group, const(GROUP))
-            group_bytes = builder.mul(first_column, const(column_bytes))
-            for line in range(GROUP * column_bytes // 64):  # this group's lines, PREFETCH_AHEAD bytes ahead
-                address = builder.gep(packed_ptr, [builder.add(group_bytes, const(PREFETCH_AHEAD + 64 * line))])
-                builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-            if column_pairs:
-                columns = _ColumnDots(builder, bits, len(chosen))
-                dots = columns.group(function, planes_at, group_bytes, first_column, column_bytes,
-                                     [xq_ptrs[t] for t in chosen])
-            else:
-                dots = [[zero_i, zero_i] for _ in chosen]
-            for quad in range(QUADS) if not column_pairs else ():
+        def transposed_dots(chosen, group_bytes, first_column) -> list:
+            """Per token in `chosen`, the group's <16 x i32> dots of rows 0-15 and 16-31: each quad's
+            codes transposed so that a 32-bit lane holds one row's four, then `dot4`."""
+            dots = [[zero_i, zero_i] for _ in chosen]
+            for quad in range(QUADS):
                 if bits in (4, 6):
                     rows = [builder.shuffle_vector(part, part, transpose)
                             for part in planes_at(builder.add(group_bytes, const(4 * column_bytes * quad)))]
@@ -390,6 +369,34 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
                         signed = builder.select(negative[half], builder.sub(zero_b, activations), activations)
                         signed = builder.select(empty[half], zero_b, signed)
                         dots[i][half] = dot4(builder, path, dots[i][half], magnitudes[half], signed)
+            return dots
+
+        def block_loop(chosen, prefetch_ahead: bool):
+            """The loop over the block's groups for the tokens `chosen`; adds their rows to out."""
+            entry = builder.block
+            head, body, done = (function.append_basic_block(name) for name in ("group_head", "group_body", "done"))
+            groups = builder.udiv(in_features, const(GROUP))
+            builder.branch(head)
+
+            builder.position_at_end(head)
+            group = builder.phi(i64)
+            totals = [[builder.phi(v16f), builder.phi(v16f)] for _ in chosen]  # rows 0-15, rows 16-31
+            group.add_incoming(const(0), entry)
+            for total in (total for per_token in totals for total in per_token):
+                total.add_incoming(zero_f, entry)
+            builder.cbranch(builder.icmp_unsigned("<", group, groups), body, done)
+
+            builder.position_at_end(body)
+            first_column = builder.mul(group, const(GROUP))
+            group_bytes = builder.mul(first_column, const(column_bytes))
+            for line in range(GROUP * column_bytes // 64) if prefetch_ahead else ():  # this group's lines
+                address = builder.gep(packed_ptr, [builder.add(group_bytes, const(PREFETCH_AHEAD + 64 * line))])
+                builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            if column_pairs:
+                dots = _ColumnDots(builder, bits, len(chosen)).group(function, planes_at, group_bytes, first_column,
+                                                                     column_bytes, [xq_ptrs[t] for t in chosen])
+            else:
+                dots = transposed_dots(chosen, group_bytes, first_column)
             w_scales = []
             for half in (0, 1):
                 scale_bits = load(scales_ptr, builder.add(first_column, const(16 * half)), ir.VectorType(i16, 16), 2)
@@ -418,10 +425,10 @@ def _block_dot_codegen(path: int, tokens: int = 1, bits: int = 4):
                     builder.store(result, address, align=4)
 
         # AVX2's column pairs hold two tokens' sums in its 16 registers: four tokens take two passes
-        # over the block (the second from cache)
+        # over the block (the second from cache, so it asks for nothing ahead)
         passes = 2 if column_pairs and tokens == 4 else 1
         for first in range(0, tokens, tokens // passes):
-            block_loop(list(range(first, first + tokens // passes)))
+            block_loop(list(range(first, first + tokens // passes)), prefetch_ahead=first == 0)
         return context.get_dummy_value()
 
     return codegen
@@ -458,7 +465,7 @@ def _q8_block_dot_quad(typingctx, path, packed, scales, xq0, x_scales0, x_sums0,
                        xq2, x_scales2, x_sums2, xq3, x_scales3, x_sums3, alpha0, alpha1, alpha2, alpha3,
                        out0, out1, out2, out3):
     """`_q8_block_dot` for four tokens (prefill: a block applied to its tokens four at a time), the
-    same bits per token; AVX2's int4 / int6 blocks take two passes of two tokens (`_ColumnDots`)."""
+    same bits per token; AVX2's int4 blocks take two passes of two tokens (`_ColumnDots`)."""
     if not isinstance(path, types.IntegerLiteral):
         return None
     signature = types.void(path, packed, scales, xq0, x_scales0, x_sums0, xq1, x_scales1, x_sums1,

@@ -43,13 +43,13 @@ from starlette.exceptions import HTTPException
 from offload.engine import Engine, Snapshot
 from offload.errors import OffloadError
 from offload.sampling import Sampler, SamplingParams
-from offload.tokenizer import ThinkingFilter, Tokenizer, partial_suffix
+from offload.tokenizer import RENDER_VARIABLES, ThinkingFilter, Tokenizer, partial_suffix
 
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_SNAPSHOTS = 4
 MAX_STOP_STRINGS = 16
 # what the server itself gives a chat template: not for a request's chat_template_kwargs to set
-TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+TEMPLATE_VARIABLES = RENDER_VARIABLES | {"tools"}
 
 
 class ApiError(Exception):

@@ -148,6 +148,8 @@ def _chat_template(model_dir: Path, config: dict) -> str | None:
 
 RENDER_SECONDS = 5.0  # a chat template renders in milliseconds; one that runs longer is stopped
 RENDER_CHARACTERS = 1 << 24  # and none writes 16M characters (a whole context is a few million)
+# what `Tokenizer.render` itself gives the template, beside the caller's variables
+RENDER_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
 RENDER_MEMORY = 1 << 30  # or needs a GiB of memory
 
 
