@@ -1,5 +1,6 @@
-"""The small pieces of a decode step between the matrix kernels, fused: norms, the MoE router and
-an attention layer's inputs (per-head norms, rotary, the output gate).
+"""The small pieces of a decode step between the matrix kernels, fused: norms (with the residual
+add before them), the MoE router, an attention layer's inputs (per-head norms, rotary, the output
+gate) and its rotary tables, SwiGLU's silu(gate) * up and the sum of a MoE block's outputs into the residual stream.
 
 In torch each RMSNorm is ~8 operations and a MoE block's routing (router logits, softmax, top-k,
 renormalisation, the shared expert's sigmoid gate) another ~8, each a few microseconds of
@@ -34,6 +35,41 @@ def rms_norm(x, scale, eps, out):
     effective weight, `1 + w` for a zero-centred norm)."""
     for t in range(x.shape[0]):
         _normed(x[t], scale, eps, out[t])
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def add_rms_norm(x, delta, scale, eps, out):
+    """x += delta (the residual stream takes a mixer's output), then out = rms_norm(x): the
+    same values as the two apart, in one pass over the rows. float32 [T, D]."""
+    for t in range(x.shape[0]):
+        row = x[t]
+        for d in range(row.shape[0]):
+            row[d] += delta[t, d]
+        _normed(row, scale, eps, out[t])
+
+
+@njit(nogil=True, cache=True)
+def silu_mul(gate_up, hidden):
+    """hidden[t] = silu(gate) * up for gate_up[t] = [gate (I), up (I)], I = hidden.shape[1]:
+    silu(g) = g / (1 + e^-g), -0 where e^-g overflows (g < -88), as torch's. float32."""
+    width = hidden.shape[1]
+    for t in range(hidden.shape[0]):
+        for i in range(width):
+            g = gate_up[t, i]
+            hidden[t, i] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[t, width + i]
+
+
+@njit(nogil=True, cache=True)
+def add_moe_output(x, routed, shared, gate):
+    """x[t] += routed[t] + gate[t] * shared[t]: a MoE block's output into the residual stream
+    (shared [0, D] without a shared expert). float32 [T, D], gate [T]."""
+    with_shared = shared.shape[0] > 0
+    for t in range(x.shape[0]):
+        for d in range(x.shape[1]):
+            total = routed[t, d]
+            if with_shared:
+                total += gate[t] * shared[t, d]
+            x[t, d] += total
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})
@@ -89,6 +125,21 @@ def top_k_softmax(logits, experts, normalise, weights, expert_ids, shared_gate):
                 weights[t, k] /= picked_sum
         if logits.shape[1] > experts:
             shared_gate[t] = np.float32(1.0) / (np.float32(1.0) + np.exp(-row[experts]))
+
+
+@njit(nogil=True, cache=True)
+def rotary_tables(inv_freq, scale, start, cos, sin):
+    """cos, sin float32 [T, 2 F] of positions start..start+T for inverse frequencies float32 [F]:
+    angle = position * inv_freq[i] in float32 at channels i and i + F, times `scale` (YaRN's
+    factor, 1 without), as `models.attention.RotaryEmbedding` makes them."""
+    half = inv_freq.shape[0]
+    factor = np.float32(scale)
+    for t in range(cos.shape[0]):
+        position = np.float32(start + t)
+        for i in range(half):
+            angle = position * inv_freq[i]
+            cos[t, i] = cos[t, i + half] = np.cos(angle) * factor
+            sin[t, i] = sin[t, i + half] = np.sin(angle) * factor
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})

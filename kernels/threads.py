@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-from contextlib import contextmanager
-from typing import Iterator
 
 import numba
 import psutil
@@ -20,16 +18,22 @@ def physical_cores() -> int:
     return min(psutil.cpu_count(logical=False) or os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS)
 
 
-@contextmanager
-def kernel_threads(count: int | None = None) -> Iterator[int]:
-    """Run the kernels called inside with `count` threads (default: physical cores)."""
-    count = min(count or physical_cores(), numba.config.NUMBA_NUM_THREADS)
-    previous = numba.get_num_threads()
-    if previous == count:  # the usual case: nothing to change (this runs per layer per token)
-        yield count
-        return
-    numba.set_num_threads(count)
-    try:
-        yield count
-    finally:
-        numba.set_num_threads(previous)
+class kernel_threads:
+    """`with kernel_threads(count):` runs the kernels called inside with `count` threads (default:
+    physical cores) and restores the previous count after; `as` gives the count. A class rather
+    than a generator: this runs per layer per token, and most often changes nothing."""
+
+    __slots__ = ("count", "previous")
+
+    def __init__(self, count: int | None = None):
+        self.count = min(count or physical_cores(), numba.config.NUMBA_NUM_THREADS)
+
+    def __enter__(self) -> int:
+        self.previous = numba.get_num_threads()
+        if self.previous != self.count:
+            numba.set_num_threads(self.count)
+        return self.count
+
+    def __exit__(self, *exc) -> None:
+        if self.previous != self.count:
+            numba.set_num_threads(self.previous)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from offload.config import DELTANET_STEP_MAX_TOKENS
-from offload.dense import QuantizedLinear
+from offload.dense import QuantizedLinear, linear_rows
 from offload.kernels.deltanet import deltanet_step
 from offload.kernels.threads import kernel_threads
 from offload.host import numpy_view
@@ -37,24 +37,35 @@ class FusedDeltaNet(nn.Module):
         # the two input projections as one kernel call (None unless both are quantised alike);
         # not a submodule: its bytes are theirs
         object.__setattr__(self, "in_proj", QuantizedLinear.joined([mixer.in_proj_qkvz, mixer.in_proj_ba]))
+        self.eps = np.float32(mixer.norm.eps)
 
     def forward(self, x: torch.Tensor, cache: LinearAttentionCache) -> torch.Tensor:
         """x [T, D] float32 -> [T, D]; reads and advances `cache`: the projections of every token at
         once, the recurrence token after token (longer chunks: the model's chunked form)."""
+        if x.shape[0] > DELTANET_STEP_MAX_TOKENS:
+            return self.mixer(x, cache)
+        return torch.from_numpy(self.rows(numpy_view(x), cache))
+
+    def rows(self, x: np.ndarray, cache: LinearAttentionCache) -> np.ndarray:
+        """`forward` on NumPy arrays: x float32 [T, D], T at most DELTANET_STEP_MAX_TOKENS -> [T, D]."""
         mixer = self.mixer
-        tokens = x.shape[0]
-        if tokens > DELTANET_STEP_MAX_TOKENS:
-            return mixer(x, cache)
         if self.in_proj is not None:
-            both = self.in_proj.rows(numpy_view(x))
+            both = self.in_proj.rows(x)
             width = mixer.in_proj_qkvz.out_features
             qkvz, ba = both[:, :width], both[:, width:]
         else:
-            qkvz, ba = numpy_view(mixer.in_proj_qkvz(x)), numpy_view(mixer.in_proj_ba(x))
-        out = torch.empty(tokens, mixer.num_value_heads, mixer.value_head_dim)
+            qkvz, ba = linear_rows(mixer.in_proj_qkvz, x), linear_rows(mixer.in_proj_ba, x)
+        out = self._recurrence(qkvz, ba, cache)
+        return linear_rows(mixer.out_proj, out.reshape(x.shape[0], -1))
+
+    def _recurrence(self, qkvz: np.ndarray, ba: np.ndarray, cache: LinearAttentionCache) -> np.ndarray:
+        """The fused kernel token after token: qkvz [T, 2 Hk Dk + 2 Hv Dv], ba [T, 2 Hv] (rows of
+        the projections) -> the gated norm's output [T, Hv, Dv], the input of out_proj."""
+        mixer = self.mixer
+        out = np.empty((qkvz.shape[0], mixer.num_value_heads, mixer.value_head_dim), np.float32)
+        conv_state, state, heads = cache.conv_state.numpy(), cache.recurrent_state.numpy(), mixer.num_key_heads
         with kernel_threads():
-            for t, step_out in enumerate(out.numpy()):  # the recurrence: token after token
-                deltanet_step(qkvz[t].reshape(mixer.num_key_heads, -1), ba[t].reshape(mixer.num_key_heads, -1),
-                              cache.conv_state.numpy(), self.conv_weight, self.A_log, self.dt_bias, self.norm_weight,
-                              np.float32(mixer.norm.eps), cache.recurrent_state.numpy(), self.mixed, step_out)
-        return mixer.out_proj(out.reshape(tokens, -1))
+            for t in range(out.shape[0]):
+                deltanet_step(qkvz[t].reshape(heads, -1), ba[t].reshape(heads, -1), conv_state, self.conv_weight,
+                              self.A_log, self.dt_bias, self.norm_weight, self.eps, state, self.mixed, out[t])
+        return out

@@ -17,6 +17,7 @@ from torch import nn
 
 from offload.kernels import int4, int6, int8, q8
 from offload.kernels.linear import linear
+from offload.kernels.step import silu_mul
 from offload.kernels.threads import kernel_threads, physical_cores
 from offload.config import PREFILL_CHUNK
 from offload.host import numpy_view, stored_array
@@ -105,6 +106,15 @@ class QuantizedLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.format}"
 
 
+def linear_rows(module: nn.Module, x: np.ndarray) -> np.ndarray:
+    """A linear layer on NumPy arrays: x float32 [T, in] (C-contiguous) -> float32 [T, out]. A
+    `QuantizedLinear` runs its kernel; another module (a float layer kept as it is) runs in torch
+    on a view of x."""
+    if isinstance(module, QuantizedLinear):
+        return module.rows(x)
+    return numpy_view(module(torch.from_numpy(x)))
+
+
 def quantize_dense(model: nn.Module, fmt: str = "int8", names=None, threads: int | None = None,
                    progress: bool = False, exact: bool = False) -> int:
     """Swap `nn.Linear`s of `model` (loaded, not on meta) for `QuantizedLinear` in `fmt` ("int4",
@@ -133,8 +143,7 @@ def quantize_dense(model: nn.Module, fmt: str = "int8", names=None, threads: int
 class JoinedMLP(nn.Module):
     """A SwiGLU MLP kept in RAM as quantised layers (a shared expert, a dense MLP), swapped in for
     the model's `MLP`: gate and up as one kernel call over their joined rows, silu(gate) * up in
-    NumPy on the kernel's output, then down: one call and a few torch operations less per token.
-    The hidden activations stay fp32 until down's input (the model's MLP rounds them to its dtype
+    one pass over the kernel's output (`kernels.step.silu_mul`), then down. The hidden activations stay fp32 until down's input (the model's MLP rounds them to its dtype
     between operations when that is bf16: a hybrid plan's shared expert in RAM)."""
 
     def __init__(self, mlp: nn.Module, gate_up: QuantizedLinear):
@@ -155,11 +164,6 @@ class JoinedMLP(nn.Module):
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         """x float32 [T, D] (C-contiguous) -> float32 [T, D], NumPy in and out."""
-        gate_up = self.gate_up.rows(x)
-        gate, up = gate_up[:, :self.intermediate], gate_up[:, self.intermediate:]
-        with np.errstate(over="ignore"):  # e^-g overflows to inf for g < -88: silu is -0 there, as torch's
-            hidden = np.exp(np.negative(gate))  # silu(g) = g / (1 + e^-g)
-        hidden += 1
-        np.divide(gate, hidden, out=hidden)
-        hidden *= up
+        hidden = np.empty((x.shape[0], self.intermediate), np.float32)
+        silu_mul(self.gate_up.rows(x), hidden)
         return self.down_proj.rows(hidden)

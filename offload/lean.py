@@ -13,6 +13,10 @@ up to DECODE_MAX_TOKENS tokens (a decode step, a short prompt's chunk):
 - `LeanAttention` stands in for an attention mixer whose projections are quantised alike: q, k and
   v in one kernel call, per-head norms, rotary and the output gate's sigmoid in one Numba call,
   the cache's write and attention as the model's.
+Where every layer has those pieces (a `FusedDeltaNet` or `LeanAttention` mixer, a `LeanMoeBlock`
+or `JoinedMLP`), a `LeanDecoder` takes the model's `stages` for such calls: the residual stream is
+one NumPy array that each `LeanLayer` advances in place (the residual add fused into the second
+norm, the MoE block's outputs summed straight into it), with no torch tensor between kernels.
 Longer calls (prefill chunks) go to the model's modules, which stay the definition of the maths:
 the lean path is checked against them (its sums round in another order, and top-k may pick
 another expert where two logits tie to the last bit), and `exact=True` never uses it.
@@ -20,17 +24,18 @@ another expert where two logits tie to the last bit), and `exact=True` never use
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Generator
 
 import numpy as np
 import torch
 from torch import nn
 
 from offload.config import DECODE_MAX_TOKENS
-from offload.dense import JoinedMLP, QuantizedLinear
+from offload.dense import JoinedMLP, QuantizedLinear, linear_rows
 from offload.experts import Int4Experts
 from offload.host import numpy_view
-from offload.kernels.step import attention_inputs, rms_norm, router_logits, top_k_softmax
+from offload.kernels.step import (add_moe_output, add_rms_norm, attention_inputs, rms_norm, rotary_tables,
+                                  router_logits, top_k_softmax)
 from offload.kernels.threads import kernel_threads
 from offload.models.attention import cached_attention
 from offload.models.moe import SparseMoeBlock
@@ -53,9 +58,13 @@ class LeanNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _lean_input(x):
             return self.norm(x)
+        return torch.from_numpy(self.rows(numpy_view(x)))
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """x float32 [T, D] -> a new [T, D]."""
         out = np.empty(x.shape, np.float32)
-        rms_norm(numpy_view(x), self.scale, self.eps, out)
-        return torch.from_numpy(out)
+        rms_norm(x, self.scale, self.eps, out)
+        return out
 
 
 class LeanMoeBlock(nn.Module):
@@ -73,7 +82,11 @@ class LeanMoeBlock(nn.Module):
         self.shared_gate = numpy_view(block.shared_expert_gate.weight) if self.shared is not None \
             else np.empty((0, hidden), np.float32)  # [G, D]
         self.top_k, self.normalise = gate.top_k, bool(gate.norm_topk_prob)
-        self.logits = np.empty((DECODE_MAX_TOKENS, self.router.shape[0] + self.shared_gate.shape[0]), np.float32)
+        rows = DECODE_MAX_TOKENS
+        self.routing = (np.empty((rows, self.router.shape[0] + self.shared_gate.shape[0]), np.float32),  # logits
+                        np.empty((rows, self.top_k), np.float32), np.empty((rows, self.top_k), np.int64),  # picks
+                        np.empty(rows, np.float32))  # the shared expert's gate
+        self.no_shared = np.empty((0, hidden), np.float32)
 
     @classmethod
     def of(cls, block: nn.Module) -> LeanMoeBlock | None:
@@ -91,23 +104,28 @@ class LeanMoeBlock(nn.Module):
         """x [T, D] -> a call yielding the block's output [T, D]: `SparseMoeBlock.begin`."""
         if not _lean_input(x):
             return self.block.begin(x)
-        h = numpy_view(x)
-        tokens = h.shape[0]
-        logits = self.logits[:tokens]
-        with kernel_threads(self.executor.threads):
-            router_logits(h, self.router, self.shared_gate, logits)
-        weights = np.empty((tokens, self.top_k), np.float32)
-        expert_ids = np.empty((tokens, self.top_k), np.int64)
-        gate = np.empty(tokens, np.float32)
-        top_k_softmax(logits, self.router.shape[0], self.normalise, weights, expert_ids, gate)
-        out = np.empty(h.shape, np.float32)
-        self.executor.kernels(self.layer, h, expert_ids, weights, out)
-        if self.shared is not None:  # in RAM: quantised (a JoinedMLP), or float where its shape is not
-            shared = self.shared.rows(h) if isinstance(self.shared, JoinedMLP) else numpy_view(self.shared(x))
-            shared *= gate[:, None]
-            out += shared
+        out = np.zeros(x.shape, np.float32)
+        self.add_rows(numpy_view(x), out)
         result = torch.from_numpy(out)
         return lambda: result
+
+    def add_rows(self, h: np.ndarray, x: np.ndarray) -> None:
+        """x += the block's output for h, float32 [T, D] NumPy arrays of at most DECODE_MAX_TOKENS
+        rows (x: the residual stream)."""
+        tokens = h.shape[0]
+        logits, weights, expert_ids, gate = (buffer[:tokens] for buffer in self.routing)
+        with kernel_threads(self.executor.threads):
+            router_logits(h, self.router, self.shared_gate, logits)
+        top_k_softmax(logits, self.router.shape[0], self.normalise, weights, expert_ids, gate)
+        routed = np.empty(h.shape, np.float32)
+        self.executor.kernels(self.layer, h, expert_ids, weights, routed)
+        if self.shared is None:
+            shared = self.no_shared
+        elif isinstance(self.shared, JoinedMLP):  # in RAM: quantised, or float where its shape is not
+            shared = self.shared.rows(h)
+        else:
+            shared = numpy_view(self.shared(torch.from_numpy(h)))
+        add_moe_output(x, routed, shared, gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.begin(x)()
@@ -141,25 +159,105 @@ class LeanAttention(nn.Module):
         """x [T, D] -> [T, D]: the model's attention forward."""
         if not _lean_input(x) or not isinstance(start, int):
             return self.attention(x, cos, sin, cache, start)
+        return torch.from_numpy(self.rows(numpy_view(x), numpy_view(cos), numpy_view(sin), cache, start))
+
+    def rows(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache, start: int) -> np.ndarray:
+        """`forward` on NumPy arrays: x float32 [T, D], T at most DECODE_MAX_TOKENS, cos and sin
+        float32 [T, R] -> [T, D]."""
         attention, tokens, width = self.attention, x.shape[0], self.head_dim
-        rows = self.qkv.rows(numpy_view(x))
+        rows = self.qkv.rows(x)
         query = np.empty((self.heads, tokens, width), np.float32)
         keys, values = (np.empty((self.kv_heads, tokens, width), np.float32) for _ in range(2))
         gate = np.empty((tokens, self.heads * width) if attention.output_gate else (0, 0), np.float32)
-        attention_inputs(rows, attention.output_gate, self.q_scale, self.k_scale, self.eps, numpy_view(cos),
-                         numpy_view(sin), query, keys, values, gate)
+        attention_inputs(rows, attention.output_gate, self.q_scale, self.k_scale, self.eps, cos, sin,
+                         query, keys, values, gate)
         out = numpy_view(cached_attention(torch.from_numpy(query), torch.from_numpy(keys), torch.from_numpy(values),
                                           cache, start, attention.sliding_window))  # [T, H * Dh], a new array
         if attention.output_gate:
             out *= gate
-        if isinstance(attention.o_proj, QuantizedLinear):
-            return torch.from_numpy(attention.o_proj.rows(out))
-        return attention.o_proj(torch.from_numpy(out))
+        return linear_rows(attention.o_proj, out)
+
+
+class LeanLayer:
+    """A whole decoder layer for a lean call, on NumPy arrays: the input norm, the mixer (a
+    `FusedDeltaNet` or a `LeanAttention`), the residual add and the second norm in one call
+    (`add_rms_norm`), the MoE block (or a dense `JoinedMLP`) and its sum into the residual stream.
+    Built where every piece has its NumPy form (`of`); the same maths as the model's layer with
+    those pieces swapped in, without a torch tensor between them."""
+
+    def __init__(self, input_norm: LeanNorm, mixer: nn.Module, post_norm: LeanNorm, mlp: nn.Module):
+        self.input_norm, self.mixer, self.post_norm, self.mlp = input_norm, mixer, post_norm, mlp
+        self.attention = isinstance(mixer, LeanAttention)
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> LeanLayer | None:
+        from offload.deltanet import FusedDeltaNet
+
+        norms = layer.input_layernorm, layer.post_attention_layernorm
+        mixer = getattr(layer, "linear_attn", None) or getattr(layer, "self_attn", None)  # either architecture
+        if not all(isinstance(norm, LeanNorm) for norm in norms) \
+                or not isinstance(mixer, (FusedDeltaNet, LeanAttention)) \
+                or not isinstance(layer.mlp, (LeanMoeBlock, JoinedMLP)):
+            return None
+        return cls(norms[0], mixer, norms[1], layer.mlp)
+
+    def __call__(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache, start: int) -> None:
+        """Advance the residual stream x float32 [T, D] (T at most DECODE_MAX_TOKENS) in place
+        through the layer at positions start..start+T."""
+        h = self.input_norm.rows(x)
+        mixed = self.mixer.rows(h, cos, sin, cache, start) if self.attention else self.mixer.rows(h, cache)
+        add_rms_norm(x, mixed, self.post_norm.scale, self.post_norm.eps, h)
+        if isinstance(self.mlp, LeanMoeBlock):
+            self.mlp.add_rows(h, x)
+        else:
+            x += self.mlp.rows(h)
+
+
+class LeanDecoder:
+    """`CausalLM.stages` for calls of up to DECODE_MAX_TOKENS tokens (decode steps, short
+    prompts) when every layer has a `LeanLayer`: the embedded tokens become one NumPy array that
+    each layer advances in place, then the final norm and the output head; the model's own
+    `stages` serve longer calls. Installed on the model in place of its `stages` method by
+    `lean_layers`: an executor of the same layers, not a second model."""
+
+    def __init__(self, model: nn.Module, layers: list[LeanLayer]):
+        self.model, self.layers = model, layers
+        self.model_stages = type(model).stages.__get__(model)  # the model's own, whatever is installed
+        self.norm = model.norm if isinstance(model.norm, LeanNorm) else LeanNorm(model.norm)
+        table = model.embed_tokens.weight
+        self.table = table.detach().numpy() if table.dtype == torch.float32 else None  # else widened per call
+        self.inv_freq, self.scale = numpy_view(model.rotary.inv_freq), model.rotary.scale
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LeanDecoder | None:
+        layers = [LeanLayer.of(layer) for layer in model.layers]
+        return None if any(layer is None for layer in layers) else cls(model, layers)
+
+    def __call__(self, input_ids: torch.Tensor, caches: list, start: int,
+                 last_only: bool = False) -> Generator[None, None, torch.Tensor]:
+        if input_ids.shape[0] > DECODE_MAX_TOKENS or input_ids.device.type != "cpu":
+            return self.model_stages(input_ids, caches, start, last_only)
+        return self._stages(input_ids, caches, start, last_only)
+
+    def _stages(self, input_ids: torch.Tensor, caches: list, start: int,
+                last_only: bool) -> Generator[None, None, torch.Tensor]:
+        model, tokens = self.model, input_ids.shape[0]
+        if self.table is not None:
+            x = self.table[input_ids.numpy()]  # a new array: the residual stream
+        else:
+            x = model.embed_tokens(input_ids).to(torch.float32).numpy()
+        cos, sin = (np.empty((tokens, 2 * self.inv_freq.shape[0]), np.float32) for _ in range(2))
+        rotary_tables(self.inv_freq, self.scale, start, cos, sin)
+        for layer, cache in zip(self.layers, caches):
+            layer(x, cos, sin, cache, start)
+            yield  # as the model's stages: another chunk may run between layers
+        return torch.from_numpy(linear_rows(model.lm_head, self.norm.rows(x[-1:] if last_only else x)))
 
 
 def lean_layers(model: nn.Module) -> None:
     """Swap the lean pieces into `model` (placed on the CPU in fp32, routed experts int4 with the
-    fast kernels): each layer's two norms, its attention mixer and its MoE block where they qualify."""
+    fast kernels): each layer's two norms, its attention mixer and its MoE block where they qualify;
+    then, where every layer has all its pieces in NumPy form, the `LeanDecoder` for short calls."""
     for layer in model.layers:
         for name in ("input_layernorm", "post_attention_layernorm"):
             if not isinstance(getattr(layer, name), LeanNorm):
@@ -170,10 +268,14 @@ def lean_layers(model: nn.Module) -> None:
         attention = LeanAttention.of(getattr(layer, "self_attn", None))  # both architectures' name for it
         if attention is not None:
             layer.self_attn = attention
+    decoder = LeanDecoder.of(model)
+    if decoder is not None:
+        model.stages = decoder  # an instance attribute: it shadows CausalLM.stages
 
 
 def lean_off(model: nn.Module) -> None:
     """Put the model's own modules back where `lean_layers` swapped lean ones in (to compare)."""
+    model.__dict__.pop("stages", None)
     for layer in model.layers:
         for name in ("input_layernorm", "post_attention_layernorm"):
             module = getattr(layer, name)

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import offload
-from offload.kernels.step import attention_inputs, rms_norm, router_logits, top_k_softmax
-from offload.lean import LeanAttention, LeanMoeBlock, LeanNorm, lean_off
+from offload.config import Yarn
+from offload.kernels.step import (add_moe_output, add_rms_norm, attention_inputs, rms_norm, rotary_tables,
+                                  router_logits, silu_mul, top_k_softmax)
+from offload.lean import LeanAttention, LeanDecoder, LeanMoeBlock, LeanNorm, lean_off
 from offload.models.attention import RotaryEmbedding, apply_rope
 from offload.models.cache import KVCache
 from offload.models import qwen3_moe, qwen3_next
@@ -34,6 +36,58 @@ def test_a_lean_norm_is_the_models_norm(norm_class, tokens, width):
     torch.testing.assert_close(lean(x), norm(x), rtol=width * EPS32, atol=1e-6)
     bf16 = x.to(torch.bfloat16)  # not the lean path's input: the model's norm serves it
     assert torch.equal(lean(bf16), norm(bf16))
+
+
+def test_the_residual_add_then_norm_is_the_two_apart():
+    """x += delta as torch adds it (bit for bit), and the norm of the sum as the model's norm."""
+    width = 2048
+    generator = torch.Generator().manual_seed(1)
+    norm = qwen3_next.RMSNorm(width, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(width, generator=generator) * 0.5)
+    x, delta = (torch.randn(3, width, generator=generator) * 4 for _ in range(2))
+    residual, out = x.numpy().copy(), np.empty((3, width), np.float32)
+    add_rms_norm(residual, delta.numpy(), norm.scale().detach().numpy(), np.float32(norm.eps), out)
+    assert np.array_equal(residual, (x + delta).numpy())
+    torch.testing.assert_close(torch.from_numpy(out), norm(x + delta), rtol=width * EPS32, atol=1e-6)
+
+
+def test_silu_times_up_is_torchs_silu_times_up():
+    """Within a few ulps of F.silu(gate) * up, at both ends of the exponential: -0 where e^-g
+    overflows (g < -88), g itself for large g."""
+    generator = torch.Generator().manual_seed(2)
+    gate = torch.cat([torch.randn(2, 500, generator=generator) * 6, torch.tensor([[-1e4, -89.0, -87.0, 0.0, 90.0, 1e4]] * 2)],
+                     dim=1)
+    up = torch.randn(gate.shape, generator=generator)
+    hidden = np.empty(gate.shape, np.float32)
+    silu_mul(torch.cat([gate, up], dim=1).numpy(), hidden)
+    torch.testing.assert_close(torch.from_numpy(hidden), F.silu(gate) * up, rtol=4 * EPS32, atol=1e-30)
+
+
+@pytest.mark.parametrize("yarn", [None, Yarn(4.0, 4096, 1.2)])
+def test_rotary_tables_are_the_models(yarn):
+    """The same float32 angles as RotaryEmbedding (position * inverse frequency), so cos and sin
+    agree to the last ulps of the two libraries' cos and sin, deep into a long context too."""
+    rotary = RotaryEmbedding(64, 1e7, yarn)
+    for start, tokens in [(0, 3), (200_000, 5)]:
+        expected = rotary(torch.arange(start, start + tokens), torch.float32)
+        cos, sin = (np.empty((tokens, 64), np.float32) for _ in range(2))
+        rotary_tables(rotary.inv_freq.numpy(), rotary.scale, start, cos, sin)
+        for ours, theirs in zip((cos, sin), expected):
+            torch.testing.assert_close(torch.from_numpy(ours), theirs, rtol=0, atol=4 * EPS32)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_moe_blocks_sum_into_the_residual_is_torchs(shared):
+    """x + (routed + gate * shared), in torch's order of operations: bit for bit."""
+    generator = torch.Generator().manual_seed(3)
+    x, routed, shared_out = (torch.randn(4, 96, generator=generator) for _ in range(3))
+    gate = torch.rand(4, generator=generator)
+    residual = x.numpy().copy()
+    add_moe_output(residual, routed.numpy(), shared_out.numpy() if shared else np.empty((0, 96), np.float32),
+                   gate.numpy())
+    expected = x + (routed + gate[:, None] * shared_out) if shared else x + routed
+    assert np.array_equal(residual, expected.numpy())
 
 
 @pytest.mark.parametrize("experts, top_k, normalise, tokens", [(128, 10, True, 1), (12, 3, False, 8), (64, 1, True, 3)])
@@ -136,8 +190,10 @@ def test_a_lean_engine_decodes_as_the_models_modules_do(hf_checkpoint, name):
     lean = offload.load(checkpoint.path, quant="int4")
     moe_layers = sum(lean.args.is_moe_layer(i) for i in range(lean.args.num_hidden_layers))
     assert sum(isinstance(m, LeanMoeBlock) for m in lean.model.modules()) == moe_layers
+    assert isinstance(lean.model.stages, LeanDecoder)  # whole layers on NumPy arrays
     plain = offload.load(checkpoint.path, quant="int4")
     lean_off(plain.model)
+    assert not isinstance(plain.model.stages, LeanDecoder)
     exact = offload.load(checkpoint.path, quant="int4", exact=True)
     assert not any(isinstance(m, (LeanMoeBlock, LeanNorm, LeanAttention)) for m in exact.model.modules())
 
