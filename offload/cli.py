@@ -44,11 +44,11 @@ def main(debug: bool) -> None:
 def _demo_model() -> Path:
     """The cached demo checkpoint, built on first use."""
     from offload.paths import cache_root
-    from offload.synthetic import checkpoint_nbytes, preset_config, synthesize, write_tokenizer
+    from offload.synthetic import checkpoint_nbytes, preset_config, synthesize, tokenizer_current, write_tokenizer
 
     path = cache_root() / DEMO_PRESET
     if (path / "config.json").is_file():
-        if not (path / "tokenizer.json").is_file():  # cached by an older version
+        if not tokenizer_current(path):  # cached by an older version
             write_tokenizer(path, preset_config(DEMO_PRESET)["vocab_size"])
         return path
     config = preset_config(DEMO_PRESET)
@@ -327,8 +327,11 @@ def chat(model_dir, demo, ctx, load_options, system, hide_thinking, **sampling_f
               help="Requests that may wait while one runs; more are answered 429.")
 @click.option("--snapshots", default=4, show_default=True, type=click.IntRange(min=0),
               help="Sequence snapshots kept in RAM for prefix reuse (an edited or regenerated last turn).")
+@click.option("--tool-call-format", type=click.Choice(["json", "xml"]), default=None,
+              help="How the model writes a tool call: json (Qwen3, Qwen3-Next) or xml (Qwen3-Coder, Qwen3.5) "
+                   "[default: as its chat template renders calls].")
 def serve(model_dir, demo, ctx, load_options, host, port, api_key, max_queue,
-          snapshots) -> None:
+          snapshots, tool_call_format) -> None:
     """Serve the OpenAI API (chat and text completions) until Ctrl-C or SIGTERM.
 
     Point a client at it with OPENAI_BASE_URL=http://HOST:PORT/v1."""
@@ -359,7 +362,7 @@ def serve(model_dir, demo, ctx, load_options, host, port, api_key, max_queue,
     click.echo(f"loaded {model_dir.name} in {load_s:.1f} s; {_execution_words(engine)}", err=True)
     click.echo("\n".join(describe(engine.placement)), err=True)
     service = Service(engine, tokenizer, "demo" if demo else model_dir.name, generation_defaults(model_dir),
-                      max_queue=max_queue, snapshots=snapshots, api_key=api_key)
+                      max_queue=max_queue, snapshots=snapshots, api_key=api_key, tool_format=tool_call_format)
     http = Http(service, listener, host, port)
     click.echo(f"serving {service.model_name} at {http.url} (context {engine.ctx} tokens); Ctrl-C stops", err=True)
 

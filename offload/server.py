@@ -44,6 +44,7 @@ from offload.engine import Engine, Snapshot
 from offload.errors import OffloadError
 from offload.sampling import Sampler, SamplingParams
 from offload.tokenizer import RENDER_VARIABLES, ThinkingFilter, Tokenizer, partial_suffix
+from offload.tools import FORMATS, ToolCall, ToolCallReader, history_arguments, template_format
 
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_SNAPSHOTS = 4
@@ -112,6 +113,8 @@ class ChatRequest(Generation):
     messages: list[Message]
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "auto", "none" ("required" and named: see `rendered`)
+    parallel_tool_calls: bool | None = None  # accepted: the model may write several calls either way
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}
 
 
@@ -141,6 +144,7 @@ class Job:
     chat: bool  # split <think> ... </think> into reasoning_content
     thinking: bool  # the prompt opens a <think> block
     loop: asyncio.AbstractEventLoop
+    tool_calls: ToolCallReader | None = None  # reads calls out of the answer (a chat request with tools)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached: int = 0
@@ -181,8 +185,13 @@ class Service:
     """The engine behind the API: a bounded queue, one worker thread, prefix reuse."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, defaults: SamplingParams,
-                 max_queue: int = DEFAULT_MAX_QUEUE, snapshots: int = DEFAULT_SNAPSHOTS, api_key: str | None = None):
+                 max_queue: int = DEFAULT_MAX_QUEUE, snapshots: int = DEFAULT_SNAPSHOTS, api_key: str | None = None,
+                 tool_format: str | None = None):
+        if tool_format is not None and tool_format not in FORMATS:
+            raise OffloadError(f"tool call format {tool_format!r}: use one of {', '.join(FORMATS)}")
         self.engine = engine
+        # how the model writes a tool call: as its chat template renders one, unless told
+        self.tool_format = tool_format or template_format(tokenizer.chat_template)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.defaults = defaults
@@ -287,7 +296,21 @@ class Service:
         def send(text: str) -> None:
             pieces = [(False, text)] if thinking is None else thinking(text) or [(thinking.thinking, "")]
             for is_thinking, piece in pieces:
-                job.emit("text", is_thinking, piece)
+                emit(is_thinking, piece)
+
+        def emit(is_thinking: bool, text: str) -> None:
+            if is_thinking or job.tool_calls is None:
+                job.emit("text", is_thinking, text)
+                return
+            for part in job.tool_calls(text) or [""]:  # an event per token, as for plain text
+                emit_part(part)
+
+        def emit_part(part: str | ToolCall) -> None:
+            if isinstance(part, ToolCall):  # the name first, then the arguments
+                job.emit("call", part.index, part.id, part.name)
+                job.emit("arguments", part.index, part.arguments)
+            else:
+                job.emit("text", False, part)
 
         for token in engine.decode(logits, job.max_tokens, Sampler(job.sampling)):
             job.completion_tokens += 1
@@ -308,7 +331,12 @@ class Service:
                 send(tail)
         if thinking is not None:
             for is_thinking, piece in thinking.flush():
-                job.emit("text", is_thinking, piece)
+                emit(is_thinking, piece)
+        if job.tool_calls is not None:
+            for part in job.tool_calls.flush():
+                emit_part(part)
+            if job.tool_calls.calls and finish == "stop":
+                finish = "tool_calls"
         job.emit("done", finish)
 
 
@@ -371,6 +399,23 @@ def create_app(service: Service) -> FastAPI:
         return Job(prompt, boundary, sampling_of(body), min(max_tokens or room, room), stops, chat,
                    chat and tokenizer.opens_thinking(prompt), asyncio.get_running_loop())
 
+    def checked_tools(body: ChatRequest) -> list[dict[str, Any]] | None:
+        """The tools the template renders: none for tool_choice "none"; each must be a function with a name."""
+        choice = body.tool_choice
+        if choice not in (None, "auto", "none"):
+            shown = choice if isinstance(choice, str) else "a named function"
+            raise ApiError(400, f"tool_choice: {shown} is not supported; use \"auto\" (the model decides) or "
+                                "\"none\"", param="tool_choice")
+        if choice == "none" or not body.tools:
+            return None
+        for i, tool in enumerate(body.tools):
+            function = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(function, dict) \
+                    or not isinstance(function.get("name"), str) or not function["name"]:
+                raise ApiError(400, f"tools[{i}]: each tool is {{\"type\": \"function\", \"function\": "
+                                    "{\"name\": ..., \"parameters\": {...}}}", param=f"tools.{i}")
+        return body.tools
+
     def rendered(messages: list[Message], tools, variables: dict | None) -> tuple[list[int], int]:
         """(prompt ids, the last message boundary in them: 0 if not a prefix)."""
         if not messages:
@@ -412,24 +457,28 @@ def create_app(service: Service) -> FastAPI:
         finally:
             job.cancel()
 
-    async def answer(job: Job) -> tuple[str, str, str]:
-        """(content, reasoning, finish reason) of a whole job."""
-        content, reasoning, finish = [], [], "length"
+    async def answer(job: Job) -> tuple[str, str, list[dict], str]:
+        """(content, reasoning, tool calls, finish reason) of a whole job."""
+        content, reasoning, calls, finish = [], [], [], "length"
         async for event in events(job):
             if event[0] == "text":
                 (reasoning if event[1] else content).append(event[2])
+            elif event[0] == "call":
+                calls.append({"id": event[2], "type": "function", "function": {"name": event[3], "arguments": ""}})
+            elif event[0] == "arguments":
+                calls[event[1]]["function"]["arguments"] += event[2]
             elif event[0] == "done":
                 finish = event[1]
             else:
                 raise ApiError(500, f"generation failed: {event[1]}")
-        return "".join(content), "".join(reasoning), finish
+        return "".join(content), "".join(reasoning), calls, finish
 
     def streamed(job: Job, chunk, include_usage: bool, opening: bool) -> EventSourceResponse:
         async def source():
             if opening:  # chat: the role comes first
                 yield {"data": json.dumps(chunk(None, None))}
             async for event in events(job):
-                if event[0] == "text":
+                if event[0] in ("text", "call", "arguments"):
                     yield {"data": json.dumps(chunk(event, None))}
                 elif event[0] == "done":
                     yield {"data": json.dumps(chunk(None, event[1]))}
@@ -453,8 +502,11 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatRequest):
-        prompt, boundary = rendered(body.messages, body.tools, body.chat_template_kwargs)
+        tools = checked_tools(body)
+        prompt, boundary = rendered(body.messages, tools, body.chat_template_kwargs)
         job = job_for(body, prompt, boundary, True, body.max_completion_tokens or body.max_tokens)
+        if tools and service.tool_format is not None:
+            job.tool_calls = ToolCallReader(service.tool_format, tools)
         service.submit(job)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": ident, "created": created, "model": service.model_name}
@@ -462,6 +514,11 @@ def create_app(service: Service) -> FastAPI:
             def chunk(event, finish):
                 if event is None:
                     delta = {} if finish else {"role": "assistant", "content": ""}
+                elif event[0] == "call":
+                    delta = {"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
+                                             "function": {"name": event[3], "arguments": ""}}]}
+                elif event[0] == "arguments":
+                    delta = {"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}
                 else:
                     delta = {"reasoning_content" if event[1] else "content": event[2]}
                 return {**base, "object": "chat.completion.chunk",
@@ -469,8 +526,10 @@ def create_app(service: Service) -> FastAPI:
                                      "finish_reason": _finish(finish)}]}
 
             return streamed(job, chunk, bool(body.stream_options and body.stream_options.include_usage), True)
-        content, reasoning, finish = await answer(job)
+        content, reasoning, calls, finish = await answer(job)
         message = {"role": "assistant", "content": content}
+        if calls:  # text beside calls is rare and mostly the model's spacing
+            message.update(content=content.strip() or None, tool_calls=calls)
         if reasoning:
             message["reasoning_content"] = reasoning
         return {**base, "object": "chat.completion", "usage": usage(job),
@@ -496,7 +555,7 @@ def create_app(service: Service) -> FastAPI:
                                      "finish_reason": _finish(finish)}]}
 
             return streamed(job, chunk, bool(body.stream_options and body.stream_options.include_usage), False)
-        content, _, finish = await answer(job)
+        content, _, _, finish = await answer(job)
         return {**base, "object": "text_completion", "usage": usage(job),
                 "choices": [{"index": 0, "text": content, "logprobs": None, "finish_reason": _finish(finish)}]}
 
@@ -519,7 +578,7 @@ def create_app(service: Service) -> FastAPI:
 
 def _plain(message: Message) -> dict[str, Any]:
     """A request message as the chat template reads it: content as one string."""
-    plain = message.model_dump(exclude_none=True)
+    plain = history_arguments(message.model_dump(exclude_none=True))
     content = message.content
     if isinstance(content, list):
         if any(part.type != "text" for part in content):
@@ -531,7 +590,7 @@ def _plain(message: Message) -> dict[str, Any]:
 
 
 def _finish(reason: str | None) -> str | None:
-    return None if reason is None else "stop" if reason == "stop" else "length"
+    return None if reason is None else reason if reason in ("stop", "tool_calls") else "length"
 
 
 class Http:

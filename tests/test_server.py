@@ -3,6 +3,7 @@ package (sync and streaming) and raw HTTP for the error cases."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -29,8 +30,8 @@ HELLO = [{"role": "user", "content": "Hello! How are you today?"}]
 class Running:
     """A server on a thread: its service, base URL and an openai client."""
 
-    def __init__(self, path, worker: bool = True, **options):
-        engine = offload.load(path, quant=None, ctx=512)
+    def __init__(self, path, worker: bool = True, ctx: int = 512, **options):
+        engine = offload.load(path, quant=None, ctx=ctx)
         self.service = Service(engine, Tokenizer(path), "tiny", generation_defaults(path), **options)
         if worker:  # without one, requests stay queued: a busy server, held still
             self.service.start()
@@ -195,13 +196,103 @@ def test_a_thinking_models_think_block_is_reasoning_content(endless, tmp_path):
 
 def test_tools_reach_a_template_that_takes_them(tiny, tmp_path, server):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    refused = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": HELLO, "tools": tools})
-    assert refused.status_code == 400 and "does not take tools" in refused.json()["error"]["message"]
-    template = "{%- if tools %}{{- '<|im_start|>system\\n' + (tools | tojson) + '<|im_end|>\\n' }}{%- endif %}" + CHATML
-    with Running(with_template(tiny, tmp_path / "tools", template)) as running:
-        plain = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
-        with_tools = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, tools=tools)
-        assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens  # the tool's schema is in the prompt
+    with Running(with_template(tiny, tmp_path / "plain", CHATML)) as running:
+        refused = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": HELLO, "tools": tools})
+        assert refused.status_code == 400 and "does not take tools" in refused.json()["error"]["message"]
+    plain = server.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+    with_tools = server.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, tools=tools)
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens  # the tool's schema is in the prompt
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+CALLS = ('Let me look that up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n'
+         '</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon"}}\n</tool_call>')
+
+
+def scripted(running: Running, text: str) -> None:
+    """The model's next answers are `text` and a stop token: each token goes through the real
+    engine as if it had been sampled, so everything after the model (detokenising, tool calls,
+    the API's shapes) runs as with any answer."""
+    engine = running.service.engine
+    ids = running.service.tokenizer.encode(text) + [min(engine.stop_ids)]
+
+    def decode(logits, max_new_tokens, sampler):
+        for step, token in enumerate(ids[:max_new_tokens]):
+            yield token
+            if token in engine.stop_ids or step == max_new_tokens - 1:
+                return
+            engine.append([token])
+
+    engine.decode = decode
+
+
+def test_tool_calls_the_model_writes_come_back_as_tool_calls(tiny):
+    """The demo's template (Qwen3's json form): two calls in one answer, whole and streamed (the
+    name first, then the arguments), then the agent's next turn with the calls and a tool's result
+    in the history, rendered with the arguments as a mapping."""
+    with Running(tiny, ctx=2048) as running:  # the tools' instructions are long in the tiny vocabulary
+        scripted(running, CALLS)
+        reply = running.client.chat.completions.create(model="tiny", messages=ASK, tools=WEATHER, max_tokens=200)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me look that up."
+        calls = choice.message.tool_calls
+        assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+            ("function", "get_weather", {"city": "Paris", "days": 3}), ("function", "get_weather", {"city": "Lyon"})]
+        assert len({c.id for c in calls}) == 2
+
+        streamed, content, finish = {}, "", None
+        for chunk in running.client.chat.completions.create(model="tiny", messages=ASK, tools=WEATHER,
+                                                            max_tokens=200, stream=True):
+            delta = chunk.choices[0].delta
+            content += delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+            for part in delta.tool_calls or []:
+                if part.index not in streamed:  # the first of a call: its id and name
+                    assert part.id and part.type == "function" and part.function.name
+                    streamed[part.index] = [part.function.name, part.function.arguments or ""]
+                else:
+                    assert part.id is None and not part.function.name
+                    streamed[part.index][1] += part.function.arguments
+        assert finish == "tool_calls" and content.strip() == "Let me look that up."
+        assert [streamed[i] for i in sorted(streamed)] == [[c.function.name, c.function.arguments] for c in calls]
+
+        history = ASK + [choice.message.model_dump(exclude_none=True)] + [
+            {"role": "tool", "tool_call_id": call.id, "content": f"sunny in {json.loads(call.function.arguments)['city']}"}
+            for call in calls]
+        prompt = httpx.post(f"{running.url}/tokenize", json={"messages": history}).json()["tokens"]
+        rendered = running.service.tokenizer.decode(prompt)
+        assert '"arguments": {"city": "Paris", "days": 3}' in rendered and "<tool_response>\nsunny in Lyon" in rendered
+        scripted(running, "Sunny in both.")
+        final = running.client.chat.completions.create(model="tiny", messages=history, tools=WEATHER, max_tokens=50)
+        assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content == "Sunny in both."
+        assert not final.choices[0].message.tool_calls
+
+
+def test_the_xml_form_and_what_tool_choice_allows(tiny):
+    """--tool-call-format xml reads Qwen3-Coder's form, typed by the tool's schema; tool_choice
+    "none" renders no tools and reads no calls; what the server cannot enforce is a 400."""
+    xml = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n"
+           "</parameter>\n</function>\n</tool_call>")
+    with Running(tiny, ctx=2048, tool_format="xml") as running:
+        scripted(running, xml)
+        reply = running.client.chat.completions.create(model="tiny", messages=ASK, tools=WEATHER, max_tokens=200)
+        assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
+        assert json.loads(reply.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris", "days": 2}
+        plain = running.client.chat.completions.create(model="tiny", messages=ASK, max_tokens=200)
+        none = running.client.chat.completions.create(model="tiny", messages=ASK, tools=WEATHER, tool_choice="none",
+                                                      max_tokens=200)
+        assert none.usage.prompt_tokens == plain.usage.prompt_tokens  # no tools in the prompt
+        assert none.choices[0].message.content == xml and not none.choices[0].message.tool_calls
+        assert none.choices[0].finish_reason == "stop"
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            refused = httpx.post(f"{running.url}/v1/chat/completions",
+                                 json={"messages": ASK, "tools": WEATHER, "tool_choice": choice})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
+        refused = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": ASK, "tools": [{"name": "f"}]})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools.0"
 
 
 def test_a_client_that_disconnects_frees_the_engine(endless):
