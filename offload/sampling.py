@@ -113,11 +113,25 @@ def processed_logits(logits: torch.Tensor, params: SamplingParams, history: Sequ
     return logits
 
 
-class Sampler:
-    """Draws tokens for one sequence with `params`; its own generator makes a seeded run repeat."""
+@dataclass
+class TokenLogprobs:
+    """A drawn token's log-probability and the `top` most likely tokens' (id, log-probability), in
+    the distribution it was drawn from (penalties, temperature and truncation applied; greedy: the
+    penalised logits). Tokens the truncation removed have -inf."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
-    def __init__(self, params: SamplingParams = SamplingParams()):
+
+class Sampler:
+    """Draws tokens for one sequence with `params`; its own generator makes a seeded run repeat.
+    With `logprobs` (how many of the likeliest tokens to list beside each drawn one, 0 to 20), each
+    draw leaves its `TokenLogprobs` in `last`."""
+
+    def __init__(self, params: SamplingParams = SamplingParams(), logprobs: int | None = None):
         self.params = params
+        self.logprobs = logprobs
+        self.last: TokenLogprobs | None = None
         self.drawn: list[int] = []  # the tokens this sampler has drawn (presence / frequency penalties)
         self.generator = torch.Generator()
         if params.seed is not None:
@@ -132,4 +146,8 @@ class Sampler:
         else:
             token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.generator))
         self.drawn.append(token)
+        if self.logprobs is not None:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            values, ids = torch.topk(logprobs, min(self.logprobs, logprobs.numel()))
+            self.last = TokenLogprobs(token, float(logprobs[token]), list(zip(ids.tolist(), values.tolist())))
         return token

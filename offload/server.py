@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import queue
 import threading
 import time
@@ -42,13 +43,14 @@ from starlette.exceptions import HTTPException
 
 from offload.engine import Engine, Snapshot
 from offload.errors import OffloadError
-from offload.sampling import Sampler, SamplingParams
+from offload.sampling import Sampler, SamplingParams, TokenLogprobs
 from offload.tokenizer import RENDER_VARIABLES, ThinkingFilter, Tokenizer, partial_suffix
 from offload.tools import FORMATS, ToolCall, ToolCallReader, history_arguments, template_format
 
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_SNAPSHOTS = 4
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
 # what the server itself gives a chat template: not for a request's chat_template_kwargs to set
 TEMPLATE_VARIABLES = RENDER_VARIABLES | {"tools"}
 
@@ -113,6 +115,8 @@ class ChatRequest(Generation):
     messages: list[Message]
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict[str, Any]] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tool_choice: str | dict[str, Any] | None = None  # "auto", "none" ("required" and named: see `rendered`)
     parallel_tool_calls: bool | None = None  # accepted: the model may write several calls either way
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}
@@ -120,6 +124,7 @@ class ChatRequest(Generation):
 
 class CompletionRequest(Generation):
     prompt: str | list[int] | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class TokenizeRequest(_Strict):
@@ -145,6 +150,7 @@ class Job:
     thinking: bool  # the prompt opens a <think> block
     loop: asyncio.AbstractEventLoop
     tool_calls: ToolCallReader | None = None  # reads calls out of the answer (a chat request with tools)
+    logprobs: int | None = None  # each token's log-probability and this many alternatives (None: none)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached: int = 0
@@ -312,11 +318,14 @@ class Service:
             else:
                 job.emit("text", False, part)
 
-        for token in engine.decode(logits, job.max_tokens, Sampler(job.sampling)):
+        sampler = Sampler(job.sampling, job.logprobs)
+        for token in engine.decode(logits, job.max_tokens, sampler):
             job.completion_tokens += 1
             if token in engine.stop_ids:
                 finish = "stop"
                 break
+            if sampler.last is not None:  # before the token's text: its text may be held back, never its logprob
+                job.emit("logprobs", sampler.last)
             text, stopped = stops(detokenize(token))
             send(text)  # one event per token, empty while a character or a stop string is incomplete
             if stopped:
@@ -457,28 +466,56 @@ def create_app(service: Service) -> FastAPI:
         finally:
             job.cancel()
 
-    async def answer(job: Job) -> tuple[str, str, list[dict], str]:
-        """(content, reasoning, tool calls, finish reason) of a whole job."""
-        content, reasoning, calls, finish = [], [], [], "length"
+    async def answer(job: Job) -> Answer:
+        """A whole job's answer."""
+        whole = Answer()
         async for event in events(job):
             if event[0] == "text":
-                (reasoning if event[1] else content).append(event[2])
+                (whole.reasoning if event[1] else whole.content).append(event[2])
             elif event[0] == "call":
-                calls.append({"id": event[2], "type": "function", "function": {"name": event[3], "arguments": ""}})
+                whole.calls.append({"id": event[2], "type": "function",
+                                    "function": {"name": event[3], "arguments": ""}})
             elif event[0] == "arguments":
-                calls[event[1]]["function"]["arguments"] += event[2]
+                whole.calls[event[1]]["function"]["arguments"] += event[2]
+            elif event[0] == "logprobs":
+                whole.logprobs.append(event[1])
             elif event[0] == "done":
-                finish = event[1]
+                whole.finish = event[1]
             else:
                 raise ApiError(500, f"generation failed: {event[1]}")
-        return "".join(content), "".join(reasoning), calls, finish
+        return whole
+
+    def token_entry(token: int, logprob: float) -> dict:
+        raw = tokenizer.token_bytes(token)
+        return {"token": raw.decode(errors="replace"), "logprob": _finite(logprob), "bytes": list(raw)}
+
+    def chat_logprobs(entries: list[TokenLogprobs]) -> dict:
+        """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}, ...]}."""
+        return {"content": [{**token_entry(e.token, e.logprob), "top_logprobs": [token_entry(*t) for t in e.top]}
+                            for e in entries]}
+
+    def completion_logprobs(entries: list[TokenLogprobs], offset: int) -> dict:
+        """OpenAI's legacy completions shape, text offsets counted from `offset`."""
+        def text(token: int) -> str:
+            return tokenizer.token_bytes(token).decode(errors="replace")
+
+        tokens = [text(e.token) for e in entries]
+        offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        tops = []
+        for entry in entries:  # keyed by text: where two tokens read alike, the likelier one's
+            top: dict[str, float] = {}
+            for token, logprob in entry.top:
+                top.setdefault(text(token), _finite(logprob))
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries], "top_logprobs": tops,
+                "text_offset": offsets}
 
     def streamed(job: Job, chunk, include_usage: bool, opening: bool) -> EventSourceResponse:
         async def source():
             if opening:  # chat: the role comes first
                 yield {"data": json.dumps(chunk(None, None))}
             async for event in events(job):
-                if event[0] in ("text", "call", "arguments"):
+                if event[0] in ("text", "call", "arguments", "logprobs"):
                     yield {"data": json.dumps(chunk(event, None))}
                 elif event[0] == "done":
                     yield {"data": json.dumps(chunk(None, event[1]))}
@@ -505,6 +542,9 @@ def create_app(service: Service) -> FastAPI:
         tools = checked_tools(body)
         prompt, boundary = rendered(body.messages, tools, body.chat_template_kwargs)
         job = job_for(body, prompt, boundary, True, body.max_completion_tokens or body.max_tokens)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        job.logprobs = (body.top_logprobs or 0) if body.logprobs else None
         if tools and service.tool_format is not None:
             job.tool_calls = ToolCallReader(service.tool_format, tools)
         service.submit(job)
@@ -512,8 +552,11 @@ def create_app(service: Service) -> FastAPI:
         base = {"id": ident, "created": created, "model": service.model_name}
         if body.stream:
             def chunk(event, finish):
+                logprobs = None
                 if event is None:
                     delta = {} if finish else {"role": "assistant", "content": ""}
+                elif event[0] == "logprobs":
+                    delta, logprobs = {}, chat_logprobs([event[1]])
                 elif event[0] == "call":
                     delta = {"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
                                              "function": {"name": event[3], "arguments": ""}}]}
@@ -522,18 +565,21 @@ def create_app(service: Service) -> FastAPI:
                 else:
                     delta = {"reasoning_content" if event[1] else "content": event[2]}
                 return {**base, "object": "chat.completion.chunk",
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": _finish(finish)}]}
 
             return streamed(job, chunk, bool(body.stream_options and body.stream_options.include_usage), True)
-        content, reasoning, calls, finish = await answer(job)
+        whole = await answer(job)
+        content = "".join(whole.content)
         message = {"role": "assistant", "content": content}
-        if calls:  # text beside calls is rare and mostly the model's spacing
-            message.update(content=content.strip() or None, tool_calls=calls)
-        if reasoning:
-            message["reasoning_content"] = reasoning
+        if whole.calls:  # text beside calls is rare and mostly the model's spacing
+            message.update(content=content.strip() or None, tool_calls=whole.calls)
+        if whole.reasoning:
+            message["reasoning_content"] = "".join(whole.reasoning)
+        logprobs = chat_logprobs(whole.logprobs) if job.logprobs is not None else None
         return {**base, "object": "chat.completion", "usage": usage(job),
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(finish)}]}
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                             "finish_reason": _finish(whole.finish)}]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest):
@@ -546,18 +592,29 @@ def create_app(service: Service) -> FastAPI:
         if ids and (min(ids) < 0 or max(ids) >= engine.args.vocab_size):
             raise ApiError(400, f"prompt: token ids must be in [0, {engine.args.vocab_size})", param="prompt")
         job = job_for(body, ids, 0, False, body.max_tokens or 16)
+        job.logprobs = body.logprobs
         service.submit(job)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_name}
         if body.stream:
+            offset = 0
+
             def chunk(event, finish):
+                nonlocal offset
+                text, logprobs = "", None
+                if event is not None and event[0] == "logprobs":
+                    logprobs = completion_logprobs([event[1]], offset)
+                    offset += len(logprobs["tokens"][0])
+                elif event is not None:
+                    text = event[2]
                 return {**base, "object": "text_completion",
-                        "choices": [{"index": 0, "text": event[2] if event else "", "logprobs": None,
-                                     "finish_reason": _finish(finish)}]}
+                        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": _finish(finish)}]}
 
             return streamed(job, chunk, bool(body.stream_options and body.stream_options.include_usage), False)
-        content, _, _, finish = await answer(job)
+        whole = await answer(job)
+        logprobs = completion_logprobs(whole.logprobs, 0) if job.logprobs is not None else None
         return {**base, "object": "text_completion", "usage": usage(job),
-                "choices": [{"index": 0, "text": content, "logprobs": None, "finish_reason": _finish(finish)}]}
+                "choices": [{"index": 0, "text": "".join(whole.content), "logprobs": logprobs,
+                             "finish_reason": _finish(whole.finish)}]}
 
     @app.post("/tokenize", dependencies=[Depends(authorized)])
     async def tokenize(body: TokenizeRequest):
@@ -587,6 +644,22 @@ def _plain(message: Message) -> dict[str, Any]:
     elif content is None:
         plain["content"] = ""
     return plain
+
+
+@dataclass
+class Answer:
+    """A whole job's events, gathered."""
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    calls: list[dict] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish: str = "length"
+
+
+def _finite(logprob: float) -> float:
+    """A log-probability JSON can carry: a token the sampling's truncation removed (-inf) as
+    OpenAI writes one, -9999.0."""
+    return logprob if math.isfinite(logprob) else -9999.0
 
 
 def _finish(reason: str | None) -> str | None:

@@ -65,6 +65,15 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a byte-level token may hold part of a character, which
+        `decode([token])` cannot show)."""
+        piece = self.backend.id_to_token(token)
+        if piece is not None and type(self.backend.decoder).__name__ == "ByteLevel" \
+                and all(char in _BYTE_OF for char in piece):
+            return bytes(_BYTE_OF[char] for char in piece)
+        return self.decode([token]).encode()
+
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables) -> str:
         """The chat template applied to `messages` ([{"role": ..., "content": ...}, ...])."""
         if self.chat_template is None:
@@ -118,6 +127,18 @@ class Detokenizer:
 
     def __call__(self, token: int) -> str:
         return self.stream.step(self.tokenizer.backend, token) or ""
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's characters -> the bytes they stand for (GPT-2's table: printable bytes are
+    their own character, the others 256 + n in order)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    moved = [byte for byte in range(256) if byte not in kept]
+    return {**{chr(byte): byte for byte in kept}, **{chr(256 + n): byte for n, byte in enumerate(moved)}}
+
+
+_BYTE_OF = _byte_level_alphabet()
 
 
 def _read_json(path: Path) -> dict:

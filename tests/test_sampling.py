@@ -67,6 +67,25 @@ def test_greedy_ignores_the_seed():
     assert Sampler(SamplingParams(seed=1))(LOGITS) == Sampler(SamplingParams(seed=2))(LOGITS) == 0
 
 
+def test_logprobs_are_those_of_the_distribution_drawn_from():
+    """At temperature 1 with top_k 2 the draw is from [0.4, 0.3] renormalised: the drawn token's
+    log-probability and the alternatives are that distribution's, the truncated ones -inf; asking
+    for them changes no draw."""
+    params = SamplingParams(temperature=1.0, top_k=2, seed=7)
+    sampler, plain = Sampler(params, logprobs=3), Sampler(params)
+    expected = {0: torch.tensor(0.4 / 0.7).log().item(), 1: torch.tensor(0.3 / 0.7).log().item()}
+    for _ in range(20):
+        token = sampler(LOGITS)
+        assert token == plain(LOGITS) and sampler.last.token == token
+        assert sampler.last.logprob == pytest.approx(expected[token], abs=1e-6)
+        assert [t for t, _ in sampler.last.top[:2]] == [0, 1] and sampler.last.top[2][1] == float("-inf")
+        assert [v for _, v in sampler.last.top[:2]] == pytest.approx([expected[0], expected[1]], abs=1e-6)
+    greedy = Sampler(SamplingParams(temperature=0.0), logprobs=0)
+    assert greedy(LOGITS) == 0 and greedy.last.top == []
+    assert greedy.last.logprob == pytest.approx(torch.tensor(0.4).log().item(), abs=1e-6)
+    assert Sampler(SamplingParams()).last is None
+
+
 def test_bad_settings_are_explained():
     for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"min_p": 2}, {"top_k": -3},
                 {"repetition_penalty": 0}):

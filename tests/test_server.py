@@ -295,6 +295,41 @@ def test_the_xml_form_and_what_tool_choice_allows(tiny):
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools.0"
 
 
+def test_logprobs_chat_and_completions_whole_and_streamed(endless):
+    """Greedy: each token's log-probability is its list's first; the tokens' bytes are the text;
+    streamed entries are the whole answer's; the legacy completions shape lines up with its text."""
+    with Running(endless) as running:
+        options = dict(model="tiny", messages=HELLO, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+        reply = running.client.chat.completions.create(**options)
+        entries = reply.choices[0].logprobs.content
+        assert len(entries) == reply.usage.completion_tokens == 6
+        spelled = b"".join(bytes(e.bytes) for e in entries).decode(errors="replace")
+        content = reply.choices[0].message.content  # without a last character the answer stopped inside
+        assert spelled.startswith(content) and spelled[len(content):] in ("", "\ufffd")
+        for entry in entries:
+            assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+            assert entry.token == entry.top_logprobs[0].token and entry.logprob == entry.top_logprobs[0].logprob
+            assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        streamed = [e for chunk in running.client.chat.completions.create(**options, stream=True)
+                    if chunk.choices and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
+        assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+        plain = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0)
+        assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
+
+        text = running.client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                                 logprobs=2)
+        legacy = text.choices[0].logprobs
+        spelled = "".join(legacy.tokens)
+        assert spelled.startswith(text.choices[0].text) and len(spelled) - len(text.choices[0].text) <= 1
+        assert len(legacy.token_logprobs) == 5
+        assert legacy.text_offset == [sum(len(t) for t in legacy.tokens[:i]) for i in range(5)]
+        assert all(len(top) <= 2 and max(top.values()) == pytest.approx(lp) for top, lp in
+                   zip(legacy.top_logprobs, legacy.token_logprobs))
+        for bad in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
+            refused = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": HELLO, **bad})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_logprobs"
+
+
 def test_a_client_that_disconnects_frees_the_engine(endless):
     with Running(endless) as running:
         with httpx.stream("POST", f"{running.url}/v1/chat/completions", timeout=60,
