@@ -27,13 +27,17 @@ class kernel_threads:
 
     def __init__(self, count: int | None = None):
         self.count = min(count or physical_cores(), numba.config.NUMBA_NUM_THREADS)
+        self.previous: int | None = None
 
     def __enter__(self) -> int:
+        if self.previous is not None:
+            raise RuntimeError("a kernel_threads is entered once at a time: make one per `with`")
         self.previous = numba.get_num_threads()
         if self.previous != self.count:
             numba.set_num_threads(self.count)
         return self.count
 
     def __exit__(self, *exc) -> None:
-        if self.previous != self.count:
-            numba.set_num_threads(self.previous)
+        previous, self.previous = self.previous, None
+        if previous != self.count:
+            numba.set_num_threads(previous)

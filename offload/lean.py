@@ -24,6 +24,7 @@ another expert where two logits tie to the last bit), and `exact=True` never use
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Generator
 
 import numpy as np
@@ -221,11 +222,11 @@ class LeanDecoder:
     `lean_layers`: an executor of the same layers, not a second model."""
 
     def __init__(self, model: nn.Module, layers: list[LeanLayer]):
-        self.model, self.layers = model, layers
-        self.model_stages = type(model).stages.__get__(model)  # the model's own, whatever is installed
+        # the model's parts, not the model: the model holds this decoder, and a cycle would keep a
+        # dropped model's weights in RAM until the next full garbage collection
+        self.layers, self.embed, self.lm_head = layers, model.embed_tokens, model.lm_head
+        self.model = weakref.ref(model)  # for the model's own stages (longer calls)
         self.norm = model.norm if isinstance(model.norm, LeanNorm) else LeanNorm(model.norm)
-        table = model.embed_tokens.weight
-        self.table = table.detach().numpy() if table.dtype == torch.float32 else None  # else widened per call
         self.inv_freq, self.scale = numpy_view(model.rotary.inv_freq), model.rotary.scale
 
     @classmethod
@@ -235,23 +236,24 @@ class LeanDecoder:
 
     def __call__(self, input_ids: torch.Tensor, caches: list, start: int,
                  last_only: bool = False) -> Generator[None, None, torch.Tensor]:
-        if input_ids.shape[0] > DECODE_MAX_TOKENS or input_ids.device.type != "cpu":
-            return self.model_stages(input_ids, caches, start, last_only)
+        if input_ids.shape[0] > DECODE_MAX_TOKENS or input_ids.device.type != "cpu" or not isinstance(start, int):
+            model = self.model()
+            return type(model).stages(model, input_ids, caches, start, last_only)
         return self._stages(input_ids, caches, start, last_only)
 
     def _stages(self, input_ids: torch.Tensor, caches: list, start: int,
                 last_only: bool) -> Generator[None, None, torch.Tensor]:
-        model, tokens = self.model, input_ids.shape[0]
-        if self.table is not None:
-            x = self.table[input_ids.numpy()]  # a new array: the residual stream
+        table = self.embed.weight
+        if table.dtype == torch.float32:
+            x = table.detach().numpy()[input_ids.numpy()]  # a new array: the residual stream
         else:
-            x = model.embed_tokens(input_ids).to(torch.float32).numpy()
-        cos, sin = (np.empty((tokens, 2 * self.inv_freq.shape[0]), np.float32) for _ in range(2))
+            x = self.embed(input_ids).to(torch.float32).numpy()
+        cos, sin = (np.empty((input_ids.shape[0], 2 * self.inv_freq.shape[0]), np.float32) for _ in range(2))
         rotary_tables(self.inv_freq, self.scale, start, cos, sin)
         for layer, cache in zip(self.layers, caches):
             layer(x, cos, sin, cache, start)
             yield  # as the model's stages: another chunk may run between layers
-        return torch.from_numpy(linear_rows(model.lm_head, self.norm.rows(x[-1:] if last_only else x)))
+        return torch.from_numpy(linear_rows(self.lm_head, self.norm.rows(x[-1:] if last_only else x)))
 
 
 def lean_layers(model: nn.Module) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -145,6 +146,20 @@ def test_thread_count_does_not_change_results():
             assert used == count
             results.append(gemv.moe_decode(x, ids, weights, gate_up, down, np.zeros_like(x), scratch).copy())
     assert np.array_equal(results[0], results[1])
+
+
+def test_a_thread_count_is_restored_and_entered_once():
+    before = numba.get_num_threads()
+    guard = kernel_threads(1)
+    with guard:
+        assert numba.get_num_threads() == 1
+        with pytest.raises(RuntimeError, match="entered once"):
+            guard.__enter__()
+    assert numba.get_num_threads() == before
+    with pytest.raises(ZeroDivisionError):
+        with kernel_threads(1):
+            1 / 0
+    assert numba.get_num_threads() == before
 
 
 def test_bad_kernel_inputs_are_explained():

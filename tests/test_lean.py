@@ -3,6 +3,9 @@ model's own modules on the same quantised weights."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -227,6 +230,20 @@ def test_a_lean_moe_block_is_the_models_block(hf_checkpoint, name, tokens):
     for lean in blocks:
         expected = lean.block(h)
         assert ((lean(h) - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_a_dropped_lean_engine_frees_its_model_at_once(hf_checkpoint):
+    """The decoder installed on the model does not hold the model: no reference cycle keeps a
+    dropped model's weights until a full garbage collection."""
+    engine = offload.load(hf_checkpoint("next").path, quant="int4")
+    assert isinstance(engine.model.stages, LeanDecoder)
+    model = weakref.ref(engine.model)
+    gc.disable()
+    try:
+        del engine
+        assert model() is None
+    finally:
+        gc.enable()
 
 
 def test_plans_off_the_lean_path_keep_the_models_modules(hf_checkpoint):
