@@ -126,11 +126,13 @@ class TokenLogprobs:
 class Sampler:
     """Draws tokens for one sequence with `params`; its own generator makes a seeded run repeat.
     With `logprobs` (how many of the likeliest tokens to list beside each drawn one, 0 to 20), each
-    draw leaves its `TokenLogprobs` in `last`."""
+    draw leaves its `TokenLogprobs` in `last`. With a `constraint` (`offload.structured`), each
+    draw is limited to the tokens its grammar allows next, and advances it."""
 
-    def __init__(self, params: SamplingParams = SamplingParams(), logprobs: int | None = None):
+    def __init__(self, params: SamplingParams = SamplingParams(), logprobs: int | None = None, constraint=None):
         self.params = params
         self.logprobs = logprobs
+        self.constraint = constraint
         self.last: TokenLogprobs | None = None
         self.drawn: list[int] = []  # the tokens this sampler has drawn (presence / frequency penalties)
         self.generator = torch.Generator()
@@ -140,12 +142,16 @@ class Sampler:
             self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
         logits = processed_logits(logits, self.params, history, self.drawn)
         if self.params.temperature == 0:
             token = int(torch.argmax(logits))
         else:
             token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.generator))
         self.drawn.append(token)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if self.logprobs is not None:
             logprobs = torch.log_softmax(logits, dim=-1)
             values, ids = torch.topk(logprobs, min(self.logprobs, logprobs.numel()))

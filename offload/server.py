@@ -45,6 +45,7 @@ from offload.engine import Engine, Snapshot
 from offload.errors import OffloadError
 from offload.sampling import Sampler, SamplingParams, TokenLogprobs
 from offload.tokenizer import RENDER_VARIABLES, ThinkingFilter, Tokenizer, partial_suffix
+from offload.structured import Constraint, GrammarError, Grammars
 from offload.tools import FORMATS, ToolCall, ToolCallReader, history_arguments, template_format
 
 DEFAULT_MAX_QUEUE = 16
@@ -109,6 +110,7 @@ class Generation(_Strict):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
 
 
 class ChatRequest(Generation):
@@ -117,7 +119,7 @@ class ChatRequest(Generation):
     tools: list[dict[str, Any]] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tool_choice: str | dict[str, Any] | None = None  # "auto", "none" ("required" and named: see `rendered`)
+    tool_choice: str | dict[str, Any] | None = None  # "auto", "none", "required" or {"function": {"name"}}
     parallel_tool_calls: bool | None = None  # accepted: the model may write several calls either way
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}
 
@@ -151,6 +153,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     tool_calls: ToolCallReader | None = None  # reads calls out of the answer (a chat request with tools)
     logprobs: int | None = None  # each token's log-probability and this many alternatives (None: none)
+    constraint: Constraint | None = None  # the grammar each draw keeps to (structured output)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached: int = 0
@@ -198,6 +201,7 @@ class Service:
         self.engine = engine
         # how the model writes a tool call: as its chat template renders one, unless told
         self.tool_format = tool_format or template_format(tokenizer.chat_template)
+        self._grammars: Grammars | None = None
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.defaults = defaults
@@ -226,6 +230,20 @@ class Service:
         self.jobs.put(None)
         if self.worker is not None and self.worker is not threading.current_thread():
             self.worker.join(timeout=30)
+
+    @property
+    def grammars(self) -> Grammars:
+        """Grammars over the model's tokens, built on the first request that needs one."""
+        if self._grammars is None:
+            stops = self.engine.stop_ids
+            if not stops:
+                raise ApiError(400, "structured output needs an end-of-answer token, and this model has none "
+                                    "(no eos_token_id in generation_config.json)", param="response_format")
+            eos = self.tokenizer.special_token("eos_token")
+            end = self.tokenizer.backend.token_to_id(eos) if eos else None
+            self._grammars = Grammars(self.tokenizer, self.engine.args.vocab_size,
+                                      end if end in stops else min(stops))
+        return self._grammars
 
     def submit(self, job: Job) -> None:
         with self.lock:
@@ -318,7 +336,7 @@ class Service:
             else:
                 job.emit("text", False, part)
 
-        sampler = Sampler(job.sampling, job.logprobs)
+        sampler = Sampler(job.sampling, job.logprobs, job.constraint)
         for token in engine.decode(logits, job.max_tokens, sampler):
             job.completion_tokens += 1
             if token in engine.stop_ids:
@@ -411,11 +429,12 @@ def create_app(service: Service) -> FastAPI:
     def checked_tools(body: ChatRequest) -> list[dict[str, Any]] | None:
         """The tools the template renders: none for tool_choice "none"; each must be a function with a name."""
         choice = body.tool_choice
-        if choice not in (None, "auto", "none"):
-            shown = choice if isinstance(choice, str) else "a named function"
-            raise ApiError(400, f"tool_choice: {shown} is not supported; use \"auto\" (the model decides) or "
-                                "\"none\"", param="tool_choice")
+        if not (choice in (None, "auto", "none", "required") or isinstance(choice, dict)):
+            raise ApiError(400, f"tool_choice: {choice!r} is not one of \"auto\", \"none\", \"required\" or "
+                                "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
         if choice == "none" or not body.tools:
+            if choice == "required" or isinstance(choice, dict):
+                raise ApiError(400, "tool_choice asks for a call, and the request has no tools", param="tool_choice")
             return None
         for i, tool in enumerate(body.tools):
             function = tool.get("function")
@@ -424,6 +443,48 @@ def create_app(service: Service) -> FastAPI:
                 raise ApiError(400, f"tools[{i}]: each tool is {{\"type\": \"function\", \"function\": "
                                     "{\"name\": ..., \"parameters\": {...}}}", param=f"tools.{i}")
         return body.tools
+
+    def constraint_of(body: Generation, tools: list[dict[str, Any]] | None, thinking: bool) -> Constraint | None:
+        """The grammar a request's answer keeps to: a required or named tool call, or its
+        response_format's JSON; None for free text."""
+        choice, shape = getattr(body, "tool_choice", None), body.response_format
+        kind = None if shape is None else shape.get("type")
+        if kind not in (None, "text", "json_object", "json_schema"):
+            raise ApiError(400, f"response_format: type {kind!r} is not one of text, json_object, json_schema",
+                           param="response_format")
+        forced = tools if choice == "required" else None
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+            forced = [tool for tool in tools or [] if tool["function"]["name"] == name]
+            if not forced:
+                raise ApiError(400, f"tool_choice names {name!r}, which is not among the request's tools",
+                               param="tool_choice")
+        if forced is None and kind in (None, "text"):
+            return None
+        if forced is not None and kind not in (None, "text"):
+            raise ApiError(400, "a required tool call and a JSON response_format cannot both shape one answer",
+                           param="response_format")
+        if thinking:
+            raise ApiError(400, "structured output from a thinking model: its answer opens with free reasoning; "
+                                "send chat_template_kwargs {\"enable_thinking\": false}", param="response_format")
+        try:
+            if forced is not None:
+                if service.tool_format != "json":
+                    raise ApiError(400, f"tool_choice {'required' if choice == 'required' else 'with a name'} is "
+                                        f"enforced for models that write tool calls in the json form; this one "
+                                        f"writes the {service.tool_format} form", param="tool_choice")
+                return service.grammars.tool_call(forced)
+            if kind == "json_object":
+                return service.grammars.json_schema({"type": "object"})
+            spec = shape.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise ApiError(400, "response_format: json_schema needs {\"json_schema\": {\"name\": ..., "
+                                    "\"schema\": {...}}}", param="response_format")
+            return service.grammars.json_schema(schema)
+        except GrammarError as error:
+            where = "tools" if forced is not None else "response_format"
+            raise ApiError(400, f"{where}: the schema is not supported: {error}", param=where) from None
 
     def rendered(messages: list[Message], tools, variables: dict | None) -> tuple[list[int], int]:
         """(prompt ids, the last message boundary in them: 0 if not a prefix)."""
@@ -545,6 +606,7 @@ def create_app(service: Service) -> FastAPI:
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         job.logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        job.constraint = constraint_of(body, tools, job.thinking)
         if tools and service.tool_format is not None:
             job.tool_calls = ToolCallReader(service.tool_format, tools)
         service.submit(job)
@@ -593,6 +655,7 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(400, f"prompt: token ids must be in [0, {engine.args.vocab_size})", param="prompt")
         job = job_for(body, ids, 0, False, body.max_tokens or 16)
         job.logprobs = body.logprobs
+        job.constraint = constraint_of(body, None, False)
         service.submit(job)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_name}
         if body.stream:

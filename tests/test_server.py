@@ -330,6 +330,78 @@ def test_logprobs_chat_and_completions_whole_and_streamed(endless):
             assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_logprobs"
 
 
+FORECAST = {"type": "object", "additionalProperties": False, "required": ["city", "days", "metric", "sky"],
+            "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1,
+                                                                                  "maximum": 7},
+                           "metric": {"type": "boolean"}, "sky": {"enum": ["clear", "cloudy", "rain"]}}}
+
+
+def forecast_valid(value) -> bool:
+    return isinstance(value, dict) and set(value) == set(FORECAST["required"]) and isinstance(value["city"], str) \
+        and len(value["city"]) <= 12 and type(value["days"]) is int and 1 <= value["days"] <= 7 \
+        and isinstance(value["metric"], bool) and value["sky"] in ("clear", "cloudy", "rain")
+
+
+def test_a_json_schema_answer_is_valid_json_under_the_schema(tiny):
+    """Random weights, sampled at temperature 1: every answer is the schema's JSON, whole or
+    streamed (the same tokens for the same seed); a schema llguidance cannot take is a 400 that
+    names what, never an answer that ignores it."""
+    shape = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST, "strict": True}}
+    with Running(tiny, ctx=2048) as running:
+        for seed in range(3):
+            reply = running.client.chat.completions.create(model="tiny", messages=ASK, response_format=shape,
+                                                           max_tokens=200, seed=seed, temperature=1.0)
+            assert reply.choices[0].finish_reason == "stop"
+            assert forecast_valid(json.loads(reply.choices[0].message.content)), reply.choices[0].message.content
+        chunks = running.client.chat.completions.create(model="tiny", messages=ASK, response_format=shape,
+                                                        max_tokens=200, seed=0, temperature=1.0, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        first = running.client.chat.completions.create(model="tiny", messages=ASK, response_format=shape,
+                                                       max_tokens=200, seed=0, temperature=1.0)
+        assert streamed == first.choices[0].message.content
+        text = running.client.completions.create(model="tiny", prompt="Forecast:", max_tokens=200, seed=1,
+                                                 temperature=1.0, extra_body={"response_format": shape})
+        assert forecast_valid(json.loads(text.choices[0].text))
+        for bad, named in [({"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}},
+                            "look-around"), ({"type": "object", "if": {"required": ["a"]}, "then": {}}, "if")]:
+            refused = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": ASK, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "x", "schema": bad}}})
+            assert refused.status_code == 400 and named in refused.json()["error"]["message"]
+            assert refused.json()["error"]["param"] == "response_format"
+        refused = httpx.post(f"{running.url}/v1/chat/completions",
+                             json={"messages": ASK, "response_format": {"type": "yaml"}})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format"
+
+
+def test_an_agent_round_trip_with_a_required_tool_call(tiny):
+    """The whole loop an agent framework runs, through the openai client, on random weights:
+    tools with tool_choice "required" -> a valid call of one of them (arguments under its
+    schema) -> the tool's result in the history -> the next answer; a named choice calls that one."""
+    tools = WEATHER + [{"type": "function", "function": {"name": "forecast", "parameters": FORECAST}}]
+    with Running(tiny, ctx=2048) as running:
+        for seed in range(2):
+            reply = running.client.chat.completions.create(model="tiny", messages=ASK, tools=tools,
+                                                           tool_choice="required", max_tokens=300, seed=seed,
+                                                           temperature=1.0)
+            choice = reply.choices[0]
+            assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+            call = choice.message.tool_calls[0]
+            arguments = json.loads(call.function.arguments)
+            assert call.function.name in ("get_weather", "forecast")
+            if call.function.name == "forecast":
+                assert forecast_valid(arguments)
+        named = running.client.chat.completions.create(model="tiny", messages=ASK, tools=tools, max_tokens=300,
+                                                       tool_choice={"type": "function",
+                                                                    "function": {"name": "forecast"}})
+        call = named.choices[0].message.tool_calls[0]
+        assert call.function.name == "forecast" and forecast_valid(json.loads(call.function.arguments))
+        history = ASK + [named.choices[0].message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": "clear, 21 C"}]
+        final = running.client.chat.completions.create(model="tiny", messages=history, tools=tools, max_tokens=8)
+        assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
+        assert final.usage.prompt_tokens > named.usage.prompt_tokens  # the call and its result went back in
+
+
 def test_a_client_that_disconnects_frees_the_engine(endless):
     with Running(endless) as running:
         with httpx.stream("POST", f"{running.url}/v1/chat/completions", timeout=60,

@@ -1,0 +1,71 @@
+"""Structured output (`offload.structured`): a sampler held to a grammar by llguidance's masks,
+drawing from random logits, always writes what the grammar allows, then the end token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from offload.sampling import Sampler, SamplingParams
+from offload.structured import GrammarError, Grammars
+from offload.synthetic import write_tokenizer
+from offload.tokenizer import Tokenizer
+
+VOCAB = 600  # the model's rows: more than the tokenizer's, as real checkpoints pad theirs
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "size", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 10}, "size": {"type": "integer", "minimum": 0},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}}
+
+
+@pytest.fixture(scope="module")
+def grammars(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(path, 512)
+    tokenizer = Tokenizer(path)
+    return tokenizer, Grammars(tokenizer, VOCAB, tokenizer.backend.token_to_id("<|im_end|>"))
+
+
+def draw(tokenizer, grammars, constraint, seed: int, limit: int = 400) -> str:
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=seed), constraint=constraint)
+    logits_of = torch.Generator().manual_seed(seed)
+    ids = []
+    for _ in range(limit):
+        logits = torch.randn(VOCAB, generator=logits_of) * 3
+        kept = logits.clone()
+        token = sampler(logits)
+        assert torch.equal(logits, kept)  # the caller's logits are not masked in place
+        if token == grammars.end:
+            return tokenizer.decode(ids)
+        assert token < tokenizer.vocab_size  # never a padding row
+        ids.append(token)
+    raise AssertionError(f"no end after {limit} tokens: {tokenizer.decode(ids)!r}")
+
+
+def test_random_draws_under_a_schema_are_its_json(grammars):
+    tokenizer, grammars = grammars
+    for seed in range(8):
+        value = json.loads(draw(tokenizer, grammars, grammars.json_schema(SCHEMA), seed))
+        assert set(value) == {"name", "size", "tags"} and len(value["name"]) <= 10
+        assert type(value["size"]) is int and value["size"] >= 0 and set(value["tags"]) <= {"a", "b"}
+
+
+def test_random_draws_of_a_required_call_are_a_call_of_one_tool(grammars):
+    tokenizer, grammars = grammars
+    tools = [{"type": "function", "function": {"name": "make", "parameters": SCHEMA}},
+             {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {},
+                                                                          "additionalProperties": False}}}]
+    for seed in range(6):
+        text = draw(tokenizer, grammars, grammars.tool_call(tools), seed)
+        assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>")
+        call = json.loads(text[len("<tool_call>\n"):-len("\n</tool_call>")])
+        assert call["name"] in ("make", "ping") and isinstance(call["arguments"], dict)
+
+
+def test_what_the_grammar_engine_cannot_take_is_named(grammars):
+    _, grammars = grammars
+    with pytest.raises(GrammarError, match="look-around"):
+        grammars.json_schema({"type": "string", "pattern": "(?=a)"})
+    with pytest.raises(GrammarError, match="Invalid type"):
+        grammars.json_schema({"type": "strng"})
