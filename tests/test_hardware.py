@@ -80,7 +80,10 @@ def test_profile_detect_writes_a_valid_profile(tmp_path):
     assert out.read_text().startswith("# Measured by `offload profile detect`")
     rates = measured.cpu.dense_gweights_per_s
     assert set(rates) == {"int4", "int6", "int8", "bf16"} and "dense matrices by format" in result.stderr
-    assert all(0 < r["decode"] < r["prefill"] for r in rates.values())  # a chunk reuses each weight 512 times
+    assert all(r["decode"] > 0 and r["prefill"] > 0 for r in rates.values())
+    # our kernels reuse each weight 512 times in a chunk; torch's bf16 matmul on a CPU without bf16
+    # instructions widens every weight at each use, so its chunk may be barely faster (AVX2: 9 vs 10)
+    assert all(rates[fmt]["decode"] < rates[fmt]["prefill"] for fmt in ("int4", "int6", "int8"))
 
 
 def test_measured_dense_rates_drive_the_prediction():
