@@ -117,7 +117,8 @@ def processed_logits(logits: torch.Tensor, params: SamplingParams, history: Sequ
 class TokenLogprobs:
     """A drawn token's log-probability and the `top` most likely tokens' (id, log-probability), in
     the distribution it was drawn from (penalties, temperature and truncation applied; greedy: the
-    penalised logits). Tokens the truncation removed have -inf."""
+    penalised logits). `top` lists only tokens the draw could have picked (fewer where truncation
+    or a grammar left fewer)."""
     token: int
     logprob: float
     top: list[tuple[int, float]]
@@ -155,5 +156,6 @@ class Sampler:
         if self.logprobs is not None:
             logprobs = torch.log_softmax(logits, dim=-1)
             values, ids = torch.topk(logprobs, min(self.logprobs, logprobs.numel()))
-            self.last = TokenLogprobs(token, float(logprobs[token]), list(zip(ids.tolist(), values.tolist())))
+            top = [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v != float("-inf")]  # drawable ones
+            self.last = TokenLogprobs(token, float(logprobs[token]), top)
         return token

@@ -6,8 +6,9 @@ puts -inf on every token the grammar does not allow next, after it the drawn tok
 grammar; once the grammar is complete only the end-of-answer token is allowed. The grammar engine
 is llguidance (JSON schema to a lexer and Earley parser over the tokenizer's byte strings): a
 mask costs tens of microseconds a token, its JSON schema coverage is broad, and what it does not
-support it names, which becomes a 400 rather than an answer that ignores the schema. Whitespace
-inside the JSON is kept tight (no free runs of spaces and newlines for a sampler to wander in).
+support it names, which becomes a 400 rather than an answer that ignores the schema. JSON is
+written as models write it (", " and ": " between items) with no free runs of whitespace for a
+sampler to wander in.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from offload.errors import OffloadError
 from offload.tokenizer import Tokenizer
 
-_TIGHT = {"whitespace_flexible": False}
+# JSON as models write it: ", " and ": " between items, no free runs of whitespace to wander in
+_TIGHT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarError(OffloadError):
@@ -58,12 +60,11 @@ class Grammars:
         return self._constraint(llguidance.LLMatcher.grammar_from_lark(lark))
 
     def _constraint(self, grammar: str) -> Constraint:
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
-        if failed:
-            raise GrammarError("; ".join(" ".join(line.strip() for line in message.splitlines()
-                                                  if line.strip() and set(line.strip()) != {"^"})  # one line each
-                                         for message in messages))
-        return Constraint(llguidance.LLMatcher(self.tokenizer, grammar), self.vocab_size)
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar)  # compiles it
+        if matcher.is_error():
+            raise GrammarError(" ".join(line.strip() for line in matcher.get_error().splitlines()
+                                        if line.strip() and set(line.strip()) != {"^"}))  # one line
+        return Constraint(matcher, self.vocab_size)
 
 
 class Constraint:

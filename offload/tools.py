@@ -35,7 +35,19 @@ from offload.tokenizer import partial_suffix
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FORMATS = ("json", "xml")
 _FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*)</function>\s*", re.DOTALL)
-_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+# a parameter ends at its closing tag, or (as models sometimes forget it) where the next one or
+# the function's end begins
+_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|$)", re.DOTALL)
+
+
+def _strict_json(text: str) -> Any:
+    """json.loads without NaN and Infinity (not JSON: a JavaScript client's JSON.parse fails on them)."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    value = json.loads(text, parse_constant=refuse)
+    json.dumps(value, allow_nan=False)  # ValueError for a number beyond a double (1e400: inf), at any depth
+    return value
 
 
 def template_format(template: str | None) -> str | None:
@@ -72,6 +84,7 @@ class ToolCallReader:
         self.inside = False  # pending starts with OPEN
         self.calls = 0
         self.after_call = False  # whitespace right after a call is the model's separator, not content
+        self.scanned = 0  # inside a call: where to look for its closing tag from
 
     def __call__(self, text: str) -> list[str | ToolCall]:
         """Content and calls, in order, that `text` makes ready."""
@@ -94,12 +107,17 @@ class ToolCallReader:
                 if at:
                     out.append(self.pending[:at])
                 self.pending, self.inside = self.pending[at:], True
-            end = self.pending.find(CLOSE)
+            end = self.pending.find(CLOSE, self.scanned)
             if end < 0:
+                self.scanned = max(self.scanned, len(self.pending) - len(CLOSE) + 1)
                 break
+            body = self.pending[len(OPEN):end]
+            if self._unfinished(body):  # a </tool_call> inside an argument's text: the call goes on
+                self.scanned = end + len(CLOSE)
+                continue
             block, self.pending = self.pending[:end + len(CLOSE)], self.pending[end + len(CLOSE):]
-            self.inside = False
-            call = self.parse(block[len(OPEN):-len(CLOSE)], self.calls)
+            self.inside, self.scanned = False, 0
+            call = self.parse(body, self.calls)
             if call is None:
                 out.append(block)
             else:
@@ -111,8 +129,19 @@ class ToolCallReader:
     def flush(self) -> list[str]:
         """What is still held at the end of the answer, as text."""
         out = [self.pending] if self.pending and not (self.after_call and self.pending.isspace()) else []
-        self.pending, self.inside = "", False
+        self.pending, self.inside, self.scanned = "", False, 0
         return out
+
+    def _unfinished(self, body: str) -> bool:
+        """Whether a call's text up to a </tool_call> stops inside a value (a JSON string not yet
+        closed; in the xml form, before </function>), so that tag is an argument's text."""
+        if self.form == "xml":
+            return "<function=" in body and not body.rstrip().endswith("</function>")
+        try:
+            json.loads(body)
+        except json.JSONDecodeError as error:
+            return error.msg.startswith("Unterminated string") or error.pos >= len(body.rstrip())
+        return False
 
     def parse(self, body: str, index: int = 0) -> ToolCall | None:
         """One call's text between the tags -> the answer's call `index`, or None if it is not one."""
@@ -120,12 +149,13 @@ class ToolCallReader:
         if parsed is None:
             return None
         name, arguments = parsed
-        return ToolCall(index, f"call_{uuid.uuid4().hex[:24]}", name, json.dumps(arguments, ensure_ascii=False))
+        return ToolCall(index, f"call_{uuid.uuid4().hex[:24]}", name,
+                        json.dumps(arguments, ensure_ascii=False, allow_nan=False))
 
     @staticmethod
     def _json(body: str) -> tuple[str, dict] | None:
         try:
-            call = json.loads(body)
+            call = _strict_json(body)
         except ValueError:
             return None
         if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
@@ -133,7 +163,7 @@ class ToolCallReader:
         arguments = call.get("arguments", call.get("parameters", {}))
         if isinstance(arguments, str):  # arguments written as a JSON string
             try:
-                arguments = json.loads(arguments)
+                arguments = _strict_json(arguments)
             except ValueError:
                 return None
         return (call["name"], arguments) if isinstance(arguments, dict) else None
@@ -143,7 +173,7 @@ class ToolCallReader:
         if function is None:
             return None
         name, inner = function.group(1).strip(), function.group(2)
-        if not name or _PARAMETER.sub("", inner).strip():  # text outside any parameter: not a call
+        if not name or _PARAMETER.sub("", inner).replace("</parameter>", "").strip():  # text outside parameters
             return None
         types = self.types.get(name, {})
         return name, {key.strip(): _typed(_trim(value), types.get(key.strip()))
@@ -160,14 +190,26 @@ def _parameter_types(tool: dict[str, Any]) -> dict[str, str]:
     """A tool's parameter name -> its JSON schema type (the first that is not null)."""
     schema = tool["function"].get("parameters")
     properties = schema.get("properties") if isinstance(schema, dict) else None
-    types = {}
-    for name, spec in (properties or {}).items():
-        kind = spec.get("type") if isinstance(spec, dict) else None
-        if isinstance(kind, list):
-            kind = next((k for k in kind if k != "null"), "null")
-        if isinstance(kind, str):
-            types[name] = kind
-    return types
+    if not isinstance(properties, dict):
+        return {}
+    return {name: kind for name, spec in properties.items() if (kind := _schema_type(spec)) is not None}
+
+
+def _schema_type(spec: Any) -> str | None:
+    """A property schema's type: the first that is not null, of a list of types or of the
+    members of anyOf / oneOf (how Optional[...] is written)."""
+    if not isinstance(spec, dict):
+        return None
+    kind = spec.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if isinstance(kind, str):
+        return kind
+    for union in ("anyOf", "oneOf"):
+        members = [_schema_type(member) for member in spec.get(union) or [] if isinstance(member, dict)]
+        if members:
+            return next((k for k in members if k not in (None, "null")), members[0])
+    return None
 
 
 def _trim(value: str) -> str:
@@ -183,11 +225,13 @@ def _typed(value: str, kind: str | None) -> Any:
     if kind in (None, "string"):
         return value
     try:
-        parsed = json.loads(value)
+        parsed = _strict_json(value)
     except ValueError:
         if kind == "boolean" and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"
         return value
+    if parsed is None:  # null: no value, whatever the type
+        return None
     expected = {"integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list,
                 "null": type(None)}.get(kind)
     if expected is None:

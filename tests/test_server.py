@@ -291,8 +291,14 @@ def test_the_xml_form_and_what_tool_choice_allows(tiny):
             refused = httpx.post(f"{running.url}/v1/chat/completions",
                                  json={"messages": ASK, "tools": WEATHER, "tool_choice": choice})
             assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
-        refused = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": ASK, "tools": [{"name": "f"}]})
-        assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools.0"
+        for tool in ({"name": "f"}, {"type": "function", "function": {"name": "f", "parameters": {"properties": [1]}}},
+                     {"type": "function", "function": {"name": "f", "parameters": "none"}}):
+            refused = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": ASK, "tools": [tool]})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools.0"
+        for shape in ({}, {"type": "json_schema", "json_schema": "forecast"}, {"type": "json_schema",
+                                                                             "json_schema": {"schema": [1]}}):
+            refused = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": ASK, "response_format": shape})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format"
 
 
 def test_logprobs_chat_and_completions_whole_and_streamed(endless):

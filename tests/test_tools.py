@@ -72,6 +72,41 @@ def test_values_that_do_not_read_as_their_type_stay_text():
     assert json.loads(calls[0].arguments) == {"days": "three", "metric": True, "hours": "[6,", "city": "42"}
 
 
+def test_a_closing_tag_inside_an_argument_does_not_end_the_call():
+    """An agent editing a file that holds the tag itself: the call ends at the tag after the value."""
+    json_text = ('<tool_call>\n{"name": "write", "arguments": {"text": "a </tool_call> b"}}\n</tool_call>')
+    xml_text = ("<tool_call>\n<function=write>\n<parameter=text>\na </tool_call> b\n</parameter>\n</function>\n"
+                "</tool_call>")
+    for form, text in (("json", json_text), ("xml", xml_text)):
+        for pieces in (None, splits(text, 3)):
+            content, calls = read(form, text, pieces)
+            assert content == "" and json.loads(calls[0].arguments) == {"text": "a </tool_call> b"}
+
+
+def test_the_xml_forms_loose_ends():
+    """A parameter whose closing tag the model forgot ends where the next begins; Optional[int]
+    (anyOf with null) reads as an integer; null is None."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "n": {"anyOf": [{"type": "integer"}, {"type": "null"}]}, "m": {"type": "integer"}, "s": {"type": "string"}}}}}
+    text = ("<tool_call>\n<function=f>\n<parameter=n>\n4\n<parameter=m>\nnull\n</parameter>\n<parameter=s>\nx\n"
+            "</function>\n</tool_call>")
+    reader = ToolCallReader("xml", [tool])
+    calls = [part for part in reader(text) + reader.flush() if isinstance(part, ToolCall)]
+    assert json.loads(calls[0].arguments) == {"n": 4, "m": None, "s": "x"}
+
+
+def test_arguments_are_always_valid_json():
+    """NaN, Infinity and numbers beyond a double are not JSON: a call holding them stays text (json
+    form), a parameter holding them stays its text (xml form)."""
+    for text in ('<tool_call>\n{"name": "f", "arguments": {"x": NaN}}\n</tool_call>',
+                 '<tool_call>\n{"name": "f", "arguments": {"x": 1e400}}\n</tool_call>'):
+        assert read("json", text) == (text, [])
+    xml = "<tool_call>\n<function=get_weather>\n<parameter=threshold>\nInfinity\n</parameter>\n</function>\n</tool_call>"
+    assert json.loads(read("xml", xml)[1][0].arguments) == {"threshold": "Infinity"}
+    xml = xml.replace("Infinity", "1e400")
+    assert json.loads(read("xml", xml)[1][0].arguments) == {"threshold": "1e400"}
+
+
 @pytest.mark.parametrize("form, text", [
     ("json", '<tool_call>\n{"name": get_weather}\n</tool_call>'),  # not JSON
     ("json", '<tool_call>\n["get_weather"]\n</tool_call>'),  # not a call
