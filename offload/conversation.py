@@ -1,10 +1,11 @@
 """Generating text: one prompt (`complete`) or a multi-turn chat (`Conversation`), streamed as
 text pieces, with the timings the CLI reports.
 
-A chat keeps the model's caches between turns: the next turn's rendered prompt usually starts
-with exactly the tokens already fed, and then only the new tokens are prefilled. When it does
-not (the template re-renders earlier turns differently, or the history was edited), the turn
-starts a fresh sequence; the recurrent DeltaNet state cannot be rolled back to a common prefix.
+A chat keeps the model's caches between turns on a `Session` (as the server does): the next
+turn's rendered prompt usually starts with exactly the tokens already fed, and then only the new
+tokens are prefilled. When it does not (the template re-renders earlier turns differently), the
+turn resumes from a snapshot if the session keeps them, else starts a fresh sequence: the
+recurrent DeltaNet state cannot be rolled back to a common prefix.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Iterator
 from offload.engine import Engine, Progress
 from offload.errors import OffloadError
 from offload.sampling import Sampler, SamplingParams
+from offload.session import Session
 from offload.tokenizer import Tokenizer
 
 
@@ -48,9 +50,16 @@ def generate(engine: Engine, prompt_ids: list[int], sampling: SamplingParams | S
     prompt's prefill)."""
     stats.prompt_tokens = len(prompt_ids)
     started = time.perf_counter()
-    first_at = None
+    tokens = engine.stream(prompt_ids, max_tokens, sampling=sampling, fresh=fresh, progress=progress)
+    return timed(tokens, stats, started, engine.stop_ids)
+
+
+def timed(tokens: Iterator[int], stats: Stats, started: float, stop_ids: set[int]) -> Iterator[int]:
+    """The tokens, with their timings recorded into `stats` (the prefill's time: from `started`
+    to the first token) and the finish reason once they end ("interrupted" until then)."""
     stats.finish_reason = "interrupted"
-    for token in engine.stream(prompt_ids, max_tokens, sampling=sampling, fresh=fresh, progress=progress):
+    first_at = None
+    for token in tokens:
         now = time.perf_counter()
         if first_at is None:
             first_at = now
@@ -59,7 +68,7 @@ def generate(engine: Engine, prompt_ids: list[int], sampling: SamplingParams | S
         stats.generated_tokens += 1
         stats.token_ids.append(token)
         yield token
-    stats.finish_reason = "stop" if stats.token_ids and stats.token_ids[-1] in engine.stop_ids else "length"
+    stats.finish_reason = "stop" if stats.token_ids and stats.token_ids[-1] in stop_ids else "length"
 
 
 def text_pieces(tokenizer: Tokenizer, tokens: Iterator[int], stop_ids: set[int]) -> Iterator[str]:
@@ -73,17 +82,19 @@ def text_pieces(tokenizer: Tokenizer, tokens: Iterator[int], stop_ids: set[int])
 
 
 class Conversation:
-    """A chat with one model: messages, the chat template and the engine's caches across turns."""
+    """A chat with one model: messages, the chat template and the engine's caches across turns
+    (`snapshots`: how many points of the sequence the session keeps to resume from, as the
+    server's `--snapshots`)."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, sampling: SamplingParams = SamplingParams(),
-                 max_tokens: int = 1024, system: str | None = None):
+                 max_tokens: int = 1024, system: str | None = None, snapshots: int = 0):
         self.engine = engine
         self.tokenizer = tokenizer
+        self.session = Session(engine, snapshots)
         self.sampling = sampling  # settable; one random stream runs across the turns
         self.max_tokens = max_tokens
         self.system = system
         self.messages: list[dict[str, str]] = []
-        self.fed: list[int] = []  # the ids held in the engine's caches
         self.last = Stats()
         self.thinking = False
         self.progress: Progress | None = None  # follows a long prompt's prefill (the REPL shows it)
@@ -97,12 +108,10 @@ class Conversation:
     def reset(self) -> None:
         """Forget the turns (the system prompt stays)."""
         self.messages = []
-        self.fed = []
-        self.engine.reset()
+        self.session.reset()
 
     def set_system(self, text: str | None) -> None:
-        self.system = text or None
-        self.fed = []  # the prompt changes from its first token
+        self.system = text or None  # the next prompt differs from its first tokens: a fresh sequence
 
     def _rendered(self) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -112,25 +121,29 @@ class Conversation:
         """Add a user message and stream the answer as text pieces. The answer (or as much of it
         as was generated, if the caller stops early) is added to the messages."""
         self.messages.append({"role": "user", "content": text})
-        ids = self.tokenizer.chat_ids(self._rendered())
-        continues = bool(self.fed) and ids[:len(self.fed)] == self.fed and len(ids) > len(self.fed)
-        new_ids = ids[len(self.fed):] if continues else ids
+        rendered = self._rendered()
+        ids = self.tokenizer.chat_ids(rendered)
         room = self.engine.ctx - len(ids)  # continuing or not, the caches end up holding all of ids
         if room < 1:
             self.messages.pop()
             raise OffloadError(f"the conversation needs {len(ids)} tokens and the context holds {self.engine.ctx}; "
                                "/reset to start over, or restart with a larger --ctx")
-        self.last = Stats()
+        boundary = 0
+        if self.session.limit and len(rendered) > 1:  # the last message's start: a point to resume from
+            before = self.tokenizer.chat_ids(rendered[:-1], add_generation_prompt=False)
+            boundary = len(before) if ids[:len(before)] == before else 0
+        self.last = stats = Stats(finish_reason="interrupted")  # until the answer ends
         self.thinking = self.tokenizer.opens_thinking(ids)  # the answer starts inside <think>
-        tokens = generate(self.engine, new_ids, self._current_sampler(), min(self.max_tokens, room), self.last,
-                          fresh=not continues, progress=self.progress)
         try:
+            started = time.perf_counter()
+            logits, reused = self.session.resume(ids, boundary, self.progress)
+            stats.prompt_tokens = len(ids) - reused
+            tokens = timed(self.session.decode(logits, min(self.max_tokens, room), self._current_sampler()),
+                           stats, started, self.engine.stop_ids)
             yield from text_pieces(self.tokenizer, tokens, self.engine.stop_ids)
-        finally:  # also on errors (e.g. the context is full) and when the caller stops early
-            answer = [t for t in self.last.token_ids if t not in self.engine.stop_ids]
-            if self.last.token_ids:
+        finally:  # also on errors (e.g. Ctrl-C in the prefill) and when the caller stops early
+            answer = [t for t in stats.token_ids if t not in self.engine.stop_ids]
+            if stats.token_ids:
                 self.messages.append({"role": "assistant", "content": self.tokenizer.decode(answer)})
             else:  # nothing came back: the turn did not happen
                 self.messages.pop()
-            # an interrupted step may have left a layer's cache half-updated: start over next turn
-            self.fed = list(self.engine.history) if self.last.finish_reason != "interrupted" else []

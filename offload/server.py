@@ -7,15 +7,9 @@ request's event loop as it is generated (a streamed chunk per token, empty while
 or a possible stop string is incomplete). A client that goes away stops its generation before the
 next token; the next request starts at once.
 
-Prefix reuse. A prompt that starts with the tokens the engine holds (the previous request's
-prompt and answer: a chat's next turn) prefills only the rest. DeltaNet's recurrent state cannot
-be rolled back, so the worker also keeps snapshots of the sequence (`Engine.snapshot`: the conv
-and recurrent states, copied to RAM; keys and values stay in the KV cache by position) at two
-points of every prompt: the last message boundary, and its end (with the last logits). An edited
-last message resumes from the first, a regenerated answer from the second (nothing to prefill),
-instead of re-reading the history. At most `snapshots` are kept, the least recently used dropped first: memory is bounded
-by `snapshots` x (the DeltaNet state + a vocabulary of logits): Qwen3-Next-80B 76 MiB each,
-Qwen3-MoE 0.6 MiB.
+Prefix reuse is the `Session`'s (`offload.session`): the live sequence when a prompt continues
+it, else a snapshot, taken at each prompt's last message boundary and at its end (an edited last
+message or a regenerated answer resumes there); `--snapshots` of them are kept.
 `usage.prompt_tokens_details.cached_tokens` counts the prompt tokens that were not prefilled.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
@@ -41,9 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from offload.engine import Engine, Snapshot
+from offload.engine import Engine
 from offload.errors import OffloadError
 from offload.sampling import Sampler, SamplingParams, TokenLogprobs
+from offload.session import Session
 from offload.tokenizer import RENDER_VARIABLES, ThinkingFilter, Tokenizer, partial_suffix
 from offload.structured import Constraint, GrammarError, Grammars
 from offload.tools import FORMATS, ToolCall, ToolCallReader, history_arguments, template_format
@@ -138,6 +133,42 @@ class DetokenizeRequest(_Strict):
     tokens: list[int]
 
 
+# --- what the worker hands a request's loop ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Text:
+    """Answer text (one event per token: empty while a character or a stop string is incomplete)."""
+    text: str
+    thinking: bool = False  # inside a <think> block: reasoning_content
+
+
+@dataclass(frozen=True)
+class CallStart:
+    """A tool call the model wrote: its id and name (its arguments follow)."""
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class CallArguments:
+    index: int
+    text: str  # a fragment of the call's arguments, JSON text
+
+
+@dataclass(frozen=True)
+class Done:
+    finish: str  # "stop", "length", "tool_calls" or "cancelled"
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Text | CallStart | CallArguments | TokenLogprobs | Done | Failed  # TokenLogprobs: a token's, before its text
+
+
 # --- the worker ------------------------------------------------------------------------------------
 
 @dataclass
@@ -159,8 +190,8 @@ class Job:
     cached: int = 0
     completion_tokens: int = 0
 
-    def emit(self, kind: str, *values) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, *values))
+    def emit(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -207,10 +238,9 @@ class Service:
         self.model_name = model_name
         self.defaults = defaults
         self.max_queue = max_queue
-        self.snapshot_limit = snapshots
+        self.session = Session(engine, snapshots)
         self.api_key = api_key
         self.created = int(time.time())
-        self.snapshots: list[Snapshot] = []  # most recently used last
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.waiting = 0
         self.lock = threading.Lock()
@@ -271,52 +301,17 @@ class Service:
             try:
                 if not job.cancelled.is_set():
                     self._run(job)
-            except Exception as error:  # the request fails, the server goes on
-                self.engine.reset()
+            except Exception as error:  # the request fails, the server goes on (from a fresh sequence)
+                self.session.reset()
                 message = str(error) if isinstance(error, OffloadError) else f"{type(error).__name__}: {error}"
-                job.emit("error", message)
+                job.emit(Failed(message))
             finally:
                 with self.lock:
                     self.current = None
 
-    def _resume(self, prompt: list[int], boundary: int):
-        """Bring the engine to the end of `prompt`, reusing the tokens it holds or a snapshot, and
-        taking snapshots at the boundary and at the end (with its logits: a regenerated answer
-        prefills nothing). -> (last logits, prompt tokens reused)."""
-        engine = self.engine
-        held = engine.history
-        start = len(held) if held and len(held) < len(prompt) and prompt[:len(held)] == held else 0
-        usable = [s for s in self.snapshots if start < s.position <= len(prompt) and prompt[:s.position] == s.history
-                  and (s.position < len(prompt) or s.logits is not None) and engine.can_restore(s)]
-        if usable:
-            best = max(usable, key=lambda s: s.position)
-            engine.restore(best)
-            self.snapshots.remove(best)
-            self.snapshots.append(best)
-            if best.position == len(prompt):
-                return best.logits, len(prompt)
-            start = best.position
-        elif not start:
-            engine.reset()
-        reused = start
-        if self.snapshot_limit and start < boundary < len(prompt):
-            engine.append(prompt[start:boundary])
-            start = boundary
-            self._keep(engine.snapshot())
-        logits = engine.append(prompt[start:])
-        if self.snapshot_limit:
-            snapshot = engine.snapshot()
-            snapshot.logits = logits.clone()
-            self._keep(snapshot)
-        return logits, reused
-
-    def _keep(self, snapshot: Snapshot) -> None:
-        self.snapshots = [s for s in self.snapshots if s.history != snapshot.history] + [snapshot]
-        del self.snapshots[:-self.snapshot_limit]
-
     def _run(self, job: Job) -> None:
         engine = self.engine
-        logits, job.cached = self._resume(job.prompt, job.boundary)
+        logits, job.cached = self.session.resume(job.prompt, job.boundary)
         detokenize = self.tokenizer.detokenizer()
         stops = StopStrings(job.stops)
         thinking = ThinkingFilter(job.thinking) if job.chat else None
@@ -329,26 +324,26 @@ class Service:
 
         def emit(is_thinking: bool, text: str) -> None:
             if is_thinking or job.tool_calls is None:
-                job.emit("text", is_thinking, text)
+                job.emit(Text(text, is_thinking))
                 return
             for part in job.tool_calls(text) or [""]:  # an event per token, as for plain text
                 emit_part(part)
 
         def emit_part(part: str | ToolCall) -> None:
             if isinstance(part, ToolCall):  # the name first, then the arguments
-                job.emit("call", part.index, part.id, part.name)
-                job.emit("arguments", part.index, part.arguments)
+                job.emit(CallStart(part.index, part.id, part.name))
+                job.emit(CallArguments(part.index, part.arguments))
             else:
-                job.emit("text", False, part)
+                job.emit(Text(part))
 
         sampler = Sampler(job.sampling, job.logprobs, job.constraint)
-        for token in engine.decode(logits, job.max_tokens, sampler):
+        for token in self.session.decode(logits, job.max_tokens, sampler):
             job.completion_tokens += 1
             if token in engine.stop_ids:
                 finish = "stop"
                 break
             if sampler.last is not None:  # before the token's text: its text may be held back, never its logprob
-                job.emit("logprobs", sampler.last)
+                job.emit(sampler.last)
             text, stopped = stops(detokenize(token))
             send(text)  # one event per token, empty while a character or a stop string is incomplete
             if stopped:
@@ -369,7 +364,7 @@ class Service:
                 emit_part(part)
             if job.tool_calls.calls and finish == "stop":
                 finish = "tool_calls"
-        job.emit("done", finish)
+        job.emit(Done(finish))
 
 
 # --- the app -------------------------------------------------------------------------------------
@@ -515,7 +510,7 @@ def create_app(service: Service) -> FastAPI:
         except OffloadError as error:
             raise ApiError(400, str(error)) from None
         before = []
-        if service.snapshot_limit and len(plain) > 1:
+        if service.session.limit and len(plain) > 1:
             try:  # only a snapshot point: a template that refuses the shorter list just gives none
                 before = tokenizer.chat_ids(plain[:-1], add_generation_prompt=False, **extra)
             except OffloadError:
@@ -527,13 +522,13 @@ def create_app(service: Service) -> FastAPI:
                 "total_tokens": len(job.prompt) + job.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": job.cached}}
 
-    async def events(job: Job) -> AsyncIterator[tuple]:
+    async def events(job: Job) -> AsyncIterator[Event]:
         """The job's events until it is done; the job is cancelled if the caller stops listening."""
         try:
             while True:
                 event = await job.events.get()
                 yield event
-                if event[0] in ("done", "error"):
+                if isinstance(event, (Done, Failed)):
                     return
         finally:
             job.cancel()
@@ -542,19 +537,19 @@ def create_app(service: Service) -> FastAPI:
         """A whole job's answer."""
         whole = Answer()
         async for event in events(job):
-            if event[0] == "text":
-                (whole.reasoning if event[1] else whole.content).append(event[2])
-            elif event[0] == "call":
-                whole.calls.append({"id": event[2], "type": "function",
-                                    "function": {"name": event[3], "arguments": ""}})
-            elif event[0] == "arguments":
-                whole.calls[event[1]]["function"]["arguments"] += event[2]
-            elif event[0] == "logprobs":
-                whole.logprobs.append(event[1])
-            elif event[0] == "done":
-                whole.finish = event[1]
-            else:
-                raise ApiError(500, f"generation failed: {event[1]}")
+            match event:
+                case Text(text, thinking):
+                    (whole.reasoning if thinking else whole.content).append(text)
+                case CallStart(_, ident, name):
+                    whole.calls.append({"id": ident, "type": "function", "function": {"name": name, "arguments": ""}})
+                case CallArguments(index, text):
+                    whole.calls[index]["function"]["arguments"] += text
+                case TokenLogprobs():
+                    whole.logprobs.append(event)
+                case Done(finish):
+                    whole.finish = finish
+                case Failed(message):
+                    raise ApiError(500, f"generation failed: {message}")
         return whole
 
     def token_entry(token: int, logprob: float) -> dict:
@@ -588,17 +583,17 @@ def create_app(service: Service) -> FastAPI:
                 yield {"data": json.dumps(chunk(None, None))}
             held: list[TokenLogprobs] = []  # a token's logprobs ride on the chunk of its text
             async for event in events(job):
-                if event[0] == "logprobs":
-                    held.append(event[1])
-                elif event[0] in ("text", "call", "arguments"):
+                if isinstance(event, TokenLogprobs):
+                    held.append(event)
+                elif isinstance(event, (Text, CallStart, CallArguments)):
                     yield {"data": json.dumps(chunk(event, None, held))}
                     held = []
-                elif event[0] == "done":
-                    yield {"data": json.dumps(chunk(None, event[1], held))}
+                elif isinstance(event, Done):
+                    yield {"data": json.dumps(chunk(None, event.finish, held))}
                     if include_usage:
                         yield {"data": json.dumps({**chunk(None, None), "choices": [], "usage": usage(job)})}
                 else:
-                    yield {"data": json.dumps({"error": {"message": f"generation failed: {event[1]}",
+                    yield {"data": json.dumps({"error": {"message": f"generation failed: {event.message}",
                                                          "type": "server_error", "param": None, "code": None}})}
             yield {"data": "[DONE]"}
 
@@ -630,15 +625,16 @@ def create_app(service: Service) -> FastAPI:
         if body.stream:
             def chunk(event, finish, entries=()):
                 logprobs = chat_logprobs(entries) if entries else None
-                if event is None:
-                    delta = {} if finish else {"role": "assistant", "content": ""}
-                elif event[0] == "call":
-                    delta = {"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
-                                             "function": {"name": event[3], "arguments": ""}}]}
-                elif event[0] == "arguments":
-                    delta = {"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}
-                else:
-                    delta = {"reasoning_content" if event[1] else "content": event[2]}
+                match event:
+                    case None:
+                        delta = {} if finish else {"role": "assistant", "content": ""}
+                    case CallStart(index, ident, name):
+                        delta = {"tool_calls": [{"index": index, "id": ident, "type": "function",
+                                                 "function": {"name": name, "arguments": ""}}]}
+                    case CallArguments(index, text):
+                        delta = {"tool_calls": [{"index": index, "function": {"arguments": text}}]}
+                    case Text(text, thinking):
+                        delta = {"reasoning_content" if thinking else "content": text}
                 return {**base, "object": "chat.completion.chunk",
                         "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": _finish(finish)}]}
@@ -678,7 +674,7 @@ def create_app(service: Service) -> FastAPI:
                 nonlocal offset
                 logprobs = completion_logprobs(entries, offset) if entries else None
                 offset += sum(len(token) for token in logprobs["tokens"]) if logprobs else 0
-                text = event[2] if event is not None else ""
+                text = event.text if isinstance(event, Text) else ""
                 return {**base, "object": "text_completion",
                         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": _finish(finish)}]}
 

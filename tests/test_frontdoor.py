@@ -92,7 +92,7 @@ def test_a_chat_reuses_its_caches_and_matches_a_fresh_run(tiny):
     # fed, the first prompt: the second turn prefills only its new tokens
     chat = Conversation(engine, tokenizer, max_tokens=1, system="You are terse.")
     list(chat.ask("Hello! How are you?"))
-    fed = list(chat.fed)
+    fed = list(chat.session.held)
     assert fed == engine.history == tokenizer.chat_ids([{"role": "system", "content": "You are terse."},
                                                         {"role": "user", "content": "Hello! How are you?"}])
     list(chat.ask("Tell me more."))
@@ -116,7 +116,7 @@ def test_a_turn_continues_the_caches_when_the_history_renders_the_same(tiny):
     history = tokenizer.chat_ids(chat.messages, add_generation_prompt=False)
     engine.reset()
     engine.feed(history)  # the caches hold exactly the rendered history
-    engine.history = chat.fed = list(history)
+    engine.history = list(history)  # what the session holds
     list(chat.ask("And you?"))
     full_prompt = tokenizer.chat_ids(chat.messages[:-1])
     assert full_prompt[:len(history)] == history  # ChatML renders a history the same way every turn

@@ -88,7 +88,7 @@ def server(tiny):
 
 def fresh(server):
     """Forget what the engine holds: the next request prefills from scratch."""
-    server.service.snapshots.clear()
+    server.service.session.snapshots.clear()
     server.service.engine.reset()
 
 
