@@ -475,11 +475,10 @@ def create_app(service: Service) -> FastAPI:
                                 "send chat_template_kwargs {\"enable_thinking\": false}", param="response_format")
         try:
             if forced is not None:
-                if service.tool_format != "json":
-                    raise ApiError(400, f"tool_choice {'required' if choice == 'required' else 'with a name'} is "
-                                        f"enforced for models that write tool calls in the json form; this one "
-                                        f"writes the {service.tool_format} form", param="tool_choice")
-                return service.grammars.tool_call(forced)
+                if service.tool_format is None:
+                    raise ApiError(400, "tool_choice asks for a call, and this model's chat template renders none; "
+                                        "give --tool-call-format", param="tool_choice")
+                return service.grammars.tool_call(forced, service.tool_format)
             if kind == "json_object":
                 return service.grammars.json_schema({"type": "object"})
             spec = shape.get("json_schema")

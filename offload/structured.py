@@ -23,6 +23,7 @@ import torch
 
 from offload.errors import OffloadError
 from offload.tokenizer import Tokenizer
+from offload.tools import schema_type
 
 # JSON as models write it: ", " and ": " between items, no free runs of whitespace to wander in
 _TIGHT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -48,16 +49,42 @@ class Grammars:
         """An answer that is one JSON value valid under `schema` ({"type": "object"}: any object)."""
         return self._constraint(llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_TIGHT))
 
-    def tool_call(self, tools: list[dict[str, Any]]) -> Constraint:
-        """An answer that is one call, in the json form, of one of `tools` (OpenAI function tools)
-        with arguments valid under its parameters' schema."""
-        calls = [{"type": "object", "properties": {
-            "name": {"const": tool["function"]["name"]},
-            "arguments": tool["function"].get("parameters") or {"type": "object"}},
-            "required": ["name", "arguments"], "additionalProperties": False} for tool in tools]
-        schema = {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), "x-guidance": _TIGHT}
-        lark = f'start: {self.tags[0]} "\\n" %json {json.dumps(schema)} "\\n" {self.tags[1]}'
-        return self._constraint(llguidance.LLMatcher.grammar_from_lark(lark))
+    def tool_call(self, tools: list[dict[str, Any]], form: str = "json") -> Constraint:
+        """An answer that is one call of one of `tools` (OpenAI function tools) in `form`
+        (`offload.tools.FORMATS`), its arguments valid under the tool's parameters' schema."""
+        opening, closing = self.tags
+        if form == "json":
+            calls = [{"type": "object", "properties": {
+                "name": {"const": tool["function"]["name"]},
+                "arguments": tool["function"].get("parameters") or {"type": "object"}},
+                "required": ["name", "arguments"], "additionalProperties": False} for tool in tools]
+            schema = {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), "x-guidance": _TIGHT}
+            return self._constraint(f'start: {opening} "\\n" %json {json.dumps(schema)} "\\n" {closing}')
+        # xml: <function=NAME>, then each parameter in the schema's order (the required ones
+        # always, the others optionally) as <parameter=P>, its value, </parameter>: text up to the
+        # closing tag for a string, JSON under its own schema for anything else
+        rules = ["start: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
+        end_parameter, end_function = _lark("\n</parameter>\n"), _lark("</function>\n")
+        for i, tool in enumerate(tools):
+            schema = tool["function"].get("parameters") or {}
+            required = set(schema.get("required") or [])
+            parts = []
+            shared = {key: schema[key] for key in ("$defs", "definitions") if key in schema}  # what $refs name
+            for j, (name, spec) in enumerate((schema.get("properties") or {}).items()):
+                choices = spec.get("enum") if isinstance(spec, dict) else None
+                if isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices):
+                    value = "(" + " | ".join(_lark(choice) for choice in choices) + ") " + end_parameter
+                elif _as_text(spec):  # the form's text (a string's other bounds are not held), which
+                    value = 'text "\\n"'  # ends where the model writes the closing tag: the stop
+                else:
+                    value = "%json " + json.dumps({**spec, **shared, "x-guidance": _TIGHT}) + " " + end_parameter
+                start_parameter = _lark(f"<parameter={name}>\n")
+                rules.append(f"p_{i}_{j}: {start_parameter} {value}")
+                parts.append(f"p_{i}_{j}" if name in required else f"p_{i}_{j}?")
+            function = _lark(f"\n<function={tool['function']['name']}>\n")
+            rules.append(f"call_{i}: {opening} {function} {' '.join(parts)} {end_function} {closing}")
+        rules.append('text[stop="\\n</parameter>"]: /(?s:.*)/')
+        return self._constraint("\n".join(rules))
 
     def _constraint(self, grammar: str) -> Constraint:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar)  # compiles it
@@ -88,3 +115,18 @@ class Constraint:
         """The drawn token moves the grammar on (the end-of-answer token is accepted once complete)."""
         if not self.matcher.is_stopped() and not self.matcher.consume_token(token):
             raise OffloadError(f"structured output failed: {self.matcher.get_error()}")
+
+
+def _lark(text: str) -> str:
+    """A Lark string literal of `text`."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _as_text(spec: Any) -> bool:
+    """Whether a parameter's value is written as the xml form's plain text: a string, or a
+    parameter whose schema says nothing of its value (as the reader takes it)."""
+    if not isinstance(spec, dict):
+        return True
+    kind = schema_type(spec)
+    return kind == "string" or kind is None and not any(
+        key in spec for key in ("$ref", "anyOf", "oneOf", "allOf", "const", "enum", "properties", "items"))

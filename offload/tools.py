@@ -192,10 +192,10 @@ def _parameter_types(tool: dict[str, Any]) -> dict[str, str]:
     properties = schema.get("properties") if isinstance(schema, dict) else None
     if not isinstance(properties, dict):
         return {}
-    return {name: kind for name, spec in properties.items() if (kind := _schema_type(spec)) is not None}
+    return {name: kind for name, spec in properties.items() if (kind := schema_type(spec)) is not None}
 
 
-def _schema_type(spec: Any) -> str | None:
+def schema_type(spec: Any) -> str | None:
     """A property schema's type: the first that is not null, of a list of types or of the
     members of anyOf / oneOf (how Optional[...] is written)."""
     if not isinstance(spec, dict):
@@ -206,7 +206,7 @@ def _schema_type(spec: Any) -> str | None:
     if isinstance(kind, str):
         return kind
     for union in ("anyOf", "oneOf"):
-        members = [_schema_type(member) for member in spec.get(union) or [] if isinstance(member, dict)]
+        members = [schema_type(member) for member in spec.get(union) or [] if isinstance(member, dict)]
         if members:
             return next((k for k in members if k not in (None, "null")), members[0])
     return None

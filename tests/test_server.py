@@ -272,8 +272,8 @@ def test_tool_calls_the_model_writes_come_back_as_tool_calls(tiny):
 
 
 def test_the_xml_form_and_what_tool_choice_allows(tiny):
-    """--tool-call-format xml reads Qwen3-Coder's form, typed by the tool's schema; tool_choice
-    "none" renders no tools and reads no calls; what the server cannot enforce is a 400."""
+    """--tool-call-format xml reads Qwen3-Coder's form, typed by the tool's schema, and a named
+    tool_choice enforces it; tool_choice "none" renders no tools and reads no calls."""
     xml = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n"
            "</parameter>\n</function>\n</tool_call>")
     with Running(tiny, ctx=2048, tool_format="xml") as running:
@@ -287,7 +287,15 @@ def test_the_xml_form_and_what_tool_choice_allows(tiny):
         assert none.usage.prompt_tokens == plain.usage.prompt_tokens  # no tools in the prompt
         assert none.choices[0].message.content == xml and not none.choices[0].message.tool_calls
         assert none.choices[0].finish_reason == "stop"
-        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        del running.service.engine.decode  # the model's own draws again
+        dial = [{"type": "function", "function": {"name": "dial", "parameters": {
+            "type": "object", "required": ["level"], "properties": {"level": {"type": "integer", "maximum": 9}}}}}]
+        forced = running.client.chat.completions.create(model="tiny", messages=ASK, tools=WEATHER + dial,
+                                                        tool_choice={"type": "function", "function": {"name": "dial"}},
+                                                        max_tokens=100, seed=4, temperature=1.0)
+        call = forced.choices[0].message.tool_calls[0]  # the xml form, enforced: typed by the schema
+        assert call.function.name == "dial" and type(json.loads(call.function.arguments)["level"]) is int
+        for choice in ({"type": "function", "function": {"name": "nowhere"}}, "sometimes"):
             refused = httpx.post(f"{running.url}/v1/chat/completions",
                                  json={"messages": ASK, "tools": WEATHER, "tool_choice": choice})
             assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"

@@ -12,6 +12,7 @@ from offload.sampling import Sampler, SamplingParams
 from offload.structured import GrammarError, Grammars
 from offload.synthetic import write_tokenizer
 from offload.tokenizer import Tokenizer
+from offload.tools import ToolCall, ToolCallReader
 
 VOCAB = 600  # the model's rows: more than the tokenizer's, as real checkpoints pad theirs
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "size", "tags"],
@@ -61,6 +62,42 @@ def test_random_draws_of_a_required_call_are_a_call_of_one_tool(grammars):
         assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>")
         call = json.loads(text[len("<tool_call>\n"):-len("\n</tool_call>")])
         assert call["name"] in ("make", "ping") and isinstance(call["arguments"], dict)
+
+
+XML_TOOLS = [{"type": "function", "function": {"name": "set", "parameters": {
+    "type": "object", "required": ["mode", "count"], "properties": {
+        "mode": {"enum": ["fast", "safe"]}, "count": {"type": "integer", "minimum": 1, "maximum": 99},
+        "force": {"type": "boolean"}, "at": {"$ref": "#/$defs/point"}},
+    "$defs": {"point": {"type": "array", "items": {"type": "integer"}, "maxItems": 2}}}}},
+    {"type": "function", "function": {"name": "write", "parameters": {
+        "type": "object", "required": ["path", "text"], "properties": {"path": {"type": "string"},
+                                                                       "text": {"type": "string"}}}}}]
+
+
+def test_random_draws_of_a_required_xml_call_are_a_typed_call(grammars):
+    """Qwen3-Coder's form, the set tool alone (its values bounded, so random logits end): every
+    draw is a call the xml reader reads, typed as the schema says."""
+    tokenizer, grammars = grammars
+    for seed in range(6):
+        text = draw(tokenizer, grammars, grammars.tool_call(XML_TOOLS[:1], "xml"), seed)
+        reader = ToolCallReader("xml", XML_TOOLS)
+        calls = [part for part in reader(text) + reader.flush() if isinstance(part, ToolCall)]
+        assert len(calls) == 1 and calls[0].name == "set", text
+        arguments = json.loads(calls[0].arguments)
+        assert arguments["mode"] in ("fast", "safe") and 1 <= arguments["count"] <= 99
+        assert set(arguments) <= {"mode", "count", "force", "at"}
+
+
+def test_a_required_xml_call_takes_text_values_up_to_their_closing_tag(grammars):
+    """A string parameter is the form's text, newlines and tags included, until </parameter>."""
+    tokenizer, grammars = grammars
+    answer = ("<tool_call>\n<function=write>\n<parameter=path>\nsrc/a.py\n</parameter>\n<parameter=text>\n"
+              "def f():\n    return '<b>'\n</parameter>\n</function>\n</tool_call>")
+    constraint = grammars.tool_call(XML_TOOLS, "xml")
+    for token in tokenizer.encode(answer):
+        assert constraint.mask(torch.zeros(VOCAB))[token] == 0, tokenizer.decode([token])
+        constraint.advance(token)
+    assert constraint.mask(torch.zeros(VOCAB))[grammars.end] == 0  # complete: the end is allowed
 
 
 def test_what_the_grammar_engine_cannot_take_is_named(grammars):
