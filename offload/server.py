@@ -372,31 +372,10 @@ class Service:
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="offload", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
                   on_shutdown=[service.stop])
+    for kind, handler in ((ApiError, _api_error), (RequestValidationError, _invalid), (HTTPException, _http_error),
+                          (Exception, _unexpected)):
+        app.add_exception_handler(kind, handler)
     engine, tokenizer = service.engine, service.tokenizer
-
-    @app.exception_handler(ApiError)
-    async def api_error(_request: Request, error: ApiError):
-        return error.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, error: RequestValidationError):
-        first = error.errors()[0]
-        if first.get("type") == "json_invalid":
-            return ApiError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
-                            .rstrip(": "), code="invalid_json").response()
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
-        return ApiError(400, f"{where}: {first.get('msg', 'invalid')}", param=where).response()
-
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, error: Exception):  # a bug: still OpenAI's shape, never a bare 500
-        return ApiError(500, f"internal error: {type(error).__name__}: {error}").response()
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException):
-        if error.status_code == 404:
-            return ApiError(404, f"no route {request.method} {request.url.path}; see /v1/models, "
-                                 "/v1/chat/completions, /v1/completions", code="not_found").response()
-        return ApiError(error.status_code, str(error.detail)).response()
 
     def authorized(request: Request) -> None:
         if service.api_key is None:
@@ -405,198 +384,6 @@ def create_app(service: Service) -> FastAPI:
         if header != f"Bearer {service.api_key}":
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' with the server's "
                                 "--api-key", code="invalid_api_key")
-
-    def sampling_of(body: Generation) -> SamplingParams:
-        given = {name: getattr(body, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                                                       "presence_penalty", "frequency_penalty", "seed")
-                 if getattr(body, name) is not None}
-        try:
-            return service.defaults.with_(**given)
-        except OffloadError as error:
-            raise ApiError(400, str(error).split(";")[0]) from None
-
-    def job_for(body: Generation, prompt: list[int], boundary: int, chat: bool, max_tokens: int | None) -> Job:
-        if body.n != 1:
-            raise ApiError(400, f"n={body.n}: this server generates one choice per request (n=1)", param="n")
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
-        if not prompt:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        room = engine.ctx - len(prompt)
-        if room < 1:
-            raise ApiError(400, f"the prompt is {len(prompt)} tokens and the context holds {engine.ctx}: shorten it, "
-                                "or restart the server with a larger --ctx", code="context_length_exceeded")
-        return Job(prompt, boundary, sampling_of(body), min(max_tokens or room, room), stops, chat,
-                   chat and tokenizer.opens_thinking(prompt), asyncio.get_running_loop())
-
-    def checked_tools(body: ChatRequest) -> list[dict[str, Any]] | None:
-        """The tools the template renders: none for tool_choice "none"; each must be a function with a name."""
-        choice = body.tool_choice
-        if not (choice in (None, "auto", "none", "required") or isinstance(choice, dict)):
-            raise ApiError(400, f"tool_choice: {choice!r} is not one of \"auto\", \"none\", \"required\" or "
-                                "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
-        if choice == "none" or not body.tools:
-            if choice == "required" or isinstance(choice, dict):
-                raise ApiError(400, "tool_choice asks for a call, and the request has no tools", param="tool_choice")
-            return None
-        for i, tool in enumerate(body.tools):
-            function = tool.get("function")
-            if tool.get("type") != "function" or not isinstance(function, dict) \
-                    or not isinstance(function.get("name"), str) or not function["name"] \
-                    or not isinstance(function.get("parameters", {}), dict) \
-                    or not isinstance(function.get("parameters", {}).get("properties", {}), dict):
-                raise ApiError(400, f"tools[{i}]: each tool is {{\"type\": \"function\", \"function\": "
-                                    "{\"name\": ..., \"parameters\": {...}}}", param=f"tools.{i}")
-        return body.tools
-
-    def constraint_of(body: Generation, tools: list[dict[str, Any]] | None, thinking: bool) -> Constraint | None:
-        """The grammar a request's answer keeps to: a required or named tool call, or its
-        response_format's JSON; None for free text."""
-        choice, shape = getattr(body, "tool_choice", None), body.response_format
-        kind = "text" if shape is None else shape.get("type")
-        if kind not in ("text", "json_object", "json_schema"):
-            raise ApiError(400, f"response_format: type {kind!r} is not one of text, json_object, json_schema",
-                           param="response_format")
-        forced = tools if choice == "required" else None
-        if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
-            forced = [tool for tool in tools or [] if tool["function"]["name"] == name]
-            if not forced:
-                raise ApiError(400, "tool_choice: {\"type\": \"function\", \"function\": {\"name\": ...}} with the "
-                                    f"name of one of the request's tools (got {name!r})", param="tool_choice")
-        if forced is None and kind == "text":
-            return None
-        if forced is not None and kind != "text":
-            raise ApiError(400, "a required tool call and a JSON response_format cannot both shape one answer",
-                           param="response_format")
-        if thinking:
-            raise ApiError(400, "structured output from a thinking model: its answer opens with free reasoning; "
-                                "send chat_template_kwargs {\"enable_thinking\": false}", param="response_format")
-        try:
-            if forced is not None:
-                if service.tool_format is None:
-                    raise ApiError(400, "tool_choice asks for a call, and this model's chat template renders none; "
-                                        "give --tool-call-format", param="tool_choice")
-                return service.grammars.tool_call(forced, service.tool_format)
-            if kind == "json_object":
-                return service.grammars.json_schema({"type": "object"})
-            spec = shape.get("json_schema")
-            schema = spec.get("schema") if isinstance(spec, dict) else None
-            if not isinstance(schema, dict):
-                raise ApiError(400, "response_format: json_schema needs {\"json_schema\": {\"name\": ..., "
-                                    "\"schema\": {...}}}", param="response_format")
-            return service.grammars.json_schema(schema)
-        except GrammarError as error:
-            where = "tools" if forced is not None else "response_format"
-            raise ApiError(400, f"{where}: the schema is not supported: {error}", param=where) from None
-
-    def rendered(messages: list[Message], tools, variables: dict | None) -> tuple[list[int], int]:
-        """(prompt ids, the last message boundary in them: 0 if not a prefix)."""
-        if not messages:
-            raise ApiError(400, "messages is empty: give at least one message", param="messages")
-        plain = [_plain(m) for m in messages]
-        extra = dict(variables or {})
-        if reserved := sorted(TEMPLATE_VARIABLES & set(extra)):
-            raise ApiError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server passes "
-                                f"{'it' if len(reserved) == 1 else 'them'} from the request", param="chat_template_kwargs")
-        if tools is not None:
-            if "tools" not in (tokenizer.chat_template or ""):
-                raise ApiError(400, "this model's chat template does not take tools", param="tools")
-            extra["tools"] = tools
-        try:
-            ids = tokenizer.chat_ids(plain, **extra)
-        except OffloadError as error:
-            raise ApiError(400, str(error)) from None
-        before = []
-        if service.session.limit and len(plain) > 1:
-            try:  # only a snapshot point: a template that refuses the shorter list just gives none
-                before = tokenizer.chat_ids(plain[:-1], add_generation_prompt=False, **extra)
-            except OffloadError:
-                pass
-        return ids, len(before) if ids[:len(before)] == before else 0
-
-    def usage(job: Job) -> dict:
-        return {"prompt_tokens": len(job.prompt), "completion_tokens": job.completion_tokens,
-                "total_tokens": len(job.prompt) + job.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": job.cached}}
-
-    async def events(job: Job) -> AsyncIterator[Event]:
-        """The job's events until it is done; the job is cancelled if the caller stops listening."""
-        try:
-            while True:
-                event = await job.events.get()
-                yield event
-                if isinstance(event, (Done, Failed)):
-                    return
-        finally:
-            job.cancel()
-
-    async def answer(job: Job) -> Answer:
-        """A whole job's answer."""
-        whole = Answer()
-        async for event in events(job):
-            match event:
-                case Text(text, thinking):
-                    (whole.reasoning if thinking else whole.content).append(text)
-                case CallStart(_, ident, name):
-                    whole.calls.append({"id": ident, "type": "function", "function": {"name": name, "arguments": ""}})
-                case CallArguments(index, text):
-                    whole.calls[index]["function"]["arguments"] += text
-                case TokenLogprobs():
-                    whole.logprobs.append(event)
-                case Done(finish):
-                    whole.finish = finish
-                case Failed(message):
-                    raise ApiError(500, f"generation failed: {message}")
-        return whole
-
-    def token_entry(token: int, logprob: float) -> dict:
-        raw = tokenizer.token_bytes(token)
-        return {"token": raw.decode(errors="replace"), "logprob": _finite(logprob), "bytes": list(raw)}
-
-    def chat_logprobs(entries: list[TokenLogprobs]) -> dict:
-        """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}, ...]}."""
-        return {"content": [{**token_entry(e.token, e.logprob), "top_logprobs": [token_entry(*t) for t in e.top]}
-                            for e in entries]}
-
-    def completion_logprobs(entries: list[TokenLogprobs], offset: int) -> dict:
-        """OpenAI's legacy completions shape, text offsets counted from `offset`."""
-        def text(token: int) -> str:
-            return tokenizer.token_bytes(token).decode(errors="replace")
-
-        tokens = [text(e.token) for e in entries]
-        offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-        tops = []
-        for entry in entries:  # keyed by text: where two tokens read alike, the likelier one's
-            top: dict[str, float] = {}
-            for token, logprob in entry.top:
-                top.setdefault(text(token), _finite(logprob))
-            tops.append(top)
-        return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries], "top_logprobs": tops,
-                "text_offset": offsets}
-
-    def streamed(job: Job, chunk, include_usage: bool, opening: bool) -> EventSourceResponse:
-        async def source():
-            if opening:  # chat: the role comes first
-                yield {"data": json.dumps(chunk(None, None))}
-            held: list[TokenLogprobs] = []  # a token's logprobs ride on the chunk of its text
-            async for event in events(job):
-                if isinstance(event, TokenLogprobs):
-                    held.append(event)
-                elif isinstance(event, (Text, CallStart, CallArguments)):
-                    yield {"data": json.dumps(chunk(event, None, held))}
-                    held = []
-                elif isinstance(event, Done):
-                    yield {"data": json.dumps(chunk(None, event.finish, held))}
-                    if include_usage:
-                        yield {"data": json.dumps({**chunk(None, None), "choices": [], "usage": usage(job)})}
-                else:
-                    yield {"data": json.dumps({"error": {"message": f"generation failed: {event.message}",
-                                                         "type": "server_error", "param": None, "code": None}})}
-            yield {"data": "[DONE]"}
-
-        return EventSourceResponse(source(), ping=15)
 
     @app.get("/health")
     async def health():
@@ -609,13 +396,13 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatRequest):
-        tools = checked_tools(body)
-        prompt, boundary = rendered(body.messages, tools, body.chat_template_kwargs)
-        job = job_for(body, prompt, boundary, True, body.max_completion_tokens or body.max_tokens)
+        tools = _tools(body)
+        prompt, boundary = _rendered(service, body.messages, tools, body.chat_template_kwargs)
+        job = _job(service, body, prompt, boundary, True, body.max_completion_tokens or body.max_tokens)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         job.logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        job.constraint = await asyncio.to_thread(constraint_of, body, tools, job.thinking)  # compiles a grammar
+        job.constraint = await asyncio.to_thread(_constraint, service, body, tools, job.thinking)  # compiles a grammar
         if tools and service.tool_format is not None:
             job.tool_calls = ToolCallReader(service.tool_format, tools)
         service.submit(job)
@@ -623,7 +410,7 @@ def create_app(service: Service) -> FastAPI:
         base = {"id": ident, "created": created, "model": service.model_name}
         if body.stream:
             def chunk(event, finish, entries=()):
-                logprobs = chat_logprobs(entries) if entries else None
+                logprobs = _chat_logprobs(tokenizer, entries) if entries else None
                 match event:
                     case None:
                         delta = {} if finish else {"role": "assistant", "content": ""}
@@ -638,16 +425,16 @@ def create_app(service: Service) -> FastAPI:
                         "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": _finish(finish)}]}
 
-            return streamed(job, chunk, bool(body.stream_options and body.stream_options.include_usage), True)
-        whole = await answer(job)
+            return _streamed(job, chunk, bool(body.stream_options and body.stream_options.include_usage), True)
+        whole = await _answer(job)
         content = "".join(whole.content)
         message = {"role": "assistant", "content": content}
         if whole.calls:  # text beside calls is rare and mostly the model's spacing
             message.update(content=content.strip() or None, tool_calls=whole.calls)
         if whole.reasoning:
             message["reasoning_content"] = "".join(whole.reasoning)
-        logprobs = chat_logprobs(whole.logprobs) if job.logprobs is not None else None
-        return {**base, "object": "chat.completion", "usage": usage(job),
+        logprobs = _chat_logprobs(tokenizer, whole.logprobs) if job.logprobs is not None else None
+        return {**base, "object": "chat.completion", "usage": _usage(job),
                 "choices": [{"index": 0, "message": message, "logprobs": logprobs,
                              "finish_reason": _finish(whole.finish)}]}
 
@@ -661,9 +448,9 @@ def create_app(service: Service) -> FastAPI:
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if ids and (min(ids) < 0 or max(ids) >= engine.args.vocab_size):
             raise ApiError(400, f"prompt: token ids must be in [0, {engine.args.vocab_size})", param="prompt")
-        job = job_for(body, ids, 0, False, body.max_tokens or 16)
+        job = _job(service, body, ids, 0, False, body.max_tokens or 16)
         job.logprobs = body.logprobs
-        job.constraint = await asyncio.to_thread(constraint_of, body, None, False)
+        job.constraint = await asyncio.to_thread(_constraint, service, body, None, False)
         service.submit(job)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_name}
         if body.stream:
@@ -671,16 +458,16 @@ def create_app(service: Service) -> FastAPI:
 
             def chunk(event, finish, entries=()):
                 nonlocal offset
-                logprobs = completion_logprobs(entries, offset) if entries else None
+                logprobs = _completion_logprobs(tokenizer, entries, offset) if entries else None
                 offset += sum(len(token) for token in logprobs["tokens"]) if logprobs else 0
                 text = event.text if isinstance(event, Text) else ""
                 return {**base, "object": "text_completion",
                         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": _finish(finish)}]}
 
-            return streamed(job, chunk, bool(body.stream_options and body.stream_options.include_usage), False)
-        whole = await answer(job)
-        logprobs = completion_logprobs(whole.logprobs, 0) if job.logprobs is not None else None
-        return {**base, "object": "text_completion", "usage": usage(job),
+            return _streamed(job, chunk, bool(body.stream_options and body.stream_options.include_usage), False)
+        whole = await _answer(job)
+        logprobs = _completion_logprobs(tokenizer, whole.logprobs, 0) if job.logprobs is not None else None
+        return {**base, "object": "text_completion", "usage": _usage(job),
                 "choices": [{"index": 0, "text": "".join(whole.content), "logprobs": logprobs,
                              "finish_reason": _finish(whole.finish)}]}
 
@@ -690,7 +477,7 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(400, "give exactly one of content (text) or messages (rendered with the chat template)")
         if body.content is not None:
             return {"tokens": tokenizer.encode(body.content)}
-        return {"tokens": rendered(body.messages, None, None)[0]}
+        return {"tokens": _rendered(service, body.messages, None, None)[0]}
 
     @app.post("/detokenize", dependencies=[Depends(authorized)])
     async def detokenize(body: DetokenizeRequest):
@@ -699,6 +486,245 @@ def create_app(service: Service) -> FastAPI:
         return {"content": tokenizer.decode(body.tokens)}
 
     return app
+
+
+# --- requests to jobs, events to responses: the routes' parts ---------------------------------------
+
+async def _api_error(_request: Request, error: ApiError):
+    return error.response()
+
+
+async def _invalid(_request: Request, error: RequestValidationError):
+    first = error.errors()[0]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+                        .rstrip(": "), code="invalid_json").response()
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+    return ApiError(400, f"{where}: {first.get('msg', 'invalid')}", param=where).response()
+
+
+async def _http_error(request: Request, error: HTTPException):
+    if error.status_code == 404:
+        return ApiError(404, f"no route {request.method} {request.url.path}; see /v1/models, "
+                             "/v1/chat/completions, /v1/completions", code="not_found").response()
+    return ApiError(error.status_code, str(error.detail)).response()
+
+
+async def _unexpected(_request: Request, error: Exception):  # a bug: still OpenAI's shape, never a bare 500
+    return ApiError(500, f"internal error: {type(error).__name__}: {error}").response()
+
+
+def _sampling(service: Service, body: Generation) -> SamplingParams:
+    """The request's sampling fields over the server's defaults (generation_config.json)."""
+    given = {name: getattr(body, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                                   "presence_penalty", "frequency_penalty", "seed")
+             if getattr(body, name) is not None}
+    try:
+        return service.defaults.with_(**given)
+    except OffloadError as error:
+        raise ApiError(400, str(error).split(";")[0]) from None
+
+
+def _job(service: Service, body: Generation, prompt: list[int], boundary: int, chat: bool,
+         max_tokens: int | None) -> Job:
+    """A request's job, its limits checked: one choice, the stop strings, a prompt that fits."""
+    if body.n != 1:
+        raise ApiError(400, f"n={body.n}: this server generates one choice per request (n=1)", param="n")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
+    if not prompt:
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    engine, tokenizer = service.engine, service.tokenizer
+    room = engine.ctx - len(prompt)
+    if room < 1:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens and the context holds {engine.ctx}: shorten it, "
+                            "or restart the server with a larger --ctx", code="context_length_exceeded")
+    return Job(prompt, boundary, _sampling(service, body), min(max_tokens or room, room), stops, chat,
+               chat and tokenizer.opens_thinking(prompt), asyncio.get_running_loop())
+
+
+def _tools(body: ChatRequest) -> list[dict[str, Any]] | None:
+    """The tools the template renders: none for tool_choice "none"; each must be a function with a name."""
+    choice = body.tool_choice
+    if not (choice in (None, "auto", "none", "required") or isinstance(choice, dict)):
+        raise ApiError(400, f"tool_choice: {choice!r} is not one of \"auto\", \"none\", \"required\" or "
+                            "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
+    if choice == "none" or not body.tools:
+        if choice == "required" or isinstance(choice, dict):
+            raise ApiError(400, "tool_choice asks for a call, and the request has no tools", param="tool_choice")
+        return None
+    for i, tool in enumerate(body.tools):
+        function = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(function, dict) \
+                or not isinstance(function.get("name"), str) or not function["name"] \
+                or not isinstance(function.get("parameters", {}), dict) \
+                or not isinstance(function.get("parameters", {}).get("properties", {}), dict):
+            raise ApiError(400, f"tools[{i}]: each tool is {{\"type\": \"function\", \"function\": "
+                                "{\"name\": ..., \"parameters\": {...}}}", param=f"tools.{i}")
+    return body.tools
+
+
+def _constraint(service: Service, body: Generation, tools: list[dict[str, Any]] | None,
+                thinking: bool) -> Constraint | None:
+    """The grammar a request's answer keeps to: a required or named tool call, or its
+    response_format's JSON; None for free text."""
+    choice, shape = getattr(body, "tool_choice", None), body.response_format
+    kind = "text" if shape is None else shape.get("type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, f"response_format: type {kind!r} is not one of text, json_object, json_schema",
+                       param="response_format")
+    forced = tools if choice == "required" else None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+        forced = [tool for tool in tools or [] if tool["function"]["name"] == name]
+        if not forced:
+            raise ApiError(400, "tool_choice: {\"type\": \"function\", \"function\": {\"name\": ...}} with the "
+                                f"name of one of the request's tools (got {name!r})", param="tool_choice")
+    if forced is None and kind == "text":
+        return None
+    if forced is not None and kind != "text":
+        raise ApiError(400, "a required tool call and a JSON response_format cannot both shape one answer",
+                       param="response_format")
+    if thinking:
+        raise ApiError(400, "structured output from a thinking model: its answer opens with free reasoning; "
+                            "send chat_template_kwargs {\"enable_thinking\": false}", param="response_format")
+    try:
+        if forced is not None:
+            if service.tool_format is None:
+                raise ApiError(400, "tool_choice asks for a call, and this model's chat template renders none; "
+                                    "give --tool-call-format", param="tool_choice")
+            return service.grammars.tool_call(forced, service.tool_format)
+        if kind == "json_object":
+            return service.grammars.json_schema({"type": "object"})
+        spec = shape.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format: json_schema needs {\"json_schema\": {\"name\": ..., "
+                                "\"schema\": {...}}}", param="response_format")
+        return service.grammars.json_schema(schema)
+    except GrammarError as error:
+        where = "tools" if forced is not None else "response_format"
+        raise ApiError(400, f"{where}: the schema is not supported: {error}", param=where) from None
+
+
+def _rendered(service: Service, messages: list[Message], tools,
+              variables: dict | None) -> tuple[list[int], int]:
+    """(prompt ids, the last message boundary in them: 0 if not a prefix)."""
+    if not messages:
+        raise ApiError(400, "messages is empty: give at least one message", param="messages")
+    tokenizer = service.tokenizer
+    plain = [_plain(m) for m in messages]
+    extra = dict(variables or {})
+    if reserved := sorted(TEMPLATE_VARIABLES & set(extra)):
+        raise ApiError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server passes "
+                            f"{'it' if len(reserved) == 1 else 'them'} from the request", param="chat_template_kwargs")
+    if tools is not None:
+        if "tools" not in (tokenizer.chat_template or ""):
+            raise ApiError(400, "this model's chat template does not take tools", param="tools")
+        extra["tools"] = tools
+    try:
+        ids = tokenizer.chat_ids(plain, **extra)
+    except OffloadError as error:
+        raise ApiError(400, str(error)) from None
+    before = []
+    if service.session.limit and len(plain) > 1:
+        try:  # only a snapshot point: a template that refuses the shorter list just gives none
+            before = tokenizer.chat_ids(plain[:-1], add_generation_prompt=False, **extra)
+        except OffloadError:
+            pass
+    return ids, len(before) if ids[:len(before)] == before else 0
+
+
+def _usage(job: Job) -> dict:
+    """OpenAI's usage, with the prompt tokens reused rather than prefilled as cached_tokens."""
+    return {"prompt_tokens": len(job.prompt), "completion_tokens": job.completion_tokens,
+            "total_tokens": len(job.prompt) + job.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": job.cached}}
+
+
+async def _events(job: Job) -> AsyncIterator[Event]:
+    """The job's events until it is done; the job is cancelled if the caller stops listening."""
+    try:
+        while True:
+            event = await job.events.get()
+            yield event
+            if isinstance(event, (Done, Failed)):
+                return
+    finally:
+        job.cancel()
+
+
+async def _answer(job: Job) -> Answer:
+    """A whole job's answer."""
+    whole = Answer()
+    async for event in _events(job):
+        match event:
+            case Text(text, thinking):
+                (whole.reasoning if thinking else whole.content).append(text)
+            case CallStart(_, ident, name):
+                whole.calls.append({"id": ident, "type": "function", "function": {"name": name, "arguments": ""}})
+            case CallArguments(index, text):
+                whole.calls[index]["function"]["arguments"] += text
+            case TokenLogprobs():
+                whole.logprobs.append(event)
+            case Done(finish):
+                whole.finish = finish
+            case Failed(message):
+                raise ApiError(500, f"generation failed: {message}")
+    return whole
+
+
+def _token_entry(tokenizer: Tokenizer, token: int, logprob: float) -> dict:
+    raw = tokenizer.token_bytes(token)
+    return {"token": raw.decode(errors="replace"), "logprob": _finite(logprob), "bytes": list(raw)}
+
+
+def _chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs]) -> dict:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}, ...]}."""
+    return {"content": [{**_token_entry(tokenizer, e.token, e.logprob),
+                         "top_logprobs": [_token_entry(tokenizer, *t) for t in e.top]}
+                        for e in entries]}
+
+
+def _completion_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs], offset: int) -> dict:
+    """OpenAI's legacy completions shape, text offsets counted from `offset`."""
+    def text(token: int) -> str:
+        return tokenizer.token_bytes(token).decode(errors="replace")
+
+    tokens = [text(e.token) for e in entries]
+    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    tops = []
+    for entry in entries:  # keyed by text: where two tokens read alike, the likelier one's
+        top: dict[str, float] = {}
+        for token, logprob in entry.top:
+            top.setdefault(text(token), _finite(logprob))
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries], "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def _streamed(job: Job, chunk, include_usage: bool, opening: bool) -> EventSourceResponse:
+    async def source():
+        if opening:  # chat: the role comes first
+            yield {"data": json.dumps(chunk(None, None))}
+        held: list[TokenLogprobs] = []  # a token's logprobs ride on the chunk of its text
+        async for event in _events(job):
+            if isinstance(event, TokenLogprobs):
+                held.append(event)
+            elif isinstance(event, (Text, CallStart, CallArguments)):
+                yield {"data": json.dumps(chunk(event, None, held))}
+                held = []
+            elif isinstance(event, Done):
+                yield {"data": json.dumps(chunk(None, event.finish, held))}
+                if include_usage:
+                    yield {"data": json.dumps({**chunk(None, None), "choices": [], "usage": _usage(job)})}
+            else:
+                yield {"data": json.dumps({"error": {"message": f"generation failed: {event.message}",
+                                                     "type": "server_error", "param": None, "code": None}})}
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(source(), ping=15)
 
 
 def _plain(message: Message) -> dict[str, Any]:
