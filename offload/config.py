@@ -109,6 +109,26 @@ class ModelArgs:
     def layer_type(self, layer: int) -> str:
         return FULL_ATTENTION
 
+    @property
+    def attention_layers(self) -> int:
+        """Layers that attend over the context (and so keep a KV cache)."""
+        return sum(self.layer_type(layer) == FULL_ATTENTION for layer in range(self.num_hidden_layers))
+
+    @property
+    def attention_window(self) -> int | None:
+        """Positions a query attends to at most (None: the whole context)."""
+        return None
+
+    def state_bytes(self, dtype_bytes: int) -> int:
+        """Bytes of the per-sequence state beside the KV cache (a recurrent mixer's), with the
+        compute dtype's `dtype_bytes` where it is kept in it."""
+        return 0
+
+    def widest_activation(self) -> int:
+        """The widest activation row a layer makes (features): what a prefill chunk's work scales by."""
+        return max(2 * self.num_attention_heads * self.head_dim, 4 * self.hidden_size,
+                   self.num_experts_per_tok * self.moe_intermediate_size)
+
     def mixer_shapes(self, layer: int, prefix: str) -> dict[str, tuple[int, ...]]:
         """Checkpoint tensors of layer `layer`'s token mixer (attention), hub name -> shape."""
         return _attention_shapes(self, f"{prefix}.self_attn", self.num_attention_heads * self.head_dim)
@@ -153,6 +173,10 @@ class Qwen3MoeArgs(ModelArgs):
 
     sliding_window: int | None = None  # set only when the config enables use_sliding_window
 
+    @property
+    def attention_window(self) -> int | None:
+        return self.sliding_window
+
 
 @dataclass(kw_only=True)
 class Qwen3NextArgs(ModelArgs):
@@ -169,6 +193,23 @@ class Qwen3NextArgs(ModelArgs):
 
     def layer_type(self, layer: int) -> str:
         return self.layer_types[layer]
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of a DeltaNet layer's causal conv: q and k of every key head, v of every value head."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim \
+            + self.linear_num_value_heads * self.linear_value_head_dim
+
+    def state_bytes(self, dtype_bytes: int) -> int:
+        """Each DeltaNet layer's conv tail (in the compute dtype) and fp32 recurrent state."""
+        per_layer = self.conv_dim * (self.linear_conv_kernel_dim - 1) * dtype_bytes \
+            + self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * 4
+        return per_layer * (self.num_hidden_layers - self.attention_layers)
+
+    def widest_activation(self) -> int:
+        return max(super().widest_activation(), 2 * self.shared_expert_intermediate_size,
+                   2 * (self.linear_num_key_heads * self.linear_key_head_dim
+                        + self.linear_num_value_heads * self.linear_value_head_dim))
 
     def norm_is_zero_centred(self, name: str) -> bool:
         return not name.endswith("linear_attn.norm.weight")  # the gated norm keeps a plain scale

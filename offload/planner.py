@@ -32,7 +32,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from offload.config import (FULL_ATTENTION, PREFILL_CHUNK, STAGING_BLOCKS, STREAM_EXPERT_BATCH, STREAM_PASS_TOKENS,
+from offload.config import (PREFILL_CHUNK, STAGING_BLOCKS, STREAM_EXPERT_BATCH, STREAM_PASS_TOKENS,
                             ModelArgs, checkpoint_shapes)
 from offload.hardware import HardwareProfile, format_size
 from offload.models.cache import KV_FORMATS, kv_bytes_per_position
@@ -163,20 +163,7 @@ def parameter_counts(args: ModelArgs) -> tuple[int, int]:
 
 def kv_cache_bytes(args: ModelArgs, ctx: int, kv_format: str) -> int:
     """Bytes of the KV caches for `ctx` positions in `kv_format` (full-attention layers only)."""
-    layers = sum(args.layer_type(layer) == FULL_ATTENTION for layer in range(args.num_hidden_layers))
-    return layers * int(kv_bytes_per_position(args.num_key_value_heads, args.head_dim, kv_format) * ctx)
-
-
-def linear_state_bytes(args: ModelArgs, dtype_bytes: int) -> int:
-    """Bytes of the DeltaNet layers' conv tails (in the compute dtype) and fp32 recurrent states."""
-    total = 0
-    for layer in range(args.num_hidden_layers):
-        if args.layer_type(layer) != FULL_ATTENTION:
-            conv = (2 * args.linear_num_key_heads * args.linear_key_head_dim
-                    + args.linear_num_value_heads * args.linear_value_head_dim)
-            total += conv * (args.linear_conv_kernel_dim - 1) * dtype_bytes
-            total += args.linear_num_value_heads * args.linear_key_head_dim * args.linear_value_head_dim * 4
-    return total
+    return args.attention_layers * int(kv_bytes_per_position(args.num_key_value_heads, args.head_dim, kv_format) * ctx)
 
 
 def _stream_pass_bytes(args: ModelArgs) -> int:
@@ -192,12 +179,7 @@ def _stream_pass_bytes(args: ModelArgs) -> int:
 def _workspace_bytes(args: ModelArgs) -> int:
     """Activations of one prefill chunk: a handful of [chunk, widest] fp32 tensors, the
     attention scores of one head group, and last-token logits."""
-    widest = max(2 * args.num_attention_heads * args.head_dim, 4 * args.hidden_size,
-                 2 * getattr(args, "shared_expert_intermediate_size", 0),
-                 args.num_experts_per_tok * args.moe_intermediate_size)
-    if hasattr(args, "linear_num_value_heads"):
-        widest = max(widest, 2 * (args.linear_num_key_heads * args.linear_key_head_dim
-                                  + args.linear_num_value_heads * args.linear_value_head_dim))
+    widest = args.widest_activation()
     return 6 * PREFILL_CHUNK * widest * 4 + PREFILL_CHUNK * PREFILL_CHUNK * args.num_attention_heads * 4 \
         + args.vocab_size * 4
 
@@ -269,7 +251,7 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
     groups = {group: sum(math.prod(shape) for _, shape in items) for group, items in tensors.items()}
     kv_formats = kv_choices(kv_cache, use_gpu, compute_format, lossless=quant != "int4" or exact)
     kv = {fmt: kv_cache_bytes(args, ctx, fmt) for fmt in kv_formats}
-    linear_state = linear_state_bytes(args, compute_bytes)
+    linear_state = args.state_bytes(compute_bytes)
     total, active = parameter_counts(args)
     moe_layers = sum(args.is_moe_layer(layer) for layer in range(args.num_hidden_layers))
     layer_experts = groups.get("routed experts", 0) * expert_bytes / max(moe_layers, 1)
@@ -371,7 +353,7 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
 def _kv_note(entry: Placement, sizes: dict[str, int], best: str, use_gpu: bool, args: ModelArgs, ctx: int,
              asked: bool) -> str:
     """Why the KV cache has its format."""
-    layers = sum(args.layer_type(i) == FULL_ATTENTION for i in range(args.num_hidden_layers))
+    layers = args.attention_layers
     if not layers:
         return f"no KV cache: no layer of {args.model_type} attends over the context"
     size = f"{format_size(entry.nbytes)} for {ctx} positions x {layers} attention layers"
@@ -517,8 +499,8 @@ def _attention_at_depth_s(args: ModelArgs, profile: HardwareProfile, plan: Plan,
     kv = next(p for p in plan.placement if p.group.startswith("KV cache"))
     if kv.device == "gpu":
         return kv.nbytes / (gpu.memory_bandwidth * GPU_EFFICIENCY)
-    layers = sum(args.layer_type(i) == FULL_ATTENTION for i in range(args.num_hidden_layers))
-    seen = min(plan.ctx, getattr(args, "sliding_window", None) or plan.ctx)  # positions a query attends to
+    layers = args.attention_layers
+    seen = min(plan.ctx, args.attention_window or plan.ctx)  # positions a query attends to
     multiply_adds = 2 * args.num_attention_heads * args.head_dim * seen * layers
     rate = CPU_ATTENTION_FMA_PER_CORE.get(plan.kv_format, CPU_ATTENTION_FMA_PER_CORE["f32"])
     return max(kv.nbytes / profile.cpu.ram_bandwidth, multiply_adds / (profile.cpu.physical_cores * rate))
@@ -529,8 +511,7 @@ def _gpu_flops_s(args: ModelArgs, gpu, tokens: int, plan: Plan) -> float:
     if gpu is None:
         return 0.0
     dense = sum(p.params for p in plan.placement if p.device == "gpu")
-    attention_layers = sum(args.layer_type(i) == FULL_ATTENTION for i in range(args.num_hidden_layers))
-    attention = attention_layers * 4 * args.num_attention_heads * args.head_dim * tokens / 2
+    attention = args.attention_layers * 4 * args.num_attention_heads * args.head_dim * tokens / 2
     return (2 * dense + attention) / (gpu.bf16_tflops * 1e12 * GPU_EFFICIENCY)
 
 

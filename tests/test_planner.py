@@ -139,3 +139,20 @@ def test_plan_command_errors(tmp_path):
     assert result.exit_code == 1 and "has no GPU; pass --gpu-mem 0" in result.stderr
     result = runner.invoke(main, ["plan", "--model", str(tmp_path)])
     assert result.exit_code == 1 and "not a model directory" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["next", "moe-hub"])
+def test_the_plans_cache_bytes_are_the_caches_an_engine_allocates(hf_checkpoint, name):
+    """The architecture's byte counts (KV cache, DeltaNet state) against the caches a loaded engine
+    holds: the recurrent state exactly, the KV cache to within its tiles' rounding (positions are
+    allocated sixteen at a time)."""
+    import offload
+    from offload.models.cache import KVCache, cache_nbytes
+
+    engine = offload.load(hf_checkpoint(name).path, quant="int4", ctx=300)
+    planned = {p.group.split(" (")[0]: p.nbytes for p in engine.plan.placement}
+    kv = cache_nbytes([c for c in engine.caches if isinstance(c, KVCache)])
+    assert cache_nbytes([c for c in engine.caches if not isinstance(c, KVCache)]) == planned.get("DeltaNet state", 0)
+    per_position = kv / (-(-300 // 16) * 16)
+    assert planned["KV cache"] <= kv < planned["KV cache"] + 16 * per_position
+

@@ -263,8 +263,7 @@ class Model(CausalLM):
 def make_cache(args: Qwen3NextArgs, max_len: int, dtype: torch.dtype,
                device: torch.device | str = "cpu", kv_format: str = "f32") -> list[Cache]:
     """One cache per layer for `max_len` positions: KV caches in `kv_format` (cache.KV_FORMATS)."""
-    conv_dim = 2 * args.linear_num_key_heads * args.linear_key_head_dim + \
-        args.linear_num_value_heads * args.linear_value_head_dim
+    conv_dim = args.conv_dim
     return [
         LinearAttentionCache(conv_dim, args.linear_conv_kernel_dim, args.linear_num_value_heads,
                              args.linear_key_head_dim, args.linear_value_head_dim, dtype, device)
