@@ -106,6 +106,12 @@ class ModelArgs:
             and (layer + 1) % self.decoder_sparse_step == 0
         )
 
+    @classmethod
+    def config_values(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The fields this architecture reads from config.json in its own way (the others are read
+        by name)."""
+        return {}
+
     def layer_type(self, layer: int) -> str:
         return FULL_ATTENTION
 
@@ -173,6 +179,10 @@ class Qwen3MoeArgs(ModelArgs):
 
     sliding_window: int | None = None  # set only when the config enables use_sliding_window
 
+    @classmethod
+    def config_values(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {"sliding_window": config.get("sliding_window") if config.get("use_sliding_window") else None}
+
     @property
     def attention_window(self) -> int | None:
         return self.sliding_window
@@ -190,6 +200,18 @@ class Qwen3NextArgs(ModelArgs):
     linear_num_value_heads: int = 32
     shared_expert_intermediate_size: int = 512
     partial_rotary_factor: float = 0.25
+
+    @classmethod
+    def config_values(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """layer_types as given, or every `full_attention_interval`-th layer full attention."""
+        if config.get("layer_types") is not None:
+            return {"layer_types": tuple(config["layer_types"])}
+        if "num_hidden_layers" not in config:
+            raise ConfigError("config.json: missing required key num_hidden_layers for qwen3_next")
+        interval = config.get("full_attention_interval")
+        interval = 4 if interval is None else interval
+        return {"layer_types": tuple(FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION
+                                     for i in range(config["num_hidden_layers"]))}
 
     def layer_type(self, layer: int) -> str:
         return self.layer_types[layer]
@@ -358,10 +380,7 @@ def args_from_dict(config: dict[str, Any], rope_scaling: str | dict[str, Any] | 
     values = {key: value for key, value in config.items() if key in known and value is not None}  # null: unset
     values.update(_rope_values(config, cls))
     values.update(_common_values(config))
-    if cls is Qwen3NextArgs:
-        values["layer_types"] = _qwen3_next_layer_types(config)
-    if cls is Qwen3MoeArgs:
-        values["sliding_window"] = config.get("sliding_window") if config.get("use_sliding_window") else None
+    values.update(cls.config_values(config))
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and values.get(f.name) is None]
     if missing:
@@ -523,19 +542,6 @@ def check_context(args: ModelArgs, ctx: int) -> None:
     native = args.max_position_embeddings
     raise OffloadError(f"--ctx {ctx} is more than this model's {native} positions (max_position_embeddings); "
                        f"pass at most that, or extend the context with --rope-scaling yarn:{math.ceil(ctx / native)}")
-
-
-def _qwen3_next_layer_types(config: dict[str, Any]) -> tuple[str, ...]:
-    if config.get("layer_types") is not None:
-        return tuple(config["layer_types"])
-    if "num_hidden_layers" not in config:
-        raise ConfigError("config.json: missing required key num_hidden_layers for qwen3_next")
-    interval = config.get("full_attention_interval")
-    interval = 4 if interval is None else interval
-    return tuple(
-        FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION
-        for i in range(config["num_hidden_layers"])
-    )
 
 
 # --- the tensors of a checkpoint, by hub name -------------------------------------------------
