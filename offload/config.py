@@ -137,13 +137,13 @@ class ModelArgs:
 
     def mixer_shapes(self, layer: int, prefix: str) -> dict[str, tuple[int, ...]]:
         """Checkpoint tensors of layer `layer`'s token mixer (attention), hub name -> shape."""
-        return _attention_shapes(self, f"{prefix}.self_attn", self.num_attention_heads * self.head_dim)
+        return attention_shapes(self, f"{prefix}.self_attn", self.num_attention_heads * self.head_dim)
 
     def moe_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
         """Checkpoint tensors of one MoE block: router and routed experts."""
         shapes = {f"{prefix}.gate.weight": (self.num_experts, self.hidden_size)}
         for expert in range(self.num_experts):
-            shapes.update(_mlp_shapes(f"{prefix}.experts.{expert}", self.hidden_size,
+            shapes.update(mlp_shapes(f"{prefix}.experts.{expert}", self.hidden_size,
                                       self.moe_intermediate_size))
         return shapes
 
@@ -157,118 +157,23 @@ class ModelArgs:
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "decoder_sparse_step"):
-            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+            require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        require(self.num_attention_heads % self.num_key_value_heads == 0,
                  f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                  f"num_key_value_heads ({self.num_key_value_heads})")
-        _require(0 < self.partial_rotary_factor <= 1 and self.rotary_dim % 2 == 0,
+        require(0 < self.partial_rotary_factor <= 1 and self.rotary_dim % 2 == 0,
                  f"partial_rotary_factor {self.partial_rotary_factor} gives an odd or empty "
                  f"rotary dimension for head_dim {self.head_dim}")
         if self.num_experts > 0:
-            _require(0 < self.num_experts_per_tok <= self.num_experts,
+            require(0 < self.num_experts_per_tok <= self.num_experts,
                      f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
                      f"num_experts ({self.num_experts})")
-            _require(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
+            require(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
-        _require(not bad, f"mlp_only_layers names layers {bad} outside 0..{self.num_hidden_layers - 1}")
+        require(not bad, f"mlp_only_layers names layers {bad} outside 0..{self.num_hidden_layers - 1}")
 
 
-@dataclass(kw_only=True)
-class Qwen3MoeArgs(ModelArgs):
-    """Qwen3-30B-A3B, Qwen3-235B-A22B: grouped-query attention with q/k RMSNorm, routed experts."""
-
-    sliding_window: int | None = None  # set only when the config enables use_sliding_window
-
-    @classmethod
-    def config_values(cls, config: dict[str, Any]) -> dict[str, Any]:
-        return {"sliding_window": config.get("sliding_window") if config.get("use_sliding_window") else None}
-
-    @property
-    def attention_window(self) -> int | None:
-        return self.sliding_window
-
-
-@dataclass(kw_only=True)
-class Qwen3NextArgs(ModelArgs):
-    """Qwen3-Next: Gated DeltaNet and gated full attention layers, routed + one shared expert."""
-
-    layer_types: tuple[str, ...]
-    linear_conv_kernel_dim: int = 4
-    linear_key_head_dim: int = 128
-    linear_value_head_dim: int = 128
-    linear_num_key_heads: int = 16
-    linear_num_value_heads: int = 32
-    shared_expert_intermediate_size: int = 512
-    partial_rotary_factor: float = 0.25
-
-    @classmethod
-    def config_values(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """layer_types as given, or every `full_attention_interval`-th layer full attention."""
-        if config.get("layer_types") is not None:
-            return {"layer_types": tuple(config["layer_types"])}
-        if "num_hidden_layers" not in config:
-            raise ConfigError("config.json: missing required key num_hidden_layers for qwen3_next")
-        interval = config.get("full_attention_interval")
-        interval = 4 if interval is None else interval
-        return {"layer_types": tuple(FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION
-                                     for i in range(config["num_hidden_layers"]))}
-
-    def layer_type(self, layer: int) -> str:
-        return self.layer_types[layer]
-
-    @property
-    def conv_dim(self) -> int:
-        """Channels of a DeltaNet layer's causal conv: q and k of every key head, v of every value head."""
-        return 2 * self.linear_num_key_heads * self.linear_key_head_dim \
-            + self.linear_num_value_heads * self.linear_value_head_dim
-
-    def state_bytes(self, dtype_bytes: int) -> int:
-        """Each DeltaNet layer's conv tail (in the compute dtype) and fp32 recurrent state."""
-        per_layer = self.conv_dim * (self.linear_conv_kernel_dim - 1) * dtype_bytes \
-            + self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * 4
-        return per_layer * (self.num_hidden_layers - self.attention_layers)
-
-    def widest_activation(self) -> int:
-        return max(super().widest_activation(), 2 * self.shared_expert_intermediate_size,
-                   2 * (self.linear_num_key_heads * self.linear_key_head_dim
-                        + self.linear_num_value_heads * self.linear_value_head_dim))
-
-    def norm_is_zero_centred(self, name: str) -> bool:
-        return not name.endswith("linear_attn.norm.weight")  # the gated norm keeps a plain scale
-
-    def mixer_shapes(self, layer: int, prefix: str) -> dict[str, tuple[int, ...]]:
-        if self.layer_type(layer) == LINEAR_ATTENTION:
-            return _linear_attention_shapes(self, f"{prefix}.linear_attn")
-        # gated attention: q_proj also produces the output gate, one per head
-        return _attention_shapes(self, f"{prefix}.self_attn", 2 * self.num_attention_heads * self.head_dim)
-
-    def moe_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
-        shapes = super().moe_shapes(prefix)
-        shapes.update(_mlp_shapes(f"{prefix}.shared_expert", self.hidden_size,
-                                  self.shared_expert_intermediate_size))
-        shapes[f"{prefix}.shared_expert_gate.weight"] = (1, self.hidden_size)
-        return shapes
-
-    def validate(self) -> None:
-        super().validate()
-        _require(len(self.layer_types) == self.num_hidden_layers,
-                 f"layer_types has {len(self.layer_types)} entries for "
-                 f"{self.num_hidden_layers} layers")
-        unknown = sorted(set(self.layer_types) - {FULL_ATTENTION, LINEAR_ATTENTION})
-        _require(not unknown, f"unknown layer_types {unknown}; expected "
-                              f"'{FULL_ATTENTION}' or '{LINEAR_ATTENTION}'")
-        _require(self.linear_num_value_heads % self.linear_num_key_heads == 0,
-                 f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
-                 f"linear_num_key_heads ({self.linear_num_key_heads})")
-
-
-ARCHITECTURES: dict[str, type[ModelArgs]] = {
-    "qwen3_moe": Qwen3MoeArgs,
-    "qwen3_next": Qwen3NextArgs,
-}
-
-
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(f"config.json: {message}")
 
@@ -369,13 +274,15 @@ def _shown(value: Any) -> str:
 def args_from_dict(config: dict[str, Any], rope_scaling: str | dict[str, Any] | None = None) -> ModelArgs:
     """Build the `ModelArgs` subclass named by `config["model_type"]` from a config.json dict (with
     `rope_scaling` instead of its own, if given)."""
+    from offload.models import ARCHITECTURES  # each architecture's module: its Args among the rest
+
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ConfigError(f"config.json: model_type {model_type!r} is not supported; offload runs "
                           f"{', '.join(sorted(ARCHITECTURES))}")
     config = {key: value for key, value in config.items() if value is not None}  # null: unset, as HF reads it
     _check_schema(config)
-    cls = ARCHITECTURES[model_type]
+    cls = ARCHITECTURES[model_type].Args
     known = {f.name for f in dataclasses.fields(cls)}
     values = {key: value for key, value in config.items() if key in known and value is not None}  # null: unset
     values.update(_rope_values(config, cls))
@@ -549,7 +456,7 @@ def check_context(args: ModelArgs, ctx: int) -> None:
 # expert; the loader stacks them into [E, out, in].
 
 
-def _attention_shapes(args: ModelArgs, prefix: str, q_width: int) -> dict[str, tuple[int, ...]]:
+def attention_shapes(args: ModelArgs, prefix: str, q_width: int) -> dict[str, tuple[int, ...]]:
     kv_width = args.num_key_value_heads * args.head_dim
     shapes = {
         f"{prefix}.q_proj.weight": (q_width, args.hidden_size),
@@ -565,26 +472,11 @@ def _attention_shapes(args: ModelArgs, prefix: str, q_width: int) -> dict[str, t
     return shapes
 
 
-def _mlp_shapes(prefix: str, hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
+def mlp_shapes(prefix: str, hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
     return {
         f"{prefix}.gate_proj.weight": (intermediate, hidden),
         f"{prefix}.up_proj.weight": (intermediate, hidden),
         f"{prefix}.down_proj.weight": (hidden, intermediate),
-    }
-
-
-def _linear_attention_shapes(args: Qwen3NextArgs, prefix: str) -> dict[str, tuple[int, ...]]:
-    key_dim = args.linear_num_key_heads * args.linear_key_head_dim
-    value_dim = args.linear_num_value_heads * args.linear_value_head_dim
-    heads = args.linear_num_value_heads
-    return {
-        f"{prefix}.in_proj_qkvz.weight": (2 * key_dim + 2 * value_dim, args.hidden_size),
-        f"{prefix}.in_proj_ba.weight": (2 * heads, args.hidden_size),
-        f"{prefix}.conv1d.weight": (2 * key_dim + value_dim, 1, args.linear_conv_kernel_dim),
-        f"{prefix}.dt_bias": (heads,),
-        f"{prefix}.A_log": (heads,),
-        f"{prefix}.norm.weight": (args.linear_value_head_dim,),
-        f"{prefix}.out_proj.weight": (args.hidden_size, value_dim),
     }
 
 
@@ -599,7 +491,7 @@ def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         if args.is_moe_layer(layer):
             shapes.update(args.moe_shapes(f"{prefix}.mlp"))
         else:
-            shapes.update(_mlp_shapes(f"{prefix}.mlp", args.hidden_size, args.intermediate_size))
+            shapes.update(mlp_shapes(f"{prefix}.mlp", args.hidden_size, args.intermediate_size))
     shapes["model.norm.weight"] = (args.hidden_size,)
     if not args.tie_word_embeddings:
         shapes["lm_head.weight"] = (args.vocab_size, args.hidden_size)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from offload.config import (ModelArgs, Qwen3MoeArgs, Qwen3NextArgs, args_from_dict, checkpoint_shapes,
-                            load_config)
+from offload.config import ModelArgs, args_from_dict, checkpoint_shapes, load_config
 from offload.errors import ConfigError
+from offload.models import qwen3_moe, qwen3_next
 from offload.synthetic import PRESETS
 
 
@@ -20,7 +20,7 @@ def test_hub_and_transformers_styles_agree(hf_checkpoint):
         hub = json.loads((hf_checkpoint(hub_name).path / "config.json").read_text())
         assert "rope_parameters" not in hub and "rope_theta" in hub
     next_hub = load_config(hf_checkpoint("next-hub").path)
-    assert isinstance(next_hub, Qwen3NextArgs)
+    assert isinstance(next_hub, qwen3_next.Args)
     assert next_hub.layer_types == ("linear_attention", "full_attention") * 2
     assert next_hub.partial_rotary_factor == 0.25 and next_hub.rotary_dim == 8
     assert next_hub.tie_word_embeddings and not next_hub.norm_topk_prob
@@ -35,11 +35,11 @@ def test_hub_and_transformers_styles_agree(hf_checkpoint):
 
 def test_real_presets_parse():
     next80 = args_from_dict(PRESETS["qwen3-next-80b-a3b"])
-    assert isinstance(next80, Qwen3NextArgs)
+    assert isinstance(next80, qwen3_next.Args)
     assert next80.layer_types.count("full_attention") == 12 and next80.layer_type(3) == "full_attention"
     assert next80.rotary_dim == 64 and next80.eos_token_ids == (151645,)
     moe30 = args_from_dict(PRESETS["qwen3-30b-a3b"])
-    assert isinstance(moe30, Qwen3MoeArgs) and moe30.sliding_window is None
+    assert isinstance(moe30, qwen3_moe.Args) and moe30.sliding_window is None
     assert all(moe30.is_moe_layer(i) for i in range(48))
 
 

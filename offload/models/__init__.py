@@ -1,7 +1,9 @@
 """Torch model definitions, one architecture per file, named after its Hugging Face model_type.
 
-Each architecture module provides `Model(args)`, `sanitize(weights, args)` (checkpoint names ->
-parameter names) and `make_cache(args, max_len, dtype, device, kv_format)`.
+Each architecture module provides `Args` (a `config.ModelArgs`: its fields, the config.json keys
+it reads its own way, its tensors' shapes, its state's bytes), `Model(args)`, `sanitize(weights,
+args)` (checkpoint names -> parameter names) and `make_cache(args, max_len, dtype, device,
+kv_format)`. `ARCHITECTURES` is the one registry: config.json's model_type -> module.
 """
 
 from types import ModuleType

@@ -7,15 +7,33 @@ Shape legend: T = tokens, D = hidden, H / Hkv = query / key-value heads, Dh = he
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
-from offload.config import Qwen3MoeArgs
+from offload.config import ModelArgs
 from offload.models.attention import apply_rope, cached_attention
 from offload.models.cache import Cache, DevicePosition, KVCache
 from offload.models.hub import sanitize  # noqa: F401  (part of the architecture's interface)
 from offload.models import decoder
 from offload.models.decoder import CausalLM, feed_forward
+
+
+@dataclass(kw_only=True)
+class Args(ModelArgs):
+    """Qwen3-30B-A3B, Qwen3-235B-A22B: grouped-query attention with q/k RMSNorm, routed experts."""
+
+    sliding_window: int | None = None  # set only when the config enables use_sliding_window
+
+    @classmethod
+    def config_values(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {"sliding_window": config.get("sliding_window") if config.get("use_sliding_window") else None}
+
+    @property
+    def attention_window(self) -> int | None:
+        return self.sliding_window
 
 
 class RMSNorm(nn.Module):
@@ -36,7 +54,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     output_gate = False
 
-    def __init__(self, args: Qwen3MoeArgs):
+    def __init__(self, args: Args):
         super().__init__()
         heads, kv_heads, head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         bias = args.attention_bias
@@ -62,7 +80,7 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(decoder.DecoderLayer):
-    def __init__(self, args: Qwen3MoeArgs, layer: int):
+    def __init__(self, args: Args, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.self_attn = Attention(args)
@@ -74,11 +92,11 @@ class DecoderLayer(decoder.DecoderLayer):
 
 
 class Model(CausalLM):
-    def __init__(self, args: Qwen3MoeArgs):
+    def __init__(self, args: Args):
         super().__init__(args, DecoderLayer, RMSNorm(args.hidden_size, args.rms_norm_eps))
 
 
-def make_cache(args: Qwen3MoeArgs, max_len: int, dtype: torch.dtype,
+def make_cache(args: Args, max_len: int, dtype: torch.dtype,
                device: torch.device | str = "cpu", kv_format: str = "f32") -> list[Cache]:
     """One cache per layer for `max_len` positions: KV caches in `kv_format` (cache.KV_FORMATS)."""
     return [KVCache(max_len, args.num_key_value_heads, args.head_dim, kv_format, device)

@@ -12,11 +12,15 @@ Dk / Dv = DeltaNet key / value head dims, C = conv channels (2 Hk Dk + Hv Dv), K
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from offload.config import LINEAR_ATTENTION, Qwen3NextArgs
+from offload.config import (FULL_ATTENTION, LINEAR_ATTENTION, ConfigError, ModelArgs, attention_shapes, mlp_shapes,
+                            require)
 from offload.models.attention import apply_rope, cached_attention
 from offload.models.cache import Cache, DevicePosition, KVCache, LinearAttentionCache
 from offload.models.hub import sanitize  # noqa: F401  (part of the architecture's interface)
@@ -29,6 +33,94 @@ DELTA_CHUNK_SIZE = 64  # tokens per chunk of the chunked delta rule (prefill)
 # 10-100x slower (a 512-token chunk of a DeltaNet layer took 3x as long). Decay factors below
 # e^MIN_LOG_DECAY ~ 9e-27 are therefore exactly 0: far below what a sum of order-1 fp32 terms holds.
 MIN_LOG_DECAY = -60.0
+
+
+@dataclass(kw_only=True)
+class Args(ModelArgs):
+    """Qwen3-Next: Gated DeltaNet and gated full attention layers, routed + one shared expert."""
+
+    layer_types: tuple[str, ...]
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    shared_expert_intermediate_size: int = 512
+    partial_rotary_factor: float = 0.25
+
+    @classmethod
+    def config_values(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """layer_types as given, or every `full_attention_interval`-th layer full attention."""
+        if config.get("layer_types") is not None:
+            return {"layer_types": tuple(config["layer_types"])}
+        if "num_hidden_layers" not in config:
+            raise ConfigError("config.json: missing required key num_hidden_layers for qwen3_next")
+        interval = config.get("full_attention_interval")
+        interval = 4 if interval is None else interval
+        return {"layer_types": tuple(FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION
+                                     for i in range(config["num_hidden_layers"]))}
+
+    def layer_type(self, layer: int) -> str:
+        return self.layer_types[layer]
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of a DeltaNet layer's causal conv: q and k of every key head, v of every value head."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim \
+            + self.linear_num_value_heads * self.linear_value_head_dim
+
+    def state_bytes(self, dtype_bytes: int) -> int:
+        """Each DeltaNet layer's conv tail (in the compute dtype) and fp32 recurrent state."""
+        per_layer = self.conv_dim * (self.linear_conv_kernel_dim - 1) * dtype_bytes \
+            + self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * 4
+        return per_layer * (self.num_hidden_layers - self.attention_layers)
+
+    def widest_activation(self) -> int:
+        return max(super().widest_activation(), 2 * self.shared_expert_intermediate_size,
+                   2 * (self.linear_num_key_heads * self.linear_key_head_dim
+                        + self.linear_num_value_heads * self.linear_value_head_dim))
+
+    def norm_is_zero_centred(self, name: str) -> bool:
+        return not name.endswith("linear_attn.norm.weight")  # the gated norm keeps a plain scale
+
+    def mixer_shapes(self, layer: int, prefix: str) -> dict[str, tuple[int, ...]]:
+        if self.layer_type(layer) == LINEAR_ATTENTION:
+            return self._linear_attention_shapes(f"{prefix}.linear_attn")
+        # gated attention: q_proj also produces the output gate, one per head
+        return attention_shapes(self, f"{prefix}.self_attn", 2 * self.num_attention_heads * self.head_dim)
+
+    def moe_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
+        shapes = super().moe_shapes(prefix)
+        shapes.update(mlp_shapes(f"{prefix}.shared_expert", self.hidden_size,
+                                  self.shared_expert_intermediate_size))
+        shapes[f"{prefix}.shared_expert_gate.weight"] = (1, self.hidden_size)
+        return shapes
+
+    def validate(self) -> None:
+        super().validate()
+        require(len(self.layer_types) == self.num_hidden_layers,
+                 f"layer_types has {len(self.layer_types)} entries for "
+                 f"{self.num_hidden_layers} layers")
+        unknown = sorted(set(self.layer_types) - {FULL_ATTENTION, LINEAR_ATTENTION})
+        require(not unknown, f"unknown layer_types {unknown}; expected "
+                              f"'{FULL_ATTENTION}' or '{LINEAR_ATTENTION}'")
+        require(self.linear_num_value_heads % self.linear_num_key_heads == 0,
+                 f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                 f"linear_num_key_heads ({self.linear_num_key_heads})")
+
+    def _linear_attention_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
+        key_dim = self.linear_num_key_heads * self.linear_key_head_dim
+        value_dim = self.linear_num_value_heads * self.linear_value_head_dim
+        heads = self.linear_num_value_heads
+        return {
+            f"{prefix}.in_proj_qkvz.weight": (2 * key_dim + 2 * value_dim, self.hidden_size),
+            f"{prefix}.in_proj_ba.weight": (2 * heads, self.hidden_size),
+            f"{prefix}.conv1d.weight": (2 * key_dim + value_dim, 1, self.linear_conv_kernel_dim),
+            f"{prefix}.dt_bias": (heads,),
+            f"{prefix}.A_log": (heads,),
+            f"{prefix}.norm.weight": (self.linear_value_head_dim,),
+            f"{prefix}.out_proj.weight": (self.hidden_size, value_dim),
+        }
 
 
 class RMSNorm(nn.Module):
@@ -67,7 +159,7 @@ class GatedAttention(nn.Module):
     output_gate = True  # q_proj's rows per head: [query, gate]
     sliding_window = None
 
-    def __init__(self, args: Qwen3NextArgs):
+    def __init__(self, args: Args):
         super().__init__()
         heads, kv_heads, head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         bias = args.attention_bias
@@ -99,7 +191,7 @@ class GatedDeltaNet(nn.Module):
     g = -exp(A_log) softplus(a + dt_bias) <= 0 is the log decay.
     """
 
-    def __init__(self, args: Qwen3NextArgs):
+    def __init__(self, args: Args):
         super().__init__()
         self.num_key_heads = args.linear_num_key_heads
         self.num_value_heads = args.linear_num_value_heads
@@ -237,7 +329,7 @@ def gated_delta_chunked(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 
 class DecoderLayer(decoder.DecoderLayer):
-    def __init__(self, args: Qwen3NextArgs, layer: int):
+    def __init__(self, args: Args, layer: int):
         super().__init__()
         self.is_linear = args.layer_type(layer) == LINEAR_ATTENTION
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -256,11 +348,11 @@ class DecoderLayer(decoder.DecoderLayer):
 
 
 class Model(CausalLM):
-    def __init__(self, args: Qwen3NextArgs):
+    def __init__(self, args: Args):
         super().__init__(args, DecoderLayer, RMSNorm(args.hidden_size, args.rms_norm_eps))
 
 
-def make_cache(args: Qwen3NextArgs, max_len: int, dtype: torch.dtype,
+def make_cache(args: Args, max_len: int, dtype: torch.dtype,
                device: torch.device | str = "cpu", kv_format: str = "f32") -> list[Cache]:
     """One cache per layer for `max_len` positions: KV caches in `kv_format` (cache.KV_FORMATS)."""
     conv_dim = args.conv_dim
