@@ -9,10 +9,11 @@ place that maps plan groups to modules:
   int8/int4, embeddings stay as stored, the routed experts stay with the int4 executor (which
   crosses through its host lanes, and computes a shared expert kept in RAM in the same CPU work).
   On CUDA each other RAM-resident module is wrapped in `OnHost`;
-- a plan that computes in fp32 on the CPU widens what stays float, and a DeltaNet mixer placed
-  on the CPU in fp32 becomes `FusedDeltaNet`; an MLP whose projections are quantised becomes a
-  `JoinedMLP` (gate and up in one kernel call); a CPU-only fp32 plan with the fast kernels takes
-  the lean decode step's norms, attention mixers and MoE blocks (`offload.lean`).
+- a plan that computes in fp32 on the CPU widens what stays float, and mixers placed on the CPU
+  in fp32 become their architecture's step executors (`fuse_cpu_steps`: Qwen3-Next's DeltaNet
+  mixers a `FusedDeltaNet`); an MLP whose projections are quantised becomes a `JoinedMLP` (gate
+  and up in one kernel call); a CPU-only fp32 plan with the fast kernels takes the lean decode
+  step's norms, attention mixers and MoE blocks (`offload.lean`).
 It returns what it did, group by group (`Engine.placement`).
 """
 
@@ -71,7 +72,7 @@ def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = F
     if device.type != "cpu":
         _wrap_host_modules(model, {g for g, p in where.items() if p.device == "cpu"}, device)
     if plan.activations == "fp32" and "mixers" in where and where["mixers"].device == "cpu":
-        _fuse_deltanet_steps(model)
+        _fuse_mixer_steps(model)
     if plan.activations == "fp32" and device.type == "cpu" and not plan.gpu_budget and not exact:
         from offload.lean import lean_layers
 
@@ -125,12 +126,11 @@ def _wrap_host_modules(module: nn.Module, host_groups: set[str], device: torch.d
             _wrap_host_modules(child, host_groups, device, f"{full}.")
 
 
-def _fuse_deltanet_steps(model: nn.Module) -> None:
-    from offload.deltanet import FusedDeltaNet
+def _fuse_mixer_steps(model: nn.Module) -> None:
+    """The architecture's CPU step executors in place of its mixers (placed on the CPU in fp32)."""
+    from offload.models import ARCHITECTURES
 
-    for layer in model.layers:
-        if hasattr(layer, "linear_attn"):
-            layer.linear_attn = FusedDeltaNet(layer.linear_attn)
+    ARCHITECTURES[model.args.model_type].fuse_cpu_steps(model)
 
 
 def torch_device_name(device: torch.device) -> str:

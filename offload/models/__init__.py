@@ -2,8 +2,9 @@
 
 Each architecture module provides `Args` (a `config.ModelArgs`: its fields, the config.json keys
 it reads its own way, its tensors' shapes, its state's bytes), `Model(args)`, `sanitize(weights,
-args)` (checkpoint names -> parameter names) and `make_cache(args, max_len, dtype, device,
-kv_format)`. `ARCHITECTURES` is the one registry: config.json's model_type -> module.
+args)` (checkpoint names -> parameter names), `make_cache(args, max_len, dtype, device,
+kv_format)` and `fuse_cpu_steps(model)` (its CPU step executors swapped in). `ARCHITECTURES`
+is the one registry: config.json's model_type -> module.
 """
 
 from types import ModuleType

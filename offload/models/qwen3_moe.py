@@ -96,6 +96,10 @@ class Model(CausalLM):
         super().__init__(args, DecoderLayer, RMSNorm(args.hidden_size, args.rms_norm_eps))
 
 
+def fuse_cpu_steps(model: Model) -> None:
+    """Nothing to swap: attention has no CPU step executor of its own beyond the cache's."""
+
+
 def make_cache(args: Args, max_len: int, dtype: torch.dtype,
                device: torch.device | str = "cpu", kv_format: str = "f32") -> list[Cache]:
     """One cache per layer for `max_len` positions: KV caches in `kv_format` (cache.KV_FORMATS)."""

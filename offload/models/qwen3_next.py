@@ -352,6 +352,16 @@ class Model(CausalLM):
         super().__init__(args, DecoderLayer, RMSNorm(args.hidden_size, args.rms_norm_eps))
 
 
+def fuse_cpu_steps(model: Model) -> None:
+    """Each Gated DeltaNet mixer placed on the CPU in fp32 becomes a `FusedDeltaNet` (its decode
+    steps and short prompts by one fused kernel)."""
+    from offload.deltanet import FusedDeltaNet  # the runtime's executor of this model's maths
+
+    for layer in model.layers:
+        if layer.is_linear:
+            layer.linear_attn = FusedDeltaNet(layer.linear_attn)
+
+
 def make_cache(args: Args, max_len: int, dtype: torch.dtype,
                device: torch.device | str = "cpu", kv_format: str = "f32") -> list[Cache]:
     """One cache per layer for `max_len` positions: KV caches in `kv_format` (cache.KV_FORMATS)."""
