@@ -26,67 +26,13 @@ from offload.checkpoint import INDEX_FILE
 from offload.config import ModelArgs, args_from_dict, checkpoint_shapes
 from offload.errors import OffloadError
 
-_QWEN3_NEXT_80B = {
-    "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next",
-    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5120, "num_hidden_layers": 48,
-    "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
-    "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
-    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "full_attention_interval": 4,
-    "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
-    "shared_expert_intermediate_size": 512, "norm_topk_prob": True, "decoder_sparse_step": 1,
-    "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 10000000, "partial_rotary_factor": 0.25,
-    "rope_scaling": None, "max_position_embeddings": 262144, "tie_word_embeddings": False,
-    "attention_bias": False, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
-    "torch_dtype": "bfloat16",
-}
-_QWEN3_30B = {
-    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
-    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
-    "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
-    "decoder_sparse_step": 1, "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-    "rope_scaling": None, "max_position_embeddings": 40960, "max_window_layers": 48,
-    "use_sliding_window": False, "sliding_window": None, "tie_word_embeddings": False,
-    "attention_bias": False, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
-    "torch_dtype": "bfloat16",
-}
-_QWEN3_235B = {
-    **_QWEN3_30B, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 94,
-    "num_attention_heads": 64, "num_key_value_heads": 4, "moe_intermediate_size": 1536,
-    "max_window_layers": 94,
-}
+def _presets() -> dict[str, dict[str, Any]]:
+    from offload.models import ARCHITECTURES
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "qwen3-next-80b-a3b": _QWEN3_NEXT_80B,
-    "qwen3-30b-a3b": _QWEN3_30B,
-    "qwen3-235b-a22b": _QWEN3_235B,
-    # Small enough for tests: every feature of the architecture, a few MB.
-    "tiny-qwen3-next": {
-        **_QWEN3_NEXT_80B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 4, "full_attention_interval": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 32, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "num_experts": 16,
-        "num_experts_per_tok": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
-        "max_position_embeddings": 4096, "rope_theta": 10000.0, "bos_token_id": None,
-        "eos_token_id": None, "torch_dtype": "float32",
-    },
-    "tiny-qwen3-moe": {
-        **_QWEN3_30B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
-        "max_position_embeddings": 4096, "rope_theta": 10000.0, "max_window_layers": 4,
-        "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32",
-    },
-    # The `offload run --demo` model: Qwen3-Next's architecture at a size any machine runs at once.
-    "demo-qwen3-next": {
-        **_QWEN3_NEXT_80B, "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 512,
-        "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-        "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_num_key_heads": 4,
-        "linear_num_value_heads": 8, "num_experts": 32, "num_experts_per_tok": 4,
-        "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128,
-        "max_position_embeddings": 8192, "bos_token_id": None, "eos_token_id": None,
-    },
-}
+    return {name: config for module in ARCHITECTURES.values() for name, config in module.PRESETS.items()}
+
+
+PRESETS: dict[str, dict[str, Any]] = _presets()  # every architecture's, by name
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}

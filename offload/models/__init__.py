@@ -3,8 +3,9 @@
 Each architecture module provides `Args` (a `config.ModelArgs`: its fields, the config.json keys
 it reads its own way, its tensors' shapes, its state's bytes), `Model(args)`, `sanitize(weights,
 args)` (checkpoint names -> parameter names), `make_cache(args, max_len, dtype, device,
-kv_format)` and `fuse_cpu_steps(model)` (its CPU step executors swapped in). `ARCHITECTURES`
-is the one registry: config.json's model_type -> module.
+kv_format)`, `fuse_cpu_steps(model)` (its CPU step executors swapped in) and `PRESETS` (config.json
+dicts for `offload synth`: the released models', small ones for tests). `ARCHITECTURES` is the one
+registry: config.json's model_type -> module.
 """
 
 from types import ModuleType
@@ -12,6 +13,6 @@ from types import ModuleType
 from offload.models import qwen3_moe, qwen3_next
 
 ARCHITECTURES: dict[str, ModuleType] = {
-    "qwen3_moe": qwen3_moe,
     "qwen3_next": qwen3_next,
+    "qwen3_moe": qwen3_moe,
 }

@@ -105,3 +105,35 @@ def make_cache(args: Args, max_len: int, dtype: torch.dtype,
     """One cache per layer for `max_len` positions: KV caches in `kv_format` (cache.KV_FORMATS)."""
     return [KVCache(max_len, args.num_key_value_heads, args.head_dim, kv_format, device)
             for _ in range(args.num_hidden_layers)]
+
+
+# synth presets: the released models' configs (the hub's spelling), and a small one for tests
+_30B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+    "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "rope_scaling": None, "max_position_embeddings": 40960, "max_window_layers": 48,
+    "use_sliding_window": False, "sliding_window": None, "tie_word_embeddings": False,
+    "attention_bias": False, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
+    "torch_dtype": "bfloat16",
+}
+_235B = {
+    **_30B, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 94,
+    "num_attention_heads": 64, "num_key_value_heads": 4, "moe_intermediate_size": 1536,
+    "max_window_layers": 94,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen3-30b-a3b": _30B,
+    "qwen3-235b-a22b": _235B,
+    # small enough for tests: every feature of the architecture, a few MB
+    "tiny-qwen3-moe": {
+        **_30B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
+        "max_position_embeddings": 4096, "rope_theta": 10000.0, "max_window_layers": 4,
+        "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32",
+    },
+}

@@ -373,3 +373,42 @@ def make_cache(args: Args, max_len: int, dtype: torch.dtype,
         else KVCache(max_len, args.num_key_value_heads, args.head_dim, kv_format, device)
         for layer in range(args.num_hidden_layers)
     ]
+
+
+# synth presets: the released models' configs (the hub's spelling), and small ones for tests and the demo
+_NEXT_80B = {
+    "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next",
+    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5120, "num_hidden_layers": 48,
+    "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+    "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "full_attention_interval": 4,
+    "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+    "rope_scaling": None, "max_position_embeddings": 262144, "tie_word_embeddings": False,
+    "attention_bias": False, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
+    "torch_dtype": "bfloat16",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen3-next-80b-a3b": _NEXT_80B,
+    # small enough for tests: every feature of the architecture, a few MB
+    "tiny-qwen3-next": {
+        **_NEXT_80B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 4, "full_attention_interval": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "num_experts": 16,
+        "num_experts_per_tok": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+        "max_position_embeddings": 4096, "rope_theta": 10000.0, "bos_token_id": None,
+        "eos_token_id": None, "torch_dtype": "float32",
+    },
+    # the `offload run --demo` model: this architecture at a size any machine runs at once
+    "demo-qwen3-next": {
+        **_NEXT_80B, "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_num_key_heads": 4,
+        "linear_num_value_heads": 8, "num_experts": 32, "num_experts_per_tok": 4,
+        "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128,
+        "max_position_embeddings": 8192, "bos_token_id": None, "eos_token_id": None,
+    },
+}
