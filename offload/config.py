@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from offload.errors import ConfigError, OffloadError
 
@@ -87,6 +87,8 @@ class ModelArgs:
     eos_token_ids: tuple[int, ...] = ()
     # (rows, cols) of one scale block when the checkpoint stores FP8 weights, else None
     fp8_block_size: tuple[int, int] | None = None
+    # config.json keys only this architecture reads, as SCHEMA's: key -> (kind, lowest, highest)
+    SCHEMA: ClassVar[dict[str, tuple[str, float, float]]] = {}
 
     @property
     def rotary_dim(self) -> int:
@@ -213,15 +215,10 @@ SCHEMA: dict[str, tuple[str, float, float]] = {
     "intermediate_size": ("int", 1, _SIZE), "moe_intermediate_size": ("int", 1, _SIZE),
     "num_experts": ("int", 0, 1 << 14), "num_local_experts": ("int", 0, 1 << 14),
     "num_experts_per_tok": ("int", 1, 1 << 14), "decoder_sparse_step": ("int", 1, 1024),
-    "max_position_embeddings": ("int", 1, 1 << 24), "full_attention_interval": ("int", 1, 1024),
-    "linear_conv_kernel_dim": ("int", 1, 64), "linear_key_head_dim": ("int", 1, 4096),
-    "linear_value_head_dim": ("int", 1, 4096), "linear_num_key_heads": ("int", 1, 1024),
-    "linear_num_value_heads": ("int", 1, 1024), "shared_expert_intermediate_size": ("int", 1, _SIZE),
-    "sliding_window": ("int", 1, 1 << 24), "bos_token_id": ("int", 0, 1 << 24),
+    "max_position_embeddings": ("int", 1, 1 << 24), "bos_token_id": ("int", 0, 1 << 24),
     "rms_norm_eps": ("float", 0, 1), "rope_theta": ("float", 0, 1e15), "partial_rotary_factor": ("float", 0, 1),
     "norm_topk_prob": ("bool", 0, 0), "tie_word_embeddings": ("bool", 0, 0), "attention_bias": ("bool", 0, 0),
-    "use_sliding_window": ("bool", 0, 0),
-    "eos_token_id": ("ids", 0, 1 << 24), "mlp_only_layers": ("ids", 0, 1024), "layer_types": ("names", 0, 0),
+    "eos_token_id": ("ids", 0, 1 << 24), "mlp_only_layers": ("ids", 0, 1024),
     "torch_dtype": ("dtype", 0, 0), "dtype": ("dtype", 0, 0),
     "rope_scaling": ("mapping", 0, 0), "rope_parameters": ("mapping", 0, 0), "quantization_config": ("mapping", 0, 0),
     "original_max_position_embeddings": ("int", 1, 1 << 24),
@@ -229,9 +226,16 @@ SCHEMA: dict[str, tuple[str, float, float]] = {
 _FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
 
-def _check_schema(config: dict[str, Any]) -> None:
-    """Each key of SCHEMA that config.json sets (null counts as unset) has its kind and range."""
-    for key, (kind, lowest, highest) in SCHEMA.items():
+def schema() -> dict[str, tuple[str, float, float]]:
+    """Every key offload reads from config.json: SCHEMA and each architecture's own (Args.SCHEMA)."""
+    from offload.models import ARCHITECTURES
+
+    return {**SCHEMA, **{key: kind for module in ARCHITECTURES.values() for key, kind in module.Args.SCHEMA.items()}}
+
+
+def _check_schema(config: dict[str, Any], keys: dict[str, tuple[str, float, float]] = SCHEMA) -> None:
+    """Each of `keys` that config.json sets (null counts as unset) has its kind and range."""
+    for key, (kind, lowest, highest) in keys.items():
         value = config.get(key)
         if value is None:
             continue
@@ -281,8 +285,8 @@ def args_from_dict(config: dict[str, Any], rope_scaling: str | dict[str, Any] | 
         raise ConfigError(f"config.json: model_type {model_type!r} is not supported; offload runs "
                           f"{', '.join(sorted(ARCHITECTURES))}")
     config = {key: value for key, value in config.items() if value is not None}  # null: unset, as HF reads it
-    _check_schema(config)
     cls = ARCHITECTURES[model_type].Args
+    _check_schema(config, {**SCHEMA, **cls.SCHEMA})
     known = {f.name for f in dataclasses.fields(cls)}
     values = {key: value for key, value in config.items() if key in known and value is not None}  # null: unset
     values.update(_rope_values(config, cls))

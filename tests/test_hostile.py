@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from offload.checkpoint import Checkpoint
 from offload.cli import main
-from offload.config import SCHEMA, args_from_dict
+from offload.config import args_from_dict, schema
 from offload.errors import OffloadError
 from offload.synthetic import preset_config
 
@@ -154,7 +154,7 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
 
 
 @settings(max_examples=300, deadline=None)
-@given(changes=st.dictionaries(st.sampled_from(sorted(SCHEMA)), JSON_VALUES, min_size=1, max_size=4))
+@given(changes=st.dictionaries(st.sampled_from(sorted(schema())), JSON_VALUES, min_size=1, max_size=4))
 def test_any_config_values_give_a_model_or_one_config_error(changes):
     config = preset_config("tiny-qwen3-next") | changes
     try:

@@ -8,7 +8,7 @@ Shape legend: T = tokens, D = hidden, H / Hkv = query / key-value heads, Dh = he
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ class Args(ModelArgs):
     """Qwen3-30B-A3B, Qwen3-235B-A22B: grouped-query attention with q/k RMSNorm, routed experts."""
 
     sliding_window: int | None = None  # set only when the config enables use_sliding_window
+    SCHEMA: ClassVar[dict[str, tuple[str, float, float]]] = {
+        "sliding_window": ("int", 1, 1 << 24), "use_sliding_window": ("bool", 0, 0)}
 
     @classmethod
     def config_values(cls, config: dict[str, Any]) -> dict[str, Any]:

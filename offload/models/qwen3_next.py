@@ -13,7 +13,7 @@ Dk / Dv = DeltaNet key / value head dims, C = conv channels (2 Hk Dk + Hv Dv), K
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,11 @@ class Args(ModelArgs):
     linear_num_value_heads: int = 32
     shared_expert_intermediate_size: int = 512
     partial_rotary_factor: float = 0.25
+    SCHEMA: ClassVar[dict[str, tuple[str, float, float]]] = {
+        "full_attention_interval": ("int", 1, 1024), "layer_types": ("names", 0, 0),
+        "linear_conv_kernel_dim": ("int", 1, 64), "linear_key_head_dim": ("int", 1, 4096),
+        "linear_value_head_dim": ("int", 1, 4096), "linear_num_key_heads": ("int", 1, 1024),
+        "linear_num_value_heads": ("int", 1, 1024), "shared_expert_intermediate_size": ("int", 1, 1 << 20)}
 
     @classmethod
     def config_values(cls, config: dict[str, Any]) -> dict[str, Any]:
