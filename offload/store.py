@@ -253,21 +253,31 @@ def _fill_layer(temp: Path, path: Path, header: dict, encoded: bytes, offset: in
     arrays = {name: np.memmap(temp, dtype=spec["dtype"], mode="r+", offset=spec["offset"], shape=tuple(spec["shape"]))
               for name, spec in header["arrays"].items()}
     prefix = f"model.layers.{layer}.mlp.experts"
-    if f"{prefix}.0.gate_proj.weight" not in checkpoint:
-        raise StoreError(f"{checkpoint.model_dir}: layer {layer}'s experts are not stored one tensor per expert "
-                         f"({prefix}.0.gate_proj.weight); int4 needs the hub layout, or run with quant=None")
+    stacked = f"{prefix}.gate_up_proj" in checkpoint  # [E, 2I, D] and [E, D, I], as transformers 5 writes them
+    if not stacked and f"{prefix}.0.gate_proj.weight" not in checkpoint:
+        raise StoreError(f"{checkpoint.model_dir}: layer {layer}'s experts are neither one tensor per expert "
+                         f"({prefix}.0.gate_proj.weight) nor stacked ({prefix}.gate_up_proj); download the "
+                         "checkpoint again, or run with quant=None")
     done = 0
     for first in range(0, experts, QUANTIZE_CHUNK):
         chunk = range(first, min(first + QUANTIZE_CHUNK, experts))
-        gate_up = np.stack([_float32(torch.cat([checkpoint.read(f"{prefix}.{e}.gate_proj.weight"),
-                                                checkpoint.read(f"{prefix}.{e}.up_proj.weight")]),
-                                     checkpoint.where(f"{prefix}.{e}.gate_proj.weight")) for e in chunk])
+        if stacked:
+            gate_up = _float32(checkpoint.read_rows(f"{prefix}.gate_up_proj", chunk.start, chunk.stop),
+                               checkpoint.where(f"{prefix}.gate_up_proj"))
+        else:
+            gate_up = np.stack([_float32(torch.cat([checkpoint.read(f"{prefix}.{e}.gate_proj.weight"),
+                                                    checkpoint.read(f"{prefix}.{e}.up_proj.weight")]),
+                                         checkpoint.where(f"{prefix}.{e}.gate_proj.weight")) for e in chunk])
         quantized = int4.quantize(gate_up)
         arrays["gate_up_packed"][chunk.start:chunk.stop] = quantized.packed
         arrays["gate_up_scales"][chunk.start:chunk.stop] = quantized.scales
         del gate_up
-        down = np.stack([_float32(checkpoint.read(f"{prefix}.{e}.down_proj.weight"),
-                                  checkpoint.where(f"{prefix}.{e}.down_proj.weight")) for e in chunk])
+        if stacked:
+            down = _float32(checkpoint.read_rows(f"{prefix}.down_proj", chunk.start, chunk.stop),
+                            checkpoint.where(f"{prefix}.down_proj"))
+        else:
+            down = np.stack([_float32(checkpoint.read(f"{prefix}.{e}.down_proj.weight"),
+                                      checkpoint.where(f"{prefix}.{e}.down_proj.weight")) for e in chunk])
         quantized = int4.quantize(down)
         arrays["down_packed"][chunk.start:chunk.stop] = quantized.packed
         arrays["down_scales"][chunk.start:chunk.stop] = quantized.scales

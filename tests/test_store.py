@@ -43,6 +43,34 @@ def test_store_is_built_once_and_reused(tiny, tmp_path):
     assert np.array_equal(first.numpy(), second.numpy())
 
 
+def test_experts_stacked_as_transformers_5_writes_them_make_the_same_store(tiny, tmp_path):
+    """A checkpoint whose experts are stacked ([E, 2I, D] gate_up_proj and [E, D, I] down_proj
+    per layer, read a few experts at a time) quantises to the same int4 experts, so the same
+    logits, as the hub's one tensor per expert."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    stacked_dir = tmp_path / "stacked"
+    shutil.copytree(tiny, stacked_dir)
+    (file,) = stacked_dir.glob("*.safetensors")
+    tensors = load_file(file)
+    args = load_config(tiny)
+    for layer in range(args.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp.experts"
+        experts = range(args.num_experts)
+        gate_up = [torch.cat([tensors.pop(f"{prefix}.{e}.gate_proj.weight"), tensors.pop(f"{prefix}.{e}.up_proj.weight")])
+                   for e in experts]
+        tensors[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
+        tensors[f"{prefix}.down_proj"] = torch.stack([tensors.pop(f"{prefix}.{e}.down_proj.weight") for e in experts])
+    save_file(tensors, file, metadata={"format": "pt"})
+    prompt = [1, 2, 3, 4, 5]
+    expected = offload.load(tiny, quant="int4", store_dir=tmp_path / "store").logits(prompt)
+    assert torch.equal(offload.load(stacked_dir, quant="int4", store_dir=tmp_path / "stacked-store").logits(prompt),
+                       expected)
+
+
 def test_stale_and_foreign_stores_are_rebuilt(tiny, tmp_path):
     store_dir = tmp_path / "store"
     args = load_config(tiny)
