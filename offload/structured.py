@@ -55,8 +55,7 @@ class Grammars:
         opening, closing = self.tags
         if form == "json":
             calls = [{"type": "object", "properties": {
-                "name": {"const": tool["function"]["name"]},
-                "arguments": tool["function"].get("parameters") or {"type": "object"}},
+                "name": {"const": tool["function"]["name"]}, "arguments": _arguments_schema(tool)},
                 "required": ["name", "arguments"], "additionalProperties": False} for tool in tools]
             schema = {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), "x-guidance": _TIGHT}
             return self._constraint(f'start: {opening} "\\n" %json {json.dumps(schema)} "\\n" {closing}')
@@ -130,3 +129,15 @@ def _as_text(spec: Any) -> bool:
     kind = schema_type(spec)
     return kind == "string" or kind is None and not any(
         key in spec for key in ("$ref", "anyOf", "oneOf", "allOf", "const", "enum", "properties", "items"))
+
+
+def _arguments_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool's arguments as an enforced call may write them: its parameters' schema, closed to
+    the parameters it declares unless it says otherwise (a function has no use for others, and a
+    sampler left free to invent keys may never stop); no parameters: {}. As the xml form's grammar,
+    which only ever writes declared parameters."""
+    schema = tool["function"].get("parameters") or {"type": "object", "properties": {}}
+    open_ended = ("additionalProperties", "patternProperties", "anyOf", "oneOf", "allOf", "$ref")
+    if schema.get("type") == "object" and not any(key in schema for key in open_ended):
+        schema = {**schema, "additionalProperties": False}
+    return schema
