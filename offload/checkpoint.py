@@ -54,15 +54,25 @@ def require_finite(tensor: torch.Tensor, where: str) -> None:
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """A tensor whose shape and dtype are known and whose data is read on `load()`."""
+    """A tensor whose shape and dtype are known and whose data is read on `load()`; `rows(start,
+    stop)` reads a slice of its first dimension (e.g. a few experts of a stacked [E, ...] tensor),
+    only those bytes where the source allows."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     where: str  # "<file>: <tensor name>", for error messages
     read: Callable[[], torch.Tensor]
+    read_rows: Callable[[int, int], torch.Tensor] | None = None
+    row_where: Callable[[int], str] | None = None  # where one row comes from, when the rows are tensors of their own
 
     def load(self) -> torch.Tensor:
         return self.read()
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.read_rows(start, stop) if self.read_rows is not None else self.read()[start:stop]
+
+    def where_of(self, row: int) -> str:
+        return self.row_where(row) if self.row_where is not None else self.where
 
     @property
     def nbytes(self) -> int:
@@ -77,13 +87,15 @@ def lazy_stack(parts: list[LazyTensor], where: str) -> LazyTensor:
             raise CheckpointError(f"{part.where}: shape {list(part.shape)} differs from "
                                   f"{list(first.shape)} of {first.where}; the checkpoint is inconsistent")
 
-    def read() -> torch.Tensor:
-        out = torch.empty((len(parts), *first.shape), dtype=first.dtype)
-        for i, part in enumerate(parts):
+    def rows(start: int, stop: int) -> torch.Tensor:
+        chosen = parts[start:stop]
+        out = torch.empty((len(chosen), *first.shape), dtype=first.dtype)
+        for i, part in enumerate(chosen):
             out[i] = part.load()
         return out
 
-    return LazyTensor((len(parts), *first.shape), first.dtype, where, read)
+    return LazyTensor((len(parts), *first.shape), first.dtype, where, lambda: rows(0, len(parts)), rows,
+                      lambda row: parts[row].where)
 
 
 def lazy_cat(parts: list[LazyTensor], where: str) -> LazyTensor:
@@ -91,6 +103,13 @@ def lazy_cat(parts: list[LazyTensor], where: str) -> LazyTensor:
     rows = sum(part.shape[0] for part in parts)
     shape = (rows, *parts[0].shape[1:])
     return LazyTensor(shape, parts[0].dtype, where, lambda: torch.cat([p.load() for p in parts]))
+
+
+def lazy_rearrange(parts: list[LazyTensor], shape: tuple[int, ...], rearrange: Callable[..., torch.Tensor],
+                   where: str) -> LazyTensor:
+    """`rearrange(*loaded parts)` when read: a tensor of `shape` made from the parts' values (e.g. one
+    projection's rows assembled from a checkpoint's several)."""
+    return LazyTensor(shape, parts[0].dtype, where, lambda: rearrange(*(p.load() for p in parts)))
 
 
 class Checkpoint:
@@ -194,7 +213,8 @@ class Checkpoint:
         dtype = WEIGHT_DTYPES[code]
         if dtype == torch.float8_e4m3fn:
             dtype = torch.bfloat16
-        return LazyTensor(shape, dtype, self.where(name), lambda: self.read(name))
+        return LazyTensor(shape, dtype, self.where(name), lambda: self.read(name),
+                          lambda start, stop: self.read_rows(name, start, stop))
 
     def lazy_all(self) -> dict[str, LazyTensor]:
         return {name: self.lazy(name) for name in self.names()}
@@ -233,6 +253,9 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tu
 
     `scale_inv` is [ceil(rows / block_rows), ceil(cols / block_cols)]; edge blocks may be partial.
     """
+    if weight.dim() != 2:
+        raise CheckpointError(f"{where}: an FP8 weight of {weight.dim()} dimensions (experts stacked in one "
+                              "tensor) is not supported; use the model's bf16 release")
     block_rows, block_cols = block_size
     rows, cols = weight.shape
     expected = (math.ceil(rows / block_rows), math.ceil(cols / block_cols))

@@ -496,21 +496,23 @@ def synth(preset: str, out: Path, layers: int | None, experts: int | None, dtype
           shard_mib: int, force: bool) -> None:
     """Write a random checkpoint of PRESET's architecture to OUT.
 
-    Presets: qwen3-next-80b-a3b, qwen3-30b-a3b, qwen3-235b-a22b, tiny-qwen3-next, tiny-qwen3-moe,
-    demo-qwen3-next.
+    Presets: qwen3-next-80b-a3b, qwen3-30b-a3b, qwen3-235b-a22b, qwen3.5-35b-a3b, qwen3.5-122b-a10b,
+    qwen3.5-397b-a17b, tiny-qwen3-next, tiny-qwen3-moe, tiny-qwen3.5-moe, demo-qwen3-next.
     """
     from tqdm import tqdm
 
+    from offload.config import args_from_dict
     from offload.synthetic import checkpoint_nbytes, preset_config, synthesize
 
     config = preset_config(preset, layers=layers, experts=experts, dtype=dtype)
+    args = args_from_dict(config)
     total = checkpoint_nbytes(config)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
               disable=total < 64 * 2**20) as bar:
         synthesize(out, config, seed=seed, max_shard_bytes=shard_mib * 2**20, overwrite=force,
                    progress=bar.update)
-    click.echo(f"wrote {out} ({preset}, {config['num_hidden_layers']} layers, "
-               f"{config['num_experts']} experts, {total / 2**30:.2f} GiB)")
+    click.echo(f"wrote {out} ({preset}, {args.num_hidden_layers} layers, {args.num_experts} experts, "
+               f"{total / 2**30:.2f} GiB)")
 
 
 def _render_plan(result, profile_source: str) -> str:
@@ -555,7 +557,8 @@ def _resolve_profile(profile: str | None):
 
 @main.command()
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Checkpoint directory (reads config.json).")
-@click.option("--preset", default=None, help="A known model instead: qwen3-next-80b-a3b, qwen3-30b-a3b, qwen3-235b-a22b.")
+@click.option("--preset", default=None, help="A known model instead: qwen3-next-80b-a3b, qwen3-30b-a3b, qwen3-235b-a22b, "
+                   "qwen3.5-35b-a3b, qwen3.5-122b-a10b, qwen3.5-397b-a17b.")
 @click.option("--gpu-mem", default=None, help="GPU memory budget, e.g. 8G; 0 runs on the CPU (default: the GPU's memory).")
 @click.option("--ctx", default=4096, show_default=True, type=click.IntRange(min=1), help="Context length to hold.")
 @click.option("--profile", default=None, help="Hardware profile: a name in profiles/ or a YAML file.")

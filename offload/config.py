@@ -4,6 +4,8 @@ Two spellings of the same architecture exist in the wild and both are accepted:
 - the hub style of the original Qwen releases: top-level `rope_theta`, `partial_rotary_factor`,
   `full_attention_interval`, `num_experts` (Qwen3-Next) or `num_local_experts`;
 - the transformers >= 5 style: `layer_types`, a nested `rope_parameters` dict.
+A multimodal release (Qwen3.5) nests the language model's keys in `text_config`: they are read
+from there, over the file's top level.
 Keys offload does not use are ignored. This module does not import torch: the planner reads
 `ModelArgs` for models that are not on disk.
 """
@@ -137,18 +139,6 @@ class ModelArgs:
         return max(2 * self.num_attention_heads * self.head_dim, 4 * self.hidden_size,
                    self.num_experts_per_tok * self.moe_intermediate_size)
 
-    def mixer_shapes(self, layer: int, prefix: str) -> dict[str, tuple[int, ...]]:
-        """Checkpoint tensors of layer `layer`'s token mixer (attention), hub name -> shape."""
-        return attention_shapes(self, f"{prefix}.self_attn", self.num_attention_heads * self.head_dim)
-
-    def moe_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
-        """Checkpoint tensors of one MoE block: router and routed experts."""
-        shapes = {f"{prefix}.gate.weight": (self.num_experts, self.hidden_size)}
-        for expert in range(self.num_experts):
-            shapes.update(mlp_shapes(f"{prefix}.experts.{expert}", self.hidden_size,
-                                      self.moe_intermediate_size))
-        return shapes
-
     def norm_is_zero_centred(self, name: str) -> bool:
         """Whether the RMSNorm weight `name` is stored as scale - 1 (so 0 is the identity)."""
         return False
@@ -221,6 +211,7 @@ SCHEMA: dict[str, tuple[str, float, float]] = {
     "eos_token_id": ("ids", 0, 1 << 24), "mlp_only_layers": ("ids", 0, 1024),
     "torch_dtype": ("dtype", 0, 0), "dtype": ("dtype", 0, 0),
     "rope_scaling": ("mapping", 0, 0), "rope_parameters": ("mapping", 0, 0), "quantization_config": ("mapping", 0, 0),
+    "text_config": ("mapping", 0, 0),
     "original_max_position_embeddings": ("int", 1, 1 << 24),
 }
 _FLOAT_DTYPES = ("bfloat16", "float16", "float32")
@@ -281,6 +272,11 @@ def args_from_dict(config: dict[str, Any], rope_scaling: str | dict[str, Any] | 
     from offload.models import ARCHITECTURES  # each architecture's module: its Args among the rest
 
     model_type = config.get("model_type")
+    if isinstance(config.get("text_config"), dict):  # a multimodal release: the language model's keys are nested
+        config = {**{k: v for k, v in config.items() if not k.endswith("_config") or k == "quantization_config"},
+                  **{k: v for k, v in config["text_config"].items() if v is not None}, "model_type": model_type,
+                  # the wrapper ties its lm_head to the embeddings by its own flag, as transformers does
+                  "tie_word_embeddings": config.get("tie_word_embeddings", False)}
     if model_type not in ARCHITECTURES:
         raise ConfigError(f"config.json: model_type {model_type!r} is not supported; offload runs "
                           f"{', '.join(sorted(ARCHITECTURES))}")
@@ -453,50 +449,3 @@ def check_context(args: ModelArgs, ctx: int) -> None:
     native = args.max_position_embeddings
     raise OffloadError(f"--ctx {ctx} is more than this model's {native} positions (max_position_embeddings); "
                        f"pass at most that, or extend the context with --rope-scaling yarn:{math.ceil(ctx / native)}")
-
-
-# --- the tensors of a checkpoint, by hub name -------------------------------------------------
-# Shapes are [out, in] as stored (torch Linear layout). Routed experts are stored one tensor per
-# expert; the loader stacks them into [E, out, in].
-
-
-def attention_shapes(args: ModelArgs, prefix: str, q_width: int) -> dict[str, tuple[int, ...]]:
-    kv_width = args.num_key_value_heads * args.head_dim
-    shapes = {
-        f"{prefix}.q_proj.weight": (q_width, args.hidden_size),
-        f"{prefix}.k_proj.weight": (kv_width, args.hidden_size),
-        f"{prefix}.v_proj.weight": (kv_width, args.hidden_size),
-        f"{prefix}.o_proj.weight": (args.hidden_size, args.num_attention_heads * args.head_dim),
-        f"{prefix}.q_norm.weight": (args.head_dim,),
-        f"{prefix}.k_norm.weight": (args.head_dim,),
-    }
-    if args.attention_bias:
-        shapes.update({f"{prefix}.q_proj.bias": (q_width,), f"{prefix}.k_proj.bias": (kv_width,),
-                       f"{prefix}.v_proj.bias": (kv_width,), f"{prefix}.o_proj.bias": (args.hidden_size,)})
-    return shapes
-
-
-def mlp_shapes(prefix: str, hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
-    return {
-        f"{prefix}.gate_proj.weight": (intermediate, hidden),
-        f"{prefix}.up_proj.weight": (intermediate, hidden),
-        f"{prefix}.down_proj.weight": (hidden, intermediate),
-    }
-
-
-def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Hugging Face checkpoint of this model holds, hub name -> shape, in order."""
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (args.vocab_size, args.hidden_size)}
-    for layer in range(args.num_hidden_layers):
-        prefix = f"model.layers.{layer}"
-        shapes[f"{prefix}.input_layernorm.weight"] = (args.hidden_size,)
-        shapes.update(args.mixer_shapes(layer, prefix))
-        shapes[f"{prefix}.post_attention_layernorm.weight"] = (args.hidden_size,)
-        if args.is_moe_layer(layer):
-            shapes.update(args.moe_shapes(f"{prefix}.mlp"))
-        else:
-            shapes.update(mlp_shapes(f"{prefix}.mlp", args.hidden_size, args.intermediate_size))
-    shapes["model.norm.weight"] = (args.hidden_size,)
-    if not args.tie_word_embeddings:
-        shapes["lm_head.weight"] = (args.vocab_size, args.hidden_size)
-    return shapes

@@ -21,7 +21,6 @@ from offload.kernels.step import silu_mul
 from offload.kernels.threads import kernel_threads, physical_cores
 from offload.config import PREFILL_CHUNK
 from offload.host import numpy_view, stored_array
-from offload.models.hub import hub_name
 from offload.planner import quantizable
 
 FORMATS = {"int8": int8, "int6": int6, "int4": int4}
@@ -126,7 +125,7 @@ def quantize_dense(model: nn.Module, fmt: str = "int8", names=None, threads: int
     threads = threads or physical_cores()
     eligible = [(name, module) for name, module in model.named_modules()
                 if isinstance(module, nn.Linear) and (names is None or name in names)
-                and quantizable(hub_name(name) + ".weight", tuple(module.weight.shape))]
+                and quantizable(name + ".weight", tuple(module.weight.shape))]
     bar = tqdm(total=sum(m.weight.numel() for _, m in eligible), desc=f"quantising dense layers to {fmt}",
                unit="w", unit_scale=True, disable=not progress, leave=False)
     shared: dict[int, q8.Activations] = {}  # one int8 activation buffer per input width

@@ -528,9 +528,11 @@ def _total_bytes(model: nn.Module) -> int:
 
 def _check_weights(model: nn.Module, weights: dict, source: str) -> None:
     """Every parameter the config implies is in the checkpoint with its shape (headers only)."""
+    from offload.models.hub import checkpoint_name
+
     for name, param in model.named_parameters(remove_duplicate=False):
         if name not in weights:
-            raise CheckpointError(f"{source}: tensor model.{name} is missing from the checkpoint; "
+            raise CheckpointError(f"{source}: tensor {checkpoint_name(name, weights)} is missing from the checkpoint; "
                                   "download the model again")
         lazy = weights[name]
         if tuple(lazy.shape) != tuple(param.shape):

@@ -26,7 +26,6 @@ from offload.dense import JoinedMLP, QuantizedLinear, quantize_dense
 from offload.experts import Int4Experts
 from offload.host import OnHost
 from offload.models.cache import KVCache, LinearAttentionCache
-from offload.models.hub import hub_name
 from offload.models.moe import MLP, SparseMoeBlock
 from offload.planner import PREFETCH_GROUP, STAGING_GROUP, Plan, group_of
 
@@ -34,7 +33,7 @@ QUANTIZED = ("int8", "int6", "int4")
 
 
 def _group(module_name: str, leaf: str = "weight") -> str:
-    return group_of(hub_name(f"{module_name}.{leaf}" if module_name else leaf))
+    return group_of(f"{module_name}.{leaf}" if module_name else leaf)
 
 
 def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = False,

@@ -29,13 +29,12 @@ Cost model (per token, per layer, then summed):
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 
-from offload.config import (PREFILL_CHUNK, STAGING_BLOCKS, STREAM_EXPERT_BATCH, STREAM_PASS_TOKENS,
-                            ModelArgs, checkpoint_shapes)
+from offload.config import PREFILL_CHUNK, STAGING_BLOCKS, STREAM_EXPERT_BATCH, STREAM_PASS_TOKENS, ModelArgs
 from offload.hardware import HardwareProfile, format_size
 from offload.models.cache import KV_FORMATS, kv_bytes_per_position
+from offload.models.hub import parameter_shapes
 
 INT4_BYTES = 4.5 / 8  # kernels.int4: 4 bits + a bf16 scale per 32 weights
 INT6_BYTES = 6.5 / 8  # kernels.int6 (an output head on the CPU): 6 bits + a bf16 scale per 32 weights
@@ -117,12 +116,9 @@ class Plan:
 
 # --- sizing ------------------------------------------------------------------------------------
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
-
-
 def group_of(name: str) -> str:
-    """The tensor group of a checkpoint tensor, by its name."""
-    if name == "model.embed_tokens.weight":
+    """The tensor group of one of the model's parameters, by its name (`layers.3.mlp.gate.weight`)."""
+    if name == "embed_tokens.weight":
         return "embeddings"
     if name == "lm_head.weight":
         return "lm_head"
@@ -140,9 +136,9 @@ def group_of(name: str) -> str:
 
 
 def tensors_by_group(args: ModelArgs) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
-    """The checkpoint's tensors, (name, shape), by tensor group (a tied lm_head is not one)."""
+    """The model's parameters, (name, shape), by tensor group (a tied lm_head is not one)."""
     tensors: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
-    for name, shape in checkpoint_shapes(args).items():
+    for name, shape in parameter_shapes(args).items():
         tensors.setdefault(group_of(name), []).append((name, shape))
     return tensors
 
@@ -188,7 +184,7 @@ def _workspace_bytes(args: ModelArgs) -> int:
 
 
 def quantizable(name: str, shape: tuple[int, ...]) -> bool:
-    """Whether `dense_quant` turns this checkpoint tensor into int8/int4 on the CPU: the matrices of
+    """Whether `dense_quant` turns this parameter into int8/int4 on the CPU: the matrices of
     linear layers whose sizes are multiples of 32, except the routers and the shared-expert gate
     (small, and they decide which experts run). The routed experts have their own format."""
     return (len(shape) == 2 and name.endswith(".weight") and group_of(name) not in ("embeddings", "routed experts")

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from offload.kernels import int4
-from offload.checkpoint import Checkpoint, require_finite
+from offload.checkpoint import Checkpoint, LazyTensor, require_finite
 from offload.config import ModelArgs
 from offload.errors import OffloadError
+from offload.models.hub import checkpoint_name
 from offload.paths import cache_root
 
 MAGIC = b"OFFLDI4\0"
@@ -199,8 +200,11 @@ def _build(model_dir: Path, args: ModelArgs, store_dir: Path, layers: list[int],
         manifest.unlink()  # the store is incomplete until the manifest is rewritten
     for leftover in store_dir.glob("*.tmp"):
         leftover.unlink()
+    from offload.models import ARCHITECTURES
+
     checkpoint = Checkpoint(model_dir, args.fp8_block_size)
-    checkpoint.lazy_all()  # every tensor's dtype is a weight type (headers only)
+    # every tensor's dtype a weight type (headers only), under our names: the experts stacked [E, ...]
+    weights = ARCHITECTURES[args.model_type].sanitize(checkpoint.lazy_all(), args)
     experts, hidden, intermediate = args.num_experts, args.hidden_size, args.moe_intermediate_size
     layer_bytes = experts * 3 * hidden * intermediate * int4.FORMAT.bits_per_weight / 8
     total = int(layer_bytes * len(layers))
@@ -208,7 +212,7 @@ def _build(model_dir: Path, args: ModelArgs, store_dir: Path, layers: list[int],
     for layer in layers:
         path = _layer_path(store_dir, layer)
         if not _layer_is_current(path, source, layer):
-            _write_layer(path, checkpoint, layer, args, source, lambda n: progress and progress(done + n, total))
+            _write_layer(path, checkpoint, weights, layer, args, source, lambda n: progress and progress(done + n, total))
         done += int(layer_bytes)
         if progress:
             progress(done, total)
@@ -220,8 +224,8 @@ def _build(model_dir: Path, args: ModelArgs, store_dir: Path, layers: list[int],
     return store_dir
 
 
-def _write_layer(path: Path, checkpoint: Checkpoint, layer: int, args: ModelArgs, source: str,
-                 progress: Callable[[int], None]) -> None:
+def _write_layer(path: Path, checkpoint: Checkpoint, weights: dict[str, LazyTensor], layer: int, args: ModelArgs,
+                 source: str, progress: Callable[[int], None]) -> None:
     experts, hidden, intermediate = args.num_experts, args.hidden_size, args.moe_intermediate_size
     shapes = {"gate_up_packed": ((experts, 2 * intermediate // int4.BLOCK, hidden * 16), "uint8"),
               "gate_up_scales": ((experts, 2 * intermediate // int4.BLOCK, hidden), "uint16"),
@@ -238,47 +242,35 @@ def _write_layer(path: Path, checkpoint: Checkpoint, layer: int, args: ModelArgs
         raise StoreError(f"store header of layer {layer} does not fit {ALIGN} bytes")
     temp = path.with_suffix(".int4.tmp")
     try:
-        _fill_layer(temp, path, header, encoded, offset, checkpoint, layer, args, progress)
+        _fill_layer(temp, path, header, encoded, offset, checkpoint, weights, layer, args, progress)
     except BaseException:
         temp.unlink(missing_ok=True)  # a failed or interrupted layer leaves nothing behind
         raise
 
 
-def _fill_layer(temp: Path, path: Path, header: dict, encoded: bytes, offset: int, checkpoint: Checkpoint, layer: int,
-                args: ModelArgs, progress: Callable[[int], None]) -> None:
+def _fill_layer(temp: Path, path: Path, header: dict, encoded: bytes, offset: int, checkpoint: Checkpoint,
+                weights: dict[str, LazyTensor], layer: int, args: ModelArgs, progress: Callable[[int], None]) -> None:
     experts, hidden, intermediate = args.num_experts, args.hidden_size, args.moe_intermediate_size
     with open(temp, "wb") as f:
         f.write(MAGIC + struct.pack("<Q", len(encoded)) + encoded)
         f.truncate(offset)
     arrays = {name: np.memmap(temp, dtype=spec["dtype"], mode="r+", offset=spec["offset"], shape=tuple(spec["shape"]))
               for name, spec in header["arrays"].items()}
-    prefix = f"model.layers.{layer}.mlp.experts"
-    stacked = f"{prefix}.gate_up_proj" in checkpoint  # [E, 2I, D] and [E, D, I], as transformers 5 writes them
-    if not stacked and f"{prefix}.0.gate_proj.weight" not in checkpoint:
-        raise StoreError(f"{checkpoint.model_dir}: layer {layer}'s experts are neither one tensor per expert "
-                         f"({prefix}.0.gate_proj.weight) nor stacked ({prefix}.gate_up_proj); download the "
-                         "checkpoint again, or run with quant=None")
+    # [E, 2I, D] and [E, D, I]: stacked in the checkpoint (as transformers 5 writes them) or by `sanitize`
+    # from one tensor per expert; either way only a chunk's bytes are read at a time
+    prefix = f"layers.{layer}.mlp.experts"
+    for name in (f"{prefix}.gate_up_proj", f"{prefix}.down_proj"):
+        if name not in weights:
+            raise StoreError(f"{checkpoint.model_dir}: tensor {checkpoint_name(name, weights)} (layer {layer}'s "
+                             "routed experts, one per expert or stacked) is missing from the checkpoint; download it again")
+    gate_up, down = weights[f"{prefix}.gate_up_proj"], weights[f"{prefix}.down_proj"]
     done = 0
     for first in range(0, experts, QUANTIZE_CHUNK):
         chunk = range(first, min(first + QUANTIZE_CHUNK, experts))
-        if stacked:
-            gate_up = _float32(checkpoint.read_rows(f"{prefix}.gate_up_proj", chunk.start, chunk.stop),
-                               checkpoint.where(f"{prefix}.gate_up_proj"))
-        else:
-            gate_up = np.stack([_float32(torch.cat([checkpoint.read(f"{prefix}.{e}.gate_proj.weight"),
-                                                    checkpoint.read(f"{prefix}.{e}.up_proj.weight")]),
-                                         checkpoint.where(f"{prefix}.{e}.gate_proj.weight")) for e in chunk])
-        quantized = int4.quantize(gate_up)
+        quantized = int4.quantize(_rows_float32(gate_up, chunk))
         arrays["gate_up_packed"][chunk.start:chunk.stop] = quantized.packed
         arrays["gate_up_scales"][chunk.start:chunk.stop] = quantized.scales
-        del gate_up
-        if stacked:
-            down = _float32(checkpoint.read_rows(f"{prefix}.down_proj", chunk.start, chunk.stop),
-                            checkpoint.where(f"{prefix}.down_proj"))
-        else:
-            down = np.stack([_float32(checkpoint.read(f"{prefix}.{e}.down_proj.weight"),
-                                      checkpoint.where(f"{prefix}.{e}.down_proj.weight")) for e in chunk])
-        quantized = int4.quantize(down)
+        quantized = int4.quantize(_rows_float32(down, chunk))
         arrays["down_packed"][chunk.start:chunk.stop] = quantized.packed
         arrays["down_scales"][chunk.start:chunk.stop] = quantized.scales
         done += len(chunk) * 3 * hidden * intermediate * int4.FORMAT.bits_per_weight / 8
@@ -297,9 +289,12 @@ def _fill_layer(temp: Path, path: Path, header: dict, encoded: bytes, offset: in
     os.replace(temp, path)
 
 
-def _float32(tensor: torch.Tensor, where: str) -> np.ndarray:
-    require_finite(tensor, where)
-    return tensor.to(torch.float32).numpy()
+def _rows_float32(tensor: LazyTensor, rows: range) -> np.ndarray:
+    """Experts `rows` of a stacked tensor as fp32; one holding NaN or infinity refused by its name."""
+    chunk = tensor.rows(rows.start, rows.stop)
+    for i, expert in enumerate(chunk):
+        require_finite(expert, tensor.where_of(rows.start + i))
+    return chunk.to(torch.float32).numpy()
 
 
 class ExpertStore:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from offload.checkpoint import INDEX_FILE
-from offload.config import ModelArgs, args_from_dict, checkpoint_shapes
+from offload.config import ModelArgs, args_from_dict
 from offload.errors import OffloadError
 
 def _presets() -> dict[str, dict[str, Any]]:
@@ -51,19 +51,27 @@ def preset_config(preset: str, layers: int | None = None, experts: int | None = 
     if preset not in PRESETS:
         raise OffloadError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     config = dict(PRESETS[preset])
+    text = config  # where the language model's keys are: a multimodal wrapper's text_config
+    if isinstance(config.get("text_config"), dict):
+        text = config["text_config"] = dict(config["text_config"])
     if layers is not None:
         if layers <= 0:
             raise OffloadError(f"--layers must be positive, got {layers}")
-        config["num_hidden_layers"] = layers
+        text["num_hidden_layers"] = layers
+        if "layer_types" in text:  # the pattern, continued or cut
+            pattern = text["layer_types"]
+            text["layer_types"] = [pattern[i % len(pattern)] for i in range(layers)]
     if experts is not None:
         if experts <= 0:
             raise OffloadError(f"--experts must be positive, got {experts}")
-        config["num_experts"] = experts
-        config["num_experts_per_tok"] = min(config["num_experts_per_tok"], experts)
+        text["num_experts"] = experts
+        text["num_experts_per_tok"] = min(text["num_experts_per_tok"], experts)
     if dtype is not None:
         if dtype not in DTYPES:
             raise OffloadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        config["torch_dtype"] = _DTYPE_NAMES.get(DTYPES[dtype], "bfloat16")
+        for section in {id(config): config, id(text): text}.values():
+            section.pop("dtype", None)
+            section["torch_dtype"] = _DTYPE_NAMES.get(DTYPES[dtype], "bfloat16")
         if dtype == "fp8":
             config["quantization_config"] = dict(FP8_CONFIG)
     return config
@@ -75,8 +83,10 @@ def _fp8(config: dict[str, Any]) -> bool:
 
 def stored_as_fp8(name: str, shape: tuple[int, ...]) -> bool:
     """Whether an FP8 checkpoint stores this tensor in e4m3: the projections' weights (attention,
-    DeltaNet, experts, shared expert); embeddings, lm_head, norms and the routers stay bf16."""
-    return len(shape) == 2 and name.endswith("_proj.weight")
+    DeltaNet's input and output, experts, shared expert); embeddings, lm_head, norms, the routers
+    and DeltaNet's small b/a projections stay bf16."""
+    return len(shape) == 2 and (name.endswith("_proj.weight")
+                                or name.endswith(("in_proj_qkvz.weight", "in_proj_qkv.weight", "in_proj_z.weight")))
 
 
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,3 +297,10 @@ def checkpoint_nbytes(config: dict[str, Any]) -> int:
     args = args_from_dict(config)
     dtype = _dtype(args)
     return sum(_stored_bytes(config, name, shape, dtype) for name, shape in checkpoint_shapes(args).items())
+
+
+def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """What a release of this model holds, hub name -> shape (its architecture's layout)."""
+    from offload.models import ARCHITECTURES
+
+    return ARCHITECTURES[args.model_type].checkpoint_shapes(args)

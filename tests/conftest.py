@@ -43,6 +43,38 @@ MOE_CONFIGS = {
                      max_position_embeddings=160),
 }
 
+QWEN35_CONFIGS = {
+    # the language model saved alone (Qwen3_5MoeForCausalLM: model_type qwen3_5_moe_text, model.* names);
+    # value heads = 4x key heads over two key heads, as the released models' 16 x 4
+    "q35": dict(linear_num_key_heads=2, linear_num_value_heads=8),
+    # a release as published: the multimodal wrapper (text_config, model.language_model.*, a vision
+    # tower under model.visual.* that is never read), value heads = 4x key heads, its rope's
+    # multimodal sections
+    "q35-release": dict(linear_num_key_heads=1, linear_num_value_heads=4, wrapper=True,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                         "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+}
+
+
+def _qwen35_model(overrides: dict):
+    from transformers import (Qwen3_5MoeConfig, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration,
+                              Qwen3_5MoeTextConfig)
+
+    values = dict(vocab_size=160, hidden_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                  num_experts=12, num_experts_per_tok=3, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                  layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention",
+                               "full_attention"],
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+                  max_position_embeddings=1024, tie_word_embeddings=False)
+    values.update(overrides)
+    if values.pop("wrapper", False):
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                      temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
+        return Qwen3_5MoeForConditionalGeneration(Qwen3_5MoeConfig(text_config=values, vision_config=vision,
+                                                                   tie_word_embeddings=False))
+    return Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**values))
+
 
 def _next_config(overrides: dict):
     from transformers import Qwen3NextConfig
@@ -128,14 +160,17 @@ def hf_checkpoint(tmp_path_factory):
         from transformers import Qwen3MoeForCausalLM, Qwen3NextForCausalLM
 
         is_next = name in NEXT_CONFIGS
-        overrides = dict((NEXT_CONFIGS if is_next else MOE_CONFIGS)[name])
+        overrides = dict({**NEXT_CONFIGS, **MOE_CONFIGS, **QWEN35_CONFIGS}[name])
         hub_style = overrides.pop("hub_style", False)
         interval = overrides.get("full_attention_interval")
-        config = _next_config(overrides) if is_next else _moe_config(overrides)
         torch.manual_seed(0)
-        model = (Qwen3NextForCausalLM if is_next else Qwen3MoeForCausalLM)(config).eval()
+        if name in QWEN35_CONFIGS:
+            model = _qwen35_model(overrides).eval()
+        else:
+            config = _next_config(overrides) if is_next else _moe_config(overrides)
+            model = (Qwen3NextForCausalLM if is_next else Qwen3MoeForCausalLM)(config).eval()
         randomize(model)
-        if config.tie_word_embeddings:
+        if model.config.tie_word_embeddings:
             model.tie_weights()
         path = tmp_path_factory.mktemp(name)
         model.save_pretrained(path)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from offload.config import ModelArgs, args_from_dict, checkpoint_shapes, load_config
+from offload.config import ModelArgs, args_from_dict, load_config
 from offload.errors import ConfigError
 from offload.models import qwen3_moe, qwen3_next
-from offload.synthetic import PRESETS
+from offload.synthetic import PRESETS, checkpoint_shapes
 
 
 def test_hub_and_transformers_styles_agree(hf_checkpoint):
@@ -53,7 +53,7 @@ def test_mlp_only_layers_and_sparse_step():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "llama"}, r"model_type 'llama' is not supported; offload runs qwen3_moe, qwen3_next"),
+    ({"model_type": "llama"}, r"model_type 'llama' is not supported; offload runs qwen3_5_moe, qwen3_5_moe_text, qwen3_moe, qwen3_next"),
     ({"model_type": None}, r"model_type None is not supported"),
     ({"hidden_size": None}, r"missing required key\(s\) hidden_size for qwen3_moe"),
     ({"num_experts_per_tok": 99}, r"num_experts_per_tok \(99\) must be between 1 and num_experts \(16\)"),

@@ -19,7 +19,7 @@ def dequantized_reference(model):
     """A copy of the transformers model whose routed experts are int4-rounded."""
     reference = copy.deepcopy(model)
     with torch.no_grad():
-        for layer in reference.model.layers:
+        for layer in getattr(reference.model, "language_model", reference.model).layers:  # (a release's wrapper)
             experts = getattr(layer.mlp, "experts", None)
             if experts is None or not hasattr(experts, "gate_up_proj"):
                 continue
@@ -34,7 +34,7 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("name", ["next", "next-hub", "moe", "moe-hub"])
+@pytest.mark.parametrize("name", ["next", "next-hub", "moe", "moe-hub", "q35-release"])
 def test_int4_logits_match_transformers_on_dequantized_experts(hf_checkpoint, name):
     checkpoint = hf_checkpoint(name)
     reference = dequantized_reference(checkpoint.model)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import offload
-from conftest import MOE_CONFIGS, NEXT_CONFIGS, parity_bound
+from conftest import MOE_CONFIGS, NEXT_CONFIGS, QWEN35_CONFIGS, parity_bound
 
-ALL_CONFIGS = [*NEXT_CONFIGS, *MOE_CONFIGS]
+ALL_CONFIGS = [*NEXT_CONFIGS, *MOE_CONFIGS, *QWEN35_CONFIGS]
 
 
 def prompt(length: int, vocab: int = 160, seed: int = 1) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from offload.config import ModelArgs
 from offload.models.attention import apply_rope, cached_attention
 from offload.models.cache import Cache, DevicePosition, KVCache
-from offload.models.hub import sanitize  # noqa: F401  (part of the architecture's interface)
+from offload.models.hub import checkpoint_shapes, sanitize  # noqa: F401  (the architecture's interface)
 from offload.models import decoder
 from offload.models.decoder import CausalLM, feed_forward
 

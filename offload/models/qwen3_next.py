@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from offload.config import (FULL_ATTENTION, LINEAR_ATTENTION, ConfigError, ModelArgs, attention_shapes, mlp_shapes,
-                            require)
+from offload.config import FULL_ATTENTION, LINEAR_ATTENTION, ConfigError, ModelArgs, require
 from offload.models.attention import apply_rope, cached_attention
 from offload.models.cache import Cache, DevicePosition, KVCache, LinearAttentionCache
-from offload.models.hub import sanitize  # noqa: F401  (part of the architecture's interface)
+from offload.models.hub import checkpoint_shapes, sanitize  # noqa: F401  (the architecture's interface)
 from offload.models import decoder
 from offload.models.decoder import CausalLM, feed_forward
 
@@ -88,19 +87,6 @@ class Args(ModelArgs):
     def norm_is_zero_centred(self, name: str) -> bool:
         return not name.endswith("linear_attn.norm.weight")  # the gated norm keeps a plain scale
 
-    def mixer_shapes(self, layer: int, prefix: str) -> dict[str, tuple[int, ...]]:
-        if self.layer_type(layer) == LINEAR_ATTENTION:
-            return self._linear_attention_shapes(f"{prefix}.linear_attn")
-        # gated attention: q_proj also produces the output gate, one per head
-        return attention_shapes(self, f"{prefix}.self_attn", 2 * self.num_attention_heads * self.head_dim)
-
-    def moe_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
-        shapes = super().moe_shapes(prefix)
-        shapes.update(mlp_shapes(f"{prefix}.shared_expert", self.hidden_size,
-                                  self.shared_expert_intermediate_size))
-        shapes[f"{prefix}.shared_expert_gate.weight"] = (1, self.hidden_size)
-        return shapes
-
     def validate(self) -> None:
         super().validate()
         require(len(self.layer_types) == self.num_hidden_layers,
@@ -112,20 +98,6 @@ class Args(ModelArgs):
         require(self.linear_num_value_heads % self.linear_num_key_heads == 0,
                  f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
                  f"linear_num_key_heads ({self.linear_num_key_heads})")
-
-    def _linear_attention_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
-        key_dim = self.linear_num_key_heads * self.linear_key_head_dim
-        value_dim = self.linear_num_value_heads * self.linear_value_head_dim
-        heads = self.linear_num_value_heads
-        return {
-            f"{prefix}.in_proj_qkvz.weight": (2 * key_dim + 2 * value_dim, self.hidden_size),
-            f"{prefix}.in_proj_ba.weight": (2 * heads, self.hidden_size),
-            f"{prefix}.conv1d.weight": (2 * key_dim + value_dim, 1, self.linear_conv_kernel_dim),
-            f"{prefix}.dt_bias": (heads,),
-            f"{prefix}.A_log": (heads,),
-            f"{prefix}.norm.weight": (self.linear_value_head_dim,),
-            f"{prefix}.out_proj.weight": (self.hidden_size, value_dim),
-        }
 
 
 class RMSNorm(nn.Module):
