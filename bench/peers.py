@@ -46,6 +46,7 @@ from offload.hardware import cpu_model  # noqa: E402
 from offload.paths import cache_root  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its sdist vendors a llama.cpp tree that knows qwen3next
+MTP_ARCHITECTURES = ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text")  # released with an MTP head
 CONVERTER_PACKAGES = ["torch==2.13.0", "transformers==4.57.6", "numpy", "safetensors", "sentencepiece", "protobuf"]
 # Qwen2's pre-tokenizer: like GPT-4's, but digits one at a time
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -137,10 +138,10 @@ def gguf_files(checkpoint: Path, out: Path, quants: list[str], peer_dir: Path, s
     if not bf16.is_file():
         step(f"converting the checkpoint to {bf16.name}")
         converter = source / "convert_hf_to_gguf.py"
-        # a Qwen3-Next slice has no multi-token-prediction layers; converters that expect them take
-        # --no-mtp (and refuse it for other architectures)
-        is_next = json.loads((checkpoint / "config.json").read_text())["model_type"] == "qwen3_next"
-        no_mtp = ["--no-mtp"] if is_next and "--no-mtp" in converter.read_text() else []
+        # a Qwen3-Next or Qwen3.5 slice has no multi-token-prediction layers; converters that expect
+        # them take --no-mtp (and refuse it for other architectures)
+        with_mtp = json.loads((checkpoint / "config.json").read_text())["model_type"] in MTP_ARCHITECTURES
+        no_mtp = ["--no-mtp"] if with_mtp and "--no-mtp" in converter.read_text() else []
         run([python, converter, hf_dir, "--outtype", "bf16", *no_mtp, "--outfile", f"{bf16}.part"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         os.replace(f"{bf16}.part", bf16)

@@ -38,7 +38,7 @@ import functools
 
 import numpy as np
 from llvmlite import ir
-from numba import literally, njit, prange, types
+from numba import get_num_threads, literally, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -509,16 +509,21 @@ def _moe_decode_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_pack
             gate[r] = _silu(gate[r]) * up[r]  # gate now holds h
         _quantize_group(gate, hq[t, j, rows], h_scales[t, j], h_sums[t, j], b)
 
-    # down for every (token, output block), summed over the token's experts
-    for task in prange(tokens * out_blocks):
-        t = task // out_blocks
-        b = task % out_blocks
-        rows = out[t, b * BLOCK:(b + 1) * BLOCK]
-        rows[:] = 0
+    # down for every token, summed over its experts: each thread takes a run of output blocks and
+    # reads every expert's rows for it in order, one expert after another (long runs the prefetch
+    # leads, rather than top_k scattered 8 KiB blocks a task); each block still sums its experts in
+    # the token's order, so the result is the same bits
+    runs = get_num_threads()
+    for task in prange(tokens * runs):
+        t = task // runs
+        first = (task % runs) * out_blocks // runs
+        last = (task % runs + 1) * out_blocks // runs
+        out[t, first * BLOCK:last * BLOCK] = 0
         for j in range(top_k):
             e = expert_ids[t, j]
-            _q8_block_dot(path, dn_packed[e, b], dn_scales[e, b], hq[t, j], h_scales[t, j], h_sums[t, j],
-                          np.float32(weights[t, j]), rows)
+            for b in range(first, last):
+                _q8_block_dot(path, dn_packed[e, b], dn_scales[e, b], hq[t, j], h_scales[t, j], h_sums[t, j],
+                              np.float32(weights[t, j]), out[t, b * BLOCK:(b + 1) * BLOCK])
 
 
 # --- prefill ------------------------------------------------------------------------------------------
