@@ -484,7 +484,7 @@ def _bits(packed) -> int:
 
 @njit(parallel=True, nogil=True, cache=True)
 def _moe_decode_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums):
+                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums, runs):
     literally(path)
     tokens, top_k = expert_ids.shape
     gate_blocks = gu_packed.shape[1] // 2  # I / 32
@@ -512,8 +512,8 @@ def _moe_decode_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_pack
     # down for every token, summed over its experts: each thread takes a run of output blocks and
     # reads every expert's rows for it in order, one expert after another (long runs the prefetch
     # leads, rather than top_k scattered 8 KiB blocks a task); each block still sums its experts in
-    # the token's order, so the result is the same bits
-    runs = get_num_threads()
+    # the token's order, so the result is the same bits. `runs`: the threads' number, given by the
+    # caller (numba.get_num_threads inside a kernel would keep it out of the cache)
     for task in prange(tokens * runs):
         t = task // runs
         first = (task % runs) * out_blocks // runs
@@ -637,28 +637,31 @@ _VNNI512, _AVXVNNI, _AVX2, _PORTABLE = paths.VNNI512, paths.AVXVNNI, paths.AVX2,
 
 
 @njit(nogil=True, cache=True)
-def _decode_vnni512(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs, hsum):
+def _decode_vnni512(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
+                    hsum, runs):
     _moe_decode_fast(_VNNI512, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
-                     gate_up, hq, hs, hsum)
+                     gate_up, hq, hs, hsum, runs)
 
 
 @njit(nogil=True, cache=True)
-def _decode_avxvnni(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs, hsum):
+def _decode_avxvnni(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
+                    hsum, runs):
     _moe_decode_fast(_AVXVNNI, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
-                     gate_up, hq, hs, hsum)
+                     gate_up, hq, hs, hsum, runs)
 
 
 @njit(nogil=True, cache=True)
-def _decode_avx2(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs, hsum):
+def _decode_avx2(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
+                 hsum, runs):
     _moe_decode_fast(_AVX2, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
-                     gate_up, hq, hs, hsum)
+                     gate_up, hq, hs, hsum, runs)
 
 
 @njit(nogil=True, cache=True)
 def _decode_portable(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
-                     hsum):
+                     hsum, runs):
     _moe_decode_fast(_PORTABLE, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
-                     gate_up, hq, hs, hsum)
+                     gate_up, hq, hs, hsum, runs)
 
 
 @njit(nogil=True, cache=True)
@@ -767,7 +770,7 @@ def moe_decode_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weig
                          scratch.gate_up[:tokens * top_k].reshape(*slots, *scratch.gate_up.shape[1:]),
                          scratch.hq[:tokens * top_k].reshape(*slots, -1),
                          scratch.h_scales[:tokens * top_k].reshape(*slots, -1),
-                         scratch.h_sums[:tokens * top_k].reshape(*slots, -1))
+                         scratch.h_sums[:tokens * top_k].reshape(*slots, -1), get_num_threads())
     return out
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -313,6 +314,7 @@ class ExpertStore:
             except (OSError, ValueError, TypeError, KeyError) as error:
                 raise StoreError(f"{path}: unreadable ({error}); delete it and run `offload quantize` to rebuild "
                                  "it") from None
+            _read_ahead(arrays.values())
             self.layers[layer] = LayerExperts(
                 int4.Int4Weights(arrays["gate_up_packed"], arrays["gate_up_scales"], (experts, 2 * intermediate, hidden)),
                 int4.Int4Weights(arrays["down_packed"], arrays["down_scales"], (experts, hidden, intermediate)))
@@ -320,6 +322,16 @@ class ExpertStore:
     @property
     def nbytes(self) -> int:
         return sum(layer.gate_up.nbytes + layer.down.nbytes for layer in self.layers.values())
+
+
+def _read_ahead(arrays) -> None:
+    """Ask the OS to read the mapped experts in now, in the background (as llama.cpp does with its
+    mmapped weights): otherwise each expert a token first picks is read from disk on that token,
+    and the first hundreds of tokens after a load decode at the disk's speed."""
+    for array in arrays:
+        mapping = getattr(array, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+            mapping.madvise(mmap.MADV_WILLNEED)
 
 
 def open_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | None = None,
