@@ -484,30 +484,35 @@ def _bits(packed) -> int:
 
 @njit(parallel=True, nogil=True, cache=True)
 def _moe_decode_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums, runs):
+                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums, parts, runs):
     literally(path)
     tokens, top_k = expert_ids.shape
     gate_blocks = gu_packed.shape[1] // 2  # I / 32
     out_blocks = dn_packed.shape[1]  # D / 32
     quantize_activations(x, xq, x_scales, x_sums)
 
-    # gate_up for every (token, expert, row block); h = silu(gate) * up, quantised as one group
-    for task in prange(tokens * top_k * gate_blocks):
-        t = task // (top_k * gate_blocks)
-        j = (task // gate_blocks) % top_k
-        b = task % gate_blocks
+    # gate_up for every (token, expert, part of its rows): the part's gate rows, then its up rows,
+    # each one run of the expert's bytes in order (a gate block and an up block in turn broke every
+    # run in two: 0.47 -> 0.39 ms a layer on Zen 4); then h = silu(gate) * up, quantised per block.
+    # `parts`: enough per expert for every thread to have work (1 when the experts already do)
+    for task in prange(tokens * top_k * parts):
+        t = task // (top_k * parts)
+        j = (task // parts) % top_k
+        first = (task % parts) * gate_blocks // parts
+        last = (task % parts + 1) * gate_blocks // parts
         e = expert_ids[t, j]
-        rows = slice(b * BLOCK, (b + 1) * BLOCK)
-        gate = gate_up[t, j, 0, rows]
-        up = gate_up[t, j, 1, rows]
-        gate[:] = 0
-        up[:] = 0
-        _q8_block_dot(path, gu_packed[e, b], gu_scales[e, b], xq[t], x_scales[t], x_sums[t], np.float32(1.0), gate)
-        _q8_block_dot(path, gu_packed[e, gate_blocks + b], gu_scales[e, gate_blocks + b], xq[t], x_scales[t],
-                      x_sums[t], np.float32(1.0), up)
-        for r in range(BLOCK):
-            gate[r] = _silu(gate[r]) * up[r]  # gate now holds h
-        _quantize_group(gate, hq[t, j, rows], h_scales[t, j], h_sums[t, j], b)
+        for half in range(2):  # gate rows, then up rows
+            for b in range(first, last):
+                rows = gate_up[t, j, half, b * BLOCK:(b + 1) * BLOCK]
+                rows[:] = 0
+                _q8_block_dot(path, gu_packed[e, half * gate_blocks + b], gu_scales[e, half * gate_blocks + b], xq[t],
+                              x_scales[t], x_sums[t], np.float32(1.0), rows)
+        for b in range(first, last):
+            gate = gate_up[t, j, 0, b * BLOCK:(b + 1) * BLOCK]
+            up = gate_up[t, j, 1, b * BLOCK:(b + 1) * BLOCK]
+            for r in range(BLOCK):
+                gate[r] = _silu(gate[r]) * up[r]  # gate now holds h
+            _quantize_group(gate, hq[t, j, b * BLOCK:(b + 1) * BLOCK], h_scales[t, j], h_sums[t, j], b)
 
     # down for every token, summed over its experts: each thread takes a run of output blocks and
     # reads every expert's rows for it in order, one expert after another (long runs the prefetch
@@ -638,30 +643,30 @@ _VNNI512, _AVXVNNI, _AVX2, _PORTABLE = paths.VNNI512, paths.AVXVNNI, paths.AVX2,
 
 @njit(nogil=True, cache=True)
 def _decode_vnni512(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
-                    hsum, runs):
+                    hsum, parts, runs):
     _moe_decode_fast(_VNNI512, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
-                     gate_up, hq, hs, hsum, runs)
+                     gate_up, hq, hs, hsum, parts, runs)
 
 
 @njit(nogil=True, cache=True)
 def _decode_avxvnni(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
-                    hsum, runs):
+                    hsum, parts, runs):
     _moe_decode_fast(_AVXVNNI, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
-                     gate_up, hq, hs, hsum, runs)
+                     gate_up, hq, hs, hsum, parts, runs)
 
 
 @njit(nogil=True, cache=True)
 def _decode_avx2(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
-                 hsum, runs):
+                 hsum, parts, runs):
     _moe_decode_fast(_AVX2, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
-                     gate_up, hq, hs, hsum, runs)
+                     gate_up, hq, hs, hsum, parts, runs)
 
 
 @njit(nogil=True, cache=True)
 def _decode_portable(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
-                     hsum, runs):
+                     hsum, parts, runs):
     _moe_decode_fast(_PORTABLE, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
-                     gate_up, hq, hs, hsum, runs)
+                     gate_up, hq, hs, hsum, parts, runs)
 
 
 @njit(nogil=True, cache=True)
@@ -770,8 +775,16 @@ def moe_decode_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weig
                          scratch.gate_up[:tokens * top_k].reshape(*slots, *scratch.gate_up.shape[1:]),
                          scratch.hq[:tokens * top_k].reshape(*slots, -1),
                          scratch.h_scales[:tokens * top_k].reshape(*slots, -1),
-                         scratch.h_sums[:tokens * top_k].reshape(*slots, -1), get_num_threads())
+                         scratch.h_sums[:tokens * top_k].reshape(*slots, -1),
+                         _parts(tokens * top_k, gate_up.packed.shape[1] // 2), get_num_threads())
     return out
+
+
+def _parts(experts: int, blocks: int) -> int:
+    """Into how many runs of row blocks the decode kernel's gate_up pass cuts each of its `experts`
+    (token, expert) pairs: enough for two tasks a thread, one when the pairs alone are that many
+    (10 routed experts on 2 threads)."""
+    return max(1, min(blocks, -(-2 * get_num_threads() // experts)))
 
 
 def moe_prefill_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights, out,
