@@ -769,6 +769,7 @@ def moe_decode_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weig
     tokens, top_k = expert_ids.shape
     scratch.check(tokens, top_k)
     slots = (tokens, top_k)
+    threads = get_num_threads()
     _DECODE[_path(path)](x, expert_ids.astype(np.int64, copy=False), weights.astype(np.float32, copy=False),
                          gate_up.packed, gate_up.scales, down.packed, down.scales, out,
                          scratch.xq[:tokens], scratch.x_scales[:tokens], scratch.x_sums[:tokens],
@@ -776,15 +777,15 @@ def moe_decode_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weig
                          scratch.hq[:tokens * top_k].reshape(*slots, -1),
                          scratch.h_scales[:tokens * top_k].reshape(*slots, -1),
                          scratch.h_sums[:tokens * top_k].reshape(*slots, -1),
-                         _parts(tokens * top_k, gate_up.packed.shape[1] // 2), get_num_threads())
+                         _parts(tokens * top_k, gate_up.packed.shape[1] // 2, threads), threads)
     return out
 
 
-def _parts(experts: int, blocks: int) -> int:
+def _parts(experts: int, blocks: int, threads: int) -> int:
     """Into how many runs of row blocks the decode kernel's gate_up pass cuts each of its `experts`
     (token, expert) pairs: enough for two tasks a thread, one when the pairs alone are that many
     (10 routed experts on 2 threads)."""
-    return max(1, min(blocks, -(-2 * get_num_threads() // experts)))
+    return max(1, min(blocks, -(-2 * threads // experts)))
 
 
 def moe_prefill_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights, out,

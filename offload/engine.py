@@ -22,6 +22,7 @@ from offload.config import (DECODE_MAX_TOKENS, DEFAULT_CONTEXT, PREFILL_CHUNK, S
 from offload.errors import OffloadError
 from offload.hardware import HardwareProfile
 from offload.models import ARCHITECTURES
+from offload.models.hub import checkpoint_name
 from offload.models.cache import Cache, cache_nbytes
 from offload.models.decoder import run_stages
 from offload.planner import CUDA_CONTEXT_BYTES, DENSE_QUANTS, KV_CACHES
@@ -528,8 +529,6 @@ def _total_bytes(model: nn.Module) -> int:
 
 def _check_weights(model: nn.Module, weights: dict, source: str) -> None:
     """Every parameter the config implies is in the checkpoint with its shape (headers only)."""
-    from offload.models.hub import checkpoint_name
-
     for name, param in model.named_parameters(remove_duplicate=False):
         if name not in weights:
             raise CheckpointError(f"{source}: tensor {checkpoint_name(name, weights)} is missing from the checkpoint; "

@@ -39,6 +39,7 @@ from offload.kernels import int4
 from offload.checkpoint import Checkpoint, LazyTensor, require_finite
 from offload.config import ModelArgs
 from offload.errors import OffloadError
+from offload.models import ARCHITECTURES
 from offload.models.hub import checkpoint_name
 from offload.paths import cache_root
 
@@ -201,8 +202,6 @@ def _build(model_dir: Path, args: ModelArgs, store_dir: Path, layers: list[int],
         manifest.unlink()  # the store is incomplete until the manifest is rewritten
     for leftover in store_dir.glob("*.tmp"):
         leftover.unlink()
-    from offload.models import ARCHITECTURES
-
     checkpoint = Checkpoint(model_dir, args.fp8_block_size)
     # every tensor's dtype a weight type (headers only), under our names: the experts stacked [E, ...]
     weights = ARCHITECTURES[args.model_type].sanitize(checkpoint.lazy_all(), args)

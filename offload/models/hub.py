@@ -40,18 +40,17 @@ def rename(weights: dict[str, LazyTensor], prefixes: dict[str, str], skip: tuple
     return out
 
 
-def tie_and_stack(weights: dict[str, LazyTensor], args: ModelArgs, hub_prefix: str = "model.") -> dict[str, LazyTensor]:
-    """A tied lm_head from the embeddings, and each MoE layer's per-expert tensors stacked (a missing
-    one named as the checkpoint names it: `hub_prefix` + ours)."""
+def tie_and_stack(weights: dict[str, LazyTensor], args: ModelArgs) -> dict[str, LazyTensor]:
+    """A tied lm_head from the embeddings, and each MoE layer's per-expert tensors stacked."""
     if args.tie_word_embeddings and "embed_tokens.weight" in weights:
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     for layer in range(args.num_hidden_layers):
         if args.is_moe_layer(layer):
-            _stack_experts(weights, f"layers.{layer}.mlp.experts", args.num_experts, hub_prefix)
+            _stack_experts(weights, f"layers.{layer}.mlp.experts", args.num_experts)
     return weights
 
 
-def _stack_experts(weights: dict[str, LazyTensor], prefix: str, num_experts: int, hub_prefix: str) -> None:
+def _stack_experts(weights: dict[str, LazyTensor], prefix: str, num_experts: int) -> None:
     if f"{prefix}.0.gate_proj.weight" not in weights:
         return
     first_file = weights[f"{prefix}.0.gate_proj.weight"].where.split(":")[0]
@@ -60,7 +59,7 @@ def _stack_experts(weights: dict[str, LazyTensor], prefix: str, num_experts: int
         names = [f"{prefix}.{expert}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
         for name in names:
             if name not in weights:
-                raise CheckpointError(f"tensor {hub_prefix}{name} is missing from the checkpoint (expert 0 of its layer "
+                raise CheckpointError(f"tensor {checkpoint_name(name, weights)} is missing from the checkpoint (expert 0 of its layer "
                                       f"is in {first_file}); download the model again")
         gate, up, dn = (weights.pop(name) for name in names)
         gate_up.append(lazy_cat([gate, up], where=gate.where))

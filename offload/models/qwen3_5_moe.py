@@ -52,12 +52,11 @@ class Args(qwen3_next.Args):
 
 
 def sanitize(weights: dict[str, LazyTensor], args: Args) -> dict[str, LazyTensor]:
-    hub_prefix = _TEXT if any(name.startswith(_TEXT) for name in weights) else "model."
     weights = hub.rename(weights, {_TEXT: "", "model.": ""}, skip=_SKIPPED)
     for layer in range(args.num_hidden_layers):
         if args.layer_type(layer) == LINEAR_ATTENTION:
-            _group_by_key_head(weights, f"layers.{layer}.linear_attn", args, hub_prefix)
-    return hub.tie_and_stack(weights, args, hub_prefix)
+            _group_by_key_head(weights, f"layers.{layer}.linear_attn", args)
+    return hub.tie_and_stack(weights, args)
 
 
 def _split_shapes(args: Args) -> dict[str, tuple[int, int]]:
@@ -69,7 +68,7 @@ def _split_shapes(args: Args) -> dict[str, tuple[int, int]]:
             "in_proj_b.weight": (heads, hidden), "in_proj_a.weight": (heads, hidden)}
 
 
-def _group_by_key_head(weights: dict[str, LazyTensor], prefix: str, args: Args, hub_prefix: str) -> None:
+def _group_by_key_head(weights: dict[str, LazyTensor], prefix: str, args: Args) -> None:
     """in_proj_qkv + in_proj_z -> in_proj_qkvz and in_proj_b + in_proj_a -> in_proj_ba, rows grouped
     by key head as Qwen3-Next's GatedDeltaNet reads them (headers only: rows move when read)."""
     shapes = _split_shapes(args)
@@ -78,8 +77,8 @@ def _group_by_key_head(weights: dict[str, LazyTensor], prefix: str, args: Args, 
         return  # already joined (a checkpoint in Qwen3-Next's layout); the loader checks what it holds
     for name, shape in zip(names, shapes.values()):
         if name not in weights:
-            raise CheckpointError(f"tensor {hub_prefix}{name} (a DeltaNet input projection) is missing from the checkpoint; "
-                                  "download the model again")
+            raise CheckpointError(f"tensor {hub.checkpoint_name(name, weights)} (a DeltaNet input projection) is "
+                                  "missing from the checkpoint; download the model again")
         if tuple(weights[name].shape) != shape:
             raise CheckpointError(f"{weights[name].where}: shape {list(weights[name].shape)} does not match "
                                   f"config.json, which implies {list(shape)}; the config and weights are from "
@@ -106,14 +105,13 @@ def checkpoint_shapes(args: Args) -> hub.Shapes:
     DeltaNet projections split, routed experts stacked [E, 2I, D] / [E, D, I] as the bf16 releases
     store them (one tensor per expert in FP8, whose block scales are per 2-D matrix)."""
     shapes: hub.Shapes = {}
+    splits = _split_shapes(args)
     for name, shape in hub.parameter_shapes(args).items():
         base, _, suffix = name.rpartition(".linear_attn.")
-        if suffix == "in_proj_qkvz.weight":
-            for split in ("in_proj_qkv.weight", "in_proj_z.weight"):
-                shapes[f"{_TEXT}{base}.linear_attn.{split}"] = _split_shapes(args)[split]
-        elif suffix == "in_proj_ba.weight":
-            for split in ("in_proj_b.weight", "in_proj_a.weight"):
-                shapes[f"{_TEXT}{base}.linear_attn.{split}"] = _split_shapes(args)[split]
+        if suffix in ("in_proj_qkvz.weight", "in_proj_ba.weight"):
+            for split in (("in_proj_qkv.weight", "in_proj_z.weight") if suffix == "in_proj_qkvz.weight"
+                          else ("in_proj_b.weight", "in_proj_a.weight")):
+                shapes[f"{_TEXT}{base}.linear_attn.{split}"] = splits[split]
         else:
             shapes[name if name == "lm_head.weight" else _TEXT + name] = shape
     return hub.unstack_experts(shapes) if args.fp8_block_size else shapes
