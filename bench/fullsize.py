@@ -62,12 +62,20 @@ begun = time.perf_counter()
 engine.feed(rng.integers(1, 1000, prompt), all_logits=False)
 prefill_s = time.perf_counter() - begun
 plan = engine.plan
+pmd = 0  # the store's pages mapped 2 MiB at a time (Linux: /proc/self/smaps_rollup)
+try:
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("FilePmdMapped:"):
+            pmd = int(line.split()[1]) * 1024
+except OSError:
+    pass
 hardware = offload.hardware.default_profile()[0]  # the profile the plan was made with (load's default)
 bytes_per_token = hardware.cpu.ram_bandwidth / plan.predicted.decode_limit_tok_s  # what the bound counts
 print(json.dumps({"load_s": load_s, "rss_after_load": rss_after_load, "first_prompt_s": warm_s,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "decode_s": statistics.median(times), "prefill_s": prefill_s,
-                  "bytes_per_token": bytes_per_token, "profile": hardware.name}))
+                  "bytes_per_token": bytes_per_token, "profile": hardware.name,
+                  "store_bytes": engine.executor.store.nbytes, "store_in_huge_pages": pmd}))
 """
 
 
@@ -144,6 +152,8 @@ def main() -> int:
           f"({measured['bytes_per_token'] / 1e6:.0f} MB a token) (target >= {TARGETS['decode vs bound']:.0%})")
     print(f"  prefill {options.prompt}          {options.prompt / measured['prefill_s']:6.1f} tok/s (the first prompt "
           f"after load, which brings the experts in from the store: {options.prompt / measured['first_prompt_s']:.1f})")
+    print(f"  store in 2 MiB pages {measured['store_in_huge_pages'] / 1e9:6.1f} GB of {measured['store_bytes'] / 1e9:.1f}"
+          " (the rest in 4 KiB pages)")
     print(f"  read bandwidth       {results['bandwidth'] / 1e9:6.1f} GB/s (this run, before the load)")
     if options.out:
         options.out.write_text(json.dumps(results, indent=2, default=str))

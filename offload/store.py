@@ -23,6 +23,7 @@ on every start would cost more than it protects.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -326,11 +327,18 @@ class ExpertStore:
 def _read_ahead(arrays) -> None:
     """Ask the OS to read the mapped experts in now, in the background (as llama.cpp does with its
     mmapped weights): otherwise each expert a token first picks is read from disk on that token,
-    and the first hundreds of tokens after a load decode at the disk's speed."""
+    and the first hundreds of tokens after a load decode at the disk's speed. In 2 MiB pages where
+    the kernel allows them (MADV_HUGEPAGE first: pages it reads from then on are mapped whole): a
+    token's experts lie anywhere in gigabytes, and with 4 KiB pages each of their reads also walks
+    the page tables (the expert kernels ran 8-10% faster on 2 MiB pages on a Zen 4)."""
     for array in arrays:
         mapping = getattr(array, "_mmap", None)
-        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
-            mapping.madvise(mmap.MADV_WILLNEED)
+        if mapping is None or not hasattr(mapping, "madvise"):
+            continue
+        for advice in ("MADV_HUGEPAGE", "MADV_WILLNEED"):
+            if hasattr(mmap, advice):
+                with contextlib.suppress(OSError):  # a kernel without transparent huge pages says EINVAL
+                    mapping.madvise(getattr(mmap, advice))
 
 
 def open_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | None = None,

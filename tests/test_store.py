@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import offload
 from offload.config import args_from_dict, load_config
-from offload.store import build_store, store_is_current
+from offload.store import build_store, open_store, store_is_current
 from offload.synthetic import preset_config, synthesize
 
 
@@ -41,6 +42,28 @@ def test_store_is_built_once_and_reused(tiny, tmp_path):
     second = offload.load(tiny, quant="int4", store_dir=store_dir).logits([1, 2, 3, 4, 5])
     assert [f.stat().st_mtime_ns for f in layer_files(store_dir)] == stamps
     assert np.array_equal(first.numpy(), second.numpy())
+
+
+def store_mappings_flags(store_dir) -> list[str]:
+    """The VmFlags of every mapping of this process onto a file in `store_dir`."""
+    flags, path = [], None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
+            path = line.split()[-1] if len(line.split()) > 5 else None
+        elif line.startswith("VmFlags:") and path and path.startswith(str(store_dir)):
+            flags.append(line.split(":", 1)[1])
+    return flags
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+                    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+                    reason="a Linux kernel with transparent huge pages")
+def test_opened_store_asks_for_huge_pages(tiny, tmp_path):
+    store_dir = tmp_path / "store"
+    store = open_store(tiny, load_config(tiny), store_dir)
+    flags = store_mappings_flags(store_dir)
+    assert len(flags) == 4 * len(store.layers)  # the packed weights and scales of gate_up and down
+    assert all("hg" in f.split() for f in flags)  # madvise(MADV_HUGEPAGE) on each
 
 
 def test_experts_stacked_as_transformers_5_writes_them_make_the_same_store(tiny, tmp_path):
