@@ -323,14 +323,17 @@ def chat(model_dir, demo, ctx, load_options, system, hide_thinking, **sampling_f
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port (0: any free one).")
 @click.option("--api-key", default=None, envvar="OFFLOAD_API_KEY",
               help="Require 'Authorization: Bearer KEY' on every /v1 request [$OFFLOAD_API_KEY].")
+@click.option("--parallel", default=None, type=click.IntRange(min=1),
+              help="Requests answered at once, each in a slot with its own caches for --ctx positions; their "
+                   "decode steps run as one batch [4 where the plan fits them, else 2 or 1].")
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0),
-              help="Requests that may wait while one runs; more are answered 429.")
+              help="Requests that may wait while every slot is busy; more are answered 429.")
 @click.option("--snapshots", default=4, show_default=True, type=click.IntRange(min=0),
               help="Sequence snapshots kept in RAM for prefix reuse (an edited or regenerated last turn).")
 @click.option("--tool-call-format", type=click.Choice(["json", "xml"]), default=None,
               help="How the model writes a tool call: json (Qwen3, Qwen3-Next) or xml (Qwen3-Coder, Qwen3.5) "
                    "[default: as its chat template renders calls].")
-def serve(model_dir, demo, ctx, load_options, host, port, api_key, max_queue,
+def serve(model_dir, demo, ctx, load_options, host, port, api_key, parallel, max_queue,
           snapshots, tool_call_format) -> None:
     """Serve the OpenAI API (chat and text completions) until Ctrl-C or SIGTERM.
 
@@ -358,13 +361,14 @@ def serve(model_dir, demo, ctx, load_options, host, port, api_key, max_queue,
         listener.bind((host, port))
     except OSError as error:
         raise OffloadError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host") from None
-    engine, load_s = _load(model_dir, ctx, load_options)
+    engine, load_s = _load(model_dir, ctx, {**load_options, "slots": parallel or "auto"})
     click.echo(f"loaded {model_dir.name} in {load_s:.1f} s; {_execution_words(engine)}", err=True)
     click.echo("\n".join(describe(engine.placement)), err=True)
     service = Service(engine, tokenizer, "demo" if demo else model_dir.name, generation_defaults(model_dir),
                       max_queue=max_queue, snapshots=snapshots, api_key=api_key, tool_format=tool_call_format)
     http = Http(service, listener, host, port)
-    click.echo(f"serving {service.model_name} at {http.url} (context {engine.ctx} tokens); Ctrl-C stops", err=True)
+    click.echo(f"serving {service.model_name} at {http.url} ({len(engine.slots)} at once, context {engine.ctx} "
+               "tokens each); Ctrl-C stops", err=True)
 
     def interrupt(*_):
         raise KeyboardInterrupt
@@ -571,10 +575,12 @@ def _resolve_profile(profile: str | None):
 @click.option("--rope-scaling", default=None, help="Extend the context with YaRN, e.g. yarn:4 (see run --help).")
 @click.option("--kv-cache", type=click.Choice(["auto", "f32", "bf16", "f16", "int8"]), default="auto",
               show_default=True, help="How keys and values are stored (see run --help).")
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Sequences held at once (serve --parallel), each with its caches for --ctx positions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model_dir: Path | None, preset: str | None, gpu_mem: str | None, ctx: int, profile: str | None,
          prompt_tokens: int, quant: str, dense_quant: str, rope_scaling: str | None, kv_cache: str,
-         as_json: bool) -> None:
+         parallel: int, as_json: bool) -> None:
     """Show where a model's tensors go, how fast.
 
     Placement, GPU and RAM ledgers and predicted speeds for a checkpoint or a preset."""
@@ -597,7 +603,7 @@ def plan(model_dir: Path | None, preset: str | None, gpu_mem: str | None, ctx: i
                            "or --profile for a machine with a GPU")
     result = make_plan(args, hardware, budget, ctx=ctx, quant=quant, prompt_tokens=prompt_tokens,
                        model_name=preset or str(model_dir), dense_quant=None if dense_quant == "none" else dense_quant,
-                       kv_cache=kv_cache)
+                       kv_cache=kv_cache, slots=parallel)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -24,17 +24,33 @@ from offload.hardware import HardwareProfile
 from offload.models import ARCHITECTURES
 from offload.models.hub import checkpoint_name
 from offload.models.cache import Cache, cache_nbytes
-from offload.models.decoder import run_stages
+from offload.models.decoder import Segment, run_stages
 from offload.planner import CUDA_CONTEXT_BYTES, DENSE_QUANTS, KV_CACHES
 from offload.sampling import Sampler, SamplingParams, generation_stop_ids
 
 
 PROGRESS_BYTES = 256 * 2**20  # models smaller than this load without a progress bar
+# slots="auto": as llama.cpp's server; a CPU decode step of 4 rows reads the dense weights once (BENCHMARKS.md)
+AUTO_SLOTS = 4
 Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
 
 
+class Slot:
+    """One sequence the engine holds: its caches (one per layer) and what they hold."""
+
+    def __init__(self, caches: list[Cache]):
+        self.caches = caches
+        self.position = 0  # tokens of the sequence held in the caches
+        self.history: list[int] = []  # the ids `append` and `step` have fed in the sequence
+        self.written: list[int] = []  # the ids whose keys and values the KV caches hold, by position
+
+
 class Engine:
-    """A model ready to run. One sequence at a time.
+    """A model ready to run, holding `slots` sequences (one unless loaded with more).
+
+    The single-sequence calls (`feed`, `append`, `stream`, `snapshot`, ...) work on the selected
+    slot (`select`; the first at load); `step` advances several slots by a few tokens each in one
+    forward pass, where each weight is read once for all of them.
 
     `device` is where the activations live (CUDA, or the CPU: CPU-only, or standing in for a GPU);
     `plan` is the placement plan and `placement` what was done with it (set by `load`).
@@ -44,13 +60,15 @@ class Engine:
     other's routed experts run on the CPU (on by default on CUDA)."""
 
     def __init__(self, model: nn.Module, args: ModelArgs, ctx: int, device: torch.device, executor=None,
-                 prefill: str = "cpu", kv_format: str = "f32"):
+                 prefill: str = "cpu", kv_format: str = "f32", slots: int = 1):
         self.model = model
         self.args = args
         self.ctx = ctx
         self.device = device
         self.dtype = model.compute_dtype
-        self.caches: list[Cache] = ARCHITECTURES[args.model_type].make_cache(args, ctx, self.dtype, device, kv_format)
+        make_cache = ARCHITECTURES[args.model_type].make_cache
+        self.slots = [Slot(make_cache(args, ctx, self.dtype, device, kv_format)) for _ in range(slots)]
+        self.slot = self.slots[0]  # the one the single-sequence calls work on
         self.executor = executor  # the int4 routed experts' CpuExpertExecutor, if any
         self.graphs = None  # decode steps replayed from CUDA graphs (`offload.graphs.GraphedDecode`), if on
         self.prefill = prefill
@@ -58,14 +76,44 @@ class Engine:
         self.plan = None
         self.placement: list[dict] = []
         self.gpu_outside_bytes = 0  # device memory in use outside the allocator at load (`load` sets it)
-        self.position = 0  # tokens of the current sequence held in the caches
-        self.history: list[int] = []  # the ids `stream` / `append` have fed in the current sequence
-        self.written: list[int] = []  # the ids whose keys and values the KV caches hold, by position
         self.stop_ids = set(args.eos_token_ids)  # ends generation (load adds generation_config.json's)
 
     @property
     def cache_nbytes(self) -> int:
-        return cache_nbytes(self.caches)
+        return sum(cache_nbytes(slot.caches) for slot in self.slots)
+
+    def select(self, index: int) -> None:
+        """Make slot `index` the one the single-sequence calls work on."""
+        self.slot = self.slots[index]
+
+    # the selected slot's state, under the names of a one-sequence engine
+    @property
+    def caches(self) -> list[Cache]:
+        return self.slot.caches
+
+    @property
+    def position(self) -> int:
+        return self.slot.position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.slot.position = value
+
+    @property
+    def history(self) -> list[int]:
+        return self.slot.history
+
+    @history.setter
+    def history(self, value: list[int]) -> None:
+        self.slot.history = value
+
+    @property
+    def written(self) -> list[int]:
+        return self.slot.written
+
+    @written.setter
+    def written(self, value: list[int]) -> None:
+        self.slot.written = value
 
     def _ids(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
@@ -82,7 +130,7 @@ class Engine:
                                f"larger ctx (at most {self.args.max_context})")
 
     def reset(self) -> None:
-        """Start a new sequence."""
+        """Start a new sequence (in the selected slot)."""
         for cache in self.caches:
             cache.reset()
         if self.executor is not None:
@@ -166,7 +214,7 @@ class Engine:
         if self.executor is not None:
             self.executor.stream = streamed
         del self.written[self.position:]  # overwritten from here on (and unknown if this fails midway)
-        if self.graphs is not None and ids.shape[0] == 1:
+        if self.graphs is not None and ids.shape[0] == 1 and self.slot is self.slots[0]:  # captured on slot 0
             logits = self.graphs.step(int(ids[0]), self.position)  # in RAM, complete
             self.written += ids.tolist()
             self.position += 1
@@ -195,6 +243,36 @@ class Engine:
         self.written += ids.tolist()
         self.position += ids.shape[0]
         return torch.cat(logits if all_logits else logits[-1:]).float()  # widened on the CPU
+
+    def step(self, work: Sequence[tuple[int, Sequence[int] | torch.Tensor]]) -> torch.Tensor:
+        """Advance several slots in one forward pass: each (slot index, ids) of `work` appends its
+        ids to that slot's sequence (its `history` too), as `append` would. Dense weights and the
+        routed experts the rows share are read once for all of them; attention and DeltaNet run
+        per slot on its own caches. -> float32 logits [len(work), vocab]: each entry's last
+        token's. Keep it a step: a decode token per slot and at most a prompt chunk (every row's
+        activations are held at once). A failure leaves the slots in `work` unusable: reset them."""
+        indices = [index for index, _ in work]
+        if len(set(indices)) != len(indices):
+            raise OffloadError(f"a step advances each slot once; got slots {indices}")
+        batch = [(self.slots[index], self._ids(ids)) for index, ids in work]
+        for slot, ids in batch:
+            self._check_room(slot.position + ids.shape[0])
+        segments = [Segment(slot.caches, slot.position, ids.shape[0]) for slot, ids in batch]
+        for slot, _ in batch:
+            del slot.written[slot.position:]
+        if self.executor is not None:
+            self.executor.stream = False
+        with torch.inference_mode():
+            logits = self._to_host(run_stages(self.model.batch_stages(torch.cat([ids for _, ids in batch]), segments,
+                                                                      last_only=True)))
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # the copy to RAM has landed
+        for slot, ids in batch:
+            tokens = ids.tolist()
+            slot.written += tokens
+            slot.history += tokens
+            slot.position += len(tokens)
+        return logits.float()
 
     def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
         """A chunk's logits in RAM, copied as it finishes (none are kept on the device: a prompt's
@@ -290,7 +368,7 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
          profile: str | HardwareProfile | None = None, device: str | None = None, ctx: int | None = None,
          store_dir: str | Path | None = None, dense_quant: str | None = "auto", overlap: bool = False,
          prefill: str = "auto", exact: bool = False, rope_scaling: str | dict | None = None,
-         kv_cache: str = "auto", cuda_graphs: bool = False) -> Engine:
+         kv_cache: str = "auto", cuda_graphs: bool = False, slots: int | str = 1) -> Engine:
     """Load a Hugging Face checkpoint directory into an `Engine`, placed as its plan says.
 
     quant=None keeps the checkpoint's precision (FP8 weights are dequantised to bf16);
@@ -326,7 +404,11 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     The plan says which (`engine.plan.kv_format`) and why.
     cuda_graphs=True replays each decode step's device work from captured CUDA graphs
     (`offload.graphs`): on CUDA, with the KV cache in the compute dtype; elsewhere a note says it
-    is off.
+    is off. They serve the first slot's single-sequence decode steps.
+    slots: how many sequences the engine holds at once, each with caches for `ctx` positions (the
+    plan counts them all), or "auto": AUTO_SLOTS where the plan fits them, else the most of 2 and 1
+    that fits. `Engine.step` advances several in one pass (`offload.scheduler` runs requests on
+    them).
     """
     if dense_quant not in (None, *DENSE_QUANTS):
         raise OffloadError(f"dense_quant={dense_quant!r} is not a format offload has; use 'auto', 'int8', 'int4' "
@@ -334,6 +416,8 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     if quant not in (None, "int4"):
         raise OffloadError(f"quant={quant!r} is not a format offload has; use quant='int4' (routed experts "
                            "as int4) or quant=None (the checkpoint's precision)")
+    if slots != "auto" and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):
+        raise OffloadError(f"slots={slots!r}: give how many sequences to hold at once (1 or more), or 'auto'")
     args = load_config(model_dir, rope_scaling)
     ctx = ctx or min(DEFAULT_CONTEXT, args.max_context)
     check_context(args, ctx)
@@ -344,7 +428,11 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     if prefill == "stream" and quant != "int4":
         raise OffloadError("prefill='stream' streams the int4 experts; use it with quant='int4'")
     execution, hardware, budget = _execution_device(device, gpu_mem, profile)
-    plan = _plan(args, hardware, budget, ctx, quant, dense_quant, str(model_dir), kv_cache, exact)
+    for tried in ((AUTO_SLOTS, 2, 1) if slots == "auto" else (slots,)):
+        plan = _plan(args, hardware, budget, ctx, quant, dense_quant, str(model_dir), kv_cache, exact, tried)
+        if plan.fits:
+            break
+    slots = plan.slots
     if not plan.fits:
         raise OffloadError(f"{Path(model_dir).name} does not fit: {plan.reason}")
     hybrid = plan.gpu_budget > 0
@@ -370,16 +458,17 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     nbytes = place(model, plan, execution, progress=_total_bytes(model) >= PROGRESS_BYTES, exact=exact)
     if executor is not None and hybrid and _plans_streaming(plan):
         executor.prepare_streaming()
-    engine = Engine(model, args, ctx, execution, executor, prefill, plan.kv_format)
+    engine = Engine(model, args, ctx, execution, executor, prefill, plan.kv_format, slots)
     engine.gpu_outside_bytes = outside
     if not hybrid:
         from offload.attention import plug_into
 
-        plug_into(engine.caches, args)
+        plug_into([cache for slot in engine.slots for cache in slot.caches], args)
     engine.stop_ids |= generation_stop_ids(model_dir)
     engine.plan = plan
     expert_nbytes = executor.store.nbytes if executor is not None else 0
-    engine.placement = executed_placement(plan, execution, nbytes, engine.caches, expert_nbytes, executor)
+    caches = [cache for slot in engine.slots for cache in slot.caches]
+    engine.placement = executed_placement(plan, execution, nbytes, caches, expert_nbytes, executor)
     if cuda_graphs:
         engine.graphs = _graphed_decode(engine)
     return engine
@@ -513,14 +602,14 @@ def _swap_in_int4_experts(model: nn.Module, args: ModelArgs, model_dir, store_di
 
 
 def _plan(args: ModelArgs, hardware, budget: int | None, ctx: int, quant: str | None, dense_quant: str | None,
-          name: str, kv_cache: str, exact: bool):
+          name: str, kv_cache: str, exact: bool, slots: int = 1):
     from offload.hardware import ProfileError
     from offload.planner import make_plan
 
     if budget and hardware.gpu is None:
         raise ProfileError(f"profile {hardware.name} has no GPU; use gpu_mem=0 or a profile with a GPU")
     return make_plan(args, hardware, budget, ctx=ctx, quant=quant or "none", dense_quant=dense_quant,
-                     model_name=name, kv_cache=kv_cache, exact=exact)
+                     model_name=name, kv_cache=kv_cache, exact=exact, slots=slots)
 
 
 def _total_bytes(model: nn.Module) -> int:

@@ -31,7 +31,7 @@ import torch
 
 from offload.config import GRAPH_SPAN
 from offload.models.cache import KV_DTYPES, DevicePosition, KVCache
-from offload.models.decoder import run_stages
+from offload.models.decoder import Segment, run_stages
 from offload.models.moe import Experts
 
 _state = threading.local()  # .chain: the `_Chain` being captured on this thread; .warming: the eager step before
@@ -193,8 +193,8 @@ class GraphedDecode:
         return self.logits.clone()
 
     def _run(self, span: int) -> torch.Tensor:
-        return run_stages(self.engine.model.layer_stages(self.x, self.index, self.engine.caches,
-                                                         DevicePosition(self.index, span), last_only=True))
+        segment = Segment(self.engine.slots[0].caches, DevicePosition(self.index, span), 1)  # graphs serve slot 0
+        return run_stages(self.engine.model.layer_stages(self.x, self.index, [segment], last_only=True))
 
     def _eager(self, span: int) -> torch.Tensor:
         _state.warming = self.capture  # a capture follows: crossings make their buffers now

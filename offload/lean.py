@@ -14,9 +14,11 @@ up to DECODE_MAX_TOKENS tokens (a decode step, a short prompt's chunk):
   v in one kernel call, per-head norms, rotary and the output gate's sigmoid in one Numba call,
   the cache's write and attention as the model's.
 Where every layer has those pieces (a `FusedDeltaNet` or `LeanAttention` mixer, a `LeanMoeBlock`
-or `JoinedMLP`), a `LeanDecoder` takes the model's `stages` for such calls: the residual stream is
+or `JoinedMLP`), a `LeanDecoder` takes the model's `batch_stages` for such calls: the residual stream is
 one NumPy array that each `LeanLayer` advances in place (the residual add fused into the second
-norm, the MoE block's outputs summed straight into it), with no torch tensor between kernels.
+norm, the MoE block's outputs summed straight into it), with no torch tensor between kernels; it
+serves batched calls too (several sequences' decode steps: the mixers per sequence, the rest once
+over all the rows).
 Longer calls (prefill chunks) go to the model's modules, which stay the definition of the maths:
 the lean path is checked against them (its sums round in another order, and top-k may pick
 another expert where two logits tie to the last bit), and `exact=True` never uses it.
@@ -39,6 +41,7 @@ from offload.kernels.step import (add_moe_output, add_rms_norm, attention_inputs
                                   router_logits, top_k_softmax)
 from offload.kernels.threads import kernel_threads
 from offload.models.attention import cached_attention
+from offload.models.decoder import CausalLM, Segment
 from offload.models.moe import SparseMoeBlock
 
 
@@ -202,11 +205,18 @@ class LeanLayer:
             return None
         return cls(norms[0], mixer, norms[1], layer.mlp)
 
-    def __call__(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache, start: int) -> None:
-        """Advance the residual stream x float32 [T, D] (T at most DECODE_MAX_TOKENS) in place
-        through the layer at positions start..start+T."""
+    def __call__(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, segments: list[Segment], index: int) -> None:
+        """Advance the residual stream x float32 [T, D] (T at most DECODE_MAX_TOKENS: the segments'
+        rows one after another) in place through the layer, layer `index` of each segment's caches."""
         h = self.input_norm.rows(x)
-        mixed = self.mixer.rows(h, cos, sin, cache, start) if self.attention else self.mixer.rows(h, cache)
+        if len(segments) == 1:
+            mixed = self._mix(h, cos, sin, segments[0].caches[index], segments[0].start)
+        else:
+            mixed, first = np.empty(h.shape, np.float32), 0
+            for segment in segments:
+                rows = slice(first, first + segment.length)
+                mixed[rows] = self._mix(h[rows], cos[rows], sin[rows], segment.caches[index], segment.start)
+                first += segment.length
         add_rms_norm(x, mixed, self.post_norm.scale, self.post_norm.eps, h)
         if isinstance(self.mlp, LeanMoeBlock):
             self.mlp.add_rows(h, x)
@@ -214,12 +224,17 @@ class LeanLayer:
             x += self.mlp.rows(h)
 
 
+    def _mix(self, h: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache, start: int) -> np.ndarray:
+        return self.mixer.rows(h, cos, sin, cache, start) if self.attention else self.mixer.rows(h, cache)
+
+
 class LeanDecoder:
-    """`CausalLM.stages` for calls of up to DECODE_MAX_TOKENS tokens (decode steps, short
-    prompts) when every layer has a `LeanLayer`: the embedded tokens become one NumPy array that
-    each layer advances in place, then the final norm and the output head; the model's own
-    `stages` serve longer calls. Installed on the model in place of its `stages` method by
-    `lean_layers`: an executor of the same layers, not a second model."""
+    """`CausalLM.batch_stages` for calls of up to DECODE_MAX_TOKENS tokens (decode steps, short
+    prompts, a few sequences' steps together) when every layer has a `LeanLayer`: the embedded
+    tokens become one NumPy array that each layer advances in place, then the final norm and the
+    output head; the model's own `batch_stages` serve longer calls. Installed on the model in
+    place of its `batch_stages` method by `lean_layers`: an executor of the same layers, not a
+    second model."""
 
     def __init__(self, model: nn.Module, layers: list[LeanLayer]):
         # the model's parts, not the model: the model holds this decoder, and a cycle would keep a
@@ -234,14 +249,14 @@ class LeanDecoder:
         layers = [LeanLayer.of(layer) for layer in model.layers]
         return None if any(layer is None for layer in layers) else cls(model, layers)
 
-    def __call__(self, input_ids: torch.Tensor, caches: list, start: int,
+    def __call__(self, input_ids: torch.Tensor, segments: list[Segment],
                  last_only: bool = False) -> Generator[None, None, torch.Tensor]:
-        if input_ids.shape[0] > DECODE_MAX_TOKENS or input_ids.device.type != "cpu" or not isinstance(start, int):
-            model = self.model()
-            return type(model).stages(model, input_ids, caches, start, last_only)
-        return self._stages(input_ids, caches, start, last_only)
+        if input_ids.shape[0] > DECODE_MAX_TOKENS or input_ids.device.type != "cpu" \
+                or not all(isinstance(segment.start, int) for segment in segments):
+            return CausalLM.batch_stages(self.model(), input_ids, segments, last_only)
+        return self._stages(input_ids, segments, last_only)
 
-    def _stages(self, input_ids: torch.Tensor, caches: list, start: int,
+    def _stages(self, input_ids: torch.Tensor, segments: list[Segment],
                 last_only: bool) -> Generator[None, None, torch.Tensor]:
         table = self.embed.weight
         if table.dtype == torch.float32:
@@ -249,11 +264,17 @@ class LeanDecoder:
         else:
             x = self.embed(input_ids).to(torch.float32).numpy()
         cos, sin = (np.empty((input_ids.shape[0], 2 * self.inv_freq.shape[0]), np.float32) for _ in range(2))
-        rotary_tables(self.inv_freq, self.scale, start, cos, sin)
-        for layer, cache in zip(self.layers, caches):
-            layer(x, cos, sin, cache, start)
+        first = 0
+        for segment in segments:
+            rows = slice(first, first + segment.length)
+            rotary_tables(self.inv_freq, self.scale, segment.start, cos[rows], sin[rows])
+            first += segment.length
+        for index, layer in enumerate(self.layers):
+            layer(x, cos, sin, segments, index)
             yield  # as the model's stages: another chunk may run between layers
-        return torch.from_numpy(linear_rows(self.lm_head, self.norm.rows(x[-1:] if last_only else x)))
+        if last_only:
+            x = x[np.cumsum([segment.length for segment in segments]) - 1]
+        return torch.from_numpy(linear_rows(self.lm_head, self.norm.rows(x)))
 
 
 def lean_layers(model: nn.Module) -> None:
@@ -272,12 +293,12 @@ def lean_layers(model: nn.Module) -> None:
             layer.self_attn = attention
     decoder = LeanDecoder.of(model)
     if decoder is not None:
-        model.stages = decoder  # an instance attribute: it shadows CausalLM.stages
+        model.batch_stages = decoder  # an instance attribute: it shadows CausalLM.batch_stages
 
 
 def lean_off(model: nn.Module) -> None:
     """Put the model's own modules back where `lean_layers` swapped lean ones in (to compare)."""
-    model.__dict__.pop("stages", None)
+    model.__dict__.pop("batch_stages", None)
     for layer in model.layers:
         for name in ("input_layernorm", "post_attention_layernorm"):
             module = getattr(layer, name)

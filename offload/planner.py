@@ -109,6 +109,7 @@ class Plan:
     activations: str = "bf16"  # dtype the model computes in: the GPU's, or fp32 on a CPU with quantised layers
     dense_quant: str | None = None  # the policy for dense matrices on the CPU (`dense_format`)
     kv_format: str = "bf16"  # how the KV cache stores keys and values (KV_FORMATS)
+    slots: int = 1  # sequences held at once, each with caches for `ctx` positions
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -218,8 +219,9 @@ def kv_choices(kv_cache: str, use_gpu: bool, compute_format: str, lossless: bool
 
 def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None = None, ctx: int = 4096,
               quant: str = "int4", prompt_tokens: int = 2048, model_name: str = "",
-              dense_quant: str | None = "auto", kv_cache: str = "auto", exact: bool = False) -> Plan:
+              dense_quant: str | None = "auto", kv_cache: str = "auto", exact: bool = False, slots: int = 1) -> Plan:
     """Place every tensor group; `gpu_budget` in bytes (None: the profile's GPU memory, 0: CPU only).
+    `slots` sequences are held at once, each with its caches for `ctx` positions.
     Dense matrices placed on the CPU are in `dense_format(group, dense_quant)` ("auto", "int8",
     "int4", or None: as stored); the KV cache in `kv_choices(kv_cache, ...)`'s first format that
     fits. Sizes are those the loader allocates for this placement, tensor by tensor."""
@@ -246,8 +248,9 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
         tensors["lm_head"] = [("lm_head.weight", tensors["embeddings"][0][1])]
     groups = {group: sum(math.prod(shape) for _, shape in items) for group, items in tensors.items()}
     kv_formats = kv_choices(kv_cache, use_gpu, compute_format, lossless=quant != "int4" or exact)
-    kv = {fmt: kv_cache_bytes(args, ctx, fmt) for fmt in kv_formats}
-    linear_state = args.state_bytes(compute_bytes)
+    kv = {fmt: slots * kv_cache_bytes(args, ctx, fmt) for fmt in kv_formats}
+    linear_state = slots * args.state_bytes(compute_bytes)
+    held = f"{ctx} positions" if slots == 1 else f"{slots} slots x {ctx} positions"
     total, active = parameter_counts(args)
     moe_layers = sum(args.is_moe_layer(layer) for layer in range(args.num_hidden_layers))
     layer_experts = groups.get("routed experts", 0) * expert_bytes / max(moe_layers, 1)
@@ -280,7 +283,7 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
         placement += [on(device, g) for g in dense_groups]
         placement += [on(device if g in gpu_optional else "cpu", g) for g in optional]
         placement.append(on("cpu", "routed experts"))
-        placement.append(Placement(f"KV cache ({ctx} positions)", device, kv_format, kv[kv_format]))
+        placement.append(Placement(f"KV cache ({held})", device, kv_format, kv[kv_format]))
         if linear_state:
             placement.append(Placement("DeltaNet state", device, "fp32", linear_state))
         if use_gpu:
@@ -326,7 +329,7 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
                          f"({', '.join(p.format for p in placement if p.group in moved)}) to fit the GPU budget")
     kv_entry = next(p for p in placement if p.group.startswith("KV cache"))
     if fits:
-        notes.append(_kv_note(kv_entry, kv, best, use_gpu, args, ctx, asked=kv_cache != "auto"))
+        notes.append(_kv_note(kv_entry, kv, best, use_gpu, args, held, asked=kv_cache != "auto"))
     gpu_bytes = gpu_total(placement)
     quantized = [p for p in placement if p.device == "cpu" and p.format in FORMAT_BYTES and p.group in MATRIX_GROUPS]
     if fits and quantized:
@@ -341,18 +344,18 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
                 ctx=ctx, quant=quant, fits=fits, reason=reason, placement=placement, gpu_bytes=gpu_bytes,
                 ram_bytes=ram_bytes, ram_available=profile.cpu.ram, minimum_gpu_bytes=minimum,
                 params_total=total, params_active=active, notes=notes,
-                activations=compute_format, dense_quant=dense_quant, kv_format=kv_entry.format)
+                activations=compute_format, dense_quant=dense_quant, kv_format=kv_entry.format, slots=slots)
     plan.predicted = predict(args, profile, plan, groups, prompt_tokens)
     return plan
 
 
-def _kv_note(entry: Placement, sizes: dict[str, int], best: str, use_gpu: bool, args: ModelArgs, ctx: int,
+def _kv_note(entry: Placement, sizes: dict[str, int], best: str, use_gpu: bool, args: ModelArgs, held: str,
              asked: bool) -> str:
-    """Why the KV cache has its format."""
+    """Why the KV cache has its format (`held`: "4096 positions", "4 slots x 4096 positions")."""
     layers = args.attention_layers
     if not layers:
         return f"no KV cache: no layer of {args.model_type} attends over the context"
-    size = f"{format_size(entry.nbytes)} for {ctx} positions x {layers} attention layers"
+    size = f"{format_size(entry.nbytes)} for {held} x {layers} attention layers"
     if asked:
         return f"KV cache {entry.format} ({size}): as asked (kv_cache)"
     if entry.format != best:
@@ -448,7 +451,8 @@ def predict(args: ModelArgs, profile: HardwareProfile, plan: Plan, groups: dict[
     # the bound: the active routed experts as placed, the dense layers and, for each DeltaNet layer,
     # its state read and written once; CPU and GPU parts added (a hybrid step runs them in turn)
     routed = next(p for p in plan.placement if p.group == "routed experts")
-    state = {p.device: 2 * p.nbytes for p in plan.placement if p.group == "DeltaNet state"}  # by device
+    # by device; a sequence's decode step reads its own slot's state
+    state = {p.device: 2 * p.nbytes // plan.slots for p in plan.placement if p.group == "DeltaNet state"}
     cpu_bytes = routed.nbytes * top_k / experts + sum(p.nbytes for p in cpu_dense) + state.get("cpu", 0)
     gpu_bytes = gpu_dense_bytes + state.get("gpu", 0)
     limit_s = cpu_bytes / profile.cpu.ram_bandwidth + (gpu_bytes / gpu.memory_bandwidth if gpu else 0.0)
@@ -493,13 +497,14 @@ def _attention_at_depth_s(args: ModelArgs, profile: HardwareProfile, plan: Plan,
     """Seconds per decoded token of attention over a full KV cache (`plan.ctx` positions): its bytes
     at the memory's bandwidth; on the CPU at least its multiply-adds at the measured kernel rate."""
     kv = next(p for p in plan.placement if p.group.startswith("KV cache"))
+    nbytes = kv.nbytes / plan.slots  # one sequence's
     if kv.device == "gpu":
-        return kv.nbytes / (gpu.memory_bandwidth * GPU_EFFICIENCY)
+        return nbytes / (gpu.memory_bandwidth * GPU_EFFICIENCY)
     layers = args.attention_layers
     seen = min(plan.ctx, args.attention_window or plan.ctx)  # positions a query attends to
     multiply_adds = 2 * args.num_attention_heads * args.head_dim * seen * layers
     rate = CPU_ATTENTION_FMA_PER_CORE.get(plan.kv_format, CPU_ATTENTION_FMA_PER_CORE["f32"])
-    return max(kv.nbytes / profile.cpu.ram_bandwidth, multiply_adds / (profile.cpu.physical_cores * rate))
+    return max(nbytes / profile.cpu.ram_bandwidth, multiply_adds / (profile.cpu.physical_cores * rate))
 
 
 def _gpu_flops_s(args: ModelArgs, gpu, tokens: int, plan: Plan) -> float:

@@ -1,19 +1,22 @@
 """`offload serve`: the OpenAI API over one engine, for the clients people already use.
 
-One model, one sequence at a time. Requests wait in arrival order in a bounded queue (more than
-`max_queue` waiting: 429) and one worker (`Service.work`; the main thread under `offload serve`,
-uvicorn's event loop on another) runs them on the engine, handing text back to the
-request's event loop as it is generated (a streamed chunk per token, empty while a character
-or a possible stop string is incomplete). A client that goes away stops its generation before the
-next token; the next request starts at once.
+One model; as many requests at once as the engine has slots (`--parallel`), the rest waiting in
+arrival order in a bounded queue (more than `max_queue` waiting: 429). One worker
+(`Service.work`; the main thread under `offload serve`, uvicorn's event loop on another) runs
+the requests on the slots together (`offload.scheduler`: one forward pass a step for all of
+them, a new prompt read in chunks between the answers' tokens), handing text back to each
+request's event loop as it is generated (a streamed chunk per token, empty while a character or
+a possible stop string is incomplete). A client that goes away frees its slot before the next
+step; a waiting request takes it then.
 
-Prefix reuse is the `Session`'s (`offload.session`): the live sequence when a prompt continues
-it, else a snapshot, taken at each prompt's last message boundary and at its end (an edited last
-message or a regenerated answer resumes there); `--snapshots` of them are kept.
+Prefix reuse is each slot's `Session` (`offload.session`): the live sequence when a prompt
+continues it, else a snapshot, taken at each prompt's last message boundary and at its end (an
+edited last message or a regenerated answer resumes there); `--snapshots` of them are kept per
+slot, and a prompt goes to the free slot that holds the most of it.
 `usage.prompt_tokens_details.cached_tokens` counts the prompt tokens that were not prefilled.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-POST /tokenize, POST /detokenize. Errors have OpenAI's JSON shape and status codes.
+GET /slots, POST /tokenize, POST /detokenize. Errors have OpenAI's JSON shape and status codes.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from starlette.exceptions import HTTPException
 from offload.engine import Engine
 from offload.errors import OffloadError
 from offload.sampling import Sampler, SamplingParams, TokenLogprobs
-from offload.session import Session
+from offload.scheduler import Request as EngineRequest, Scheduler
 from offload.tokenizer import RENDER_VARIABLES, ThinkingFilter, Tokenizer, partial_suffix
 from offload.structured import Constraint, GrammarError, Grammars
 from offload.tools import FORMATS, ToolCall, ToolCallReader, history_arguments, template_format
@@ -171,7 +174,7 @@ Event = Text | CallStart | CallArguments | TokenLogprobs | Done | Failed  # Toke
 
 # --- the worker ------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)  # each job is itself (kept in a set while it runs)
 class Job:
     """One request on its way through the worker; events go back to the request's loop."""
     prompt: list[int]
@@ -222,7 +225,8 @@ class StopStrings:
 
 
 class Service:
-    """The engine behind the API: a bounded queue, one worker thread, prefix reuse."""
+    """The engine behind the API: a bounded queue, one engine thread running the requests on the
+    engine's slots together (`offload.scheduler`), prefix reuse per slot."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, defaults: SamplingParams,
                  max_queue: int = DEFAULT_MAX_QUEUE, snapshots: int = DEFAULT_SNAPSHOTS, api_key: str | None = None,
@@ -238,14 +242,18 @@ class Service:
         self.model_name = model_name
         self.defaults = defaults
         self.max_queue = max_queue
-        self.session = Session(engine, snapshots)
+        self.scheduler = Scheduler(engine, snapshots)
         self.api_key = api_key
         self.created = int(time.time())
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.waiting = 0
+        self.waiting = 0  # submitted, not yet on a slot
         self.lock = threading.Lock()
-        self.current: Job | None = None
+        self.active: set[Job] = set()  # on a slot
         self.worker: threading.Thread | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.scheduler.slots
 
     def start(self) -> None:
         """Run the jobs on a thread of their own (`work` runs them on the calling thread)."""
@@ -255,9 +263,9 @@ class Service:
     def stop(self) -> None:
         """Cancel what runs; `work` returns when it is done."""
         with self.lock:
-            current = self.current
-        if current is not None:
-            current.cancel()
+            active = list(self.active)
+        for job in active:
+            job.cancel()
         self.jobs.put(None)
         if self.worker is not None and self.worker is not threading.current_thread():
             self.worker.join(timeout=30)
@@ -282,89 +290,116 @@ class Service:
 
     def submit(self, job: Job) -> None:
         with self.lock:
-            # jobs queued or running before this one: all but one of them wait, and so would this one
-            ahead = self.waiting + (self.current is not None)
-            if ahead > self.max_queue:
+            # the requests that would be waiting for a slot with this one
+            waiting = self.waiting + max(0, len(self.active) + 1 - self.slots)
+            if waiting > self.max_queue:
                 raise ApiError(429, f"the server is busy: {self.waiting} requests are waiting (--max-queue "
                                     f"{self.max_queue}); retry later", code="queue_full")
             self.waiting += 1
         self.jobs.put(job)
 
     def work(self) -> None:
-        """Run jobs as they come until `stop`. `offload serve` runs this on the main thread: the
-        kernels' OpenMP threads spin-wait between parallel regions only for the first thread's
-        team when the cores are all in use, and decode on another thread is ~30% slower on 2 cores."""
-        while (job := self.jobs.get()) is not None:
-            with self.lock:
-                self.waiting -= 1
-                self.current = job
-            try:
-                if not job.cancelled.is_set():
-                    self._run(job)
-            except Exception as error:  # the request fails, the server goes on (from a fresh sequence)
-                self.session.reset()
-                message = str(error) if isinstance(error, OffloadError) else f"{type(error).__name__}: {error}"
-                job.emit(Failed(message))
-            finally:
-                with self.lock:
-                    self.current = None
+        """Run jobs as they come until `stop`: a new job takes a free slot at the next step.
+        `offload serve` runs this on the main thread: the kernels' OpenMP threads spin-wait between
+        parallel regions only for the first thread's team when the cores are all in use, and decode
+        on another thread is ~30% slower on 2 cores."""
+        scheduler = self.scheduler
+        stopping = False
+        while not (stopping and scheduler.idle):
+            while not stopping and scheduler.free:
+                try:
+                    job = self.jobs.get(block=scheduler.idle)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                else:
+                    self._start(job)
+            scheduler.tick()
 
-    def _run(self, job: Job) -> None:
-        engine = self.engine
-        logits, job.cached = self.session.resume(job.prompt, job.boundary)
-        detokenize = self.tokenizer.detokenizer()
-        stops = StopStrings(job.stops)
-        thinking = ThinkingFilter(job.thinking) if job.chat else None
-        finish = "length"
-
-        def send(text: str) -> None:
-            pieces = [(False, text)] if thinking is None else thinking(text) or [(thinking.thinking, "")]
-            for is_thinking, piece in pieces:
-                emit(is_thinking, piece)
-
-        def emit(is_thinking: bool, text: str) -> None:
-            if is_thinking or job.tool_calls is None:
-                job.emit(Text(text, is_thinking))
+    def _start(self, job: Job) -> None:
+        with self.lock:
+            self.waiting -= 1
+            if job.cancelled.is_set():  # its client left while it waited
                 return
-            for part in job.tool_calls(text) or [""]:  # an event per token, as for plain text
-                emit_part(part)
+            self.active.add(job)
+        request = _Reply(self, job).request
+        try:
+            self.scheduler.submit(request)
+        except Exception as error:
+            request.error = str(error) if isinstance(error, OffloadError) else f"{type(error).__name__}: {error}"
+            request.on_end("error")
 
-        def emit_part(part: str | ToolCall) -> None:
-            if isinstance(part, ToolCall):  # the name first, then the arguments
-                job.emit(CallStart(part.index, part.id, part.name))
-                job.emit(CallArguments(part.index, part.arguments))
-            else:
-                job.emit(Text(part))
+    def _done(self, job: Job) -> None:
+        with self.lock:
+            self.active.discard(job)
 
-        sampler = Sampler(job.sampling, job.logprobs, job.constraint)
-        for token in self.session.decode(logits, job.max_tokens, sampler):
-            job.completion_tokens += 1
-            if token in engine.stop_ids:
-                finish = "stop"
-                break
-            if sampler.last is not None:  # before the token's text: its text may be held back, never its logprob
-                job.emit(sampler.last)
-            text, stopped = stops(detokenize(token))
-            send(text)  # one event per token, empty while a character or a stop string is incomplete
-            if stopped:
-                finish = "stop"
-                break
-            if job.cancelled.is_set():  # the client went away: the next token is not computed
-                finish = "cancelled"
-                break
-        if finish != "stop":
-            tail = stops.flush()
+
+class _Reply:
+    """A job's answer as its tokens come: text (stop strings cut, reasoning split off, tool calls
+    read out), logprobs, and the end; sent to the job's events."""
+
+    def __init__(self, service: Service, job: Job):
+        self.service, self.job = service, job
+        self.detokenize = service.tokenizer.detokenizer()
+        self.stops = StopStrings(job.stops)
+        self.thinking = ThinkingFilter(job.thinking) if job.chat else None
+        self.sampler = Sampler(job.sampling, job.logprobs, job.constraint)
+        self.request = EngineRequest(job.prompt, self.sampler, job.max_tokens, self.token, self.end,
+                                     job.cancelled.is_set, job.boundary)
+
+    def token(self, token: int) -> str | None:
+        job = self.job
+        job.completion_tokens += 1
+        if token in self.service.engine.stop_ids:
+            return None
+        if self.sampler.last is not None:  # before the token's text: its text may be held back, never its logprob
+            job.emit(self.sampler.last)
+        text, stopped = self.stops(self.detokenize(token))
+        self.send(text)  # one event per token, empty while a character or a stop string is incomplete
+        return "stop" if stopped else None
+
+    def end(self, reason: str) -> None:
+        job = self.job
+        try:
+            if reason == "error":
+                job.emit(Failed(self.request.error or "the request failed"))
+                return
+            job.cached = self.request.cached
+            tail = self.stops.flush()  # text held back as the start of a stop string that never came
             if tail:
-                send(tail)
-        if thinking is not None:
-            for is_thinking, piece in thinking.flush():
-                emit(is_thinking, piece)
-        if job.tool_calls is not None:
-            for part in job.tool_calls.flush():
-                emit_part(part)
-            if job.tool_calls.calls and finish == "stop":
-                finish = "tool_calls"
-        job.emit(Done(finish))
+                self.send(tail)
+            if self.thinking is not None:
+                for is_thinking, piece in self.thinking.flush():
+                    self.emit(is_thinking, piece)
+            if job.tool_calls is not None:
+                for part in job.tool_calls.flush():
+                    self.emit_part(part)
+                if job.tool_calls.calls and reason == "stop":
+                    reason = "tool_calls"
+            job.emit(Done(reason))
+        finally:
+            self.service._done(job)
+
+    def send(self, text: str) -> None:
+        pieces = [(False, text)] if self.thinking is None else self.thinking(text) or [(self.thinking.thinking, "")]
+        for is_thinking, piece in pieces:
+            self.emit(is_thinking, piece)
+
+    def emit(self, is_thinking: bool, text: str) -> None:
+        job = self.job
+        if is_thinking or job.tool_calls is None:
+            job.emit(Text(text, is_thinking))
+            return
+        for part in job.tool_calls(text) or [""]:  # an event per token, as for plain text
+            self.emit_part(part)
+
+    def emit_part(self, part: str | ToolCall) -> None:
+        if isinstance(part, ToolCall):  # the name first, then the arguments
+            self.job.emit(CallStart(part.index, part.id, part.name))
+            self.job.emit(CallArguments(part.index, part.arguments))
+        else:
+            self.job.emit(Text(part))
 
 
 # --- the app -------------------------------------------------------------------------------------
@@ -387,7 +422,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "waiting": service.waiting}
+        return {"status": "ok", "waiting": service.waiting, "slots": service.slots,
+                "busy": len(service.active)}
+
+    @app.get("/slots", dependencies=[Depends(authorized)])
+    async def slots():
+        return {"slots": service.scheduler.status()}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
@@ -628,7 +668,7 @@ def _rendered(service: Service, messages: list[Message], tools,
     except OffloadError as error:
         raise ApiError(400, str(error)) from None
     before = []
-    if service.session.limit and len(plain) > 1:
+    if service.scheduler.sessions[0].limit and len(plain) > 1:
         try:  # only a snapshot point: a template that refuses the shorter list just gives none
             before = tokenizer.chat_ids(plain[:-1], add_generation_prompt=False, **extra)
         except OffloadError:

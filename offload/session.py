@@ -27,66 +27,96 @@ from offload.sampling import Sampler
 
 
 class Session:
-    def __init__(self, engine: Engine, limit: int = 0):
+    """The sequence in one of the engine's slots (`slot`), across requests."""
+
+    def __init__(self, engine: Engine, limit: int = 0, slot: int = 0):
         self.engine = engine
         self.limit = limit  # snapshots kept (0: only the live sequence is reused)
+        self.slot = slot
         self.snapshots: list[Snapshot] = []  # most recently used last
+
+    def _engine(self) -> Engine:
+        """The engine, its single-sequence calls on this session's slot."""
+        self.engine.select(self.slot)
+        return self.engine
 
     @property
     def held(self) -> list[int]:
         """The tokens the engine's caches hold for the live sequence."""
-        return self.engine.history
+        return self.engine.slots[self.slot].history
+
+    def reusable(self, prompt: list[int]) -> int:
+        """How many of `prompt`'s tokens `reuse` would not have to prefill."""
+        held = self.held
+        start = len(held) if held and len(held) < len(prompt) and prompt[:len(held)] == held else 0
+        return max([start] + [s.position for s in self._usable(prompt, start)])
+
+    def _usable(self, prompt: list[int], start: int) -> list[Snapshot]:
+        engine = self._engine()
+        return [s for s in self.snapshots if start < s.position <= len(prompt) and prompt[:s.position] == s.history
+                and (s.position < len(prompt) or s.logits is not None) and engine.can_restore(s)]
+
+    def reuse(self, prompt: list[int]) -> tuple[int, torch.Tensor | None]:
+        """Bring the slot's sequence to the longest start of `prompt` it holds or a snapshot holds
+        (a fresh sequence if none). -> (how many prompt tokens it now holds, the last one's logits
+        when that is the whole prompt, else None)."""
+        engine = self._engine()
+        held = engine.history
+        start = len(held) if held and len(held) < len(prompt) and prompt[:len(held)] == held else 0
+        usable = self._usable(prompt, start)
+        if usable:
+            best = max(usable, key=lambda s: s.position)
+            engine.restore(best)
+            self.snapshots.remove(best)
+            self.snapshots.append(best)
+            return best.position, best.logits if best.position == len(prompt) else None
+        if not start:
+            engine.reset()
+        return start, None
 
     def resume(self, prompt: list[int], boundary: int = 0,
                progress: Progress | None = None) -> tuple[torch.Tensor, int]:
         """Bring the engine to the end of `prompt`, reusing the tokens it holds or a snapshot, and
         (with `limit`) taking snapshots at `boundary` and at the end. -> (the last token's logits,
         how many prompt tokens were reused rather than prefilled)."""
-        engine = self.engine
-        held = engine.history
-        start = len(held) if held and len(held) < len(prompt) and prompt[:len(held)] == held else 0
-        usable = [s for s in self.snapshots if start < s.position <= len(prompt) and prompt[:s.position] == s.history
-                  and (s.position < len(prompt) or s.logits is not None) and engine.can_restore(s)]
-        if usable:
-            best = max(usable, key=lambda s: s.position)
-            engine.restore(best)
-            self.snapshots.remove(best)
-            self.snapshots.append(best)
-            if best.position == len(prompt):
-                return best.logits, len(prompt)
-            start = best.position
-        elif not start:
-            engine.reset()
-        reused = start
+        start, logits = self.reuse(prompt)
+        if logits is not None:
+            return logits, start
+        reused, engine = start, self._engine()
         with _reset_on_failure(engine):
             if self.limit and start < boundary < len(prompt):
                 engine.append(prompt[start:boundary], progress=progress)
                 start = boundary
-                self._keep(engine.snapshot())
+                self.keep()
             logits = engine.append(prompt[start:], progress=progress)
-        if self.limit:
-            snapshot = engine.snapshot()
-            snapshot.logits = logits.clone()
-            self._keep(snapshot)
+        self.keep(logits)
         return logits, reused
+
+    def keep(self, logits: torch.Tensor | None = None) -> None:
+        """Snapshot the slot's sequence as it is now (with `limit`), with its last logits if given
+        (the end of a prompt)."""
+        if not self.limit:
+            return
+        snapshot = self._engine().snapshot()
+        if logits is not None:
+            snapshot.logits = logits.clone()
+        self.snapshots = [s for s in self.snapshots if s.history != snapshot.history] + [snapshot]
+        del self.snapshots[:-self.limit]
 
     def decode(self, logits: torch.Tensor, max_tokens: int, sampler: Sampler) -> Iterator[int]:
         """`Engine.decode` from `resume`'s logits; the caller may stop early (close the generator)."""
-        with _reset_on_failure(self.engine):
-            yield from self.engine.decode(logits, max_tokens, sampler)
+        engine = self._engine()
+        with _reset_on_failure(engine):
+            yield from engine.decode(logits, max_tokens, sampler)
 
     def reset(self) -> None:
         """Start the next prompt from scratch (the snapshots, copies, stay usable)."""
-        self.engine.reset()
+        self._engine().reset()
 
     def forget(self) -> None:
         """Drop the live sequence and every snapshot."""
         self.snapshots.clear()
-        self.engine.reset()
-
-    def _keep(self, snapshot: Snapshot) -> None:
-        self.snapshots = [s for s in self.snapshots if s.history != snapshot.history] + [snapshot]
-        del self.snapshots[:-self.limit]
+        self._engine().reset()
 
 
 @contextmanager

@@ -193,10 +193,10 @@ def test_a_lean_engine_decodes_as_the_models_modules_do(hf_checkpoint, name):
     lean = offload.load(checkpoint.path, quant="int4")
     moe_layers = sum(lean.args.is_moe_layer(i) for i in range(lean.args.num_hidden_layers))
     assert sum(isinstance(m, LeanMoeBlock) for m in lean.model.modules()) == moe_layers
-    assert isinstance(lean.model.stages, LeanDecoder)  # whole layers on NumPy arrays
+    assert isinstance(lean.model.batch_stages, LeanDecoder)  # whole layers on NumPy arrays
     plain = offload.load(checkpoint.path, quant="int4")
     lean_off(plain.model)
-    assert not isinstance(plain.model.stages, LeanDecoder)
+    assert not isinstance(plain.model.batch_stages, LeanDecoder)
     exact = offload.load(checkpoint.path, quant="int4", exact=True)
     assert not any(isinstance(m, (LeanMoeBlock, LeanNorm, LeanAttention)) for m in exact.model.modules())
 
@@ -236,7 +236,7 @@ def test_a_dropped_lean_engine_frees_its_model_at_once(hf_checkpoint):
     """The decoder installed on the model does not hold the model: no reference cycle keeps a
     dropped model's weights until a full garbage collection."""
     engine = offload.load(hf_checkpoint("next").path, quant="int4")
-    assert isinstance(engine.model.stages, LeanDecoder)
+    assert isinstance(engine.model.batch_stages, LeanDecoder)
     model = weakref.ref(engine.model)
     gc.disable()
     try:

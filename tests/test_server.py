@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import offload
+import offload.server
 from offload.cli import main
 from offload.sampling import generation_defaults
 from offload.server import Http, Service
@@ -30,8 +31,8 @@ HELLO = [{"role": "user", "content": "Hello! How are you today?"}]
 class Running:
     """A server on a thread: its service, base URL and an openai client."""
 
-    def __init__(self, path, worker: bool = True, ctx: int = 512, **options):
-        engine = offload.load(path, quant=None, ctx=ctx)
+    def __init__(self, path, worker: bool = True, ctx: int = 512, slots: int = 1, **options):
+        engine = offload.load(path, quant=None, ctx=ctx, slots=slots)
         self.service = Service(engine, Tokenizer(path), "tiny", generation_defaults(path), **options)
         if worker:  # without one, requests stay queued: a busy server, held still
             self.service.start()
@@ -88,8 +89,8 @@ def server(tiny):
 
 def fresh(server):
     """Forget what the engine holds: the next request prefills from scratch."""
-    server.service.session.snapshots.clear()
-    server.service.engine.reset()
+    for session in server.service.scheduler.sessions:
+        session.forget()
 
 
 def test_models_health_and_a_chat_completion(server):
@@ -212,29 +213,30 @@ CALLS = ('Let me look that up.\n<tool_call>\n{"name": "get_weather", "arguments"
          '</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon"}}\n</tool_call>')
 
 
-def scripted(running: Running, text: str) -> None:
+def scripted(running: Running, text: str, monkeypatch) -> None:
     """The model's next answers are `text` and a stop token: each token goes through the real
     engine as if it had been sampled, so everything after the model (detokenising, tool calls,
     the API's shapes) runs as with any answer."""
-    engine = running.service.engine
-    ids = running.service.tokenizer.encode(text) + [min(engine.stop_ids)]
+    service = running.service
+    ids = service.tokenizer.encode(text) + [min(service.engine.stop_ids)]
 
-    def decode(logits, max_new_tokens, sampler):
-        for step, token in enumerate(ids[:max_new_tokens]):
-            yield token
-            if token in engine.stop_ids or step == max_new_tokens - 1:
-                return
-            engine.append([token])
+    class Scripted(offload.server.Sampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.script = iter(ids)  # each answer from the start
 
-    engine.decode = decode
+        def __call__(self, logits, history):
+            return next(self.script)
+
+    monkeypatch.setattr(offload.server, "Sampler", Scripted)
 
 
-def test_tool_calls_the_model_writes_come_back_as_tool_calls(tiny):
+def test_tool_calls_the_model_writes_come_back_as_tool_calls(tiny, monkeypatch):
     """The demo's template (Qwen3's json form): two calls in one answer, whole and streamed (the
     name first, then the arguments), then the agent's next turn with the calls and a tool's result
     in the history, rendered with the arguments as a mapping."""
     with Running(tiny, ctx=2048) as running:  # the tools' instructions are long in the tiny vocabulary
-        scripted(running, CALLS)
+        scripted(running, CALLS, monkeypatch)
         reply = running.client.chat.completions.create(model="tiny", messages=ASK, tools=WEATHER, max_tokens=200)
         choice = reply.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me look that up."
@@ -265,19 +267,19 @@ def test_tool_calls_the_model_writes_come_back_as_tool_calls(tiny):
         prompt = httpx.post(f"{running.url}/tokenize", json={"messages": history}).json()["tokens"]
         rendered = running.service.tokenizer.decode(prompt)
         assert '"arguments": {"city": "Paris", "days": 3}' in rendered and "<tool_response>\nsunny in Lyon" in rendered
-        scripted(running, "Sunny in both.")
+        scripted(running, "Sunny in both.", monkeypatch)
         final = running.client.chat.completions.create(model="tiny", messages=history, tools=WEATHER, max_tokens=50)
         assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content == "Sunny in both."
         assert not final.choices[0].message.tool_calls
 
 
-def test_the_xml_form_and_what_tool_choice_allows(tiny):
+def test_the_xml_form_and_what_tool_choice_allows(tiny, monkeypatch):
     """--tool-call-format xml reads Qwen3-Coder's form, typed by the tool's schema, and a named
     tool_choice enforces it; tool_choice "none" renders no tools and reads no calls."""
     xml = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n"
            "</parameter>\n</function>\n</tool_call>")
     with Running(tiny, ctx=2048, tool_format="xml") as running:
-        scripted(running, xml)
+        scripted(running, xml, monkeypatch)
         reply = running.client.chat.completions.create(model="tiny", messages=ASK, tools=WEATHER, max_tokens=200)
         assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
         assert json.loads(reply.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris", "days": 2}
@@ -287,7 +289,7 @@ def test_the_xml_form_and_what_tool_choice_allows(tiny):
         assert none.usage.prompt_tokens == plain.usage.prompt_tokens  # no tools in the prompt
         assert none.choices[0].message.content == xml and not none.choices[0].message.tool_calls
         assert none.choices[0].finish_reason == "stop"
-        del running.service.engine.decode  # the model's own draws again
+        monkeypatch.undo()  # the model's own draws again
         dial = [{"type": "function", "function": {"name": "dial", "parameters": {
             "type": "object", "required": ["level"], "properties": {"level": {"type": "integer", "maximum": 9}}}}}]
         forced = running.client.chat.completions.create(model="tiny", messages=ASK, tools=WEATHER + dial,
@@ -427,9 +429,32 @@ def test_a_client_that_disconnects_frees_the_engine(endless):
         reply = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3)
         assert time.time() - started < 10 and reply.usage.completion_tokens == 3
         deadline = time.time() + 5  # the worker lets go of a job just after its last event
-        while running.service.current is not None and time.time() < deadline:
+        while running.service.active and time.time() < deadline:
             time.sleep(0.01)
-        assert running.service.current is None and running.service.waiting == 0
+        assert not running.service.active and running.service.waiting == 0
+
+
+def test_parallel_slots_answer_beside_a_long_answer_and_free_on_disconnect(endless):
+    """Two slots: a short request is answered while a long one streams (its tokens keep coming),
+    /slots says what each slot does, and the long one's disconnect frees its slot."""
+    with Running(endless, slots=2) as running:
+        assert httpx.get(f"{running.url}/health").json()["slots"] == 2
+        alone = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5, temperature=0)
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 400,
+                                "stream": True}) as response:
+            lines = response.iter_lines()
+            assert len([line for line, _ in zip(lines, range(6)) if line.startswith("data:")]) >= 2
+            states = [slot["state"] for slot in httpx.get(f"{running.url}/slots").json()["slots"]]
+            assert sorted(states) == ["answer", "idle"]
+            beside = running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5, temperature=0)
+            assert beside.choices[0].message.content == alone.choices[0].message.content
+            assert len([line for line, _ in zip(lines, range(6)) if line.startswith("data:")]) >= 2  # still streaming
+        deadline = time.time() + 10
+        while running.service.active and time.time() < deadline:
+            time.sleep(0.01)
+        assert not running.service.active
+        assert [slot["state"] for slot in httpx.get(f"{running.url}/slots").json()["slots"]] == ["idle", "idle"]
 
 
 def test_a_full_queue_is_answered_429(endless):

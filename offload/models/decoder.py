@@ -4,10 +4,16 @@ A forward pass is also available in stages (`CausalLM.stages`): a generator that
 layer once its feed-forward (in a MoE layer, the routed experts) has been started, so that an
 engine can interleave two prompt chunks (one chunk's mixers run while the other's experts do).
 `forward` runs the stages through.
+
+Several sequences may share one pass (`CausalLM.batch_stages`): their tokens' rows are stacked,
+each sequence a `Segment` with its own caches and position. Everything row-wise (norms, the
+feed-forward and its routed experts, lm_head) runs once over all the rows, so each weight is read
+once for the whole batch; the mixers (attention, DeltaNet) run per segment on its own caches.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Generator
 
 import torch
@@ -48,6 +54,16 @@ class DecoderLayer(nn.Module):
         return self.begin_feed_forward(self.mix(x, cos, sin, cache, start))()
 
 
+@dataclass
+class Segment:
+    """The rows of a batched pass that belong to one sequence: `length` tokens written into
+    `caches` (one per layer) from `start` (or a one-token step's `DevicePosition`)."""
+
+    caches: list[Cache]
+    start: int | DevicePosition
+    length: int
+
+
 class CausalLM(nn.Module):
     """Attribute names follow the checkpoint (without its leading `model.`)."""
 
@@ -72,22 +88,27 @@ class CausalLM(nn.Module):
         before a yield only reads this chunk's activations and the caches as the earlier chunks
         left them, so another chunk may run between yields as long as chunks enter each layer in
         order."""
-        x = self.embed_tokens(input_ids).to(self.compute_dtype)
-        positions = torch.arange(start, start + input_ids.shape[0], device=x.device)
-        return (yield from self.layer_stages(x, positions, caches, start, last_only))
+        return self.batch_stages(input_ids, [Segment(caches, start, input_ids.shape[0])], last_only)
 
-    def layer_stages(self, x: torch.Tensor, positions: torch.Tensor, caches: list[Cache],
-                     start: int | DevicePosition, last_only: bool = False) -> Generator[None, None, torch.Tensor]:
-        """`stages` from the embedded tokens x [T, D] at `positions` [T] (on x's device). The
-        caches write at `start`: the first position, or a one-token step's `DevicePosition` (a
-        captured CUDA graph replays it at any position: `offload.graphs`)."""
+    def batch_stages(self, input_ids: torch.Tensor, segments: list[Segment],
+                     last_only: bool = False) -> Generator[None, None, torch.Tensor]:
+        """`stages` for several sequences at once: input_ids [T] are the segments' tokens one after
+        another (T = the sum of their lengths). Returns logits [T, V], or with last_only each
+        segment's last token's [len(segments), V]."""
+        x = self.embed_tokens(input_ids).to(self.compute_dtype)
+        positions = torch.cat([torch.arange(s.start, s.start + s.length, device=x.device) for s in segments])
+        return (yield from self.layer_stages(x, positions, segments, last_only))
+
+    def layer_stages(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment],
+                     last_only: bool = False) -> Generator[None, None, torch.Tensor]:
+        """`batch_stages` from the embedded tokens x [T, D] at `positions` [T] (on x's device)."""
         cos, sin = self.rotary(positions, x.dtype)
-        for layer, cache in zip(self.layers, caches):
-            finish = layer.begin_feed_forward(layer.mix(x, cos, sin, cache, start))
+        for index, layer in enumerate(self.layers):
+            finish = layer.begin_feed_forward(mix_segments(layer, index, x, cos, sin, segments))
             yield
             x = finish()
         if last_only:
-            x = x[-1:]
+            x = x[-1:] if len(segments) == 1 else x[last_rows(segments, x.device)]
         return self.lm_head(self.norm(x))
 
     def forward(self, input_ids: torch.Tensor, caches: list[Cache], start: int,
@@ -103,3 +124,25 @@ def run_stages(stages: Generator[None, None, torch.Tensor]) -> torch.Tensor:
             next(stages)
         except StopIteration as done:
             return done.value
+
+
+def mix_segments(layer: nn.Module, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 segments: list[Segment]) -> torch.Tensor:
+    """Layer `index`'s first half (`DecoderLayer.mix`) over stacked segments, each on its caches."""
+    if len(segments) == 1:
+        return layer.mix(x, cos, sin, segments[0].caches[index], segments[0].start)
+    pieces, first = [], 0
+    for s in segments:
+        rows = slice(first, first + s.length)
+        pieces.append(layer.mix(x[rows], cos[rows], sin[rows], s.caches[index], s.start))
+        first += s.length
+    return torch.cat(pieces)
+
+
+def last_rows(segments: list[Segment], device: torch.device | None = None) -> torch.Tensor:
+    """The index of each segment's last row in the stacked rows: int64 [len(segments)]."""
+    ends, end = [], 0
+    for s in segments:
+        end += s.length
+        ends.append(end - 1)
+    return torch.tensor(ends, device=device)
