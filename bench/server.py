@@ -2,12 +2,19 @@
 OpenAI API (streamed, the `openai` package) against the engine's own, same prompt, same machine.
 
     python bench/server.py [--model DIR] [--prompt 128] [--tokens 64] [--runs 3]
+    python bench/server.py --parallel [--model DIR] [--tokens 64] [--slots 4]
 
 Default model: `bench/decode.py`'s 8-layer Qwen3-Next slice (real per-token shapes), CPU only.
 Each run starts from a fresh sequence (no prefix reuse) and decodes greedily; the engine's figures
 come from `Engine.stream` timed in-process, the client's from the arrival of streamed chunks (one
 per token). As under `offload serve`, the engine runs on the main thread, uvicorn on another.
 Prints the medians and the server's overhead as a ratio.
+
+--parallel: several conversations at once. Aggregate decode tok/s with 1, 2, 4 and 8 clients
+streaming at once (16-token prompts, --tokens each: every token the clients received over the
+time from the first request to the last token), and the time to first token of a short request
+sent while three long answers stream, against an idle server's; each on a server with --slots
+slots and on a one-slot server, same run.
 """
 
 from __future__ import annotations
@@ -56,14 +63,120 @@ def client_run(client, prompt: list[int], tokens: int) -> tuple[float, float, in
     return arrivals[0] - started, (generated - 1) / (arrivals[-1] - arrivals[0]), generated
 
 
+def serving(service: Service, work) -> None:
+    """Run `work()` on a thread while the service runs on this one (as `offload serve`), then stop."""
+    failed = []
+
+    def run():
+        try:
+            work()
+        except BaseException as error:  # raised again on this thread
+            failed.append(error)
+        finally:
+            service.stop()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    service.work()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
+def together(client, prompts: list[list[int]], tokens: int) -> float:
+    """Aggregate tok/s of streamed completions of `prompts`, all sent at once."""
+    counts = [0] * len(prompts)
+
+    def ask(i):
+        counts[i] = client_run(client, prompts[i], tokens)[2]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def first_token_beside(client, long_prompts: list[list[int]], short: list[int], tokens: int) -> float:
+    """Seconds to the first token of `short` (8 tokens asked) while `long_prompts` stream answers."""
+    streaming = threading.Barrier(len(long_prompts) + 1)
+
+    def long_answer(prompt):
+        stream = client.completions.create(model="bench", prompt=prompt, max_tokens=tokens, temperature=0,
+                                           stream=True)
+        waited = False
+        for _ in stream:
+            if not waited:
+                waited = True
+                streaming.wait()
+
+    threads = [threading.Thread(target=long_answer, args=(p,)) for p in long_prompts]
+    for thread in threads:
+        thread.start()
+    streaming.wait()  # every long answer has its first token
+    first = client_run(client, short, 8)[0]
+    for thread in threads:
+        thread.join()
+    return first
+
+
+def parallel(options, path: Path) -> None:
+    clients_counts = (1, 2, 4, 8)
+    rng = np.random.default_rng(1)
+    vocab = offload.config.load_config(path).vocab_size
+    prompts = [rng.integers(1, vocab, 16).tolist() for _ in range(max(clients_counts))]
+    short = rng.integers(1, vocab, 16).tolist()
+    results = {}
+    for slots in (1, options.slots):
+        engine = offload.load(path, quant="int4", gpu_mem=0, ctx=options.tokens + 64, slots=slots)
+        engine.stop_ids = set()
+        service = Service(engine, offload.Tokenizer(path), "bench", SamplingParams(), snapshots=0,
+                          max_queue=64)
+        http = Http(service)
+        client = openai.OpenAI(base_url=http.url, api_key="none", max_retries=0, timeout=600)
+        rows = {}
+
+        def work():
+            client_run(client, prompts[0], 8)  # warm-up
+            for count in clients_counts:
+                rows[count] = together(client, prompts[:count], options.tokens)
+                print(f"  {slots} slot(s), {count} client(s): {rows[count]:.1f} tok/s", flush=True)
+            rows["idle"] = statistics.median(client_run(client, short, 8)[0] for _ in range(3))
+            rows["beside"] = statistics.median(first_token_beside(client, prompts[1:4], short, options.tokens)
+                                               for _ in range(3))
+
+        serving(service, work)
+        http.stop()
+        results[slots] = rows
+        del engine, service
+    one, many = results[1], results[options.slots]
+    print(f"\n{cpu_model()}, {physical_cores()} threads; {path.name}; 16-token prompts, {options.tokens} tokens "
+          f"each, greedy")
+    print(f"{'':<34} {'1 slot':>9} {f'{options.slots} slots':>9}  ratio")
+    for count in clients_counts:
+        print(f"{f'aggregate tok/s, {count} client(s)':<34} {one[count]:9.1f} {many[count]:9.1f}  "
+              f"{many[count] / one[count]:.2f}x")
+    print(f"{'aggregate vs 1 client, 4 clients':<34} {'':>9} {many[4] / many[1]:8.2f}x")
+    for key, words in (("idle", "first token, idle server (s)"), ("beside", "first token beside 3 answers (s)")):
+        print(f"{words:<34} {one[key]:9.3f} {many[key]:9.3f}  {many[key] / one[key]:.2f}x")
+    print(f"{'beside 3 answers vs idle':<34} {'':>9} {many['beside'] / many['idle']:8.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     parser.add_argument("--tokens", type=int, default=64, help="tokens to generate")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--parallel", action="store_true", help="several clients at once (see above)")
+    parser.add_argument("--slots", type=int, default=4, help="--parallel: the server's slots")
     options = parser.parse_args()
     path = options.model or slice_dir(8, 128)
+    if options.parallel:
+        parallel(options, path)
+        return
     engine = offload.load(path, quant="int4", gpu_mem=0, ctx=options.prompt + options.tokens + 64)
     engine.stop_ids = set()  # decode exactly --tokens tokens on both sides
     service = Service(engine, offload.Tokenizer(path), "bench", SamplingParams(), snapshots=0)

@@ -48,6 +48,12 @@ class FusedDeltaNet(nn.Module):
 
     def rows(self, x: np.ndarray, cache: LinearAttentionCache) -> np.ndarray:
         """`forward` on NumPy arrays: x float32 [T, D], T at most DELTANET_STEP_MAX_TOKENS -> [T, D]."""
+        return self.sequences_rows(x, [(cache, x.shape[0])])
+
+    def sequences_rows(self, x: np.ndarray, sequences: list[tuple[LinearAttentionCache, int]]) -> np.ndarray:
+        """`rows` for several sequences' tokens stacked in x [T, D], each (its cache, its number of
+        rows) in turn: the projections once over all the rows (each matrix read once), the
+        recurrence per sequence on its own state."""
         mixer = self.mixer
         if self.in_proj is not None:
             both = self.in_proj.rows(x)
@@ -55,7 +61,14 @@ class FusedDeltaNet(nn.Module):
             qkvz, ba = both[:, :width], both[:, width:]
         else:
             qkvz, ba = linear_rows(mixer.in_proj_qkvz, x), linear_rows(mixer.in_proj_ba, x)
-        out = self._recurrence(qkvz, ba, cache)
+        if len(sequences) == 1:
+            out = self._recurrence(qkvz, ba, sequences[0][0])
+        else:
+            out, first = np.empty((x.shape[0], mixer.num_value_heads, mixer.value_head_dim), np.float32), 0
+            for cache, length in sequences:
+                rows = slice(first, first + length)
+                out[rows] = self._recurrence(qkvz[rows], ba[rows], cache)
+                first += length
         return linear_rows(mixer.out_proj, out.reshape(x.shape[0], -1))
 
     def _recurrence(self, qkvz: np.ndarray, ba: np.ndarray, cache: LinearAttentionCache) -> np.ndarray:

@@ -168,6 +168,12 @@ class LeanAttention(nn.Module):
     def rows(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache, start: int) -> np.ndarray:
         """`forward` on NumPy arrays: x float32 [T, D], T at most DECODE_MAX_TOKENS, cos and sin
         float32 [T, R] -> [T, D]."""
+        return self.sequences_rows(x, cos, sin, [(cache, start, x.shape[0])])
+
+    def sequences_rows(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, sequences: list) -> np.ndarray:
+        """`rows` for several sequences' tokens stacked in x [T, D], each (its cache, its start, its
+        number of rows) in turn: the projections, norms and rotary once over all the rows (each
+        matrix read once), the cache's write and attention per sequence."""
         attention, tokens, width = self.attention, x.shape[0], self.head_dim
         rows = self.qkv.rows(x)
         query = np.empty((self.heads, tokens, width), np.float32)
@@ -175,8 +181,20 @@ class LeanAttention(nn.Module):
         gate = np.empty((tokens, self.heads * width) if attention.output_gate else (0, 0), np.float32)
         attention_inputs(rows, attention.output_gate, self.q_scale, self.k_scale, self.eps, cos, sin,
                          query, keys, values, gate)
-        out = numpy_view(cached_attention(torch.from_numpy(query), torch.from_numpy(keys), torch.from_numpy(values),
-                                          cache, start, attention.sliding_window))  # [T, H * Dh], a new array
+        if len(sequences) == 1:
+            cache, start, _ = sequences[0]
+            out = numpy_view(cached_attention(torch.from_numpy(query), torch.from_numpy(keys),
+                                              torch.from_numpy(values), cache, start,
+                                              attention.sliding_window))  # [T, H * Dh], a new array
+        else:
+            out, first = np.empty((tokens, self.heads * width), np.float32), 0
+            for cache, start, length in sequences:
+                part = slice(first, first + length)
+                query_part, keys_part, values_part = (torch.from_numpy(np.ascontiguousarray(a[:, part]))
+                                                      for a in (query, keys, values))
+                out[part] = numpy_view(cached_attention(query_part, keys_part, values_part, cache, start,
+                                                        attention.sliding_window))
+                first += length
         if attention.output_gate:
             out *= gate
         return linear_rows(attention.o_proj, out)
@@ -209,23 +227,16 @@ class LeanLayer:
         """Advance the residual stream x float32 [T, D] (T at most DECODE_MAX_TOKENS: the segments'
         rows one after another) in place through the layer, layer `index` of each segment's caches."""
         h = self.input_norm.rows(x)
-        if len(segments) == 1:
-            mixed = self._mix(h, cos, sin, segments[0].caches[index], segments[0].start)
+        if self.attention:
+            mixed = self.mixer.sequences_rows(h, cos, sin, [(s.caches[index], s.start, s.length) for s in segments])
         else:
-            mixed, first = np.empty(h.shape, np.float32), 0
-            for segment in segments:
-                rows = slice(first, first + segment.length)
-                mixed[rows] = self._mix(h[rows], cos[rows], sin[rows], segment.caches[index], segment.start)
-                first += segment.length
+            mixed = self.mixer.sequences_rows(h, [(s.caches[index], s.length) for s in segments])
         add_rms_norm(x, mixed, self.post_norm.scale, self.post_norm.eps, h)
         if isinstance(self.mlp, LeanMoeBlock):
             self.mlp.add_rows(h, x)
         else:
             x += self.mlp.rows(h)
 
-
-    def _mix(self, h: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache, start: int) -> np.ndarray:
-        return self.mixer.rows(h, cos, sin, cache, start) if self.attention else self.mixer.rows(h, cache)
 
 
 class LeanDecoder:

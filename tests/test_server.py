@@ -531,6 +531,54 @@ def test_a_soak_of_mixed_requests_leaves_the_server_answering(server):
     assert reply.usage.completion_tokens == 2
 
 
+def test_a_concurrent_soak_on_slots_keeps_memory_flat(tiny):
+    """Three slots, four clients at once sending mixed requests (whole, streamed, streams left after
+    their first chunk, seeded, malformed) with prompts that continue or not: every slot ends idle,
+    memory is flat, the server still answers."""
+    with Running(tiny, slots=3, snapshots=2) as running:
+        process = psutil.Process()
+        url = f"{running.url}/v1/chat/completions"
+        prompts = [HELLO, [{"role": "user", "content": "Count to three."}],
+                   [{"role": "user", "content": "Name a river and a mountain, then stop."}]]
+
+        def client(worker: int, requests: int) -> list[int]:
+            statuses = []
+            for i in range(requests):
+                body = {"messages": prompts[(worker + i) % 3], "max_tokens": 2 + (worker + i) % 5}
+                kind = (worker + i) % 4
+                if kind == 1:
+                    body.update(seed=i, temperature=0.8)
+                if kind == 2:  # streamed, left after its first chunk
+                    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as response:
+                        next(response.iter_lines())
+                        statuses.append(response.status_code)
+                    continue
+                if kind == 3 and i % 8 == 3:
+                    body = {"messages": []}
+                statuses.append(httpx.post(url, json=body, timeout=60).status_code)
+            return statuses
+
+        def wave(requests: int) -> list[int]:
+            results: list[list[int]] = [[] for _ in range(4)]
+            threads = [threading.Thread(target=lambda w=w: results[w].extend(client(w, requests))) for w in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=300)
+            return [status for statuses in results for status in statuses]
+
+        wave(6)  # warm: compiled kernels, allocator pools
+        before = process.memory_info().rss
+        statuses = wave(40)
+        assert len(statuses) == 160 and statuses.count(200) > 120 and set(statuses) <= {200, 400}
+        assert process.memory_info().rss < 1.10 * before
+        deadline = time.time() + 10
+        while running.service.active and time.time() < deadline:
+            time.sleep(0.01)
+        assert [slot["state"] for slot in httpx.get(f"{running.url}/slots").json()["slots"]] == ["idle"] * 3
+        assert running.client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).usage.completion_tokens == 2
+
+
 def test_offload_serve_starts_prints_its_url_and_stops_on_ctrl_c(tiny):
     env = dict(os.environ, OFFLOAD_CACHE=str(tiny.parent / "cache"))
     command = [sys.executable, "-m", "offload", "serve", "--model", str(tiny), "--quant", "none",
