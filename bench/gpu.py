@@ -27,7 +27,8 @@ time printed when it ends:
   the CPU) and CPU-only (gpu_mem=0) on the same machine;
 - decode (30 s): tok/s hybrid, with the device and the CPU working concurrently and serialised,
   with each step's device work replayed from CUDA graphs (`offload.graphs`; on the stand-in the
-  same code eagerly), and CPU-only;
+  same code eagerly), and CPU-only; and the aggregate of 4 sequences decoded together
+  (`Engine.step`, as `offload serve --parallel 4` does), hybrid and CPU-only;
 - prefill N (20 + N / 50 s), for each prompt length: tok/s by path (a) (CPU experts,
   chunks pipelined and not), path (b) (experts streamed to the GPU) beside its bound (every
   layer's experts once over the measured host-to-device bandwidth), and CPU-only;
@@ -108,8 +109,10 @@ from offload.placement import torch_device_name  # noqa: E402
 from offload.store import open_store  # noqa: E402
 from offload.synthetic import preset_config, synthesize  # noqa: E402
 
+SEQUENCES = 4  # decoded together in the batched rows (`offload serve --parallel`'s default)
 TARGETS = {"hybrid decode vs CPU-only": 2.0, "streamed prefill vs CPU prefill (a), longest prompt": 5.0,
-           "peak device memory vs plan": 1.05, "predicted decode vs measured": 0.30}
+           "peak device memory vs plan": 1.05, "predicted decode vs measured": 0.30,
+           f"hybrid decode, {SEQUENCES} sequences together vs one": 2.0}
 OVERRUN_SECONDS = 60  # past the budget, a run that is still going is stopped
 CHILDREN: set[subprocess.Popen] = set()  # stopped with the run
 
@@ -454,6 +457,23 @@ def decode_tok_s(engine, steps: int) -> float:
     return 1 / statistics.median(times)
 
 
+def batched_decode_tok_s(engine, steps: int) -> float:
+    """Aggregate tok/s of SEQUENCES sequences decoding together: one `Engine.step` advances each
+    by a token (the server's continuous batching), after a 16-token prompt each."""
+    for slot in range(SEQUENCES):
+        engine.select(slot)
+        engine.reset()
+    engine.select(0)
+    engine.step([(slot, list(range(1 + slot, 17 + slot))) for slot in range(SEQUENCES)])
+    engine.step([(slot, [17]) for slot in range(SEQUENCES)])  # warm-up step
+    times = []
+    for i in range(steps):
+        started = time.perf_counter()
+        engine.step([(slot, [100 + i + slot]) for slot in range(SEQUENCES)])  # logits on the host: complete
+        times.append(time.perf_counter() - started)
+    return SEQUENCES / statistics.median(times)
+
+
 def prefill_tok_s(engine, tokens: int) -> float:
     prompt = np.arange(tokens) % 1000 + 1
     best = float("inf")
@@ -553,13 +573,14 @@ def main() -> int:
 
     def load_both():
         hybrid = offload.load(path, quant="int4", gpu_mem=options.gpu_mem, profile=hardware, device=str(device),
-                              ctx=ctx, prefill="cpu")
+                              ctx=ctx, prefill="cpu", slots=SEQUENCES)
         plan = hybrid.plan
         results["plan"] = {"gpu_bytes": plan.gpu_bytes, "predicted_decode_tok_s": plan.predicted.decode_tok_s,
                            "decode_bound": plan.predicted.decode_bound,
                            "stream_from_tokens": plan.predicted.stream_from_tokens}
         results["placement"] = hybrid.placement
-        cpu_only = offload.load(path, quant="int4", gpu_mem=0, profile=hardware, ctx=ctx, prefill="cpu")
+        cpu_only = offload.load(path, quant="int4", gpu_mem=0, profile=hardware, ctx=ctx, prefill="cpu",
+                                slots=SEQUENCES)
         return hybrid, cpu_only
 
     hybrid, cpu_only = phases.run("load", load_both, needs=("prepare", "detect")) or (None, None)
@@ -574,6 +595,8 @@ def main() -> int:
         finally:
             executor.concurrent = True
         decode["cpu-only"] = decode_tok_s(cpu_only, options.steps)
+        decode[f"hybrid, {SEQUENCES} sequences together"] = batched_decode_tok_s(hybrid, options.steps)
+        decode[f"cpu-only, {SEQUENCES} sequences together"] = batched_decode_tok_s(cpu_only, options.steps)
         rate, how = graphed_decode_tok_s(hybrid, options.steps, capture=device.type == "cuda")
         results["cuda_graphs"] = how
         if rate is not None:
@@ -627,6 +650,10 @@ def report(results: dict, options: argparse.Namespace, device: torch.device) -> 
               "streamed prefill vs its copy bound, longest prompt": ratio(longest.get("(b) streamed"),
                                                                           longest.get("(b) copy bound")),
               "CUDA graphs vs eager hybrid decode": ratio(decode.get("hybrid, CUDA graphs"), decode.get("hybrid")),
+              f"hybrid decode, {SEQUENCES} sequences together vs one":
+                  ratio(decode.get(f"hybrid, {SEQUENCES} sequences together"), decode.get("hybrid")),
+              f"CPU-only decode, {SEQUENCES} sequences together vs one":
+                  ratio(decode.get(f"cpu-only, {SEQUENCES} sequences together"), decode.get("cpu-only")),
               "peak device memory vs plan": ratio(peak, plan and plan["gpu_bytes"]) if device.type == "cuda" else None,
               "predicted decode vs measured": None}
     if plan and decode.get("hybrid"):
@@ -637,7 +664,7 @@ def report(results: dict, options: argparse.Namespace, device: torch.device) -> 
     print(f"\nQwen3-Next slice, {options.layers} layers x {options.experts} experts; GPU share on {where}, "
           f"routed experts on {results['cpu']['physical_cores']} CPU cores")
     for name, value in decode.items():
-        print(f"  decode {name:<26} {value:8.1f} tok/s")
+        print(f"  decode {name:<32} {value:8.1f} tok/s")
     if results.get("cuda_graphs"):
         print(f"  CUDA graphs: {results['cuda_graphs']}")
     for tokens, row in prefill.items():

@@ -101,6 +101,9 @@ class Scheduler:
             raise OffloadError(f"every one of the {self.slots} slots is busy; wait for a free one")
         if not request.prompt:
             raise OffloadError("the prompt is empty; give at least one token")
+        if len(request.prompt) + request.max_tokens > self.engine.ctx:
+            raise OffloadError(f"{len(request.prompt)} prompt tokens and {request.max_tokens} new ones do not fit "
+                               f"the context of {self.engine.ctx}; ask for fewer, or load with a larger ctx")
         free = [i for i in range(self.slots) if i not in self.running]
         slot = max(free, key=lambda i: (self.sessions[i].reusable(request.prompt), -self.used[i]))
         self.starts += 1

@@ -41,12 +41,16 @@ def test_a_batched_step_is_each_sequence_as_transformers_runs_it(hf_checkpoint, 
     assert len({tuple(s) for s in sequences}) == 3
 
 
-def test_a_step_refuses_a_slot_twice_and_a_full_slot(hf_checkpoint):
+def test_a_step_refuses_a_slot_twice_and_a_full_slot_and_the_scheduler_a_request_too_long(hf_checkpoint):
     engine = offload.load(hf_checkpoint("next").path, slots=2, ctx=16)
     with pytest.raises(OffloadError, match="each slot once"):
         engine.step([(0, [1]), (0, [2])])
     with pytest.raises(OffloadError, match="do not fit the context of 16"):
         engine.step([(0, [1]), (1, list(range(17)))])
+    scheduler = Scheduler(engine)
+    with pytest.raises(OffloadError, match="10 prompt tokens and 7 new ones do not fit the context of 16"):
+        scheduler.submit(Request(list(range(10)), Sampler(SamplingParams()), 7, lambda token: None, lambda reason: None))
+    assert scheduler.idle  # refused before it took a slot
 
 
 def run(scheduler: Scheduler, requests: list[tuple[list[int], SamplingParams]], max_tokens: int = 10,

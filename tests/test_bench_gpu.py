@@ -47,7 +47,8 @@ def test_the_rehearsal_measures_everything_and_writes_it_under_out(tmp_path):
     assert {name: record["status"] for name, record in results["phases"].items()} == {
         "prepare": "done", "tests": "skipped", "detect": "done", "load": "done", "decode": "done",
         "prefill 64": "done", "prefill 600": "done"}
-    assert set(results["decode_tok_s"]) == {"hybrid", "hybrid, serialised", "hybrid, graph path (eager)", "cpu-only"}
+    assert set(results["decode_tok_s"]) == {"hybrid", "hybrid, serialised", "hybrid, graph path (eager)", "cpu-only",
+                                            "hybrid, 4 sequences together", "cpu-only, 4 sequences together"}
     assert results["cuda_graphs"] == "device positions, eagerly"
     assert all(value > 0 for value in results["decode_tok_s"].values())
     assert set(results["prefill_tok_s"]) == {"64", "600"}
@@ -55,6 +56,7 @@ def test_the_rehearsal_measures_everything_and_writes_it_under_out(tmp_path):
         assert set(row) == {"(a) pipelined", "(a)", "(b) streamed", "(b) copy bound", "cpu-only"}
         assert all(value > 0 for value in row.values())
     assert results["plan"]["gpu_bytes"] > 0 and results["ratios"]["hybrid decode vs CPU-only"] > 0
+    assert results["ratios"]["hybrid decode, 4 sequences together vs one"] > 0
     assert results["ratios"]["streamed prefill vs its copy bound, longest prompt"] > 0
     assert results["prepare"]["slice ready s"] <= results["prepare"]["int4 store ready s"]
     log = (tmp_path / "out" / "gpu.log").read_text()
