@@ -2,8 +2,8 @@
 
 A `Scheduler` owns an engine loaded with several slots (`load(..., slots=N)`) and runs on one
 thread. Each `tick` is one forward pass (`Engine.step`): a decode step for every answering
-request and, while a prompt waits to be read, a chunk of it (`PROMPT_CHUNK` tokens, so the
-answers streaming beside it keep their pace). On a CPU a decode step reads every dense matrix
+request and, while prompts wait to be read, up to `PROMPT_CHUNK` of their tokens (the oldest
+prompt's first), so the answers streaming beside them keep their pace. On a CPU a decode step reads every dense matrix
 whatever the number of rows, so N answers cost little more than one; prompt tokens ride along.
 A prompt that arrives when nothing is answering is read whole by the engine's own prefill (its
 larger chunks, and on a GPU its pipelined or streamed paths).
@@ -131,9 +131,12 @@ class Scheduler:
         for run in answering:
             run.fed = [run.token]
             work.append(run)
-        if reading:  # one prompt at a time, oldest first, cut at its snapshot point
-            run = min(reading, key=lambda r: self.used[r.slot])
-            run.fed = run.pending[:self._chunk_end(run)]
+        budget = self.prompt_chunk  # prompt tokens this step, oldest prompt first, each cut at its snapshot point
+        for run in sorted(reading, key=lambda r: self.used[r.slot]):
+            if budget <= 0:
+                break
+            run.fed = run.pending[:self._chunk_end(run, budget)]
+            budget -= len(run.fed)
             work.append(run)
         try:
             logits = self.engine.step([(run.slot, run.fed) for run in work])
@@ -149,11 +152,11 @@ class Scheduler:
             else:
                 self._draw(run, row)
 
-    def _chunk_end(self, run: _Running) -> int:
-        """How many of `run`'s pending prompt tokens the next step feeds."""
+    def _chunk_end(self, run: _Running, budget: int) -> int:
+        """How many of `run`'s pending prompt tokens the next step feeds (at most `budget`)."""
         request, session = run.request, self.sessions[run.slot]
         done = len(request.prompt) - len(run.pending)
-        end = min(len(run.pending), self.prompt_chunk)
+        end = min(len(run.pending), budget)
         if session.limit and done < request.boundary < done + end:
             end = request.boundary - done
         return end

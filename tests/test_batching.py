@@ -74,15 +74,16 @@ def run(scheduler: Scheduler, requests: list[tuple[list[int], SamplingParams]], 
 
 @pytest.mark.parametrize("quant", [None, "int4"])
 def test_requests_together_draw_what_each_draws_alone(hf_checkpoint, quant):
-    """Greedy and seeded sampling, three requests on three slots (one joining mid-answer, its prompt
-    read in chunks beside the others' steps): the same tokens as each request alone. int4: the
-    fast kernels users get, batched rows through the lean step."""
+    """Greedy and seeded sampling, three requests on three slots (two joining mid-answer, their
+    prompts read in chunks of 8 tokens beside the first one's steps, one of them cut to fill a
+    chunk): the same tokens as each request alone. int4: the fast kernels users get, batched rows
+    through the lean step."""
     path = hf_checkpoint("next").path
     requests = [(prompt(11, 4), SamplingParams()),
                 (prompt(5, 5), SamplingParams(temperature=1.0, seed=7)),
                 (prompt(23, 6), SamplingParams(temperature=0.8, top_p=0.9, seed=3))]
     together = Scheduler(offload.load(path, quant=quant, slots=3), prompt_chunk=8)
-    answers = run(together, requests, arrivals={2: 4})
+    answers = run(together, requests, arrivals={1: 2, 2: 2})
     alone = Scheduler(offload.load(path, quant=quant))
     assert answers == [run(alone, [r])[0] for r in requests]
     assert all(len(a) == 10 for a in answers) and len({tuple(a) for a in answers}) == 3
