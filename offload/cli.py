@@ -329,7 +329,8 @@ def chat(model_dir, demo, ctx, load_options, system, hide_thinking, **sampling_f
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0),
               help="Requests that may wait while every slot is busy; more are answered 429.")
 @click.option("--snapshots", default=4, show_default=True, type=click.IntRange(min=0),
-              help="Sequence snapshots kept in RAM for prefix reuse (an edited or regenerated last turn).")
+              help="Sequence snapshots kept in RAM per slot for prefix reuse (an edited or regenerated last "
+                   "turn).")
 @click.option("--tool-call-format", type=click.Choice(["json", "xml"]), default=None,
               help="How the model writes a tool call: json (Qwen3, Qwen3-Next) or xml (Qwen3-Coder, Qwen3.5) "
                    "[default: as its chat template renders calls].")
@@ -576,7 +577,8 @@ def _resolve_profile(profile: str | None):
 @click.option("--kv-cache", type=click.Choice(["auto", "f32", "bf16", "f16", "int8"]), default="auto",
               show_default=True, help="How keys and values are stored (see run --help).")
 @click.option("--parallel", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Sequences held at once (serve --parallel), each with its caches for --ctx positions.")
+              help="Sequences held at once (serve --parallel; serve's default is 4 where they fit), each with "
+                   "its caches for --ctx positions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model_dir: Path | None, preset: str | None, gpu_mem: str | None, ctx: int, profile: str | None,
          prompt_tokens: int, quant: str, dense_quant: str, rope_scaling: str | None, kv_cache: str,

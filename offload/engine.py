@@ -68,7 +68,7 @@ class Engine:
         self.dtype = model.compute_dtype
         make_cache = ARCHITECTURES[args.model_type].make_cache
         self.slots = [Slot(make_cache(args, ctx, self.dtype, device, kv_format)) for _ in range(slots)]
-        self.slot = self.slots[0]  # the one the single-sequence calls work on
+        self.selected = self.slots[0]  # the one the single-sequence calls work on
         self.executor = executor  # the int4 routed experts' CpuExpertExecutor, if any
         self.graphs = None  # decode steps replayed from CUDA graphs (`offload.graphs.GraphedDecode`), if on
         self.prefill = prefill
@@ -84,36 +84,36 @@ class Engine:
 
     def select(self, index: int) -> None:
         """Make slot `index` the one the single-sequence calls work on."""
-        self.slot = self.slots[index]
+        self.selected = self.slots[index]
 
     # the selected slot's state, under the names of a one-sequence engine
     @property
     def caches(self) -> list[Cache]:
-        return self.slot.caches
+        return self.selected.caches
 
     @property
     def position(self) -> int:
-        return self.slot.position
+        return self.selected.position
 
     @position.setter
     def position(self, value: int) -> None:
-        self.slot.position = value
+        self.selected.position = value
 
     @property
     def history(self) -> list[int]:
-        return self.slot.history
+        return self.selected.history
 
     @history.setter
     def history(self, value: list[int]) -> None:
-        self.slot.history = value
+        self.selected.history = value
 
     @property
     def written(self) -> list[int]:
-        return self.slot.written
+        return self.selected.written
 
     @written.setter
     def written(self, value: list[int]) -> None:
-        self.slot.written = value
+        self.selected.written = value
 
     def _ids(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
@@ -145,10 +145,11 @@ class Engine:
         states = [cache.snapshot() for cache in self.caches]
         return Snapshot(self.position, list(self.history), states)
 
-    def can_restore(self, snapshot: Snapshot) -> bool:
-        """Whether the KV caches still hold the snapshot's keys and values (no other sequence has
-        written over its positions since)."""
-        return self.written[:snapshot.position] == snapshot.history[:snapshot.position]
+    def can_restore(self, snapshot: Snapshot, slot: int | None = None) -> bool:
+        """Whether the KV caches (of `slot`, default the selected one) still hold the snapshot's keys
+        and values (no other sequence has written over its positions since)."""
+        written = self.written if slot is None else self.slots[slot].written
+        return written[:snapshot.position] == snapshot.history[:snapshot.position]
 
     def restore(self, snapshot: Snapshot) -> None:
         """Continue from `snapshot` (taken from this engine, `can_restore`)."""
@@ -214,7 +215,7 @@ class Engine:
         if self.executor is not None:
             self.executor.stream = streamed
         del self.written[self.position:]  # overwritten from here on (and unknown if this fails midway)
-        if self.graphs is not None and ids.shape[0] == 1 and self.slot is self.slots[0]:  # captured on slot 0
+        if self.graphs is not None and ids.shape[0] == 1 and self.selected is self.slots[0]:  # captured on slot 0
             logits = self.graphs.step(int(ids[0]), self.position)  # in RAM, complete
             self.written += ids.tolist()
             self.position += 1
@@ -250,13 +251,23 @@ class Engine:
         routed experts the rows share are read once for all of them; attention and DeltaNet run
         per slot on its own caches. -> float32 logits [len(work), vocab]: each entry's last
         token's. Keep it a step: a decode token per slot and at most a prompt chunk (every row's
-        activations are held at once). A failure leaves the slots in `work` unusable: reset them."""
+        activations are held at once). Work that is refused (a slot twice, ids out of range, no
+        room) changes nothing; a failure during the pass leaves the slots in `work` unusable:
+        reset them. One token for the first slot replays the CUDA graphs when they are on."""
         indices = [index for index, _ in work]
         if len(set(indices)) != len(indices):
             raise OffloadError(f"a step advances each slot once; got slots {indices}")
         batch = [(self.slots[index], self._ids(ids)) for index, ids in work]
         for slot, ids in batch:
             self._check_room(slot.position + ids.shape[0])
+        if self.graphs is not None and indices == [0] and batch[0][1].shape[0] == 1:
+            selected, self.selected = self.selected, self.slots[0]
+            try:
+                logits = self.feed(batch[0][1], all_logits=False)
+            finally:
+                self.selected = selected
+            self.slots[0].history += batch[0][1].tolist()
+            return logits
         segments = [Segment(slot.caches, slot.position, ids.shape[0]) for slot, ids in batch]
         for slot, _ in batch:
             del slot.written[slot.position:]
@@ -406,9 +417,9 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     (`offload.graphs`): on CUDA, with the KV cache in the compute dtype; elsewhere a note says it
     is off. They serve the first slot's single-sequence decode steps.
     slots: how many sequences the engine holds at once, each with caches for `ctx` positions (the
-    plan counts them all), or "auto": AUTO_SLOTS where the plan fits them, else the most of 2 and 1
-    that fits. `Engine.step` advances several in one pass (`offload.scheduler` runs requests on
-    them).
+    plan counts them all), or "auto": AUTO_SLOTS, else 2, where their caches fit beside the
+    placement one slot gets (on a GPU more slots never cost a format or a group's place), else 1.
+    `Engine.step` advances several in one pass (`offload.scheduler` runs requests on them).
     """
     if dense_quant not in (None, *DENSE_QUANTS):
         raise OffloadError(f"dense_quant={dense_quant!r} is not a format offload has; use 'auto', 'int8', 'int4' "
@@ -428,10 +439,17 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     if prefill == "stream" and quant != "int4":
         raise OffloadError("prefill='stream' streams the int4 experts; use it with quant='int4'")
     execution, hardware, budget = _execution_device(device, gpu_mem, profile)
-    for tried in ((AUTO_SLOTS, 2, 1) if slots == "auto" else (slots,)):
-        plan = _plan(args, hardware, budget, ctx, quant, dense_quant, str(model_dir), kv_cache, exact, tried)
-        if plan.fits:
-            break
+    plan = _plan(args, hardware, budget, ctx, quant, dense_quant, str(model_dir), kv_cache, exact,
+                 1 if slots == "auto" else slots)
+    if slots == "auto" and plan.fits:  # more slots only where their caches fit beside the same placement
+        for tried in (AUTO_SLOTS, 2):
+            wider = _plan(args, hardware, budget, ctx, quant, dense_quant, str(model_dir), kv_cache, exact, tried)
+            if wider.fits and _same_placement(wider, plan):
+                plan = wider
+                break
+        if plan.slots < AUTO_SLOTS:
+            print(f"note: {plan.slots} slot(s): the caches of {AUTO_SLOTS} would not fit beside this placement "
+                  "(give slots, --parallel, to choose)", file=sys.stderr)
     slots = plan.slots
     if not plan.fits:
         raise OffloadError(f"{Path(model_dir).name} does not fit: {plan.reason}")
@@ -472,6 +490,16 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     if cuda_graphs:
         engine.graphs = _graphed_decode(engine)
     return engine
+
+
+def _same_placement(plan, other) -> bool:
+    """Whether two plans put every tensor group in the same place and format, caches apart (their
+    sizes grow with the slots) but for the KV cache's format."""
+    def layout(p):
+        return [(e.group, e.device, e.format) for e in p.placement
+                if not e.group.startswith("KV cache") and e.group != "DeltaNet state"]
+
+    return layout(plan) == layout(other) and plan.kv_format == other.kv_format
 
 
 def _plans_streaming(plan) -> bool:

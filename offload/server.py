@@ -249,11 +249,13 @@ class Service:
         self.waiting = 0  # submitted, not yet on a slot
         self.lock = threading.Lock()
         self.active: set[Job] = set()  # on a slot
+        self.slot_status = self.scheduler.status()  # what /slots says: the engine thread's copy, after each step
         self.worker: threading.Thread | None = None
 
     @property
-    def slots(self) -> int:
-        return self.scheduler.slots
+    def capacity(self) -> int:
+        """Requests answered at once: the engine's slots."""
+        return self.scheduler.capacity
 
     def start(self) -> None:
         """Run the jobs on a thread of their own (`work` runs them on the calling thread)."""
@@ -290,11 +292,11 @@ class Service:
 
     def submit(self, job: Job) -> None:
         with self.lock:
-            # the requests that would be waiting for a slot with this one
-            waiting = self.waiting + max(0, len(self.active) + 1 - self.slots)
+            # requests submitted or running beyond the slots: those that would wait, this one included
+            waiting = max(0, self.waiting + len(self.active) + 1 - self.capacity)
             if waiting > self.max_queue:
-                raise ApiError(429, f"the server is busy: {self.waiting} requests are waiting (--max-queue "
-                                    f"{self.max_queue}); retry later", code="queue_full")
+                raise ApiError(429, f"the server is busy: every slot is taken and {waiting - 1} requests are "
+                                    f"waiting (--max-queue {self.max_queue}); retry later", code="queue_full")
             self.waiting += 1
         self.jobs.put(job)
 
@@ -315,7 +317,13 @@ class Service:
                     stopping = True
                 else:
                     self._start(job)
-            scheduler.tick()
+            try:
+                scheduler.tick()
+            except Exception as error:  # a fault outside any one request's: end them all, keep serving
+                scheduler.fail_all(error)
+            status = scheduler.status()
+            with self.lock:
+                self.slot_status = status
 
     def _start(self, job: Job) -> None:
         with self.lock:
@@ -422,12 +430,13 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "waiting": service.waiting, "slots": service.slots,
+        return {"status": "ok", "waiting": service.waiting, "slots": service.capacity,
                 "busy": len(service.active)}
 
     @app.get("/slots", dependencies=[Depends(authorized)])
     async def slots():
-        return {"slots": service.scheduler.status()}
+        with service.lock:
+            return {"slots": service.slot_status}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
@@ -668,7 +677,7 @@ def _rendered(service: Service, messages: list[Message], tools,
     except OffloadError as error:
         raise ApiError(400, str(error)) from None
     before = []
-    if service.scheduler.sessions[0].limit and len(plain) > 1:
+    if service.scheduler.snapshots and len(plain) > 1:
         try:  # only a snapshot point: a template that refuses the shorter list just gives none
             before = tokenizer.chat_ids(plain[:-1], add_generation_prompt=False, **extra)
         except OffloadError:

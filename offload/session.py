@@ -52,9 +52,8 @@ class Session:
         return max([start] + [s.position for s in self._usable(prompt, start)])
 
     def _usable(self, prompt: list[int], start: int) -> list[Snapshot]:
-        engine = self._engine()
         return [s for s in self.snapshots if start < s.position <= len(prompt) and prompt[:s.position] == s.history
-                and (s.position < len(prompt) or s.logits is not None) and engine.can_restore(s)]
+                and (s.position < len(prompt) or s.logits is not None) and self.engine.can_restore(s, self.slot)]
 
     def reuse(self, prompt: list[int]) -> tuple[int, torch.Tensor | None]:
         """Bring the slot's sequence to the longest start of `prompt` it holds or a snapshot holds
@@ -104,10 +103,16 @@ class Session:
         del self.snapshots[:-self.limit]
 
     def decode(self, logits: torch.Tensor, max_tokens: int, sampler: Sampler) -> Iterator[int]:
-        """`Engine.decode` from `resume`'s logits; the caller may stop early (close the generator)."""
-        engine = self._engine()
-        with _reset_on_failure(engine):
-            yield from engine.decode(logits, max_tokens, sampler)
+        """`Engine.decode` from `resume`'s logits; the caller may stop early (close the generator).
+        Each token is fed into this session's slot, whatever another session selected meanwhile."""
+        tokens = self._engine().decode(logits, max_tokens, sampler)
+        while True:
+            engine = self._engine()
+            with _reset_on_failure(engine):
+                token = next(tokens, None)
+            if token is None:
+                return
+            yield token
 
     def reset(self) -> None:
         """Start the next prompt from scratch (the snapshots, copies, stay usable)."""

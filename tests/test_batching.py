@@ -107,3 +107,45 @@ def test_slots_are_freed_and_reused_for_a_returning_conversation(hf_checkpoint):
     scheduler.submit(stop)
     scheduler.tick()  # the cancelled one ends before the step; the other advances
     assert scheduler.free == 1 and [s["state"] for s in scheduler.status()].count("idle") == 1
+
+
+def test_a_request_that_fails_ends_alone(hf_checkpoint):
+    """A request whose draw fails (here its sampler raises on its third token) ends with the error
+    and frees its slot; the request beside it answers as it does alone."""
+    path = hf_checkpoint("next").path
+
+    class Failing(Sampler):
+        def __call__(self, logits, history):
+            if len(history) >= 13:
+                raise ValueError("no token fits")
+            return super().__call__(logits, history)
+
+    scheduler = Scheduler(offload.load(path, slots=2))
+    ended, tokens = {}, []
+    scheduler.submit(Request(prompt(11, 4), Failing(SamplingParams()), 10, lambda token: None,
+                             lambda reason: ended.setdefault("failing", reason)))
+    scheduler.submit(Request(prompt(7, 5), Sampler(SamplingParams()), 10, tokens.append,
+                             lambda reason: ended.setdefault("other", reason)))
+    failing = scheduler.running[0].request if scheduler.running[0].request.prompt == prompt(11, 4) \
+        else scheduler.running[1].request
+    while not scheduler.idle:
+        scheduler.tick()
+    assert ended == {"failing": "error", "other": "length"} and failing.error == "ValueError: no token fits"
+    assert tokens == run(Scheduler(offload.load(path)), [(prompt(7, 5), SamplingParams())])[0]
+
+
+def test_auto_slots_never_change_the_placement(hf_checkpoint):
+    """slots="auto" holds 4 sequences where their caches fit beside the one-slot placement; on a
+    GPU budget with no room for them it keeps the placement (prefetch buffers, formats) and fewer
+    slots."""
+    path = hf_checkpoint("next").path
+    assert len(offload.load(path, quant="int4", gpu_mem=0, slots="auto").slots) == 4
+    stand_in = dict(quant="int4", gpu_mem="8G", profile="rtx4060-ddr5", device="cpu")
+    one = offload.load(path, **stand_in).plan
+    tight = offload.load(path, **{**stand_in, "gpu_mem": one.gpu_bytes}, slots="auto")
+    assert len(tight.slots) < 4
+    assert [(p.group, p.device, p.format) for p in tight.plan.placement if "cache" not in p.group.lower()
+            and p.group != "DeltaNet state"] == [(p.group, p.device, p.format) for p in one.placement
+                                                  if "cache" not in p.group.lower() and p.group != "DeltaNet state"]
+    with pytest.raises(OffloadError, match="slots=0"):
+        offload.load(path, slots=0)

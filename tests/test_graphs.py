@@ -113,3 +113,28 @@ def test_cuda_graphs_replay_the_eager_decode(hf_checkpoint, name):
     assert (graphed - eager).abs().max().item() <= parity_bound(reference, ids, prefix=prefix)
     assert (graphed - stepped_reference(reference, ids, prefix)).abs().max().item() \
         <= parity_bound(reference, ids, prefix=prefix)
+
+
+def test_a_scheduled_single_answer_steps_through_the_graphs(hf_checkpoint):
+    """A server's lone answer on the first slot replays its decode steps from the graph path (as
+    `offload serve --cuda-graphs` needs): the same tokens as the eager batched step."""
+    from offload.sampling import Sampler, SamplingParams
+    from offload.scheduler import Request, Scheduler
+
+    engine = offload.load(hf_checkpoint("next").path, quant="int4", dense_quant=None, exact=True, slots=2,
+                          **STAND_IN)
+    ids = torch.randint(0, 160, (12,), generator=torch.Generator().manual_seed(43)).tolist()
+
+    def answer() -> list[int]:
+        tokens, ended = [], []
+        scheduler = Scheduler(engine)
+        scheduler.submit(Request(ids, Sampler(SamplingParams()), 8, tokens.append, ended.append))
+        while not ended:
+            scheduler.tick()
+        return tokens
+
+    eager = answer()
+    engine.graphs = GraphedDecode(engine, capture=False)
+    replayed, step = [], engine.graphs.step
+    engine.graphs.step = lambda token, position: replayed.append(position) or step(token, position)
+    assert answer() == eager and replayed == list(range(12, 19))  # every decode step but the first draw's

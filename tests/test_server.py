@@ -467,6 +467,13 @@ def test_a_full_queue_is_answered_429(endless):
             assert first.status_code == second.status_code == 200 and running.service.waiting == 2
             refused = httpx.post(f"{running.url}/v1/completions", json={"prompt": "go", "max_tokens": 2})
         assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+    with Running(endless, worker=False, max_queue=0, slots=2) as running:  # two slots: two queued need no wait
+        request = {"prompt": "go", "max_tokens": 2, "stream": True}
+        with httpx.stream("POST", f"{running.url}/v1/completions", timeout=60, json=request) as first, \
+                httpx.stream("POST", f"{running.url}/v1/completions", timeout=60, json=request) as second:
+            assert first.status_code == second.status_code == 200 and running.service.waiting == 2
+            refused = httpx.post(f"{running.url}/v1/completions", json={"prompt": "go", "max_tokens": 2})
+        assert refused.status_code == 429
 
 
 def error_of(response, status):

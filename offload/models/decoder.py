@@ -57,7 +57,8 @@ class DecoderLayer(nn.Module):
 @dataclass
 class Segment:
     """The rows of a batched pass that belong to one sequence: `length` tokens written into
-    `caches` (one per layer) from `start` (or a one-token step's `DevicePosition`)."""
+    `caches` (one per layer) from `start` (in `layer_stages`, also a one-token step's
+    `DevicePosition`)."""
 
     caches: list[Cache]
     start: int | DevicePosition
@@ -96,7 +97,9 @@ class CausalLM(nn.Module):
         another (T = the sum of their lengths). Returns logits [T, V], or with last_only each
         segment's last token's [len(segments), V]."""
         x = self.embed_tokens(input_ids).to(self.compute_dtype)
-        positions = torch.cat([torch.arange(s.start, s.start + s.length, device=x.device) for s in segments])
+        positions = torch.cat([torch.arange(s.start, s.start + s.length, device=x.device) for s in segments]) \
+            if len(segments) > 1 else torch.arange(segments[0].start, segments[0].start + segments[0].length,
+                                                   device=x.device)
         return (yield from self.layer_stages(x, positions, segments, last_only))
 
     def layer_stages(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment],
@@ -107,8 +110,8 @@ class CausalLM(nn.Module):
             finish = layer.begin_feed_forward(mix_segments(layer, index, x, cos, sin, segments))
             yield
             x = finish()
-        if last_only:
-            x = x[-1:] if len(segments) == 1 else x[last_rows(segments, x.device)]
+        if last_only:  # each segment's last row (views: no index tensor to copy to the device)
+            x = x[-1:] if len(segments) == 1 else torch.cat([x[end - 1:end] for end in segment_ends(segments)])
         return self.lm_head(self.norm(x))
 
     def forward(self, input_ids: torch.Tensor, caches: list[Cache], start: int,
@@ -139,10 +142,10 @@ def mix_segments(layer: nn.Module, index: int, x: torch.Tensor, cos: torch.Tenso
     return torch.cat(pieces)
 
 
-def last_rows(segments: list[Segment], device: torch.device | None = None) -> torch.Tensor:
-    """The index of each segment's last row in the stacked rows: int64 [len(segments)]."""
+def segment_ends(segments: list[Segment]) -> list[int]:
+    """Where each segment's rows end in the stacked rows."""
     ends, end = [], 0
     for s in segments:
         end += s.length
-        ends.append(end - 1)
-    return torch.tensor(ends, device=device)
+        ends.append(end)
+    return ends
