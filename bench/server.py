@@ -2,7 +2,7 @@
 OpenAI API (streamed, the `openai` package) against the engine's own, same prompt, same machine.
 
     python bench/server.py [--model DIR] [--prompt 128] [--tokens 64] [--runs 3]
-    python bench/server.py --parallel [--model DIR] [--tokens 64] [--slots 4]
+    python bench/server.py --parallel [--model DIR] [--tokens 64] [--slots 4] [--runs 3]
 
 Default model: `bench/decode.py`'s 8-layer Qwen3-Next slice (real per-token shapes), CPU only.
 Each run starts from a fresh sequence (no prefix reuse) and decodes greedily; the engine's figures
@@ -11,10 +11,10 @@ per token). As under `offload serve`, the engine runs on the main thread, uvicor
 Prints the medians and the server's overhead as a ratio.
 
 --parallel: several conversations at once. Aggregate decode tok/s with 1, 2, 4 and 8 clients
-streaming at once (16-token prompts, --tokens each: every token the clients received over the
-time from the first request to the last token), and the time to first token of a short request
-sent while three long answers stream, against an idle server's; each on a server with --slots
-slots and on a one-slot server, same run.
+streaming at once (16-token prompts, --tokens each; every token after each stream's first, over
+the time from the first stream's first token to the last token; the median of --runs), and the
+time to first token of a short request sent while three long answers stream, against an idle
+server's; each on a server with --slots slots and on a one-slot server, same run.
 """
 
 from __future__ import annotations
@@ -84,19 +84,24 @@ def serving(service: Service, work) -> None:
 
 
 def together(client, prompts: list[list[int]], tokens: int) -> float:
-    """Aggregate tok/s of streamed completions of `prompts`, all sent at once."""
-    counts = [0] * len(prompts)
+    """Aggregate decode tok/s of streamed completions of `prompts`, all sent at once: every token
+    after each stream's first, over the time from the first stream's first token to the last
+    token of all."""
+    arrivals: list[list[float]] = [[] for _ in prompts]
 
     def ask(i):
-        counts[i] = client_run(client, prompts[i], tokens)[2]
+        for chunk in client.completions.create(model="bench", prompt=prompts[i], max_tokens=tokens, temperature=0,
+                                               stream=True):
+            if chunk.choices and chunk.choices[0].text is not None:  # one chunk per token
+                arrivals[i].append(time.perf_counter())
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
-    started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return sum(counts) / (time.perf_counter() - started)
+    decoded = sum(len(times) - 1 for times in arrivals)
+    return decoded / (max(times[-1] for times in arrivals) - min(times[0] for times in arrivals))
 
 
 def first_token_beside(client, long_prompts: list[list[int]], short: list[int], tokens: int) -> float:
@@ -141,7 +146,8 @@ def parallel(options, path: Path) -> None:
         def work():
             client_run(client, prompts[0], 8)  # warm-up
             for count in clients_counts:
-                rows[count] = together(client, prompts[:count], options.tokens)
+                rows[count] = statistics.median(together(client, prompts[:count], options.tokens)
+                                                for _ in range(options.runs))
                 print(f"  {slots} slot(s), {count} client(s): {rows[count]:.1f} tok/s", flush=True)
             rows["idle"] = statistics.median(client_run(client, short, 8)[0] for _ in range(3))
             rows["beside"] = statistics.median(first_token_beside(client, prompts[1:4], short, options.tokens)
@@ -156,7 +162,7 @@ def parallel(options, path: Path) -> None:
           f"each, greedy")
     print(f"{'':<34} {'1 slot':>9} {f'{options.slots} slots':>9}  ratio")
     for count in clients_counts:
-        print(f"{f'aggregate tok/s, {count} client(s)':<34} {one[count]:9.1f} {many[count]:9.1f}  "
+        print(f"{f'aggregate decode tok/s, {count} client(s)':<34} {one[count]:9.1f} {many[count]:9.1f}  "
               f"{many[count] / one[count]:.2f}x")
     print(f"{'aggregate vs 1 client, 4 clients':<34} {'':>9} {many[4] / many[1]:8.2f}x")
     for key, words in (("idle", "first token, idle server (s)"), ("beside", "first token beside 3 answers (s)")):
