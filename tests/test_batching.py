@@ -72,19 +72,23 @@ def run(scheduler: Scheduler, requests: list[tuple[list[int], SamplingParams]], 
     return answers
 
 
-@pytest.mark.parametrize("quant", [None, "int4"])
-def test_requests_together_draw_what_each_draws_alone(hf_checkpoint, quant):
+STAND_IN = dict(gpu_mem="8G", profile="rtx4060-ddr5", device="cpu")  # a GPU plan, the CPU standing in
+
+
+@pytest.mark.parametrize("options", [dict(quant=None), dict(quant="int4"), dict(quant="int4", **STAND_IN)],
+                         ids=["exact", "int4", "hybrid"])
+def test_requests_together_draw_what_each_draws_alone(hf_checkpoint, options):
     """Greedy and seeded sampling, three requests on three slots (two joining mid-answer, their
     prompts read in chunks of 8 tokens beside the first one's steps, one of them cut to fill a
     chunk): the same tokens as each request alone. int4: the fast kernels users get, batched rows
-    through the lean step."""
+    through the lean step; hybrid: a GPU plan's modules and its CPU expert lanes."""
     path = hf_checkpoint("next").path
     requests = [(prompt(11, 4), SamplingParams()),
                 (prompt(5, 5), SamplingParams(temperature=1.0, seed=7)),
                 (prompt(23, 6), SamplingParams(temperature=0.8, top_p=0.9, seed=3))]
-    together = Scheduler(offload.load(path, quant=quant, slots=3), prompt_chunk=8)
+    together = Scheduler(offload.load(path, slots=3, **options), prompt_chunk=8)
     answers = run(together, requests, arrivals={1: 2, 2: 2})
-    alone = Scheduler(offload.load(path, quant=quant))
+    alone = Scheduler(offload.load(path, **options))
     assert answers == [run(alone, [r])[0] for r in requests]
     assert all(len(a) == 10 for a in answers) and len({tuple(a) for a in answers}) == 3
 
