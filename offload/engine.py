@@ -50,7 +50,7 @@ class Engine:
 
     The single-sequence calls (`feed`, `append`, `stream`, `snapshot`, ...) work on the selected
     slot (`select`; the first at load); `step` advances several slots by a few tokens each in one
-    forward pass, where each weight is read once for all of them.
+    forward pass.
 
     `device` is where the activations live (CUDA, or the CPU: CPU-only, or standing in for a GPU);
     `plan` is the placement plan and `placement` what was done with it (set by `load`).
@@ -247,8 +247,9 @@ class Engine:
 
     def step(self, work: Sequence[tuple[int, Sequence[int] | torch.Tensor]]) -> torch.Tensor:
         """Advance several slots in one forward pass: each (slot index, ids) of `work` appends its
-        ids to that slot's sequence (its `history` too), as `append` would. Dense weights and the
-        routed experts the rows share are read once for all of them; attention and DeltaNet run
+        ids to that slot's sequence (its `history` too), as `append` would. Everything row-wise
+        (norms, the feed-forward, the routed experts the rows share, lm_head) runs once for all the
+        rows, and on the CPU's lean step the mixers' projections too; attention and DeltaNet run
         per slot on its own caches. -> float32 logits [len(work), vocab]: each entry's last
         token's. Keep it a step: a decode token per slot and at most a prompt chunk (every row's
         activations are held at once). Work that is refused (a slot twice, ids out of range, no
