@@ -32,12 +32,17 @@ class QuantizedLinear(nn.Module):
     to a prompt chunk); with `exact`, they stay fp32 (`kernels.linear`). `activations` is the
     int8 activation buffer, shared by every layer of the same input width."""
 
-    def __init__(self, source: nn.Linear, fmt: str, threads: int, exact: bool = False,
-                 activations: q8.Activations | None = None):
+    def __init__(self, source: nn.Linear | None, fmt: str, threads: int, exact: bool = False,
+                 activations: q8.Activations | None = None, stored: tuple | None = None):
+        """`source` quantised to `fmt`, or `stored`: its (weights, float32 bias or None) as an
+        earlier load quantised them (`offload.store.DenseStore`)."""
         super().__init__()
         self.format = fmt
-        self.weight = FORMATS[fmt].quantize(stored_array(source.weight))  # [1, out, in]
-        self.bias = None if source.bias is None else source.bias.detach().to(torch.float32)
+        if stored is not None:
+            self.weight, self.bias = stored
+        else:
+            self.weight = FORMATS[fmt].quantize(stored_array(source.weight))  # [1, out, in]
+            self.bias = None if source.bias is None else source.bias.detach().to(torch.float32)
         self.threads = threads
         self.exact = exact
         _, self.out_features, self.in_features = self.weight.shape
@@ -115,26 +120,33 @@ def linear_rows(module: nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 def quantize_dense(model: nn.Module, fmt: str = "int8", names=None, threads: int | None = None,
-                   progress: bool = False, exact: bool = False) -> int:
-    """Swap `nn.Linear`s of `model` (loaded, not on meta) for `QuantizedLinear` in `fmt` ("int4",
-    "int6" or "int8"): those named in `names`, or every one, that `quantizable` allows; with `exact` they
-    keep fp32 activations. Returns how many were swapped. A tied lm_head gets its own quantised
-    copy. `progress` shows a bar."""
+                   progress: bool = False, exact: bool = False, stored=None) -> int:
+    """Swap `nn.Linear`s of `model` for `QuantizedLinear` in `fmt` ("int4", "int6" or "int8"):
+    those named in `names`, or every one, that `quantizable` allows; with `exact` they keep fp32
+    activations. `stored` (an `offload.store.DenseStore`) gives layers an earlier load quantised
+    (their weights were never loaded) and keeps the ones quantised now. Returns how many were
+    swapped. A tied lm_head gets its own quantised copy. `progress` shows a bar."""
     from tqdm import tqdm
 
     threads = threads or physical_cores()
     eligible = [(name, module) for name, module in model.named_modules()
                 if isinstance(module, nn.Linear) and (names is None or name in names)
                 and quantizable(name + ".weight", tuple(module.weight.shape))]
-    bar = tqdm(total=sum(m.weight.numel() for _, m in eligible), desc=f"quantising dense layers to {fmt}",
-               unit="w", unit_scale=True, disable=not progress, leave=False)
+    fresh = [(name, module) for name, module in eligible if stored is None or stored.get(name) is None]
+    bar = tqdm(total=sum(m.weight.numel() for _, m in fresh), desc=f"quantising dense layers to {fmt}",
+               unit="w", unit_scale=True, disable=not progress or not fresh, leave=False)
     shared: dict[int, q8.Activations] = {}  # one int8 activation buffer per input width
     for name, module in eligible:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         activations = shared.setdefault(module.in_features, q8.Activations(PREFILL_CHUNK, module.in_features))
-        setattr(parent, attribute, QuantizedLinear(module, fmt, threads, exact, activations))
-        bar.update(module.weight.numel())
+        kept = stored.get(name) if stored is not None else None
+        layer = QuantizedLinear(module if kept is None else None, fmt, threads, exact, activations, kept)
+        setattr(parent, attribute, layer)
+        if kept is None:
+            if stored is not None:
+                stored.put(name, layer)
+            bar.update(module.weight.numel())
     bar.close()
     return len(eligible)
 

@@ -466,15 +466,21 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
     with torch.device("meta"):
         model = architecture.Model(args)
     _check_weights(model, weights, str(model_dir))  # before the expert store or any weight is read
-    executor = None
+    from offload.placement import executed_placement, place, quantized_layers
+
+    executor = stored = None
     if quant == "int4":
         executor = _swap_in_int4_experts(model, args, model_dir, store_dir, overlap, execution, hybrid, exact)
-    dtype = weights["embed_tokens.weight"].dtype if "embed_tokens.weight" in weights else None
-    _fill(model, weights, dtype, str(model_dir))
-    model.eval()
-    from offload.placement import executed_placement, place
+        layers = quantized_layers(model, plan)
+        if layers:  # the dense layers this plan quantises, as an earlier load kept them beside the experts
+            from offload.store import DenseStore
 
-    nbytes = place(model, plan, execution, progress=_total_bytes(model) >= PROGRESS_BYTES, exact=exact)
+            stored = DenseStore(executor.store.path, Path(model_dir), layers)
+    dtype = weights["embed_tokens.weight"].dtype if "embed_tokens.weight" in weights else None
+    _fill(model, weights, dtype, str(model_dir), skip=stored.loaded_names if stored is not None else set())
+    model.eval()
+    nbytes = place(model, plan, execution, progress=_total_bytes(model) >= PROGRESS_BYTES, exact=exact,
+                   stored=stored)
     if executor is not None and hybrid and _plans_streaming(plan):
         executor.prepare_streaming()
     engine = Engine(model, args, ctx, execution, executor, prefill, plan.kv_format, slots)
@@ -658,12 +664,15 @@ def _check_weights(model: nn.Module, weights: dict, source: str) -> None:
                                   "from different models")
 
 
-def _fill(model: nn.Module, weights: dict, dtype: torch.dtype | None, source: str) -> None:
-    """Replace every meta parameter of `model` by its checkpoint tensor (cast to `dtype`)."""
+def _fill(model: nn.Module, weights: dict, dtype: torch.dtype | None, source: str,
+          skip: set[str] = frozenset()) -> None:
+    """Replace every meta parameter of `model` by its checkpoint tensor (cast to `dtype`), but for
+    those in `skip` (layers the expert store keeps quantised: they stay on meta until `place`)."""
     from tqdm import tqdm
 
     loaded: dict[str, torch.Tensor] = {}  # by checkpoint name, so tied weights share storage
-    parameters = list(model.named_parameters(remove_duplicate=False))
+    parameters = [(name, param) for name, param in model.named_parameters(remove_duplicate=False)
+                  if name not in skip]
     bar = tqdm(parameters, desc="loading weights", unit=" tensors", disable=_total_bytes(model) < PROGRESS_BYTES,
                leave=False)
     for name, param in bar:

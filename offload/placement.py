@@ -27,7 +27,7 @@ from offload.experts import Int4Experts
 from offload.host import OnHost
 from offload.models.cache import KVCache, LinearAttentionCache
 from offload.models.moe import MLP, SparseMoeBlock
-from offload.planner import PREFETCH_GROUP, STAGING_GROUP, Plan, group_of
+from offload.planner import PREFETCH_GROUP, STAGING_GROUP, Plan, group_of, quantizable
 
 QUANTIZED = ("int8", "int6", "int4")
 
@@ -36,18 +36,28 @@ def _group(module_name: str, leaf: str = "weight") -> str:
     return group_of(f"{module_name}.{leaf}" if module_name else leaf)
 
 
+def quantized_layers(model: nn.Module, plan: Plan) -> dict[str, str]:
+    """The linear layers `place` quantises: module name -> format ("int4", "int6", "int8")."""
+    formats = {p.group: p.format for p in plan.placement if p.device == "cpu" and p.format in QUANTIZED}
+    return {name: formats[_group(name)] for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and _group(name) in formats
+            and quantizable(f"{name}.weight", tuple(module.weight.shape))}
+
+
 def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = False,
-          exact: bool = False) -> dict[str, int]:
+          exact: bool = False, stored=None) -> dict[str, int]:
     """Move, quantise and wrap `model`'s modules as `plan` says (quantised layers with the exact
-    kernels if `exact`); returns the bytes of each tensor group as placed (routed experts from
-    the int4 store are counted by the caller)."""
+    kernels if `exact`; those `stored`, an `offload.store.DenseStore`, holds are taken from it
+    and the others kept in it); returns the bytes of each tensor group as placed (routed experts
+    from the int4 store are counted by the caller)."""
     where = {p.group: p for p in plan.placement}
+    layers = quantized_layers(model, plan)
     for fmt in QUANTIZED:
-        groups = {g for g, p in where.items() if p.device == "cpu" and p.format == fmt}
-        names = {name for name, module in model.named_modules()
-                 if isinstance(module, nn.Linear) and _group(name) in groups}
+        names = {name for name, f in layers.items() if f == fmt}
         if names:
-            quantize_dense(model, fmt, names, progress=progress, exact=exact)
+            quantize_dense(model, fmt, names, progress=progress, exact=exact, stored=stored)
+    if stored is not None:
+        stored.save()
     nbytes: dict[str, int] = {}
     for module_name, module in model.named_modules():
         for leaf, param in list(module.named_parameters(recurse=False)):

@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from offload.kernels import int4
+from offload.kernels import int4, int6, int8
 from offload.checkpoint import Checkpoint, LazyTensor, require_finite
 from offload.config import ModelArgs
 from offload.errors import OffloadError
@@ -352,3 +352,124 @@ def open_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | N
             announce(f"building the int4 expert store for {model_dir} in {store_dir} (once) ...")
         build_store(model_dir, args, store_dir, progress)
     return ExpertStore(store_dir, args)
+
+
+# --- the dense matrices a CPU plan quantises, kept beside the experts --------------------------------
+
+DENSE_MAGIC = b"OFFLDD1\0"
+DENSE_WEIGHTS = {"int4": int4.Int4Weights, "int6": int6.Int6Weights, "int8": int8.Int8Weights}
+
+
+class DenseStore:
+    """The dense matrices a plan quantises for the CPU (`module name -> format`), kept in the store
+    directory as one file per format (`dense-int4.bin`, ...), so that a later load maps them
+    instead of reading their float weights from the checkpoint and quantising them again (most
+    of a load's time). A file is used only whole and of this checkpoint (its fingerprint) with
+    every wanted matrix in it; otherwise what `quantize_dense` makes now is written (`save`:
+    temp file, then rename). Memory-mapped read-only, like the experts."""
+
+    def __init__(self, store_dir: Path, model_dir: Path, wanted: dict[str, str]):
+        self.store_dir, self.wanted = Path(store_dir), wanted
+        self.source = fingerprint(Path(model_dir))
+        self.stored: dict[str, tuple] = {}  # name -> (weights, bias or None), from the files
+        self.made: dict[str, object] = {}  # name -> QuantizedLinear quantised in this load
+        for fmt in sorted(set(wanted.values())):
+            self.stored.update(self._read(fmt, [name for name, f in wanted.items() if f == fmt]))
+
+    @property
+    def loaded_names(self) -> set[str]:
+        """The parameters the checkpoint need not give: the stored layers' weights and biases."""
+        return {f"{name}.{leaf}" for name in self.stored for leaf in ("weight", "bias")}
+
+    def get(self, name: str) -> tuple | None:
+        return self.stored.get(name)
+
+    def put(self, name: str, layer) -> None:
+        self.made[name] = layer
+
+    def save(self) -> None:
+        """Write each format whose file was not current; a store that cannot be written is left as
+        it is (the next load quantises again)."""
+        for fmt in sorted({self.wanted[name] for name in self.made}):
+            layers = {name: layer for name, layer in self.made.items() if self.wanted[name] == fmt}
+            layers.update({name: _Stored(*self.stored[name]) for name, f in self.wanted.items()
+                           if f == fmt and name in self.stored})
+            with contextlib.suppress(OSError):
+                self._write(fmt, layers)
+
+    def _path(self, fmt: str) -> Path:
+        return self.store_dir / f"dense-{fmt}.bin"
+
+    def _read(self, fmt: str, names: list[str]) -> dict[str, tuple]:
+        path = self._path(fmt)
+        try:
+            with open(path, "rb") as f:
+                if f.read(8) != DENSE_MAGIC:
+                    return {}
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            start = -(-(16 + length) // ALIGN) * ALIGN
+            if header.get("version") != VERSION or header.get("format") != _dense_format(fmt) \
+                    or header.get("fingerprint") != self.source or path.stat().st_size != start + header["bytes"] \
+                    or not set(names) <= set(header["matrices"]):
+                return {}
+            whole = np.memmap(path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            return {}
+        _read_ahead([whole])  # every token reads all of it: in now, in 2 MiB pages where allowed
+        kind = DENSE_WEIGHTS[fmt]
+
+        def array(spec):
+            count = int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
+            return whole[start + spec["offset"]:start + spec["offset"] + count].view(spec["dtype"]).reshape(
+                spec["shape"])
+
+        stored = {}
+        for name in names:
+            spec = header["matrices"][name]
+            weights = kind(packed=array(spec["packed"]), scales=array(spec["scales"]), shape=tuple(spec["shape"]))
+            bias = torch.from_numpy(np.array(array(spec["bias"]))) if spec.get("bias") else None
+            stored[name] = (weights, bias)
+        return stored
+
+    def _write(self, fmt: str, layers: dict) -> None:
+        matrices, pieces, offset = {}, [], 0
+        for name, layer in sorted(layers.items()):
+            entry = {"shape": list(layer.weight.shape)}
+            parts = [("packed", layer.weight.packed), ("scales", layer.weight.scales)]
+            if layer.bias is not None:
+                parts.append(("bias", layer.bias.numpy()))
+            for key, array in parts:
+                entry[key] = {"shape": list(array.shape), "dtype": array.dtype.name, "offset": offset}
+                pieces.append((offset, array))
+                offset += -(-array.nbytes // 64) * 64
+            matrices[name] = entry
+        header = {"version": VERSION, "format": _dense_format(fmt), "fingerprint": self.source, "bytes": offset,
+                  "matrices": matrices}
+        encoded = json.dumps(header).encode()
+        start = -(-(16 + len(encoded)) // ALIGN) * ALIGN
+        path = self._path(fmt)
+        temp = path.with_suffix(".bin.tmp")
+        try:
+            with open(temp, "wb") as f:
+                f.write(DENSE_MAGIC + struct.pack("<Q", len(encoded)) + encoded)
+                for at, array in pieces:
+                    f.seek(start + at)
+                    f.write(np.ascontiguousarray(array).tobytes())
+                f.truncate(start + offset)
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+
+
+@dataclass
+class _Stored:
+    """A stored layer's weights and bias, in the shape `DenseStore._write` reads from a layer."""
+    weight: object
+    bias: torch.Tensor | None
+
+
+def _dense_format(fmt: str) -> dict:
+    return {"name": fmt, "group_size": int4.GROUP, "block_rows": int4.BLOCK, "scale_dtype": "bfloat16"}

@@ -181,3 +181,41 @@ def test_unwritable_store_and_odd_shapes_are_explained(tiny, tmp_path):
     assert result.exit_code == 1
     assert "moe_intermediate_size 48 is not a multiple of 32" in result.stderr and "--quant none" in result.stderr
     assert CliRunner().invoke(main, ["run", "--model", str(odd), "--max-tokens", "2", "--quant", "none"]).exit_code == 0
+
+
+def test_dense_layers_are_kept_beside_the_experts_and_mapped_on_the_next_load(tiny, tmp_path, monkeypatch):
+    """A CPU plan's quantised dense layers are written to the store on the first load; the next
+    load maps them (no float weight of theirs read, no quantising) and computes the same logits; a
+    checkpoint that changed, or a torn file, has them quantised and written again."""
+    from offload.checkpoint import LazyTensor
+
+    store_dir = tmp_path / "store"
+    ids = [1, 2, 3, 4, 5]
+    first = offload.load(tiny, quant="int4", store_dir=store_dir)
+    expected = first.logits(ids)
+    files = sorted(p.name for p in store_dir.glob("dense-*.bin"))
+    assert files == ["dense-int4.bin", "dense-int6.bin"]  # the mixers and shared experts int4, lm_head int6
+
+    quantized = set()  # the layers the files hold, by the model's module names
+    for path in store_dir.glob("dense-*.bin"):
+        with open(path, "rb") as f:
+            f.read(8)
+            quantized |= set(json.loads(f.read(int.from_bytes(f.read(8), "little")))["matrices"])
+    assert any("in_proj_qkvz" in name for name in quantized) and "lm_head" in quantized
+    read = []
+    load = LazyTensor.load
+    monkeypatch.setattr(LazyTensor, "load", lambda self, *a, **k: read.append(self.where) or load(self, *a, **k))
+    second = offload.load(tiny, quant="int4", store_dir=store_dir)
+    assert np.array_equal(second.logits(ids).numpy(), expected.numpy())
+    assert read and not [where for where in read for name in quantized if f"{name}.weight" in where]
+    monkeypatch.undo()
+    stamp = (store_dir / "dense-int4.bin").stat().st_mtime_ns
+    int8 = offload.load(tiny, quant="int4", store_dir=store_dir, dense_quant="int8")  # another format: its own file
+    assert (store_dir / "dense-int8.bin").is_file() and (store_dir / "dense-int4.bin").stat().st_mtime_ns == stamp
+    assert int8.logits(ids).shape == expected.shape
+
+    with open(store_dir / "dense-int4.bin", "rb+") as f:  # torn: quantised again, the same bits
+        f.truncate(f.seek(0, 2) - 64)
+    again = offload.load(tiny, quant="int4", store_dir=store_dir)
+    assert np.array_equal(again.logits(ids).numpy(), expected.numpy())
+    assert (store_dir / "dense-int4.bin").stat().st_mtime_ns != stamp and not list(store_dir.glob("*.tmp"))
