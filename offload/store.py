@@ -420,16 +420,21 @@ class DenseStore:
         kind = DENSE_WEIGHTS[fmt]
 
         def array(spec):
-            count = int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
-            return whole[start + spec["offset"]:start + spec["offset"] + count].view(spec["dtype"]).reshape(
-                spec["shape"])
+            dtype, offset = np.dtype(spec["dtype"]), int(spec["offset"])
+            count = int(np.prod(spec["shape"])) * dtype.itemsize
+            if offset < 0 or start + offset + count > whole.size or dtype.hasobject:
+                raise ValueError("out of the file")
+            return whole[start + offset:start + offset + count].view(dtype).reshape(spec["shape"])
 
         stored = {}
-        for name in names:
-            spec = header["matrices"][name]
-            weights = kind(packed=array(spec["packed"]), scales=array(spec["scales"]), shape=tuple(spec["shape"]))
-            bias = torch.from_numpy(np.array(array(spec["bias"]))) if spec.get("bias") else None
-            stored[name] = (weights, bias)
+        try:  # a header that does not describe its file is a stale file: quantised again
+            for name in names:
+                spec = header["matrices"][name]
+                weights = kind(packed=array(spec["packed"]), scales=array(spec["scales"]), shape=tuple(spec["shape"]))
+                bias = torch.from_numpy(np.array(array(spec["bias"]))) if spec.get("bias") else None
+                stored[name] = (weights, bias)
+        except (ValueError, KeyError, TypeError):
+            return {}
         return stored
 
     def _write(self, fmt: str, layers: dict) -> None:
@@ -449,7 +454,7 @@ class DenseStore:
         encoded = json.dumps(header).encode()
         start = -(-(16 + len(encoded)) // ALIGN) * ALIGN
         path = self._path(fmt)
-        temp = path.with_suffix(".bin.tmp")
+        temp = path.with_suffix(f".bin.{os.getpid()}.tmp")  # loads of the same model at once write apart
         try:
             with open(temp, "wb") as f:
                 f.write(DENSE_MAGIC + struct.pack("<Q", len(encoded)) + encoded)

@@ -219,3 +219,14 @@ def test_dense_layers_are_kept_beside_the_experts_and_mapped_on_the_next_load(ti
     again = offload.load(tiny, quant="int4", store_dir=store_dir)
     assert np.array_equal(again.logits(ids).numpy(), expected.numpy())
     assert (store_dir / "dense-int4.bin").stat().st_mtime_ns != stamp and not list(store_dir.glob("*.tmp"))
+
+    path = store_dir / "dense-int6.bin"  # a header whose arrays lie outside its file: quantised again
+    data = path.read_bytes()
+    length = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16:16 + length])
+    header["matrices"]["lm_head"]["packed"]["offset"] = 1 << 40
+    encoded = json.dumps(header).encode()
+    start = -(-(16 + length) // 4096) * 4096  # the arrays' bytes begin on the page after the header
+    assert 16 + len(encoded) <= start
+    path.write_bytes(data[:8] + len(encoded).to_bytes(8, "little") + encoded.ljust(start - 16) + data[start:])
+    assert np.array_equal(offload.load(tiny, quant="int4", store_dir=store_dir).logits(ids).numpy(), expected.numpy())
