@@ -60,7 +60,8 @@ class QuantizedLinear(nn.Module):
     def joined(cls, pieces: list[QuantizedLinear]) -> QuantizedLinear | None:
         """One layer over the rows of `pieces` (same format, input width and kernels, no bias), or
         None where they differ: layers that read the same input then cost one kernel call and one
-        quantisation of it. The pieces' weights become views of the joined one (no memory added)."""
+        quantisation of it. The pieces' weights become views of the joined one (their own arrays are
+        let go: no memory added, but for pages of a memory-mapped store the copy has read)."""
         first = pieces[0]
         if any(not isinstance(piece, QuantizedLinear) or piece.bias is not None or piece.exact != first.exact
                or (piece.format, piece.in_features) != (first.format, first.in_features) for piece in pieces):

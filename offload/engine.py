@@ -473,9 +473,12 @@ def load(model_dir: str | Path, quant: str | None = None, gpu_mem: str | int | N
         executor = _swap_in_int4_experts(model, args, model_dir, store_dir, overlap, execution, hybrid, exact)
         layers = quantized_layers(model, plan)
         if layers:  # the dense layers this plan quantises, as an earlier load kept them beside the experts
-            from offload.store import DenseStore
+            from offload.store import DenseLayer, DenseStore
 
-            stored = DenseStore(executor.store.path, Path(model_dir), layers)
+            modules = {name: model.get_submodule(name) for name in layers}
+            stored = DenseStore(executor.store.path, Path(model_dir), {
+                name: DenseLayer(fmt, modules[name].out_features, modules[name].in_features,
+                                 modules[name].bias is not None) for name, fmt in layers.items()})
     dtype = weights["embed_tokens.weight"].dtype if "embed_tokens.weight" in weights else None
     _fill(model, weights, dtype, str(model_dir), skip=stored.loaded_names if stored is not None else set())
     model.eval()

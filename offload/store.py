@@ -28,7 +28,10 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import struct
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -357,24 +360,38 @@ def open_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | N
 # --- the dense matrices a CPU plan quantises, kept beside the experts --------------------------------
 
 DENSE_MAGIC = b"OFFLDD1\0"
+DENSE_VERSION = 1  # bump when a dense format's layout or its quantiser's numbers change: old files are then rebuilt
 DENSE_WEIGHTS = {"int4": int4.Int4Weights, "int6": int6.Int6Weights, "int8": int8.Int8Weights}
+DENSE_HEADER_LIMIT = 16 * 2**20  # a longer header is not one of ours
+DENSE_ALIGN = 64  # each array starts on a cache line
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """What a stored layer must be: its format, [out, in], and whether it has a bias."""
+    format: str
+    out_features: int
+    in_features: int
+    bias: bool
 
 
 class DenseStore:
-    """The dense matrices a plan quantises for the CPU (`module name -> format`), kept in the store
-    directory as one file per format (`dense-int4.bin`, ...), so that a later load maps them
-    instead of reading their float weights from the checkpoint and quantising them again (most
-    of a load's time). A file is used only whole and of this checkpoint (its fingerprint) with
-    every wanted matrix in it; otherwise what `quantize_dense` makes now is written (`save`:
-    temp file, then rename). Memory-mapped read-only, like the experts."""
+    """The dense matrices a plan quantises for the CPU (`offload.placement.quantized_layers`),
+    kept in the store directory as one file per format (`dense-int4.bin`, ...), so that a later
+    load maps them instead of reading their float weights from the checkpoint and quantising them
+    again (most of a load's time). A layer is taken from a file only if the file is whole, of this
+    checkpoint (its fingerprint) and of this DENSE_VERSION, and holds the layer with its shape and
+    bias; the rest are quantised now and the format's file written again (`save`: a temp file,
+    then rename). Memory-mapped read-only, like the experts; a layer joined with others
+    (`QuantizedLinear.joined`) is copied into the joined one."""
 
-    def __init__(self, store_dir: Path, model_dir: Path, wanted: dict[str, str]):
+    def __init__(self, store_dir: Path, model_dir: Path, wanted: dict[str, DenseLayer]):
         self.store_dir, self.wanted = Path(store_dir), wanted
         self.source = fingerprint(Path(model_dir))
-        self.stored: dict[str, tuple] = {}  # name -> (weights, bias or None), from the files
+        self.stored: dict[str, tuple] = {}  # name -> (weights, float32 bias or None), from the files
         self.made: dict[str, object] = {}  # name -> QuantizedLinear quantised in this load
-        for fmt in sorted(set(wanted.values())):
-            self.stored.update(self._read(fmt, [name for name, f in wanted.items() if f == fmt]))
+        for fmt in sorted({layer.format for layer in wanted.values()}):
+            self.stored.update(self._read(fmt, {name: layer for name, layer in wanted.items() if layer.format == fmt}))
 
     @property
     def loaded_names(self) -> set[str]:
@@ -388,54 +405,72 @@ class DenseStore:
         self.made[name] = layer
 
     def save(self) -> None:
-        """Write each format whose file was not current; a store that cannot be written is left as
-        it is (the next load quantises again)."""
-        for fmt in sorted({self.wanted[name] for name in self.made}):
-            layers = {name: layer for name, layer in self.made.items() if self.wanted[name] == fmt}
-            layers.update({name: _Stored(*self.stored[name]) for name, f in self.wanted.items()
-                           if f == fmt and name in self.stored})
-            with contextlib.suppress(OSError):
+        """Write each format some of whose layers were quantised now (with those read from its
+        file); where the store cannot be written, say so: the next load quantises them again."""
+        for fmt in sorted({self.wanted[name].format for name in self.made}):
+            layers = {name: _Stored(*self.stored[name]) for name, layer in self.wanted.items()
+                      if layer.format == fmt and name in self.stored}
+            layers.update({name: layer for name, layer in self.made.items() if self.wanted[name].format == fmt})
+            try:
                 self._write(fmt, layers)
+            except (OSError, MemoryError) as error:
+                print(f"note: the quantised dense layers could not be kept in {self.store_dir} ({error}); "
+                      "the next load quantises them again", file=sys.stderr)
 
     def _path(self, fmt: str) -> Path:
         return self.store_dir / f"dense-{fmt}.bin"
 
-    def _read(self, fmt: str, names: list[str]) -> dict[str, tuple]:
-        path = self._path(fmt)
+    def _read(self, fmt: str, wanted: dict[str, DenseLayer]) -> dict[str, tuple]:
+        """The layers of `wanted` that the format's file holds as they must be; {} when the file is
+        missing, not ours, torn, or of another checkpoint or version. Never reads outside it."""
         try:
-            with open(path, "rb") as f:
-                if f.read(8) != DENSE_MAGIC:
+            fd = os.open(self._path(fmt), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO: no wait
+        except OSError:
+            return {}
+        with os.fdopen(fd, "rb") as f:
+            try:
+                size = os.fstat(fd).st_size
+                if not stat.S_ISREG(os.fstat(fd).st_mode) or f.read(8) != DENSE_MAGIC:
                     return {}
                 (length,) = struct.unpack("<Q", f.read(8))
+                if length > min(DENSE_HEADER_LIMIT, size):
+                    return {}
                 header = json.loads(f.read(length))
-            start = -(-(16 + length) // ALIGN) * ALIGN
-            if header.get("version") != VERSION or header.get("format") != _dense_format(fmt) \
-                    or header.get("fingerprint") != self.source or path.stat().st_size != start + header["bytes"] \
-                    or not set(names) <= set(header["matrices"]):
+                start = -(-(16 + length) // ALIGN) * ALIGN
+                if not isinstance(header, dict) or header.get("version") != DENSE_VERSION \
+                        or header.get("format") != _dense_format(fmt) or header.get("fingerprint") != self.source \
+                        or size != start + header.get("bytes", -1) or not isinstance(header.get("matrices"), dict):
+                    return {}
+                whole = np.memmap(f, dtype=np.uint8, mode="r")  # the file read above, whatever is renamed over it
+                stored = {}
+                for name, layer in wanted.items():
+                    entry = header["matrices"].get(name)
+                    if isinstance(entry, dict):
+                        stored[name] = self._layer(entry, layer, whole, start)
+            except Exception:  # a header that does not describe its file: not ours
                 return {}
-            whole = np.memmap(path, dtype=np.uint8, mode="r")
-        except (OSError, ValueError, KeyError, TypeError, struct.error):
-            return {}
         _read_ahead([whole])  # every token reads all of it: in now, in 2 MiB pages where allowed
-        kind = DENSE_WEIGHTS[fmt]
+        return {name: layer for name, layer in stored.items() if layer is not None}
 
-        def array(spec):
-            dtype, offset = np.dtype(spec["dtype"]), int(spec["offset"])
-            count = int(np.prod(spec["shape"])) * dtype.itemsize
-            if offset < 0 or start + offset + count > whole.size or dtype.hasobject:
-                raise ValueError("out of the file")
+    @staticmethod
+    def _layer(entry: dict, layer: DenseLayer, whole: np.ndarray, start: int) -> tuple | None:
+        """(weights, bias) of a file's entry, or None where it is not `layer` as it must be."""
+        def array(spec, dtype: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+            offset, count = int(spec["offset"]), int(np.prod(spec["shape"])) * np.dtype(dtype).itemsize
+            if spec["dtype"] != dtype or (shape is not None and tuple(spec["shape"]) != shape) \
+                    or offset < 0 or offset % DENSE_ALIGN or start + offset + count > whole.size:
+                raise ValueError("an array that is not the layer's")
             return whole[start + offset:start + offset + count].view(dtype).reshape(spec["shape"])
 
-        stored = {}
-        try:  # a header that does not describe its file is a stale file: quantised again
-            for name in names:
-                spec = header["matrices"][name]
-                weights = kind(packed=array(spec["packed"]), scales=array(spec["scales"]), shape=tuple(spec["shape"]))
-                bias = torch.from_numpy(np.array(array(spec["bias"]))) if spec.get("bias") else None
-                stored[name] = (weights, bias)
-        except (ValueError, KeyError, TypeError):
-            return {}
-        return stored
+        if tuple(entry.get("shape", ())) != (1, layer.out_features, layer.in_features) \
+                or bool(entry.get("bias")) != layer.bias:
+            return None
+        kind = DENSE_WEIGHTS[layer.format]
+        weights = kind(packed=array(entry["packed"], "int8" if kind is int8.Int8Weights else "uint8"),
+                       scales=array(entry["scales"], "uint16"), shape=(1, layer.out_features, layer.in_features))
+        bias = torch.from_numpy(np.array(array(entry["bias"], "float32", (layer.out_features,)))) if layer.bias \
+            else None
+        return weights, bias
 
     def _write(self, fmt: str, layers: dict) -> None:
         matrices, pieces, offset = {}, [], 0
@@ -447,25 +482,24 @@ class DenseStore:
             for key, array in parts:
                 entry[key] = {"shape": list(array.shape), "dtype": array.dtype.name, "offset": offset}
                 pieces.append((offset, array))
-                offset += -(-array.nbytes // 64) * 64
+                offset += -(-array.nbytes // DENSE_ALIGN) * DENSE_ALIGN
             matrices[name] = entry
-        header = {"version": VERSION, "format": _dense_format(fmt), "fingerprint": self.source, "bytes": offset,
-                  "matrices": matrices}
+        header = {"version": DENSE_VERSION, "format": _dense_format(fmt), "fingerprint": self.source,
+                  "bytes": offset, "matrices": matrices}
         encoded = json.dumps(header).encode()
         start = -(-(16 + len(encoded)) // ALIGN) * ALIGN
-        path = self._path(fmt)
-        temp = path.with_suffix(f".bin.{os.getpid()}.tmp")  # loads of the same model at once write apart
+        fd, temp = tempfile.mkstemp(dir=self.store_dir, prefix=f"dense-{fmt}.", suffix=".tmp")
         try:
-            with open(temp, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 f.write(DENSE_MAGIC + struct.pack("<Q", len(encoded)) + encoded)
                 for at, array in pieces:
                     f.seek(start + at)
-                    f.write(np.ascontiguousarray(array).tobytes())
+                    np.ascontiguousarray(array).tofile(f)
                 f.truncate(start + offset)
                 os.fsync(f.fileno())
-            os.replace(temp, path)
+            os.replace(temp, self._path(fmt))
         except BaseException:
-            temp.unlink(missing_ok=True)
+            Path(temp).unlink(missing_ok=True)
             raise
 
 
