@@ -264,3 +264,19 @@ def test_a_dense_file_that_lies_is_quantised_again(tiny, tmp_path):
         assert np.array_equal(offload.load(tiny, quant="int4", store_dir=store_dir).logits(ids).numpy(), expected)
     path.write_bytes(original[:8] + (1 << 62).to_bytes(8, "little") + original[16:])  # a header longer than the file
     assert np.array_equal(offload.load(tiny, quant="int4", store_dir=store_dir).logits(ids).numpy(), expected)
+
+
+@pytest.mark.parametrize("name", ["next-hub", "moe-hub", "q35"])
+@pytest.mark.parametrize("gpu_mem", [0, "8G"], ids=["cpu", "stand-in"])
+def test_mapped_dense_layers_compute_what_quantised_ones_do(hf_checkpoint, tmp_path, name, gpu_mem):
+    """Tied heads (next-hub, moe-hub), Qwen3.5's regrouped projections, CPU-only and a GPU plan on
+    the CPU stand-in (its shared experts and head may stay in RAM, quantised): a load from the
+    store's dense files gives the logits of the load that wrote them."""
+    path = hf_checkpoint(name).path
+    options = dict(quant="int4", store_dir=tmp_path / "store", gpu_mem=gpu_mem,
+                   **({"profile": "rtx4060-ddr5", "device": "cpu"} if gpu_mem else {}))
+    ids = list(range(3, 40, 3))
+    first = offload.load(path, **options).logits(ids)
+    second = offload.load(path, **options).logits(ids)
+    assert np.array_equal(first.numpy(), second.numpy())
+    assert bool(list((tmp_path / "store").glob("dense-*.bin"))) == (gpu_mem == 0)  # the stand-in keeps all on "gpu"
