@@ -45,6 +45,12 @@ class Slot:
         self.written: list[int] = []  # the ids whose keys and values the KV caches hold, by position
 
 
+def _selected(name: str) -> property:
+    """The selected slot's attribute `name`, read and written as the engine's own."""
+    return property(lambda engine: getattr(engine.selected, name),
+                    lambda engine, value: setattr(engine.selected, name, value))
+
+
 class Engine:
     """A model ready to run, holding `slots` sequences (one unless loaded with more).
 
@@ -87,33 +93,10 @@ class Engine:
         self.selected = self.slots[index]
 
     # the selected slot's state, under the names of a one-sequence engine
-    @property
-    def caches(self) -> list[Cache]:
-        return self.selected.caches
-
-    @property
-    def position(self) -> int:
-        return self.selected.position
-
-    @position.setter
-    def position(self, value: int) -> None:
-        self.selected.position = value
-
-    @property
-    def history(self) -> list[int]:
-        return self.selected.history
-
-    @history.setter
-    def history(self, value: list[int]) -> None:
-        self.selected.history = value
-
-    @property
-    def written(self) -> list[int]:
-        return self.selected.written
-
-    @written.setter
-    def written(self, value: list[int]) -> None:
-        self.selected.written = value
+    caches = property(lambda self: self.selected.caches)
+    position = _selected("position")
+    history = _selected("history")
+    written = _selected("written")
 
     def _ids(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)

@@ -47,9 +47,14 @@ class Session:
 
     def reusable(self, prompt: list[int]) -> int:
         """How many of `prompt`'s tokens `reuse` would not have to prefill."""
-        held = self.held
-        start = len(held) if held and len(held) < len(prompt) and prompt[:len(held)] == held else 0
+        start = self._held_start(prompt)
         return max([start] + [s.position for s in self._usable(prompt, start)])
+
+    def _held_start(self, prompt: list[int]) -> int:
+        """How many of `prompt`'s tokens the live sequence holds: all of it when it is a shorter
+        start of the prompt, else none."""
+        held = self.held
+        return len(held) if held and len(held) < len(prompt) and prompt[:len(held)] == held else 0
 
     def _usable(self, prompt: list[int], start: int) -> list[Snapshot]:
         return [s for s in self.snapshots if start < s.position <= len(prompt) and prompt[:s.position] == s.history
@@ -60,8 +65,7 @@ class Session:
         (a fresh sequence if none). -> (how many prompt tokens it now holds, the last one's logits
         when that is the whole prompt, else None)."""
         engine = self._engine()
-        held = engine.history
-        start = len(held) if held and len(held) < len(prompt) and prompt[:len(held)] == held else 0
+        start = self._held_start(prompt)
         usable = self._usable(prompt, start)
         if usable:
             best = max(usable, key=lambda s: s.position)

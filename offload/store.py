@@ -429,8 +429,9 @@ class DenseStore:
             return {}
         with os.fdopen(fd, "rb") as f:
             try:
-                size = os.fstat(fd).st_size
-                if not stat.S_ISREG(os.fstat(fd).st_mode) or f.read(8) != DENSE_MAGIC:
+                info = os.fstat(fd)
+                size = info.st_size
+                if not stat.S_ISREG(info.st_mode) or f.read(8) != DENSE_MAGIC:
                     return {}
                 (length,) = struct.unpack("<Q", f.read(8))
                 if length > min(DENSE_HEADER_LIMIT, size):
