@@ -42,8 +42,9 @@ class CpuDecodeAttention:
             return None  # a prompt, or fp16 keys and values: the cache's own blockwise path
         per_kv_head = heads // self.kv_heads
         rows = per_kv_head * tokens
-        scaled = (query.float() * width**-0.5).reshape(self.kv_heads, rows, width).contiguous().numpy()
-        limits = np.tile(np.arange(start, start + tokens, dtype=np.int64), per_kv_head)  # row i * T + t
+        # in NumPy: each torch operation on these few thousand floats costs more than the arithmetic
+        scaled = np.multiply(numpy_view(query).reshape(self.kv_heads, rows, width), np.float32(width**-0.5))
+        limits = np.arange(rows, dtype=np.int64) % tokens + start  # row i * T + t
         spans = kernel.spans_for(self.kv_heads, start + tokens, self.threads)
         part_max, part_sum, part_out, scores, widened, out = self._scratch(spans, rows)
         kind, group, stored = self._views(cache)
@@ -55,8 +56,9 @@ class CpuDecodeAttention:
             else:
                 kernel.attend_decode(scaled, limits, window or 0, kind, group, *stored,
                                      part_max, part_sum, part_out, scores, widened, out)
-        result = torch.from_numpy(out).reshape(heads, tokens, width).transpose(0, 1).reshape(tokens, -1)
-        return result.to(query.dtype, copy=True)  # `out` is scratch the next layer overwrites
+        # [T, H * Dh], a new array: `out` is scratch the next layer overwrites
+        result = torch.from_numpy(out.reshape(heads, tokens, width).transpose(1, 0, 2).copy())
+        return result.reshape(tokens, -1).to(query.dtype)
 
     def _scratch(self, spans: int, rows: int) -> tuple[np.ndarray, ...]:
         key = (spans, rows)
