@@ -6,7 +6,7 @@ In torch each RMSNorm is ~8 operations and a MoE block's routing (router logits,
 renormalisation, the shared expert's sigmoid gate) another ~8, each a few microseconds of
 dispatch on a vector of a few thousand floats. Here each is one call: a norm is one pass over
 the row; routing is one parallel pass over the router's rows (the only part that reads
-memory: [E, D] fp32, 1-4 MB a layer) and a short serial tail per token.
+memory: [E, D], 1-4 MB a layer in fp32, half that as bf16) and a short serial tail per token.
 
 Shapes: T tokens, D hidden, E routed experts, K experts per token.
 """
@@ -14,7 +14,10 @@ Shapes: T tokens, D hidden, E routed experts, K experts per token.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
+
+from offload.kernels.int4 import _bf16_value
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"reassoc", "contract"})
@@ -72,19 +75,34 @@ def add_moe_output(x, routed, shared, gate):
             x[t, d] += total
 
 
+def widened(value):
+    """A weight as float32: bf16 bit patterns (uint16) widened exactly, float32 as it is."""
+
+
+@overload(widened, inline="always")
+def _widened(value):
+    if isinstance(value, types.Integer):
+        return lambda value: _bf16_value(value)
+    return lambda value: value
+
+
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def router_logits(h, router, shared_gate, logits):
     """logits[t, :E] = router @ h[t]; with a shared-expert gate [1, D], logits[t, E] = its logit.
-    h float32 [T, D], router float32 [E, D], shared_gate float32 [G, D] (G = 0 or 1),
-    logits float32 [T, E + G]. Parallel over the router's rows: each is read once for all tokens."""
+    h float32 [T, D], router [E, D] float32 or bf16 bits (uint16: a bf16 checkpoint's router as
+    stored, half the bytes a token reads, the same values), shared_gate float32 [G, D] (G = 0 or
+    1), logits float32 [T, E + G]. Parallel over the router's rows: each is read once for all tokens."""
     tokens, width = h.shape
     experts, gates = router.shape[0], shared_gate.shape[0]
     for e in prange(experts + gates):
-        row = router[e] if e < experts else shared_gate[e - experts]
         for t in range(tokens):
             total = np.float32(0.0)
-            for d in range(width):
-                total += row[d] * h[t, d]
+            if e < experts:
+                for d in range(width):
+                    total += widened(router[e, d]) * h[t, d]
+            else:
+                for d in range(width):
+                    total += shared_gate[e - experts, d] * h[t, d]
             logits[t, e] = total
 
 

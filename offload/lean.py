@@ -36,7 +36,7 @@ from torch import nn
 from offload.config import DECODE_MAX_TOKENS
 from offload.dense import JoinedMLP, QuantizedLinear, linear_rows
 from offload.experts import Int4Experts
-from offload.host import numpy_view
+from offload.host import numpy_view, stored_array
 from offload.kernels.step import (add_moe_output, add_rms_norm, attention_inputs, rms_norm, rotary_tables,
                                   router_logits, top_k_softmax)
 from offload.kernels.threads import kernel_threads
@@ -80,7 +80,7 @@ class LeanMoeBlock(nn.Module):
         self.block = block
         gate = block.gate
         self.executor, self.layer = block.experts.executor, block.experts.layer
-        self.router = numpy_view(gate.weight)  # [E, D] fp32, a view where it already is one
+        self.router = stored_array(gate.weight)  # [E, D] fp32, or bf16 bits as placed (`placement.place`)
         self.shared = block.shared_expert
         hidden = self.router.shape[1]
         self.shared_gate = numpy_view(block.shared_expert_gate.weight) if self.shared is not None \
@@ -100,7 +100,7 @@ class LeanMoeBlock(nn.Module):
         executor = block.experts.executor
         if executor.lanes or executor.worker is not None or executor.exact or block.shared_on_host:
             return None
-        if block.gate.weight.dtype != torch.float32:
+        if block.gate.weight.dtype not in (torch.float32, torch.bfloat16):
             return None
         return cls(block)
 

@@ -65,8 +65,10 @@ def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = F
             placed = where.get(group)
             target = device if placed is not None and placed.device == "gpu" else torch.device("cpu")
             dtype = param.dtype
-            if plan.activations == "fp32" and param.is_floating_point() and group != "embeddings":
-                dtype = torch.float32  # quantised layers compute in fp32 on the CPU: so does the rest
+            if plan.activations == "fp32" and param.is_floating_point() and group != "embeddings" \
+                    and (group, param.dtype) != ("routers", torch.bfloat16):
+                dtype = torch.float32  # quantised layers compute in fp32 on the CPU: so does the rest (bf16
+                # routers are kept, read at half the bytes and widened exactly as they are used)
             if (target, dtype) != (param.device, param.dtype):
                 param = nn.Parameter(param.detach().to(target, dtype), requires_grad=False)
                 setattr(module, leaf, param)

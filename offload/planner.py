@@ -14,7 +14,8 @@ then the shared experts, then lm_head (both to the CPU in `dense_quant`'s format
 still does not fit, the plan fails and names the smallest budget that works. Without a GPU
 (budget 0 or none in the profile) everything is in RAM, where every dense matrix is read once per
 decoded token: by default (`dense_format`, "auto") as int4, lm_head as int6, so a token reads no
-more bytes than llama.cpp's Q4_K_M of the same checkpoint; routers in fp32, routed experts int4.
+more bytes than llama.cpp's Q4_K_M of the same checkpoint; routers as stored (bf16, widened as
+they are used) or in fp32, routed experts int4.
 
 Cost model (per token, per layer, then summed):
 - decode: the GPU runs the mixer, then the CPU runs the routed experts while the GPU runs the
@@ -259,8 +260,8 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
         params = groups.get(group, 0)
         if group == "routed experts":
             return Placement(group, "cpu", expert_format, int(params * expert_bytes), params)
-        if group == "embeddings":
-            return Placement(group, "cpu", stored_format, params * dense_bytes, params)
+        if group == "embeddings" or group == "routers" and device == "cpu" and stored_format == "bf16":
+            return Placement(group, "cpu", stored_format, params * dense_bytes, params)  # kept as stored
         if device == "gpu" or dense_quant is None:
             return Placement(group, device, stored_format, params * dense_bytes, params)
         fmt = dense_format(group, dense_quant)

@@ -3,6 +3,7 @@ model's own modules on the same quantised weights."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -15,6 +16,7 @@ import offload
 from offload.config import Yarn
 from offload.kernels.step import (add_moe_output, add_rms_norm, attention_inputs, rms_norm, rotary_tables,
                                   router_logits, silu_mul, top_k_softmax)
+from offload.host import stored_array
 from offload.lean import LeanAttention, LeanDecoder, LeanMoeBlock, LeanNorm, lean_off
 from offload.models.attention import RotaryEmbedding, apply_rope
 from offload.models.cache import KVCache
@@ -93,23 +95,26 @@ def test_a_moe_blocks_sum_into_the_residual_is_torchs(shared):
     assert np.array_equal(residual, expected.numpy())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts, top_k, normalise, tokens", [(128, 10, True, 1), (12, 3, False, 8), (64, 1, True, 3)])
-def test_routing_picks_what_torch_picks(experts, top_k, normalise, tokens):
+def test_routing_picks_what_torch_picks(experts, top_k, normalise, tokens, dtype):
     """Router logits, softmax, top-k (in torch.topk's order), renormalisation and the shared
     expert's sigmoid gate from one parallel and one serial call. Random logits are separated far
-    beyond the sum-order rounding (width * eps of |w| |h|), so the same experts must be picked."""
+    beyond the sum-order rounding (width * eps of |w| |h|), so the same experts must be picked. A
+    bf16 router (as a bf16 checkpoint's is kept) is read as its bit patterns and widened exactly."""
     width = 256
     generator = torch.Generator().manual_seed(experts)
-    router = Router(width, experts, top_k, normalise)
+    router = Router(width, experts, top_k, normalise).to(dtype)
     with torch.no_grad():
         router.weight.copy_(torch.randn(experts, width, generator=generator) * 0.1)
     shared_gate = torch.randn(1, width, generator=generator) * 0.1
     h = torch.randn(tokens, width, generator=generator)
-    expected_weights, expected_ids = router(h)
+    expected_weights, expected_ids = router(h)  # the model's router widens a bf16 one to h's fp32
     logits = np.empty((tokens, experts + 1), np.float32)
-    router_logits(h.numpy(), router.weight.detach().numpy(), shared_gate.numpy(), logits)
-    bound = width * EPS32 * (router.weight.abs() @ h.abs().T).max().item()
-    np.testing.assert_allclose(logits[:, :experts], F.linear(h, router.weight).detach().numpy(), rtol=0, atol=bound)
+    router_logits(h.numpy(), stored_array(router.weight), shared_gate.numpy(), logits)
+    widened = router.weight.float()
+    bound = width * EPS32 * (widened.abs() @ h.abs().T).max().item()
+    np.testing.assert_allclose(logits[:, :experts], F.linear(h, widened).detach().numpy(), rtol=0, atol=bound)
     weights = np.empty((tokens, top_k), np.float32)
     ids = np.empty((tokens, top_k), np.int64)
     gate = np.empty(tokens, np.float32)
@@ -251,3 +256,24 @@ def test_plans_off_the_lean_path_keep_the_models_modules(hf_checkpoint):
     checkpoint = hf_checkpoint("next")
     hybrid = offload.load(checkpoint.path, quant="int4", **STAND_IN)
     assert not any(isinstance(m, (LeanMoeBlock, LeanNorm, LeanAttention)) for m in hybrid.model.modules())
+
+
+def test_a_bf16_checkpoints_routers_stay_bf16(hf_checkpoint, tmp_path):
+    """A bf16 checkpoint on a CPU plan keeps its routers as stored (half the bytes a token reads;
+    widening is exact), the plan counts them so, and the lean router on their bit patterns routes
+    as the model's router widening them: the same logits as the model's own modules, up to rounding."""
+    copy.deepcopy(hf_checkpoint("next").model).to(torch.bfloat16).save_pretrained(tmp_path)
+    lean = offload.load(tmp_path, quant="int4")
+    routers = [m for m in lean.model.modules() if isinstance(m, Router)]
+    assert routers and all(router.weight.dtype == torch.bfloat16 for router in routers)
+    assert all(block.router.dtype == np.uint16 for block in lean.model.modules() if isinstance(block, LeanMoeBlock))
+    placed = {p.group: p for p in lean.plan.placement}["routers"]
+    assert (placed.format, placed.nbytes) == ("bf16", 2 * sum(router.weight.numel() for router in routers))
+    plain = offload.load(tmp_path, quant="int4")
+    lean_off(plain.model)
+    ids = torch.randint(0, 160, (12,), generator=torch.Generator().manual_seed(6))
+    for engine in (lean, plain):
+        engine.feed(ids[:8])
+    for i in range(8, 12):
+        ours, theirs = (engine.feed(ids[i:i + 1]) for engine in (lean, plain))
+        assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-5  # fp32 sums' order: ~3e-7

@@ -64,7 +64,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, K] fp32, expert_ids [T, K] int64)."""
-        probs = torch.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)
+        # the weights may be stored narrower than x (a bf16 router beside fp32 activations): widened
+        probs = torch.softmax(F.linear(x, self.weight.to(x.dtype)), dim=-1, dtype=torch.float32)
         weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
