@@ -37,13 +37,22 @@ class CpuDecodeAttention:
         self.views: dict[int, tuple[np.ndarray, ...]] = {}  # id(cache) -> the kernel's arguments
 
     def __call__(self, cache: KVCache, query: torch.Tensor, start: int, window: int | None) -> torch.Tensor | None:
-        heads, tokens, width = query.shape
-        if tokens > DECODE_MAX_TOKENS or cache.format not in _KINDS:
+        if not self.serves(cache, query.shape[1]):
             return None  # a prompt, or fp16 keys and values: the cache's own blockwise path
+        return torch.from_numpy(self.rows(cache, numpy_view(query), start, window)).to(query.dtype)
+
+    def serves(self, cache: KVCache, tokens: int) -> bool:
+        """Whether `rows` takes `tokens` new tokens over `cache`."""
+        return tokens <= DECODE_MAX_TOKENS and cache.format in _KINDS
+
+    def rows(self, cache: KVCache, query: np.ndarray, start: int, window: int | None) -> np.ndarray:
+        """`__call__` on NumPy arrays (a lean step's, without a torch tensor between): query float32
+        [H, T, Dh], T at most DECODE_MAX_TOKENS -> a new float32 [T, H * Dh]."""
+        heads, tokens, width = query.shape
         per_kv_head = heads // self.kv_heads
         rows = per_kv_head * tokens
         # in NumPy: each torch operation on these few thousand floats costs more than the arithmetic
-        scaled = np.multiply(numpy_view(query).reshape(self.kv_heads, rows, width), np.float32(width**-0.5))
+        scaled = np.multiply(query.reshape(self.kv_heads, rows, width), np.float32(width**-0.5))
         limits = np.arange(rows, dtype=np.int64) % tokens + start  # row i * T + t
         spans = kernel.spans_for(self.kv_heads, start + tokens, self.threads)
         part_max, part_sum, part_out, scores, widened, out = self._scratch(spans, rows)
@@ -56,9 +65,8 @@ class CpuDecodeAttention:
             else:
                 kernel.attend_decode(scaled, limits, window or 0, kind, group, *stored,
                                      part_max, part_sum, part_out, scores, widened, out)
-        # [T, H * Dh], a new array: `out` is scratch the next layer overwrites
-        result = torch.from_numpy(out.reshape(heads, tokens, width).transpose(1, 0, 2).copy())
-        return result.reshape(tokens, -1).to(query.dtype)
+        # a new array: `out` is scratch the next layer overwrites
+        return out.reshape(heads, tokens, width).transpose(1, 0, 2).copy().reshape(tokens, heads * width)
 
     def _scratch(self, spans: int, rows: int) -> tuple[np.ndarray, ...]:
         key = (spans, rows)
@@ -118,13 +126,17 @@ class Int8Writer:
         self.views: dict[int, tuple[np.ndarray, ...]] = {}  # id(cache) -> the kernel's arrays
 
     def __call__(self, cache: KVCache, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        self.rows(cache, numpy_view(keys), numpy_view(values), start)
+
+    def rows(self, cache: KVCache, keys: np.ndarray, values: np.ndarray, start: int) -> None:
+        """`__call__` on NumPy arrays: keys, values float32 [Hkv, T, Dh] at positions start..start+T."""
+        if start + keys.shape[1] > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, asked to write up to {start + keys.shape[1]}")
         if id(cache) not in self.views:
             kv_heads, _, width = cache.values.shape
             self.views[id(cache)] = (cache.keys.view(kv_heads, -1, width // 4, kernel.TILE, 4).numpy(),
                                      cache.key_scales.numpy(), cache.values.numpy(), cache.value_scales.numpy())
-        tiles, key_scales, value_codes, value_scales = self.views[id(cache)]
-        kernel.write_int8_tiled(numpy_view(keys), numpy_view(values), start, tiles, key_scales, value_codes,
-                                value_scales)
+        kernel.write_int8_tiled(keys, values, start, *self.views[id(cache)])
 
 
 def plug_into(caches: list, args) -> None:

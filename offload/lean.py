@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from offload.attention import CpuDecodeAttention, Int8Writer
 from offload.config import DECODE_MAX_TOKENS
 from offload.dense import JoinedMLP, QuantizedLinear, linear_rows
 from offload.experts import Int4Experts
@@ -183,21 +184,31 @@ class LeanAttention(nn.Module):
                          query, keys, values, gate)
         if len(sequences) == 1:
             cache, start, _ = sequences[0]
-            out = numpy_view(cached_attention(torch.from_numpy(query), torch.from_numpy(keys),
-                                              torch.from_numpy(values), cache, start,
-                                              attention.sliding_window))  # [T, H * Dh], a new array
+            out = self._attend(cache, start, query, keys, values)
         else:
             out, first = np.empty((tokens, self.heads * width), np.float32), 0
             for cache, start, length in sequences:
                 part = slice(first, first + length)
-                query_part, keys_part, values_part = (torch.from_numpy(np.ascontiguousarray(a[:, part]))
-                                                      for a in (query, keys, values))
-                out[part] = numpy_view(cached_attention(query_part, keys_part, values_part, cache, start,
-                                                        attention.sliding_window))
+                out[part] = self._attend(cache, start, *(np.ascontiguousarray(a[:, part]) for a in (query, keys, values)))
                 first += length
         if attention.output_gate:
             out *= gate
         return linear_rows(attention.o_proj, out)
+
+    def _attend(self, cache, start: int, query: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """One sequence's tokens into its cache, then their attention over it: query [H, T, Dh],
+        keys and values [Hkv, T, Dh] -> a new [T, H * Dh]. On NumPy arrays throughout where the
+        CPU's decode kernels serve the cache (its reader and, for int8, its writer), as the model's
+        `cached_attention` otherwise."""
+        decoder, window = cache.decode, self.attention.sliding_window
+        if not isinstance(decoder, CpuDecodeAttention) or not decoder.serves(cache, query.shape[1]):
+            return numpy_view(cached_attention(torch.from_numpy(query), torch.from_numpy(keys),
+                                               torch.from_numpy(values), cache, start, window))
+        if isinstance(cache.writer, Int8Writer):
+            cache.writer.rows(cache, keys, values, start)
+        else:
+            cache.write(torch.from_numpy(keys), torch.from_numpy(values), start)
+        return decoder.rows(cache, query, start, window)
 
 
 class LeanLayer:
