@@ -303,8 +303,17 @@ def _check(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights, out)
         raise ValueError(f"out must be float32 {x.shape}")
     if expert_ids.shape != weights.shape or expert_ids.shape[0] != x.shape[0]:
         raise ValueError("expert_ids and weights must both be [T, K]")
-    if expert_ids.size and not 0 <= expert_ids.min() <= expert_ids.max() < experts:
+    if not _ids_within(expert_ids.reshape(-1), experts):
         raise ValueError(f"expert ids must be in [0, {experts})")
+
+
+@njit(nogil=True, cache=True)
+def _ids_within(ids, experts) -> bool:
+    """Whether every id is in [0, experts): one pass, where NumPy's min and max are two calls."""
+    for i in range(ids.shape[0]):
+        if not 0 <= ids[i] < experts:
+            return False
+    return True
 
 
 def moe_decode(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights, out,

@@ -742,10 +742,24 @@ class FastScratch:
         self.h_scales = np.zeros((slots, intermediate_size // GROUP), np.float32)
         self.h_sums = np.zeros((slots, intermediate_size // GROUP), np.int32)
 
+        self._decode_views: dict[int, tuple[np.ndarray, ...]] = {}
+
     def check(self, tokens: int, top_k: int) -> None:
         if self.xq.shape[0] < tokens or self.top_k != top_k:
             raise ValueError(f"scratch is for {self.xq.shape[0]} tokens x {self.top_k} experts, "
                              f"got {tokens} x {top_k}")
+
+    def decode_views(self, tokens: int) -> tuple[np.ndarray, ...]:
+        """The decode kernel's buffers for `tokens` tokens, per (token, expert) slot; made once per
+        count (this runs per layer per token)."""
+        if tokens not in self._decode_views:
+            slots, top_k = tokens * self.top_k, self.top_k
+            self._decode_views[tokens] = (
+                self.xq[:tokens], self.x_scales[:tokens], self.x_sums[:tokens],
+                self.gate_up[:slots].reshape(tokens, top_k, *self.gate_up.shape[1:]),
+                self.hq[:slots].reshape(tokens, top_k, -1), self.h_scales[:slots].reshape(tokens, top_k, -1),
+                self.h_sums[:slots].reshape(tokens, top_k, -1))
+        return self._decode_views[tokens]
 
 
 @functools.cache
@@ -768,16 +782,11 @@ def moe_decode_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weig
     _check(x, expert_ids, weights, gate_up, down, out)
     tokens, top_k = expert_ids.shape
     scratch.check(tokens, top_k)
-    slots = (tokens, top_k)
     threads = get_num_threads()
     _DECODE[_path(path)](x, expert_ids.astype(np.int64, copy=False), weights.astype(np.float32, copy=False),
                          gate_up.packed, gate_up.scales, down.packed, down.scales, out,
-                         scratch.xq[:tokens], scratch.x_scales[:tokens], scratch.x_sums[:tokens],
-                         scratch.gate_up[:tokens * top_k].reshape(*slots, *scratch.gate_up.shape[1:]),
-                         scratch.hq[:tokens * top_k].reshape(*slots, -1),
-                         scratch.h_scales[:tokens * top_k].reshape(*slots, -1),
-                         scratch.h_sums[:tokens * top_k].reshape(*slots, -1),
-                         _parts(tokens * top_k, gate_up.packed.shape[1] // 2, threads), threads)
+                         *scratch.decode_views(tokens), _parts(tokens * top_k, gate_up.packed.shape[1] // 2, threads),
+                         threads)
     return out
 
 
