@@ -17,7 +17,10 @@ Everything the peer needs is built once into the cache (`--peer-dir`, default
 Then `llama-bench -p 8,32,512 -n 64` per quantisation (retried with `--repack 0` if the CPU's
 repacked path crashes), offload on the same slice (defaults: int4 experts, dense int4 with an
 int6 lm_head, fast kernels), and a table: decode tok/s, prefill 512 tok/s, the time of 8- and
-32-token prompts and the bytes of weights a decode step reads, offload against each quantisation. Needs cmake, a C++ compiler and PyPI.
+32-token prompts and the bytes of weights a decode step reads, offload against each quantisation,
+and each side's decode as a share of its bound (its bytes a token at this run's RAM read
+bandwidth, measured first as `offload profile detect` measures it). Needs cmake, a C++ compiler
+and PyPI.
 """
 
 from __future__ import annotations
@@ -40,7 +43,10 @@ import offload  # noqa: E402  (this tree's; then the tree leaves the path, or it
 sys.path.remove(str(ROOT))  # would shadow the `kernels` package transformers imports)
 sys.path.insert(1, str(ROOT / "bench"))
 
+import numpy as np  # noqa: E402
+
 from decode import offload_decode, prefill_seconds, slice_dir  # noqa: E402
+from offload.kernels.membw import read_bandwidth  # noqa: E402
 from offload.kernels.threads import physical_cores  # noqa: E402
 from offload.hardware import cpu_model  # noqa: E402
 from offload.paths import cache_root  # noqa: E402
@@ -223,12 +229,15 @@ def main() -> None:
         f"{checkpoint.name}-{hashlib.sha1(str(checkpoint).encode()).hexdigest()[:8]}"
     files = gguf_files(checkpoint, peer_dir / where, quants, peer_dir, source, binaries, python,
                        options.threads)
+    step("RAM read bandwidth (4 GiB, as `offload profile detect` reads it)")
+    bandwidth = read_bandwidth(np.ones(2**30, np.float32), options.threads)
     peers = {}
     for quant, path in files.items():
         step(f"llama-bench {quant}")
         peers[quant] = llama_bench(binaries, path, options.threads)
     step("offload")
     ours = offload_figures(checkpoint)
+    theirs_bytes = {quant: gguf_bytes_per_token(path, ours["top_k"], ours["experts"]) for quant, path in files.items()}
 
     print(f"\n{cpu_model()}, {options.threads} threads; {checkpoint.name}; "
           f"llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}")
@@ -248,11 +257,16 @@ def main() -> None:
             row += f" {shown(theirs)} {ours[name] / theirs:5.2f}x"
         print(row)
     row = f"{'MB read per token':<22} {ours['bytes'] / 1e6:10.0f}"
-    for quant, path in files.items():
-        theirs = gguf_bytes_per_token(path, ours["top_k"], ours["experts"])
-        row += f" {theirs / 1e6:10.0f} {ours['bytes'] / theirs:5.2f}x"
+    for quant in quants:
+        row += f" {theirs_bytes[quant] / 1e6:10.0f} {ours['bytes'] / theirs_bytes[quant]:5.2f}x"
     print(row)
-    print("ratio: offload's speed over llama.cpp's (above 1: offload is faster); bytes: offload's over theirs"
+    # the decode bound: each side's bytes a token at this run's read bandwidth
+    row = f"{'decode, share of bound':<22} {ours['tg64'] * ours['bytes'] / bandwidth:10.0%}"
+    for quant in quants:
+        row += f" {peers[quant]['rates']['tg64'] * theirs_bytes[quant] / bandwidth:10.0%} {'':>6}"
+    print(row)
+    print(f"ratio: offload's speed over llama.cpp's (above 1: offload is faster); bytes: offload's over theirs; "
+          f"bound: the bytes a token reads at {bandwidth / 1e9:.1f} GB/s, this run's read bandwidth"
           + "".join(f"; {q} ran with --repack 0" for q in quants if not peers[q]["repack"]))
 
 
