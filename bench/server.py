@@ -14,16 +14,20 @@ Prints the medians and the server's overhead as a ratio.
 streaming at once (16-token prompts, --tokens each; every token after each stream's first, over
 the time from the first stream's first token to the last token; the median of --runs), and the
 time to first token of a short request sent while three long answers stream, against an idle
-server's; each on a server with --slots slots and on a one-slot server, same run.
+server's; each on a server with --slots slots and on a one-slot server, same run. The clients
+run in a process of their own, as a server's clients do: in the server's process their parsing of
+the streams would take turns with the engine for Python's lock.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +44,8 @@ from offload.hardware import cpu_model  # noqa: E402
 from offload.kernels.threads import physical_cores  # noqa: E402
 from offload.sampling import SamplingParams  # noqa: E402
 from offload.server import Http, Service  # noqa: E402
+
+CLIENT_COUNTS = (1, 2, 4, 8)  # --parallel: clients streaming at once
 
 
 def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, int]:
@@ -127,41 +133,49 @@ def first_token_beside(client, long_prompts: list[list[int]], short: list[int], 
     return first
 
 
+def clients_work(url: str, prompts: list[list[int]], short: list[int], tokens: int, runs: int, slots: int) -> dict:
+    """The --parallel measurements against the server at `url`, run in a process of their own
+    (as a server's clients are): their streams' parsing does not take the server's GIL."""
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    rows = {}
+    client_run(client, prompts[0], 8)  # warm-up
+    for count in CLIENT_COUNTS:
+        rows[count] = statistics.median(together(client, prompts[:count], tokens) for _ in range(runs))
+        print(f"  {slots} slot(s), {count} client(s): {rows[count]:.1f} tok/s", flush=True)
+    rows["idle"] = statistics.median(client_run(client, short, 8)[0] for _ in range(3))
+    rows["beside"] = statistics.median(first_token_beside(client, prompts[1:4], short, tokens) for _ in range(3))
+    return rows
+
+
 def parallel(options, path: Path) -> None:
-    clients_counts = (1, 2, 4, 8)
     rng = np.random.default_rng(1)
     vocab = offload.config.load_config(path).vocab_size
-    prompts = [rng.integers(1, vocab, 16).tolist() for _ in range(max(clients_counts))]
+    prompts = [rng.integers(1, vocab, 16).tolist() for _ in range(max(CLIENT_COUNTS))]
     short = rng.integers(1, vocab, 16).tolist()
     results = {}
+    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     for slots in (1, options.slots):
         engine = offload.load(path, quant="int4", gpu_mem=0, ctx=options.tokens + 64, slots=slots)
         engine.stop_ids = set()
         service = Service(engine, offload.Tokenizer(path), "bench", SamplingParams(), snapshots=0,
                           max_queue=64)
         http = Http(service)
-        client = openai.OpenAI(base_url=http.url, api_key="none", max_retries=0, timeout=600)
         rows = {}
 
         def work():
-            client_run(client, prompts[0], 8)  # warm-up
-            for count in clients_counts:
-                rows[count] = statistics.median(together(client, prompts[:count], options.tokens)
-                                                for _ in range(options.runs))
-                print(f"  {slots} slot(s), {count} client(s): {rows[count]:.1f} tok/s", flush=True)
-            rows["idle"] = statistics.median(client_run(client, short, 8)[0] for _ in range(3))
-            rows["beside"] = statistics.median(first_token_beside(client, prompts[1:4], short, options.tokens)
-                                               for _ in range(3))
+            rows.update(clients.submit(clients_work, http.url, prompts, short, options.tokens, options.runs,
+                                       slots).result())
 
         serving(service, work)
         http.stop()
         results[slots] = rows
         del engine, service
+    clients.shutdown()
     one, many = results[1], results[options.slots]
     print(f"\n{cpu_model()}, {physical_cores()} threads; {path.name}; 16-token prompts, {options.tokens} tokens "
           f"each, greedy")
     print(f"{'':<34} {'1 slot':>9} {f'{options.slots} slots':>9}  ratio")
-    for count in clients_counts:
+    for count in CLIENT_COUNTS:
         print(f"{f'aggregate decode tok/s, {count} client(s)':<34} {one[count]:9.1f} {many[count]:9.1f}  "
               f"{many[count] / one[count]:.2f}x")
     print(f"{'aggregate vs 1 client, 4 clients':<34} {'':>9} {many[4] / many[1]:8.2f}x")
