@@ -45,6 +45,7 @@ sys.path.remove(str(ROOT))  # would shadow the `kernels` package transformers im
 sys.path.insert(1, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 
 from decode import offload_decode, prefill_seconds, slice_dir  # noqa: E402
 from offload.kernels.membw import read_bandwidth  # noqa: E402
@@ -232,8 +233,9 @@ def main() -> None:
         f"{checkpoint.name}-{hashlib.sha1(str(checkpoint).encode()).hexdigest()[:8]}"
     files = gguf_files(checkpoint, peer_dir / where, quants, peer_dir, source, binaries, python,
                        options.threads)
-    step("RAM read bandwidth (4 GiB, as `offload profile detect` reads it)")
-    bandwidth = read_bandwidth(np.ones(2**30, np.float32), options.threads)
+    probe = min(4 * 2**30, psutil.virtual_memory().available // 4)  # as `offload profile detect` reads it
+    step(f"RAM read bandwidth ({probe / 2**30:.1f} GiB)")
+    bandwidth = read_bandwidth(np.ones(probe // 4, np.float32), options.threads)
     peers = {}
     for quant, path in files.items():
         step(f"llama-bench {quant}")

@@ -147,30 +147,33 @@ def clients_work(url: str, prompts: list[list[int]], short: list[int], tokens: i
     return rows
 
 
+def serve_parallel(options, path: Path, slots: int, clients: ProcessPoolExecutor, prompts: list[list[int]],
+                   short: list[int]) -> dict:
+    """`clients_work` against a server with `slots` slots on the model at `path`, run in `clients`."""
+    engine = offload.load(path, quant="int4", gpu_mem=0, ctx=options.tokens + 64, slots=slots)
+    engine.stop_ids = set()
+    service = Service(engine, offload.Tokenizer(path), "bench", SamplingParams(), snapshots=0, max_queue=64)
+    http = Http(service)
+    rows = {}
+
+    def work():
+        rows.update(clients.submit(clients_work, http.url, prompts, short, options.tokens, options.runs,
+                                   slots).result())
+
+    serving(service, work)
+    http.stop()
+    return rows
+
+
 def parallel(options, path: Path) -> None:
     rng = np.random.default_rng(1)
     vocab = offload.config.load_config(path).vocab_size
     prompts = [rng.integers(1, vocab, 16).tolist() for _ in range(max(CLIENT_COUNTS))]
     short = rng.integers(1, vocab, 16).tolist()
     results = {}
-    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    for slots in (1, options.slots):
-        engine = offload.load(path, quant="int4", gpu_mem=0, ctx=options.tokens + 64, slots=slots)
-        engine.stop_ids = set()
-        service = Service(engine, offload.Tokenizer(path), "bench", SamplingParams(), snapshots=0,
-                          max_queue=64)
-        http = Http(service)
-        rows = {}
-
-        def work():
-            rows.update(clients.submit(clients_work, http.url, prompts, short, options.tokens, options.runs,
-                                       slots).result())
-
-        serving(service, work)
-        http.stop()
-        results[slots] = rows
-        del engine, service
-    clients.shutdown()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+        for slots in (1, options.slots):
+            results[slots] = serve_parallel(options, path, slots, clients, prompts, short)
     one, many = results[1], results[options.slots]
     print(f"\n{cpu_model()}, {physical_cores()} threads; {path.name}; 16-token prompts, {options.tokens} tokens "
           f"each, greedy")

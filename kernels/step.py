@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange, types
+from numba.core.errors import TypingError
 from numba.extending import overload
 
 from offload.kernels.int4 import _bf16_value
@@ -81,9 +82,11 @@ def widened(value):
 
 @overload(widened, inline="always")
 def _widened(value):
-    if isinstance(value, types.Integer):
+    if value == types.uint16:
         return lambda value: _bf16_value(value)
-    return lambda value: value
+    if value == types.float32:
+        return lambda value: value
+    raise TypingError(f"widened takes float32 or bf16 bits (uint16), not {value}")
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})

@@ -65,10 +65,10 @@ def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = F
             placed = where.get(group)
             target = device if placed is not None and placed.device == "gpu" else torch.device("cpu")
             dtype = param.dtype
-            if plan.activations == "fp32" and param.is_floating_point() and group != "embeddings" \
-                    and (group, param.dtype) != ("routers", torch.bfloat16):
-                dtype = torch.float32  # quantised layers compute in fp32 on the CPU: so does the rest (bf16
-                # routers are kept, read at half the bytes and widened exactly as they are used)
+            kept = group == "embeddings" or placed is not None and (group, placed.format, param.dtype) == (
+                "routers", "bf16", torch.bfloat16)  # bf16 routers as the plan says: half the bytes, widened exactly
+            if plan.activations == "fp32" and param.is_floating_point() and not kept:
+                dtype = torch.float32  # quantised layers compute in fp32 on the CPU: so does the rest
             if (target, dtype) != (param.device, param.dtype):
                 param = nn.Parameter(param.detach().to(target, dtype), requires_grad=False)
                 setattr(module, leaf, param)
@@ -88,7 +88,24 @@ def place(model: nn.Module, plan: Plan, device: torch.device, progress: bool = F
         from offload.lean import lean_layers
 
         lean_layers(model)
+    if plan.activations == "fp32":
+        nbytes["routers"] = nbytes.get("routers", 0) + _widen_unread_routers(model)
     return nbytes
+
+
+def _widen_unread_routers(model: nn.Module) -> int:
+    """Widen to fp32 the bf16 routers no lean block reads (its kernel widens them as it reads; a
+    model's own `Router` would make an fp32 copy every call): a worker thread's or the exact
+    kernels' MoE blocks. Returns the bytes added."""
+    from offload.lean import LeanMoeBlock
+
+    read = {id(lean.block) for lean in model.modules() if isinstance(lean, LeanMoeBlock)}
+    added = 0
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock) and id(module) not in read and module.gate.weight.dtype == torch.bfloat16:
+            module.gate.weight = nn.Parameter(module.gate.weight.detach().float(), requires_grad=False)
+            added += module.gate.weight.nbytes // 2
+    return added
 
 
 def _join_mlps(model: nn.Module) -> None:

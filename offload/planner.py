@@ -260,8 +260,12 @@ def make_plan(args: ModelArgs, profile: HardwareProfile, gpu_budget: int | None 
         params = groups.get(group, 0)
         if group == "routed experts":
             return Placement(group, "cpu", expert_format, int(params * expert_bytes), params)
-        if group == "embeddings" or group == "routers" and device == "cpu" and stored_format == "bf16":
-            return Placement(group, "cpu", stored_format, params * dense_bytes, params)  # kept as stored
+        # embeddings as stored; a bf16 router too beside fp32 activations where the lean step reads it
+        # (int4 experts, fast kernels), widening as it reads; elsewhere it is widened once
+        lean_router = group == "routers" and device == "cpu" and stored_format == "bf16" and quant == "int4" \
+            and not exact
+        if group == "embeddings" or lean_router:
+            return Placement(group, "cpu", stored_format, params * dense_bytes, params)
         if device == "gpu" or dense_quant is None:
             return Placement(group, device, stored_format, params * dense_bytes, params)
         fmt = dense_format(group, dense_quant)
@@ -412,7 +416,9 @@ def _cpu_dense_seconds(profile: HardwareProfile, placements: list[Placement], to
     measured = profile.cpu.dense_gweights_per_s or {}
     seconds = 0.0
     for p in placements:
-        rate = measured.get(p.format, {}).get("decode" if tokens == 1 else "prefill")
+        # the measured rates are the formats' matrix kernels; a router is read by its own pass (at the
+        # bus's rate), whatever it is stored in
+        rate = None if p.group == "routers" else measured.get(p.format, {}).get("decode" if tokens == 1 else "prefill")
         bandwidth_s = p.nbytes / profile.cpu.ram_bandwidth if tokens == 1 else 0.0
         if rate:
             seconds += max(tokens * p.params / (rate * 1e9), bandwidth_s)

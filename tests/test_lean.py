@@ -261,14 +261,19 @@ def test_plans_off_the_lean_path_keep_the_models_modules(hf_checkpoint):
 def test_a_bf16_checkpoints_routers_stay_bf16(hf_checkpoint, tmp_path):
     """A bf16 checkpoint on a CPU plan keeps its routers as stored (half the bytes a token reads;
     widening is exact), the plan counts them so, and the lean router on their bit patterns routes
-    as the model's router widening them: the same logits as the model's own modules, up to rounding."""
+    as the model's router widening them: the same logits as the model's own modules, up to rounding.
+    Where no lean block reads them (the exact kernels, a worker thread) they are widened once."""
     copy.deepcopy(hf_checkpoint("next").model).to(torch.bfloat16).save_pretrained(tmp_path)
     lean = offload.load(tmp_path, quant="int4")
     routers = [m for m in lean.model.modules() if isinstance(m, Router)]
     assert routers and all(router.weight.dtype == torch.bfloat16 for router in routers)
     assert all(block.router.dtype == np.uint16 for block in lean.model.modules() if isinstance(block, LeanMoeBlock))
-    placed = {p.group: p for p in lean.plan.placement}["routers"]
-    assert (placed.format, placed.nbytes) == ("bf16", 2 * sum(router.weight.numel() for router in routers))
+    planned = {p.group: p for p in lean.plan.placement}["routers"]
+    assert (planned.format, planned.nbytes) == ("bf16", 2 * sum(router.weight.numel() for router in routers))
+    assert {p["group"]: p for p in lean.placement}["routers"]["nbytes"] == planned.nbytes
+    for options in (dict(exact=True), dict(overlap=True)):  # no lean block reads them: widened once
+        other = offload.load(tmp_path, quant="int4", **options)
+        assert all(m.weight.dtype == torch.float32 for m in other.model.modules() if isinstance(m, Router))
     plain = offload.load(tmp_path, quant="int4")
     lean_off(plain.model)
     ids = torch.randint(0, 160, (12,), generator=torch.Generator().manual_seed(6))
