@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,19 @@ class HFCheckpoint:
 
 
 _built: dict[str, HFCheckpoint] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """What the tests build (expert stores, dense files, the demo) goes to this run's own cache:
+    never the user's, and never one another run is building in at the same time."""
+    previous = os.environ.get("OFFLOAD_CACHE")
+    os.environ["OFFLOAD_CACHE"] = str(tmp_path_factory.mktemp("offload-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("OFFLOAD_CACHE", None)
+    else:
+        os.environ["OFFLOAD_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")
