@@ -12,7 +12,8 @@ Prints the medians and the server's overhead as a ratio.
 
 --parallel: several conversations at once. Aggregate decode tok/s with 1, 2, 4 and 8 clients
 streaming at once (16-token prompts, --tokens each; every token after each stream's first, over
-the time from the first stream's first token to the last token; the median of --runs), and the
+the time from the first stream's first token to the last token; the median of --runs rounds,
+each of every count in turn; four clients against one: the median of the rounds' ratios), and the
 time to first token of a short request sent while three long answers stream, against an idle
 server's; each on a server with --slots slots and on a one-slot server, same run. The clients
 run in a process of their own, as a server's clients do: in the server's process their parsing of
@@ -137,11 +138,15 @@ def clients_work(url: str, prompts: list[list[int]], short: list[int], tokens: i
     """The --parallel measurements against the server at `url`, run in a process of their own
     (as a server's clients are): their streams' parsing does not take the server's GIL."""
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-    rows = {}
     client_run(client, prompts[0], 8)  # warm-up
-    for count in CLIENT_COUNTS:
-        rows[count] = statistics.median(together(client, prompts[:count], tokens) for _ in range(runs))
-        print(f"  {slots} slot(s), {count} client(s): {rows[count]:.1f} tok/s", flush=True)
+    rates: dict[int, list[float]] = {count: [] for count in CLIENT_COUNTS}
+    for _ in range(runs):  # rounds of every count in turn: a shared machine's slow spells fall on each alike
+        for count in CLIENT_COUNTS:
+            rates[count].append(together(client, prompts[:count], tokens))
+        print(f"  {slots} slot(s): " + ", ".join(f"{count} client(s) {rates[count][-1]:.1f}" for count in CLIENT_COUNTS)
+              + " tok/s", flush=True)
+    rows = {count: statistics.median(rates[count]) for count in CLIENT_COUNTS}
+    rows["4 vs 1"] = statistics.median(four / one for four, one in zip(rates[4], rates[1]))  # within each round
     rows["idle"] = statistics.median(client_run(client, short, 8)[0] for _ in range(3))
     rows["beside"] = statistics.median(first_token_beside(client, prompts[1:4], short, tokens) for _ in range(3))
     return rows
@@ -181,7 +186,7 @@ def parallel(options, path: Path) -> None:
     for count in CLIENT_COUNTS:
         print(f"{f'aggregate decode tok/s, {count} client(s)':<34} {one[count]:9.1f} {many[count]:9.1f}  "
               f"{many[count] / one[count]:.2f}x")
-    print(f"{'aggregate vs 1 client, 4 clients':<34} {'':>9} {many[4] / many[1]:8.2f}x")
+    print(f"{'aggregate vs 1 client, 4 clients':<34} {one['4 vs 1']:8.2f}x {many['4 vs 1']:8.2f}x  (within a round)")
     for key, words in (("idle", "first token, idle server (s)"), ("beside", "first token beside 3 answers (s)")):
         print(f"{words:<34} {one[key]:9.3f} {many[key]:9.3f}  {many[key] / one[key]:.2f}x")
     print(f"{'beside 3 answers vs idle':<34} {'':>9} {many['beside'] / many['idle']:8.2f}x")
