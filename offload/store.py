@@ -38,6 +38,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 from offload.kernels import int4, int6, int8
 from offload.checkpoint import Checkpoint, LazyTensor, require_finite
@@ -191,7 +192,19 @@ def build_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | 
             raise StoreError(f"{name} {dim} is not a multiple of {int4.GROUP}, which int4 experts need; "
                              "run in the checkpoint's precision (--quant none, or quant=None)")
     try:
-        return _build(model_dir, args, store_dir, layers, progress)
+        store_dir.parent.mkdir(parents=True, exist_ok=True)
+        # one builder at a time: another process building the same store (two first runs of a
+        # model at once) is waited for, and its layers are then found current, not written again
+        lock = FileLock(store_dir.parent / f"{store_dir.name}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"{store_dir}: another process is building it; waiting for it ...", file=sys.stderr)
+            lock.acquire()
+        try:
+            return _build(model_dir, args, store_dir, layers, progress)
+        finally:
+            lock.release()
     except OSError as e:
         raise StoreError(f"{store_dir}: cannot write the expert store ({e.strerror or e}); choose another "
                          "place with --out (offload quantize) or OFFLOAD_CACHE") from None

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -143,6 +144,31 @@ def test_a_killed_build_leaves_no_torn_file_and_resumes(tmp_path):
     assert store_is_current(store_dir, model, args)
     assert all(store_dir.joinpath(name).stat().st_mtime_ns == stamp for name, stamp in kept.items())
     assert not list(store_dir.glob("*.tmp"))
+
+
+def test_a_build_waits_for_another_building_the_same_store(tmp_path):
+    """Two first runs of a model at once: while one builds the store (holding the lock beside it,
+    here this test), another says it waits and writes nothing; then it finds what the first left
+    and ends with the store whole."""
+    from filelock import FileLock
+
+    model = synthesize(tmp_path / "wide", wide_config(layers=2))
+    store_dir = tmp_path / "store"
+    command = [sys.executable, "-m", "offload", "quantize", str(model), "--out", str(store_dir)]
+    with FileLock(tmp_path / "store.lock"):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        watchdog = threading.Timer(120, process.kill)  # a build that never says it waits fails, not hangs
+        watchdog.start()
+        said = ""
+        while "waiting" not in said and process.poll() is None:  # past the progress bar's first output
+            said = process.stderr.readline()
+        assert "another process is building it; waiting" in said, said
+        time.sleep(0.5)
+        assert process.poll() is None and not layer_files(store_dir)
+    _, rest = process.communicate(timeout=300)
+    watchdog.cancel()
+    assert process.returncode == 0, rest
+    assert store_is_current(store_dir, model, load_config(model)) and len(layer_files(store_dir)) == 2
 
 
 def peak_rss_of_quantize(model, store_dir) -> int:
