@@ -175,6 +175,9 @@ def store_is_current(store_dir: Path, model_dir: Path, args: ModelArgs) -> bool:
             and all(_layer_is_current(_layer_path(store_dir, layer), source, layer) for layer in meta["layers"]))
 
 
+BUILD_LOCK = "build.lock"  # in the store: held while a process builds it
+
+
 def build_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | None = None,
                 progress: Callable[[int, int], None] | None = None) -> Path:
     """Quantise the routed experts of `model_dir` into `store_dir`; returns the store's path.
@@ -192,10 +195,10 @@ def build_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | 
             raise StoreError(f"{name} {dim} is not a multiple of {int4.GROUP}, which int4 experts need; "
                              "run in the checkpoint's precision (--quant none, or quant=None)")
     try:
-        store_dir.parent.mkdir(parents=True, exist_ok=True)
+        store_dir.mkdir(parents=True, exist_ok=True)
         # one builder at a time: another process building the same store (two first runs of a
         # model at once) is waited for, and its layers are then found current, not written again
-        lock = FileLock(store_dir.parent / f"{store_dir.name}.lock")
+        lock = FileLock(store_dir / BUILD_LOCK)
         try:
             lock.acquire(timeout=0)
         except Timeout:

@@ -16,7 +16,7 @@ import pytest
 
 import offload
 from offload.config import args_from_dict, load_config
-from offload.store import build_store, open_store, store_is_current
+from offload.store import BUILD_LOCK, build_store, open_store, store_is_current
 from offload.synthetic import preset_config, synthesize
 
 
@@ -155,7 +155,8 @@ def test_a_build_waits_for_another_building_the_same_store(tmp_path):
     model = synthesize(tmp_path / "wide", wide_config(layers=2))
     store_dir = tmp_path / "store"
     command = [sys.executable, "-m", "offload", "quantize", str(model), "--out", str(store_dir)]
-    with FileLock(tmp_path / "store.lock"):
+    store_dir.mkdir()
+    with FileLock(store_dir / BUILD_LOCK):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         watchdog = threading.Timer(120, process.kill)  # a build that never says it waits fails, not hangs
         watchdog.start()
