@@ -741,7 +741,6 @@ class FastScratch:
         self.hq = np.zeros((slots, intermediate_size), np.int8)
         self.h_scales = np.zeros((slots, intermediate_size // GROUP), np.float32)
         self.h_sums = np.zeros((slots, intermediate_size // GROUP), np.int32)
-
         self._decode_views: dict[int, tuple[np.ndarray, ...]] = {}
 
     def check(self, tokens: int, top_k: int) -> None:

@@ -130,8 +130,7 @@ class Int8Writer:
 
     def rows(self, cache: KVCache, keys: np.ndarray, values: np.ndarray, start: int) -> None:
         """`__call__` on NumPy arrays: keys, values float32 [Hkv, T, Dh] at positions start..start+T."""
-        if start + keys.shape[1] > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions, asked to write up to {start + keys.shape[1]}")
+        cache.check_room(start + keys.shape[1])
         if id(cache) not in self.views:
             kv_heads, _, width = cache.values.shape
             self.views[id(cache)] = (cache.keys.view(kv_heads, -1, width // 4, kernel.TILE, 4).numpy(),

@@ -189,7 +189,8 @@ class LeanAttention(nn.Module):
             out, first = np.empty((tokens, self.heads * width), np.float32), 0
             for cache, start, length in sequences:
                 part = slice(first, first + length)
-                out[part] = self._attend(cache, start, *(np.ascontiguousarray(a[:, part]) for a in (query, keys, values)))
+                parts = (np.ascontiguousarray(a[:, part]) for a in (query, keys, values))
+                out[part] = self._attend(cache, start, *parts)
                 first += length
         if attention.output_gate:
             out *= gate

@@ -216,7 +216,6 @@ def build_store(model_dir: str | Path, args: ModelArgs, store_dir: str | Path | 
 def _build(model_dir: Path, args: ModelArgs, store_dir: Path, layers: list[int],
            progress: Callable[[int, int], None] | None) -> Path:
     source = fingerprint(model_dir)
-    store_dir.mkdir(parents=True, exist_ok=True)
     manifest = store_dir / "store.json"
     if manifest.exists():
         manifest.unlink()  # the store is incomplete until the manifest is rewritten

@@ -87,12 +87,16 @@ class KVCache:
         self.decode = None  # (cache, query, start, window) -> [T, H * Dh], or None to use `attend`'s own path
         self.writer = None  # (cache, keys, values, start) storing CPU rows at an int position, if plugged in
 
+    def check_room(self, end: int) -> None:
+        """Refuse a write that would reach past the cache's last position (`end` exclusive)."""
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+
     def write(self, keys: torch.Tensor, values: torch.Tensor, start: int | DevicePosition) -> None:
         """Store keys/values [Hkv, T, Dh] at positions start..start+T (or at a DevicePosition)."""
         at = start if isinstance(start, DevicePosition) else None
         end = at.span if at else start + keys.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.check_room(end)
 
         if self.writer is not None and not at:
             self.writer(self, keys, values, start)

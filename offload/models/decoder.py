@@ -97,9 +97,8 @@ class CausalLM(nn.Module):
         another (T = the sum of their lengths). Returns logits [T, V], or with last_only each
         segment's last token's [len(segments), V]."""
         x = self.embed_tokens(input_ids).to(self.compute_dtype)
-        positions = torch.cat([torch.arange(s.start, s.start + s.length, device=x.device) for s in segments]) \
-            if len(segments) > 1 else torch.arange(segments[0].start, segments[0].start + segments[0].length,
-                                                   device=x.device)
+        ranges = [torch.arange(s.start, s.start + s.length, device=x.device) for s in segments]
+        positions = ranges[0] if len(ranges) == 1 else torch.cat(ranges)  # one sequence: no copy
         return (yield from self.layer_stages(x, positions, segments, last_only))
 
     def layer_stages(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment],
