@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 import offload
 from offload.config import args_from_dict, load_config
+from offload.pages import map_in
 from offload.store import BUILD_LOCK, build_store, open_store, store_is_current
 from offload.synthetic import preset_config, synthesize
 
@@ -45,26 +47,69 @@ def test_store_is_built_once_and_reused(tiny, tmp_path):
     assert np.array_equal(first.numpy(), second.numpy())
 
 
-def store_mappings_flags(store_dir) -> list[str]:
-    """The VmFlags of every mapping of this process onto a file in `store_dir`."""
-    flags, path = [], None
+def file_mappings(under) -> list[tuple[str, list[str], int]]:
+    """(path, VmFlags, bytes mapped as 2 MiB pages) of every mapping of this process onto a file
+    under the folder or file `under`."""
+    maps, path = [], None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
             path = line.split()[-1] if len(line.split()) > 5 else None
-        elif line.startswith("VmFlags:") and path and path.startswith(str(store_dir)):
-            flags.append(line.split(":", 1)[1])
-    return flags
+            if path and path.startswith(str(under)):
+                maps.append([path, [], 0])
+            else:
+                path = None
+        elif path and line.startswith("FilePmdMapped:"):
+            maps[-1][2] = int(line.split()[1]) * 1024
+        elif path and line.startswith("VmFlags:"):
+            maps[-1][1] = line.split(":", 1)[1].split()
+    return [tuple(m) for m in maps]
 
 
-@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
-                    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
-                    reason="a Linux kernel with transparent huge pages")
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="a Linux kernel with transparent huge pages")
 def test_opened_store_asks_for_huge_pages(tiny, tmp_path):
     store_dir = tmp_path / "store"
     store = open_store(tiny, load_config(tiny), store_dir)
-    flags = store_mappings_flags(store_dir)
-    assert len(flags) == 4 * len(store.layers)  # the packed weights and scales of gate_up and down
-    assert all("hg" in f.split() for f in flags)  # madvise(MADV_HUGEPAGE) on each
+    maps = file_mappings(store_dir)
+    assert sorted(path for path, _, _ in maps) == sorted(str(p) for p in layer_files(store_dir))  # one map a file
+    assert len(maps) == len(store.layers) and all("hg" in flags for _, flags, _ in maps)  # MADV_HUGEPAGE on each
+
+
+def read_in(path: Path, advice: int) -> int:
+    """Drop `path` from the page cache, read it back through a map advised `advice`, and return
+    the bytes that map held in 2 MiB pages."""
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as m:
+        m.madvise(advice)
+        data = np.frombuffer(m, np.uint8)
+        int(data[::mmap.PAGESIZE].sum())
+        huge = sum(pmd for _, _, pmd in file_mappings(path))
+        del data
+    os.close(fd)
+    return huge
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text() or not hasattr(os, "posix_fadvise"),
+                    reason="a Linux kernel with transparent huge pages")
+def test_weights_cached_in_small_pages_are_read_back_in_2mib_pages(tmp_path):
+    """A mapped file the page cache holds in 4 KiB pieces (here: read in with readahead off) is
+    dropped and read back by `map_in`, so that its map is 2 MiB pages; a file held whole is left."""
+    size = 32 << 20
+    path = tmp_path / "weights.bin"
+    np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8).tofile(path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    if read_in(path, mmap.MADV_HUGEPAGE) < size // 2:
+        pytest.skip("this kernel or filesystem does not map files in 2 MiB pages")
+    assert read_in(path, mmap.MADV_RANDOM) < size // 4  # now cached in small pieces
+    weights = np.memmap(path, dtype=np.uint8, mode="r")
+    map_in([weights])
+    int(weights[::mmap.PAGESIZE].sum())
+    assert sum(pmd for _, _, pmd in file_mappings(path)) >= size * 3 // 4
+    assert np.array_equal(weights[:4096], np.fromfile(path, np.uint8, 4096))
 
 
 def test_experts_stacked_as_transformers_5_writes_them_make_the_same_store(tiny, tmp_path):
