@@ -1,70 +1,96 @@
-"""Mapped weights in 2 MiB pages.
+"""Mapped weights in 2 MiB pages, read in ahead of use.
 
 The expert store and the dense file are memory-mapped, and every token reads gigabytes of them
 at places no one can predict: how the kernel maps them matters as much as the kernels do. On a
-Zen 4 the expert kernels read a Qwen3-30B-A3B layer's experts at 17-18 GB/s through 4 KiB pages
-and at 26-29 GB/s through 2 MiB ones (the hardware prefetchers stop at every 4 KiB page, and
-every 4 KiB page is a TLB entry).
+Zen 4 the expert kernel read experts held in 4 KiB pages at 0.42-0.97x its rate on the same bytes
+in 2 MiB pages (`bench/pages.py`; the more scattered the 4 KiB pages lie in physical memory, the
+slower: the hardware prefetchers stop at every 4 KiB page, and each is a TLB entry).
 
 Linux maps a file in 2 MiB pages where the page cache holds it in 2 MiB folios. It reads a file
-in so when a mapping advised MADV_HUGEPAGE faults it in or reads it ahead, but folios other
-reads and writes left in 4 KiB pieces stay so until the file leaves the cache, and a mapping of
-them is 4 KiB pages for good. `map_in` advises huge pages, finds the files whose cached part
-is held in small folios, drops those from the cache so they come back in 2 MiB folios, and reads
-everything ahead. Only where the kernel shows it can: a file read back in small folios again
-ends the mending (a kernel or filesystem without large folios, or memory too fragmented for
-them), so a load pays for it at most once, one file. Elsewhere (not Linux) it only reads ahead.
+in so when a map advised MADV_HUGEPAGE faults it in, but folios that other reads and writes left
+in 4 KiB pieces stay so until the file leaves the cache, and a map of them is 4 KiB pages for
+good. `map_in` advises huge pages; finds the files whose cached part is held in small folios
+and drops them from the cache, so that they come back in 2 MiB folios; and reads every file in
+on a thread of its own, a byte every 64 KiB (MADV_WILLNEED reads only the first few MiB of a
+file, and those in small folios). The mending is for Linux with transparent huge pages, and only
+where the kernel shows it works: the first file read back in small folios again ends it for this
+process (a filesystem without large folios, memory too fragmented for them), so a load pays for
+it with one file's read at most.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import mmap
 import os
 import sys
+import threading
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-HUGE = 2 << 20  # a PMD page on x86-64 and arm64 (4 KiB base pages)
+from offload.kernels.membw import touch
+
+READ_STEP = 64 << 10  # `_fault_in` reads a byte every this many
 SMALL_SHARE = 1 / 8  # a file with more of its cached 2 MiB stretches than this in small folios is read back
+THP = Path("/sys/kernel/mm/transparent_hugepage")
+_mending = True  # False once a file read back came in small folios again: this process stops trying
+
+
+def _huge() -> int:
+    """The PMD page size (2 MiB with 4 KiB base pages; 32 MiB, 512 MiB on arm64's 16, 64 KiB)."""
+    try:
+        return int((THP / "hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+HUGE = _huge()
 
 
 def map_in(arrays: Iterable[np.ndarray], what: str = "weights") -> None:
-    """Bring whole-file memory maps (`np.memmap`s of a file from offset 0) into memory in 2 MiB
-    pages where the kernel allows them, in the background; see the module docstring."""
+    """Bring whole-file read-only memory maps (`np.memmap(path, mode="r")`) into memory in 2 MiB
+    pages where the kernel allows them; see the module docstring. Returns at once: the reading
+    goes on on a daemon thread."""
     maps = [a for a in arrays if isinstance(getattr(a, "_mmap", None), mmap.mmap)]
     for array in maps:
-        _advise(array, "MADV_HUGEPAGE")
-    with contextlib.suppress(OSError, ValueError, AttributeError):  # no mincore, smaps or fadvise: only read ahead
-        _mend(maps, what)
-    for array in maps:
-        _advise(array, "MADV_WILLNEED")
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                array._mmap.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # a kernel without transparent huge pages says EINVAL
+                pass
+    try:
+        _mend([a for a in maps if _mendable(a)], what)
+    except Exception:  # page-cache housekeeping: whatever it meets, the weights are read as they are
+        pass
+    threading.Thread(target=_fault_in, args=(maps,), name="offload-read-ahead", daemon=True).start()
 
 
-def _advise(array: np.memmap, advice: str) -> None:
-    if hasattr(mmap, advice):
-        with contextlib.suppress(OSError):  # a kernel without transparent huge pages says EINVAL
-            array._mmap.madvise(getattr(mmap, advice))
+def _mendable(array: np.memmap) -> bool:
+    """Whether `array` can be dropped and read back: a read-only map of a whole file, at a 2 MiB
+    boundary, that this process may write (mincore reports every page of a file it may not write
+    as cached)."""
+    return (_mending and sys.platform.startswith("linux") and (THP / "enabled").exists()
+            and "[never]" not in (THP / "enabled").read_text()
+            and array.mode == "r" and array.offset == 0 and array.filename is not None
+            and np.frombuffer(array._mmap, np.uint8).ctypes.data % HUGE == 0 and os.access(array.filename, os.W_OK))
 
 
 def _mend(maps: list[np.memmap], what: str) -> None:
-    if not sys.platform.startswith("linux") or not maps:
-        return
+    global _mending
     small = [array for array, share in zip(maps, _small_shares(maps)) if share > SMALL_SHARE]
     if not small:
         return
-    total = sum(len(array._mmap) for array in small)
-    if total >= 2**30:
-        print(f"reading {total / 2**30:.1f} GiB of {what} back into the page cache in 2 MiB pages (once) ...",
-              file=sys.stderr)
     first, rest = small[0], small[1:]
     _drop(first)
     if _small_shares([first], touch_all=True)[0] > SMALL_SHARE:
-        return  # read back, it is in small folios again: this kernel or filesystem cannot do better
+        _mending = False  # read back, it is in small folios again: this kernel or filesystem cannot do better
+        return
+    total = sum(len(array._mmap) for array in rest)
+    if total >= 2**30:
+        print(f"reading {total / 2**30:.1f} GiB of {what} back into memory in 2 MiB pages ...", file=sys.stderr)
     for array in rest:
-        _drop(array)  # MADV_WILLNEED reads them back, in 2 MiB folios as the first came
+        _drop(array)  # `_fault_in` reads them back, in 2 MiB folios as the first came
 
 
 def _small_shares(maps: list[np.memmap], touch_all: bool = False) -> list[float]:
@@ -74,25 +100,25 @@ def _small_shares(maps: list[np.memmap], touch_all: bool = False) -> list[float]
     spans, held = [], []
     for array in maps:
         data = np.frombuffer(array._mmap, np.uint8)
-        start = data.ctypes.data
-        skip = -start % HUGE  # the map's first 2 MiB boundary (Linux aligns large file maps to one)
-        stretches = max(0, (data.size - skip) // HUGE)
+        start = data.ctypes.data  # a 2 MiB boundary (`_mendable`)
+        stretches = data.size // HUGE
         if touch_all:
             whole = np.arange(stretches)
         else:
-            resident = _resident(start + skip, stretches * HUGE).reshape(stretches, HUGE // mmap.PAGESIZE)
+            resident = _resident(start, stretches * HUGE).reshape(stretches, HUGE // mmap.PAGESIZE)
             whole = np.flatnonzero(resident.all(axis=1))
-        int(data[skip + whole * HUGE].sum())  # fault each in
-        spans.append((start, start + data.size))
+        int(data[whole * HUGE].sum())  # fault each in
+        spans.append((start, start + -(-data.size // mmap.PAGESIZE) * mmap.PAGESIZE))  # as the map: whole pages
         held.append(whole.size * HUGE)
-    mapped = _pmd_mapped(spans)
+    mapped = huge_mapped(spans) if any(held) else [0] * len(spans)
     return [max(0.0, 1 - huge / cached) if cached else 0.0 for huge, cached in zip(mapped, held)]
 
 
 def _resident(address: int, length: int) -> np.ndarray:
     """mincore(2): one byte per base page of [address, address + length), bit 0 set where cached."""
-    pages = length // mmap.PAGESIZE
-    vector = np.zeros(pages, np.uint8)
+    import ctypes
+
+    vector = np.zeros(length // mmap.PAGESIZE, np.uint8)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     if libc.mincore(address, length, vector.ctypes.data) != 0:
@@ -100,7 +126,7 @@ def _resident(address: int, length: int) -> np.ndarray:
     return vector & 1
 
 
-def _pmd_mapped(spans: list[tuple[int, int]]) -> list[int]:
+def huge_mapped(spans: list[tuple[int, int]]) -> list[int]:
     """For each [first, end) of this process's address space, the bytes it maps as 2 MiB file
     pages (/proc/self/smaps, read once)."""
     totals, inside = [0] * len(spans), None
@@ -116,11 +142,18 @@ def _pmd_mapped(spans: list[tuple[int, int]]) -> list[int]:
 
 
 def _drop(array: np.memmap) -> None:
-    """Unmap `array`'s pages from this process and drop the file from the page cache (pages other
-    processes map stay); the mapping stays valid and faults the file back in."""
+    """Unmap `array`'s pages from this process and drop its file from the page cache (pages other
+    processes map stay); the map stays valid and faults the file back in."""
     array._mmap.madvise(mmap.MADV_DONTNEED)  # a read-only shared map: the pages stay the file's
     fd = os.open(array.filename, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def _fault_in(maps: list[np.ndarray]) -> None:
+    """Read every map in (one byte every READ_STEP: a fault that maps a 2 MiB folio, or reads
+    ahead around it)."""
+    for array in maps:
+        touch(np.frombuffer(array._mmap, np.uint8), READ_STEP)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 import struct
@@ -303,18 +304,8 @@ def _fill_layer(temp: Path, path: Path, header: dict, encoded: bytes, offset: in
         raise StoreError(f"store header of layer {layer} does not fit {ALIGN} bytes")
     with open(temp, "rb+") as f:
         f.write(MAGIC + struct.pack("<Q", len(encoded)) + encoded)  # the header again, with the checksums
-        _written(f)
+        os.fsync(f.fileno())
     os.replace(temp, path)
-
-
-def _written(f) -> None:
-    """On disk, and out of the page cache: the pages writing it left there are 4 KiB ones, and a
-    later mapping of the file would keep them (on Linux 6.18, half of a freshly built 16 GB store
-    was then mapped in 4 KiB pages, and its experts decoded ~15% slower); read back through
-    `offload.pages.map_in`, the file comes in 2 MiB pages where the kernel allows them."""
-    os.fsync(f.fileno())
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _rows_float32(tensor: LazyTensor, rows: range) -> np.ndarray:
@@ -339,13 +330,14 @@ class ExpertStore:
             try:
                 whole = np.memmap(path, dtype=np.uint8, mode="r")  # one map a file: 2 MiB pages span its arrays
                 arrays = {name: _stored_array(whole, spec) for name, spec in header["arrays"].items()}
+                self.layers[layer] = LayerExperts(
+                    int4.Int4Weights(arrays["gate_up_packed"], arrays["gate_up_scales"],
+                                     (experts, 2 * intermediate, hidden)),
+                    int4.Int4Weights(arrays["down_packed"], arrays["down_scales"], (experts, hidden, intermediate)))
             except (OSError, ValueError, TypeError, KeyError) as error:
                 raise StoreError(f"{path}: unreadable ({error}); delete it and run `offload quantize` to rebuild "
                                  "it") from None
             maps.append(whole)
-            self.layers[layer] = LayerExperts(
-                int4.Int4Weights(arrays["gate_up_packed"], arrays["gate_up_scales"], (experts, 2 * intermediate, hidden)),
-                int4.Int4Weights(arrays["down_packed"], arrays["down_scales"], (experts, hidden, intermediate)))
         # read ahead, as llama.cpp does with its mapped weights: else each expert a token first
         # picks is read from disk on that token, and the first hundreds of tokens after a load
         # decode at the disk's speed
@@ -358,9 +350,11 @@ class ExpertStore:
 
 def _stored_array(whole: np.ndarray, spec: dict) -> np.ndarray:
     """The array a layer header's entry describes, as a view of its file's map."""
-    offset, shape, dtype = int(spec["offset"]), tuple(spec["shape"]), np.dtype(spec["dtype"])
-    end = offset + int(np.prod(shape)) * dtype.itemsize
-    if offset < 0 or offset % dtype.itemsize or end > whole.size:
+    offset, shape, dtype = spec["offset"], tuple(spec["shape"]), np.dtype(spec["dtype"])
+    if not all(type(n) is int and n >= 0 for n in (offset, *shape)):
+        raise ValueError(f"array {shape} at byte {offset}: not a place in the file")
+    end = offset + math.prod(shape) * dtype.itemsize
+    if offset % dtype.itemsize or end > whole.size:
         raise ValueError(f"array {shape} at byte {offset} lies outside the file's {whole.size} bytes")
     return whole[offset:end].view(dtype).reshape(shape)
 
@@ -464,6 +458,7 @@ class DenseStore:
                         or size != start + header.get("bytes", -1) or not isinstance(header.get("matrices"), dict):
                     return {}
                 whole = np.memmap(f, dtype=np.uint8, mode="r")  # the file read above, whatever is renamed over it
+                whole.filename = os.path.abspath(self._path(fmt))  # handed a descriptor, np.memmap names no file
                 stored = {}
                 for name, layer in wanted.items():
                     entry = header["matrices"].get(name)
@@ -518,7 +513,7 @@ class DenseStore:
                     f.seek(start + at)
                     np.ascontiguousarray(array).tofile(f)
                 f.truncate(start + offset)
-                _written(f)
+                os.fsync(f.fileno())
             os.replace(temp, self._path(fmt))
         except BaseException:
             Path(temp).unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import pytest
 
 import offload
 from offload.config import args_from_dict, load_config
+from offload import pages
 from offload.pages import map_in
 from offload.store import BUILD_LOCK, build_store, open_store, store_is_current
 from offload.synthetic import preset_config, synthesize
@@ -92,24 +93,54 @@ def read_in(path: Path, advice: int) -> int:
     return huge
 
 
-@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text() or not hasattr(os, "posix_fadvise"),
-                    reason="a Linux kernel with transparent huge pages")
-def test_weights_cached_in_small_pages_are_read_back_in_2mib_pages(tmp_path):
-    """A mapped file the page cache holds in 4 KiB pieces (here: read in with readahead off) is
-    dropped and read back by `map_in`, so that its map is 2 MiB pages; a file held whole is left."""
-    size = 32 << 20
-    path = tmp_path / "weights.bin"
+needs_file_thp = pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text() or not hasattr(os, "posix_fadvise"),
+                                    reason="a Linux kernel with transparent huge pages")
+
+
+def random_file(path: Path, size: int) -> Path:
     np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8).tofile(path)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    if read_in(path, mmap.MADV_HUGEPAGE) < size // 2:
+    return path
+
+
+@needs_file_thp
+def test_weights_cached_in_small_pages_are_read_back_in_2mib_pages(tmp_path, monkeypatch):
+    """A mapped file the page cache holds in 4 KiB pieces (here: read in with readahead off) is
+    dropped and read back by `map_in`, so that its map is 2 MiB pages; a file held in 2 MiB pages
+    (of a size no multiple of a page, as the dense files are) is left as it is."""
+    size = 32 << 20
+    small, whole = random_file(tmp_path / "small.bin", size), random_file(tmp_path / "whole.bin", size + 100)
+    if read_in(whole, mmap.MADV_HUGEPAGE) < size // 2:
         pytest.skip("this kernel or filesystem does not map files in 2 MiB pages")
-    assert read_in(path, mmap.MADV_RANDOM) < size // 4  # now cached in small pieces
-    weights = np.memmap(path, dtype=np.uint8, mode="r")
-    map_in([weights])
-    int(weights[::mmap.PAGESIZE].sum())
-    assert sum(pmd for _, _, pmd in file_mappings(path)) >= size * 3 // 4
-    assert np.array_equal(weights[:4096], np.fromfile(path, np.uint8, 4096))
+    if read_in(small, mmap.MADV_RANDOM) >= size // 4:
+        pytest.skip("this kernel reads files in large folios even with readahead off")
+    dropped = []
+    drop = pages._drop
+    monkeypatch.setattr(pages, "_drop", lambda array: dropped.append(array.filename) or drop(array))
+    monkeypatch.setattr(pages, "_mending", True)
+    maps = [np.memmap(path, dtype=np.uint8, mode="r") for path in (small, whole)]
+    map_in(maps)
+    assert [str(name) for name in dropped] == [str(small)]
+    for weights in maps:
+        int(weights[::mmap.PAGESIZE].sum())
+    assert sum(pmd for _, _, pmd in file_mappings(small)) >= size // 2
+    assert np.array_equal(maps[0][:4096], np.fromfile(small, np.uint8, 4096))
+
+
+def test_map_in_takes_maps_it_cannot_mend(tmp_path):
+    """A map handed a file descriptor (no file name), a private (copy-on-write) one and a small
+    file's are read in and left otherwise: nothing raises, nothing they hold changes."""
+    path = random_file(tmp_path / "weights.bin", (4 << 20) + 100)
+    expected = np.fromfile(path, np.uint8)
+    with open(path, "rb") as f:
+        described = np.memmap(f, dtype=np.uint8, mode="r")
+    private = np.memmap(path, dtype=np.uint8, mode="c")
+    private[:10] = 7
+    tiny = np.memmap(random_file(tmp_path / "tiny.bin", 1000), dtype=np.uint8, mode="r")
+    map_in([described, private, tiny])
+    assert np.array_equal(described, expected) and np.array_equal(private[10:], expected[10:])
+    assert (private[:10] == 7).all()
 
 
 def test_experts_stacked_as_transformers_5_writes_them_make_the_same_store(tiny, tmp_path):
