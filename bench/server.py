@@ -11,9 +11,12 @@ per token). As under `offload serve`, the engine runs on the main thread, uvicor
 Prints the medians and the server's overhead as a ratio.
 
 --parallel: several conversations at once. Aggregate decode tok/s with 1, 2, 4 and 8 clients
-streaming at once (16-token prompts, --tokens each; every token after each stream's first, over
-the time from the first stream's first token to the last token; the median of --runs rounds,
-each of every count in turn; four clients against one: the median of the rounds' ratios), and the
+streaming at once (16-token prompts, --tokens each), counted two ways: the tokens that arrive
+while every stream decodes (from the last stream's first token to the first stream's last; on
+a one-slot server, where they take turns, end to end), and
+end to end (every token after each stream's first, from the first stream's first token to the
+last token of all, which the prompts' reading one after another eats into); the median of --runs
+rounds, each of every count in turn; four clients against one: the median of the rounds' ratios; and the
 time to first token of a short request sent while three long answers stream, against an idle
 server's; each on a server with --slots slots and on a one-slot server, same run. The clients
 run in a process of their own, as a server's clients do: in the server's process their parsing of
@@ -90,10 +93,13 @@ def serving(service: Service, work) -> None:
         raise failed[0]
 
 
-def together(client, prompts: list[list[int]], tokens: int) -> float:
-    """Aggregate decode tok/s of streamed completions of `prompts`, all sent at once: every token
-    after each stream's first, over the time from the first stream's first token to the last
-    token of all."""
+def together(client, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
+    """Aggregate decode tok/s of streamed completions of `prompts`, all sent at once, two ways:
+    while every stream decodes (the tokens that arrive from the last stream's first token to the
+    first stream's last; what `llama-batched-bench` calls the generation speed; end to end where
+    they never all stream at once, as on a server with fewer slots), and end to end
+    (every token after each stream's first, from the first stream's first token to the last token
+    of all: the prompts read one after another eat into it)."""
     arrivals: list[list[float]] = [[] for _ in prompts]
 
     def ask(i):
@@ -108,7 +114,11 @@ def together(client, prompts: list[list[int]], tokens: int) -> float:
     for thread in threads:
         thread.join()
     decoded = sum(len(times) - 1 for times in arrivals)
-    return decoded / (max(times[-1] for times in arrivals) - min(times[0] for times in arrivals))
+    whole = decoded / (max(times[-1] for times in arrivals) - min(times[0] for times in arrivals))
+    begun, ended = max(times[0] for times in arrivals), min(times[-1] for times in arrivals)
+    if ended <= begun:  # they never all streamed at once (a server with fewer slots)
+        return whole, whole
+    return sum(begun < t <= ended for times in arrivals for t in times) / (ended - begun), whole
 
 
 def first_token_beside(client, long_prompts: list[list[int]], short: list[int], tokens: int) -> float:
@@ -139,14 +149,17 @@ def clients_work(url: str, prompts: list[list[int]], short: list[int], tokens: i
     (as a server's clients are): their streams' parsing does not take the server's GIL."""
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     client_run(client, prompts[0], 8)  # warm-up
-    rates: dict[int, list[float]] = {count: [] for count in CLIENT_COUNTS}
+    rates: dict[int, list[tuple[float, float]]] = {count: [] for count in CLIENT_COUNTS}
     for _ in range(runs):  # rounds of every count in turn: a shared machine's slow spells fall on each alike
         for count in CLIENT_COUNTS:
             rates[count].append(together(client, prompts[:count], tokens))
-        print(f"  {slots} slot(s): " + ", ".join(f"{count} client(s) {rates[count][-1]:.1f}" for count in CLIENT_COUNTS)
+        print(f"  {slots} slot(s): " + ", ".join(f"{count} client(s) {rates[count][-1][0]:.1f}" for count in CLIENT_COUNTS)
               + " tok/s", flush=True)
-    rows = {count: statistics.median(rates[count]) for count in CLIENT_COUNTS}
-    rows["4 vs 1"] = statistics.median(four / one for four, one in zip(rates[4], rates[1]))  # within each round
+    rows = {}
+    for way in (0, 1):  # while every stream decodes, end to end
+        for count in CLIENT_COUNTS:
+            rows[count, way] = statistics.median(rate[way] for rate in rates[count])
+        rows["4 vs 1", way] = statistics.median(four[way] / one[way] for four, one in zip(rates[4], rates[1]))  # per round
     rows["idle"] = statistics.median(client_run(client, short, 8)[0] for _ in range(3))
     rows["beside"] = statistics.median(first_token_beside(client, prompts[1:4], short, tokens) for _ in range(3))
     return rows
@@ -182,14 +195,18 @@ def parallel(options, path: Path) -> None:
     one, many = results[1], results[options.slots]
     print(f"\n{cpu_model()}, {physical_cores()} threads; {path.name}; 16-token prompts, {options.tokens} tokens "
           f"each, greedy")
-    print(f"{'':<34} {'1 slot':>9} {f'{options.slots} slots':>9}  ratio")
-    for count in CLIENT_COUNTS:
-        print(f"{f'aggregate decode tok/s, {count} client(s)':<34} {one[count]:9.1f} {many[count]:9.1f}  "
-              f"{many[count] / one[count]:.2f}x")
-    print(f"{'aggregate vs 1 client, 4 clients':<34} {one['4 vs 1']:8.2f}x {many['4 vs 1']:8.2f}x  (within a round)")
+    print(f"{'':<38} {'1 slot':>9} {f'{options.slots} slots':>9}  ratio")
+    for way, words in ((0, "aggregate decode tok/s"), (1, "end to end tok/s")):
+        for count in CLIENT_COUNTS:
+            print(f"{f'{words}, {count} client(s)':<38} {one[count, way]:9.1f} {many[count, way]:9.1f}  "
+                  f"{many[count, way] / one[count, way]:.2f}x")
+        print(f"{f'{words}: 4 clients vs 1':<38} {one['4 vs 1', way]:8.2f}x {many['4 vs 1', way]:8.2f}x  "
+              "(within a round)")
     for key, words in (("idle", "first token, idle server (s)"), ("beside", "first token beside 3 answers (s)")):
-        print(f"{words:<34} {one[key]:9.3f} {many[key]:9.3f}  {many[key] / one[key]:.2f}x")
-    print(f"{'beside 3 answers vs idle':<34} {'':>9} {many['beside'] / many['idle']:8.2f}x")
+        print(f"{words:<38} {one[key]:9.3f} {many[key]:9.3f}  {many[key] / one[key]:.2f}x")
+    print(f"{'beside 3 answers vs idle':<38} {'':>9} {many['beside'] / many['idle']:8.2f}x")
+    print("aggregate decode: tokens arriving while every stream decodes; end to end: every token after each "
+          "stream's first, from the first stream's first token to the last (the prompts' reading included)")
 
 
 def main() -> None:
