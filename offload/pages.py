@@ -79,18 +79,26 @@ def _mendable(array: np.memmap) -> bool:
 def _mend(maps: list[np.memmap], what: str) -> None:
     global _mending
     small = [array for array, share in zip(maps, _small_shares(maps)) if share > SMALL_SHARE]
-    if not small:
+    for index, first in enumerate(small):
+        _drop(first)
+        if _cached_share(first) > 0.5:
+            continue  # its pages stayed (dirty, or mapped by another process): no test of the kernel
+        if _small_shares([first], touch_all=True)[0] > SMALL_SHARE:
+            _mending = False  # read back, it is in small folios again: this kernel or filesystem cannot do better
+            return
+        rest = small[index + 1:]
+        total = sum(len(array._mmap) for array in rest)
+        if total >= 2**30:
+            print(f"reading {total / 2**30:.1f} GiB of {what} back into memory in 2 MiB pages ...", file=sys.stderr)
+        for array in rest:
+            _drop(array)  # `_fault_in` reads them back, in 2 MiB folios as the first came
         return
-    first, rest = small[0], small[1:]
-    _drop(first)
-    if _small_shares([first], touch_all=True)[0] > SMALL_SHARE:
-        _mending = False  # read back, it is in small folios again: this kernel or filesystem cannot do better
-        return
-    total = sum(len(array._mmap) for array in rest)
-    if total >= 2**30:
-        print(f"reading {total / 2**30:.1f} GiB of {what} back into memory in 2 MiB pages ...", file=sys.stderr)
-    for array in rest:
-        _drop(array)  # `_fault_in` reads them back, in 2 MiB folios as the first came
+
+
+def _cached_share(array: np.memmap) -> float:
+    """The share of `array`'s pages the page cache holds."""
+    data = np.frombuffer(array._mmap, np.uint8)
+    return float(_resident(data.ctypes.data, data.size // mmap.PAGESIZE * mmap.PAGESIZE).mean()) if data.size else 0.0
 
 
 def _small_shares(maps: list[np.memmap], touch_all: bool = False) -> list[float]:

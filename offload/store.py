@@ -23,6 +23,7 @@ on every start would cost more than it protects.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -304,6 +305,7 @@ def _fill_layer(temp: Path, path: Path, header: dict, encoded: bytes, offset: in
         raise StoreError(f"store header of layer {layer} does not fit {ALIGN} bytes")
     with open(temp, "rb+") as f:
         f.write(MAGIC + struct.pack("<Q", len(encoded)) + encoded)  # the header again, with the checksums
+        f.flush()
         os.fsync(f.fileno())
     os.replace(temp, path)
 
@@ -351,7 +353,7 @@ class ExpertStore:
 def _stored_array(whole: np.ndarray, spec: dict) -> np.ndarray:
     """The array a layer header's entry describes, as a view of its file's map."""
     offset, shape, dtype = spec["offset"], tuple(spec["shape"]), np.dtype(spec["dtype"])
-    if not all(type(n) is int and n >= 0 for n in (offset, *shape)):
+    if dtype not in (np.uint8, np.uint16) or not all(type(n) is int and n >= 0 for n in (offset, *shape)):
         raise ValueError(f"array {shape} at byte {offset}: not a place in the file")
     end = offset + math.prod(shape) * dtype.itemsize
     if offset % dtype.itemsize or end > whole.size:
@@ -458,7 +460,10 @@ class DenseStore:
                         or size != start + header.get("bytes", -1) or not isinstance(header.get("matrices"), dict):
                     return {}
                 whole = np.memmap(f, dtype=np.uint8, mode="r")  # the file read above, whatever is renamed over it
-                whole.filename = os.path.abspath(self._path(fmt))  # handed a descriptor, np.memmap names no file
+                with contextlib.suppress(OSError):  # handed a descriptor, np.memmap names no file: name it
+                    named = os.stat(self._path(fmt))  # for map_in, where it is still the file mapped
+                    if (named.st_dev, named.st_ino) == (info.st_dev, info.st_ino):
+                        whole.filename = os.path.abspath(self._path(fmt))
                 stored = {}
                 for name, layer in wanted.items():
                     entry = header["matrices"].get(name)
