@@ -30,15 +30,18 @@ def endless(tmp_path_factory):
 def spawn(model, *args):
     env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", NO_COLOR="1",
                OFFLOAD_CACHE=str(model.parent / "cache"))
-    return pexpect.spawn(COMMAND[0], [*COMMAND[1:], "chat", "--model", str(model), "--quant", "none", *args],
-                         env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))
+    child = pexpect.spawn(COMMAND[0], [*COMMAND[1:], "chat", "--model", str(model), "--quant", "none", *args],
+                          env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))
+    child.logfile_read = sys.stdout  # the whole session, shown with a failure (pytest captures it)
+    return child
 
 
 def test_chat_in_a_terminal(endless, tmp_path):
     chat = spawn(endless, "--max-tokens", "4000", "--ctx", "4096")
     chat.expect_exact(">>>")  # prompt_toolkit draws the space as a cursor move
     chat.sendline("Hello! How are you?")
-    chat.expect_exact("How are you?")  # the line editor's echo
+    chat.expect_exact("How are you?")  # the line editor's echo (on a busy machine, drawn twice)
+    chat.expect_exact("\x1b[?2004l")  # the line editor lets go of the terminal (bracketed paste off)
     chat.expect(r"[a-z]{4}")  # the answer streams (made-up words; the editor's escape codes have no such run) ...
     time.sleep(1)  # (a Ctrl-C typed while the line editor still holds the terminal would be a keystroke)
     chat.sendintr()  # ... Ctrl-C stops it, not the program
