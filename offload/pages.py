@@ -45,13 +45,23 @@ def _huge() -> int:
         return 2 << 20
 
 
+def _transparent_huge_pages() -> bool:
+    """Whether this is Linux with transparent huge pages on (always, or where advised)."""
+    try:
+        return sys.platform.startswith("linux") and "[never]" not in (THP / "enabled").read_text()
+    except OSError:
+        return False
+
+
 HUGE = _huge()
+THP_ON = _transparent_huge_pages()
 
 
 def map_in(arrays: Iterable[np.ndarray], what: str = "weights") -> None:
     """Bring whole-file read-only memory maps (`np.memmap(path, mode="r")`) into memory in 2 MiB
-    pages where the kernel allows them; see the module docstring. Returns at once: the reading
-    goes on on a daemon thread."""
+    pages where the kernel allows them; see the module docstring. Returns once the small-paged
+    files are found and dropped (one of them read back, as the test of the kernel); the reading
+    in goes on on a daemon thread."""
     maps = [a for a in arrays if isinstance(getattr(a, "_mmap", None), mmap.mmap)]
     for array in maps:
         if hasattr(mmap, "MADV_HUGEPAGE"):
@@ -70,9 +80,7 @@ def _mendable(array: np.memmap) -> bool:
     """Whether `array` can be dropped and read back: a read-only map of a whole file, at a 2 MiB
     boundary, that this process may write (mincore reports every page of a file it may not write
     as cached)."""
-    return (_mending and sys.platform.startswith("linux") and (THP / "enabled").exists()
-            and "[never]" not in (THP / "enabled").read_text()
-            and array.mode == "r" and array.offset == 0 and array.filename is not None
+    return (_mending and THP_ON and array.mode == "r" and array.offset == 0 and array.filename is not None
             and np.frombuffer(array._mmap, np.uint8).ctypes.data % HUGE == 0 and os.access(array.filename, os.W_OK))
 
 
