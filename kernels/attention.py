@@ -495,6 +495,10 @@ def _add_values_codegen(kind: int, rows: int):
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
         count, width = values.shape(0), values.shape(1)
         totals = [cgutils.alloca_once(builder, _V16F) for _ in range(rows)]
+        # the weights' rows are BLOCK apart (C-contiguous, checked at typing): every row's weight
+        # of position j is one base and index away, a constant displacement per row; through the
+        # strides each row's pointer was a variable of its own, spilled and stepped on the stack
+        first_weight = builder.bitcast(weights.struct.data, _F32.as_pointer())
         with cgutils.for_range(builder, builder.udiv(width, _const(16))) as by_chunk:
             channel = builder.mul(by_chunk.index, _const(16))
             for r, total in enumerate(totals):
@@ -506,7 +510,8 @@ def _add_values_codegen(kind: int, rows: int):
                     g = builder.udiv(channel, builder.udiv(width, scales.shape(1)))
                     row = builder.fmul(row, _splat(builder, builder.load(scales.at(j, g)), _V16F))
                 for r, total in enumerate(totals):
-                    weight = _splat(builder, builder.load(weights.at(_const(r), j)), _V16F)
+                    address = builder.gep(first_weight, [builder.add(j, _const(r * BLOCK))])
+                    weight = _splat(builder, builder.load(address, align=4), _V16F)
                     builder.store(builder.call(fma, [weight, row, builder.load(total)]), total)
             for r, total in enumerate(totals):
                 builder.store(builder.load(total), acc.at(_const(r), channel, as_type=_V16F), align=4)
@@ -519,8 +524,10 @@ def _add_values_codegen(kind: int, rows: int):
 def _add_values(typingctx, kind, rows, values, scales, weights, acc):
     """acc[r] += sum_j weights[r, j] x values[j] for `rows` queries. kind (stored form) and rows (1,
     2, 4 or 8): literals. values [n, Dh] as stored (bf16 as uint16 bits), with scales float32
-    [n, G] for int8 (unused otherwise); weights float32 [rows, >= n]; acc float32 [rows, Dh]."""
-    if not isinstance(kind, types.IntegerLiteral) or not isinstance(rows, types.IntegerLiteral):
+    [n, G] for int8 (unused otherwise); weights float32 [rows, BLOCK], C-contiguous (n <= BLOCK);
+    acc float32 [rows, Dh]."""
+    if not isinstance(kind, types.IntegerLiteral) or not isinstance(rows, types.IntegerLiteral) \
+            or weights.layout != "C":
         return None
     return types.void(kind, rows, values, scales, weights, acc), _add_values_codegen(kind.literal_value,
                                                                                     rows.literal_value)
@@ -725,6 +732,8 @@ def attend_decode_tiled(path: int, kind: int, query, limits, window: int, keys, 
     arrays otherwise). Scratch for the query: int8 codes int8 [Hkv, R, Dh], factors float32 /
     biases int32 [Hkv, R, G]; f32 and bf16: factors float32 [Hkv, R, Dh] (codes and biases unused).
     The rest as `attend_decode`, part_max in base 2."""
+    if scores.shape[-1] != BLOCK or not scores.flags.c_contiguous:
+        raise ValueError(f"scores must be C-contiguous float32 [tasks, R, {BLOCK}], got {scores.shape}")
     entry = _INT8_ENTRIES[path] if kind == INT8 else _f32_tiled if kind == F32 else _bf16_tiled
     entry(query, limits, window, keys, key_scales, values, value_scales, codes, factors, biases,
           part_max, part_sum, part_out, scores, out)
