@@ -527,7 +527,7 @@ def _add_values(typingctx, kind, rows, values, scales, weights, acc):
     [n, G] for int8 (unused otherwise); weights float32 [rows, BLOCK], C-contiguous (n <= BLOCK);
     acc float32 [rows, Dh]."""
     if not isinstance(kind, types.IntegerLiteral) or not isinstance(rows, types.IntegerLiteral) \
-            or weights.layout != "C":
+            or weights.layout != "C" or weights.dtype != types.float32:
         return None
     return types.void(kind, rows, values, scales, weights, acc), _add_values_codegen(kind.literal_value,
                                                                                     rows.literal_value)
