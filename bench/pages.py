@@ -85,7 +85,7 @@ def weights(whole: np.memmap) -> tuple[int4.Int4Weights, int4.Int4Weights]:
 
 
 def huge_share(maps: list[np.memmap]) -> float:
-    spans = [(m.ctypes.data, m.ctypes.data + m.size) for m in maps]
+    spans = [(m.ctypes.data, m.ctypes.data + -(-m.size // mmap.PAGESIZE) * mmap.PAGESIZE) for m in maps]  # whole pages
     return sum(huge_mapped(spans)) / sum(m.size for m in maps)
 
 
