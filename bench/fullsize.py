@@ -8,7 +8,7 @@ expert store (`offload quantize DIR`; "up to date" when it exists); then, in a f
 from the existing store (seconds, peak RSS), send a first 512-token prompt (which brings every
 expert's pages in from the memory-mapped store), then decode after a 16-token prompt (--blocks
 blocks of --steps steps in turn, each right after a read-bandwidth probe as `offload profile detect`
-reads it, of half the memory the loaded model leaves free: on a shared machine the bandwidth, and so
+reads it, of 1 GiB: on a shared machine the bandwidth, and so
 the bound, changes from minute to minute) and prefill a 512-token prompt. Each block's median step
 is shown against its bound: every byte a token reads (the active routed experts as int4, the dense
 layers in their CPU formats) over its probe's bandwidth; the figures are the blocks' medians.
@@ -56,13 +56,12 @@ engine.reset()
 engine.feed(rng.integers(1, 1000, 16), all_logits=False)
 engine.feed([7], all_logits=False)  # warm-up step
 peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the model's, before the probe's
-# each block right after a read-bandwidth probe (best of five reads of half the free memory, at most
-# 4 GiB: not of memory the page cache holds, which is the store's): a shared machine's bandwidth
-# changes from minute to minute
+# each block right after a read-bandwidth probe (best of five reads of 1 GiB, far beyond any L3 seen,
+# as bench/step.py reads; 4 GiB beside the model would push the store out of the page cache): a
+# shared machine's bandwidth changes from minute to minute
 from offload.kernels.membw import read_bandwidth
 from offload.kernels.threads import physical_cores
-free = int(open("/proc/meminfo").read().split("MemFree:")[1].split()[0]) * 1024
-probe = np.ones(min(4 * 2**30, free // 2) // 4, np.float32)
+probe = np.ones(2**28, np.float32)
 probe_bytes = probe.nbytes
 blocks, bandwidths = [], []  # BLOCKS blocks of `steps` steps: the rate as the page cache and the mappings settle
 for _ in range(BLOCKS):
