@@ -257,6 +257,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path,
                         help="a Hugging Face checkpoint directory instead of the slice (--layers, --experts ignored)")
     options = parser.parse_args()
+    if options.rounds < 1:
+        parser.error("--rounds must be at least 1")
     quants = options.quants.split(",")
     peer_dir = options.peer_dir
     peer_dir.mkdir(parents=True, exist_ok=True)
