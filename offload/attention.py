@@ -33,7 +33,7 @@ class CpuDecodeAttention:
         self.heads, self.kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.threads = physical_cores()
         self.path = isa.best()
-        self.scratch: dict[tuple, tuple[np.ndarray, ...]] = {}  # (spans, rows) or ("query", kind, rows) -> arrays
+        self.scratch: dict[tuple, tuple[np.ndarray, ...]] = {}  # (spans, rows), ("query", ...), ("limits", ...)
         self.views: dict[int, tuple[np.ndarray, ...]] = {}  # id(cache) -> the kernel's arguments
 
     def __call__(self, cache: KVCache, query: torch.Tensor, start: int, window: int | None) -> torch.Tensor | None:
@@ -45,28 +45,42 @@ class CpuDecodeAttention:
         """Whether `rows` takes `tokens` new tokens over `cache`."""
         return tokens <= DECODE_MAX_TOKENS and cache.format in _KINDS
 
-    def rows(self, cache: KVCache, query: np.ndarray, start: int, window: int | None) -> np.ndarray:
+    def rows(self, cache: KVCache, query: np.ndarray, start: int, window: int | None,
+             scaled: bool = False) -> np.ndarray:
         """`__call__` on NumPy arrays (a lean step's, without a torch tensor between): query float32
-        [H, T, Dh], T at most DECODE_MAX_TOKENS -> a new float32 [T, H * Dh]."""
+        [H, T, Dh], T at most DECODE_MAX_TOKENS, already times Dh ** -0.5 if `scaled` -> a new
+        float32 [T, H * Dh]. Between kernels that stream the weights through every cache, each
+        NumPy operation here costs microseconds: there are few."""
         heads, tokens, width = query.shape
         per_kv_head = heads // self.kv_heads
         rows = per_kv_head * tokens
-        # in NumPy: each torch operation on these few thousand floats costs more than the arithmetic
-        scaled = np.multiply(query.reshape(self.kv_heads, rows, width), np.float32(width**-0.5))
-        limits = np.arange(rows, dtype=np.int64) % tokens + start  # row i * T + t
+        query = query.reshape(self.kv_heads, rows, width)
+        if not scaled:
+            query = np.multiply(query, np.float32(width**-0.5))
+        offsets, limits = self._limits(rows, tokens)
+        np.add(offsets, start, out=limits)  # row i * T + t sees positions up to start + t
         spans = kernel.spans_for(self.kv_heads, start + tokens, self.threads)
         part_max, part_sum, part_out, scores, widened, out = self._scratch(spans, rows)
         kind, group, stored = self._views(cache)
         with kernel_threads(self.threads):
             if cache.tiled:
                 codes, factors, biases = self._query_scratch(kind, rows, width // group)
-                kernel.attend_decode_tiled(self.path, kind, scaled, limits, window or 0, *stored, codes, factors,
+                kernel.attend_decode_tiled(self.path, kind, query, limits, window or 0, *stored, codes, factors,
                                            biases, part_max, part_sum, part_out, scores, out)
             else:
-                kernel.attend_decode(scaled, limits, window or 0, kind, group, *stored,
+                kernel.attend_decode(query, limits, window or 0, kind, group, *stored,
                                      part_max, part_sum, part_out, scores, widened, out)
-        # a new array: `out` is scratch the next layer overwrites
+        # a new array: `out` is scratch the next layer overwrites; [H, T, Dh] -> [T, H * Dh]
+        if tokens == 1:
+            return out.reshape(1, heads * width).copy()
         return out.reshape(heads, tokens, width).transpose(1, 0, 2).copy().reshape(tokens, heads * width)
+
+    def _limits(self, rows: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row i * T + t -> t, scratch for the rows' last visible positions), int64 [rows]."""
+        key = ("limits", rows, tokens)
+        if key not in self.scratch:
+            self.scratch[key] = (np.arange(rows, dtype=np.int64) % tokens, np.empty(rows, np.int64))
+        return self.scratch[key]
 
     def _scratch(self, spans: int, rows: int) -> tuple[np.ndarray, ...]:
         key = (spans, rows)

@@ -148,6 +148,9 @@ class LeanAttention(nn.Module):
         self.attention = attention
         object.__setattr__(self, "qkv", qkv)  # not a submodule: its bytes are q_proj's, k_proj's, v_proj's
         self.q_scale, self.k_scale = numpy_view(attention.q_norm.scale()), numpy_view(attention.k_norm.scale())
+        # the query norm's weights times Dh ** -0.5, for the CPU's decode kernels, which take the
+        # query scaled: the norm scales it, not a NumPy operation between kernels
+        self.q_scale_attend = self.q_scale * np.float32(attention.head_dim ** -0.5)
         self.eps = np.float32(attention.q_norm.eps)
         self.head_dim = attention.head_dim
         self.heads = attention.o_proj.in_features // attention.head_dim
@@ -180,36 +183,39 @@ class LeanAttention(nn.Module):
         query = np.empty((self.heads, tokens, width), np.float32)
         keys, values = (np.empty((self.kv_heads, tokens, width), np.float32) for _ in range(2))
         gate = np.empty((tokens, self.heads * width) if attention.output_gate else (0, 0), np.float32)
-        attention_inputs(rows, attention.output_gate, self.q_scale, self.k_scale, self.eps, cos, sin,
-                         query, keys, values, gate)
+        served = all(isinstance(cache.decode, CpuDecodeAttention) and cache.decode.serves(cache, length)
+                     for cache, _, length in sequences)
+        attention_inputs(rows, attention.output_gate, self.q_scale_attend if served else self.q_scale, self.k_scale,
+                         self.eps, cos, sin, query, keys, values, gate)
         if len(sequences) == 1:
             cache, start, _ = sequences[0]
-            out = self._attend(cache, start, query, keys, values)
+            out = self._attend(cache, start, query, keys, values, served)
         else:
             out, first = np.empty((tokens, self.heads * width), np.float32), 0
             for cache, start, length in sequences:
                 part = slice(first, first + length)
                 parts = (np.ascontiguousarray(a[:, part]) for a in (query, keys, values))
-                out[part] = self._attend(cache, start, *parts)
+                out[part] = self._attend(cache, start, *parts, served)
                 first += length
         if attention.output_gate:
             out *= gate
         return linear_rows(attention.o_proj, out)
 
-    def _attend(self, cache, start: int, query: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    def _attend(self, cache, start: int, query: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                served: bool) -> np.ndarray:
         """One sequence's tokens into its cache, then their attention over it: query [H, T, Dh],
         keys and values [Hkv, T, Dh] -> a new [T, H * Dh]. On NumPy arrays throughout where the
-        CPU's decode kernels serve the cache (its reader and, for int8, its writer), as the model's
-        `cached_attention` otherwise."""
-        decoder, window = cache.decode, self.attention.sliding_window
-        if not isinstance(decoder, CpuDecodeAttention) or not decoder.serves(cache, query.shape[1]):
+        CPU's decode kernels serve the cache (`served`: its reader and, for int8, its writer; the
+        query comes scaled by Dh ** -0.5), as the model's `cached_attention` otherwise."""
+        window = self.attention.sliding_window
+        if not served:
             return numpy_view(cached_attention(torch.from_numpy(query), torch.from_numpy(keys),
                                                torch.from_numpy(values), cache, start, window))
         if isinstance(cache.writer, Int8Writer):
             cache.writer.rows(cache, keys, values, start)
         else:
             cache.write(torch.from_numpy(keys), torch.from_numpy(values), start)
-        return decoder.rows(cache, query, start, window)
+        return cache.decode.rows(cache, query, start, window, scaled=True)
 
 
 class LeanLayer:
@@ -293,11 +299,13 @@ class LeanDecoder:
             rotary_tables(self.inv_freq, self.scale, segment.start, cos[rows], sin[rows])
             first += segment.length
         for index, layer in enumerate(self.layers):
-            layer(x, cos, sin, segments, index)
-            yield  # as the model's stages: another chunk may run between layers
+            with kernel_threads():  # the kernels' own `with`s inside then ask Numba nothing
+                layer(x, cos, sin, segments, index)
+            yield  # as the model's stages: another chunk may run between layers (none held across)
         if last_only:
             x = x[np.cumsum([segment.length for segment in segments]) - 1]
-        return torch.from_numpy(linear_rows(self.lm_head, self.norm.rows(x)))
+        with kernel_threads():
+            return torch.from_numpy(linear_rows(self.lm_head, self.norm.rows(x)))
 
 
 def lean_layers(model: nn.Module) -> None:

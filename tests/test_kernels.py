@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import pytest
@@ -159,6 +161,34 @@ def test_a_thread_count_is_restored_and_entered_once():
     with pytest.raises(ZeroDivisionError):
         with kernel_threads(1):
             1 / 0
+    assert numba.get_num_threads() == before
+
+
+def test_nested_thread_counts_restore_each_other():
+    """An inner `kernel_threads` of the outer's count asks Numba nothing; of another count it sets and
+    restores it; a thread of its own is not taken for held by another thread's."""
+    before = numba.get_num_threads()
+    with kernel_threads(1):
+        with kernel_threads(1):
+            assert numba.get_num_threads() == 1
+        assert numba.get_num_threads() == 1
+        if numba.config.NUMBA_NUM_THREADS > 1:
+            with kernel_threads(2):
+                assert numba.get_num_threads() == 2
+                with kernel_threads(2):
+                    assert numba.get_num_threads() == 2
+                assert numba.get_num_threads() == 2
+            assert numba.get_num_threads() == 1
+        seen = []
+
+        def worker():
+            with kernel_threads(1):
+                seen.append(numba.get_num_threads())
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert seen == [1]
     assert numba.get_num_threads() == before
 
 
