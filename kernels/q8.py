@@ -38,7 +38,7 @@ import functools
 
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, literally, njit, prange, types
+from numba import literally, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -46,6 +46,7 @@ from offload.kernels import isa as paths
 from offload.kernels.gemm import group_by_expert
 from offload.kernels.gemv import _check, _silu
 from offload.kernels.int4 import BLOCK, GROUP, Int4Weights
+from offload.kernels.threads import current_threads
 
 QUADS = GROUP // 4  # 4-column quads per group
 PREFETCH_AHEAD = 4096  # bytes ahead of the current group that a block dot asks for (a 1024-byte lead left
@@ -781,7 +782,7 @@ def moe_decode_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weig
     _check(x, expert_ids, weights, gate_up, down, out)
     tokens, top_k = expert_ids.shape
     scratch.check(tokens, top_k)
-    threads = get_num_threads()
+    threads = current_threads()
     _DECODE[_path(path)](x, expert_ids.astype(np.int64, copy=False), weights.astype(np.float32, copy=False),
                          gate_up.packed, gate_up.scales, down.packed, down.scales, out,
                          *scratch.decode_views(tokens), _parts(tokens * top_k, gate_up.packed.shape[1] // 2, threads),

@@ -55,3 +55,10 @@ class kernel_threads:
         if previous != self.count:
             numba.set_num_threads(previous)
         _held.count = self.held
+
+
+def current_threads() -> int:
+    """The kernels' thread count on this thread now: what the innermost `kernel_threads` set, without
+    asking Numba, or Numba's count outside any."""
+    held = getattr(_held, "count", None)
+    return held if held is not None else numba.get_num_threads()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from offload.kernels import deltanet, gemm, gemv, int4, int6, int8
-from offload.kernels.threads import kernel_threads
+from offload.kernels.threads import current_threads, kernel_threads
 
 
 def random_experts(rng, experts, out_features, in_features, scale=0.05):
@@ -168,13 +168,14 @@ def test_nested_thread_counts_restore_each_other():
     """An inner `kernel_threads` of the outer's count asks Numba nothing; of another count it sets and
     restores it; a thread of its own is not taken for held by another thread's."""
     before = numba.get_num_threads()
+    assert current_threads() == before
     with kernel_threads(1):
         with kernel_threads(1):
-            assert numba.get_num_threads() == 1
+            assert numba.get_num_threads() == current_threads() == 1
         assert numba.get_num_threads() == 1
         if numba.config.NUMBA_NUM_THREADS > 1:
             with kernel_threads(2):
-                assert numba.get_num_threads() == 2
+                assert numba.get_num_threads() == current_threads() == 2
                 with kernel_threads(2):
                     assert numba.get_num_threads() == 2
                 assert numba.get_num_threads() == 2
@@ -189,7 +190,7 @@ def test_nested_thread_counts_restore_each_other():
         thread.start()
         thread.join()
         assert seen == [1]
-    assert numba.get_num_threads() == before
+    assert numba.get_num_threads() == current_threads() == before
 
 
 def test_bad_kernel_inputs_are_explained():
