@@ -17,10 +17,10 @@ Everything the peer needs is built once into the cache (`--peer-dir`, default
    TikTokenConverter).
 Then prompts: `llama-bench -p 8,32,512 -n 0` per quantisation (retried with `--repack 0` if the
 CPU's repacked path crashes) and offload on the same slice (defaults: int4 experts, dense int4 with
-an int6 lm_head, fast kernels). Then decode in --rounds rounds: in each, every side in turn (the
-order rotated round by round) decodes 64 tokens right after a read-bandwidth probe of its own
-(`offload profile detect`'s), so that a shared machine's slow and fast spells fall on every side
-alike. The table: decode tok/s (the median round), prefill 512 tok/s, the time of 8- and 32-token
+an int6 lm_head, fast kernels). Then decode in --rounds rounds: in each, every side in turn and
+then in the reverse order (the first side rotated round by round) decodes 64 tokens right after a
+read-bandwidth probe of its own (`offload profile detect`'s), so that a shared machine's slow and
+fast spells fall on every side alike; a side's figure in a round is the mean of its two. The table: decode tok/s (the median round), prefill 512 tok/s, the time of 8- and 32-token
 prompts and the bytes of weights a decode step reads, offload against each quantisation (decode:
 the median of the rounds' ratios), and each side's decode as a share of its bound (its bytes a
 token at the bandwidth its own probe read just before; the median round); then every round's
@@ -228,21 +228,25 @@ def offload_prompts(engine) -> dict:
 def decode_rounds(engine, binaries: Path, files: dict, repack: dict, probe: np.ndarray, threads: int,
                   rounds: int) -> list[dict]:
     """Per round, per side ("offload" and each quantisation): {"rate": tok/s, "bandwidth": bytes/s
-    read by the probe just before}. The sides take turns, first one side, then the next, rotated."""
+    read by the probe just before}. In a round the sides take turns and then turns again in the
+    reverse order (A B C C B A: a drift of the machine's speed falls on every side alike), each
+    figure the mean of a side's two; the first side rotates from round to round."""
     sides = ["offload", *files]
     measured = []
     for r in range(rounds):
         order = sides[r % len(sides):] + sides[:r % len(sides)]
-        figures = {}
-        for side in order:
+        runs: dict[str, list] = {side: [] for side in sides}
+        for side in order + order[::-1]:
             step(f"decode, round {r + 1} of {rounds}: {side}")
             bandwidth = read_bandwidth(probe, threads)
             if side == "offload":
                 rate = 1 / offload_decode(engine, 64)
             else:
                 rate = llama_bench(binaries, files[side], threads, "0", 64, repack[side])["rates"]["tg64"]
-            figures[side] = {"rate": rate, "bandwidth": bandwidth}
-        measured.append(figures)
+            runs[side].append((rate, bandwidth))
+        measured.append({side: {"rate": statistics.fmean(rate for rate, _ in pair),
+                                "bandwidth": statistics.fmean(bandwidth for _, bandwidth in pair)}
+                         for side, pair in runs.items()})
     return measured
 
 
@@ -332,7 +336,7 @@ def main() -> None:
         print(f"{r:>5}  " + "".join(f"{figures[side]['rate']:5.1f} {share(figures, side):4.0%} "
                                     f"{figures[side]['bandwidth'] / 1e9:3.0f}G  " for side in ["offload", *quants])
               + "".join(f"{figures['offload']['rate'] / figures[q]['rate']:9.2f}x" for q in quants))
-    print("(per side: decode tok/s, its share of the bound, the GB/s its probe read just before)")
+    print("(per side: decode tok/s, its share of the bound, the GB/s its probes read just before; means of two)")
 
 
 if __name__ == "__main__":
