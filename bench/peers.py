@@ -328,7 +328,7 @@ def main() -> None:
     print(row)
     print(f"ratio: offload's speed over llama.cpp's (above 1: offload is faster); bytes: offload's over theirs; "
           f"decode: the median of {options.rounds} rounds (ratios: of the rounds' ratios); bound: the bytes a "
-          "token reads at the bandwidth a probe read just before"
+          "token reads at the bandwidth its probes read just before (each side's own)"
           + "".join(f"; {q} ran with --repack 0" for q in quants if not peers[q]["repack"]))
     print("\nround  " + "".join(f" {side:<16}" for side in ["offload", *quants])
           + "".join(f"{'vs ' + quant:>10}" for quant in quants))
