@@ -1,5 +1,5 @@
 """Streamed experts (prefill path b): whole layers of int4 experts copied to the device ahead of
-use, dequantised there and run as grouped matmuls, with no host sync.
+use, dequantised there and run as grouped matmuls, with one host read a layer (its routing).
 
 A long prompt routes tokens to nearly every expert of a layer, so reading the layer once and
 moving it to the device beats running all those tokens through the CPU kernels. `ExpertStreamer`
@@ -176,15 +176,18 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
 def streamed_experts(layer: StreamedLayer,
                      chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     """The routed experts of one layer from its streamed copy, for the chunks of a pass:
-    each (x [T, D] on the device, expert_ids, weights [T, K]) -> [T, D] fp32, with no host sync.
+    each (x [T, D] on the device, expert_ids, weights [T, K]) -> [T, D] fp32.
 
     Each chunk's T x K slots are sorted by expert on the device and each expert's group end found
-    there (`searchsorted`). The layer's experts are dequantised STREAM_EXPERT_BATCH at a time, once
-    for all the chunks, and each batch runs per chunk as two grouped matmuls (`torch._grouped_mm`)
-    over a window of the chunk's sorted slots that starts at the batch's first slot (a device-side
-    offset: the window is gathered, not sliced). Rows past the batch's last group are not
-    computed and weigh nothing. Every expert is dequantised: a streamed prompt routes to nearly
-    all of them. A batch is queued as soon as its block of the copy has landed."""
+    there (`searchsorted`); then the group ends of all the chunks are read on the host, the call's
+    one wait for the device (for this layer's routers: by then its copy has long been on its way,
+    and the host queues the rest before the device gets far). Knowing them, each batch of
+    STREAM_EXPERT_BATCH experts touches only its own slots: a chunk's rows for the batch are
+    gathered, run as two grouped matmuls (`torch._grouped_mm`, the group offsets made on the device)
+    and summed into its output, so a layer's elementwise work is each slot once, not once per batch
+    (32 batches a layer for 512 experts). A batch that no chunk routes to is not dequantised. Where
+    no grouped kernel reads its offsets on the device, each expert runs as one matmul pair. A batch
+    is queued as soon as its block of the copy has landed."""
     device = layer.device
     packed = layer.arrays["gate_up_packed"], layer.arrays["down_packed"]
     scales = layer.arrays["gate_up_scales"], layer.arrays["down_scales"]
@@ -199,23 +202,33 @@ def streamed_experts(layer: StreamedLayer,
         sorted_chunks.append((x, weights.to(device).reshape(-1)[order], order // top_k, ends))
         outs.append(torch.zeros(x.shape, dtype=torch.float32, device=device))
     dtype = chunks[0][0].dtype
-    if not grouped_kernel(device, dtype):
-        return _experts_one_by_one(layer, sorted_chunks, outs)
-    for first in range(0, experts, STREAM_EXPERT_BATCH):  # a fixed loop: nothing here depends on the routing
+    grouped = grouped_kernel(device, dtype)
+    bounds = torch.stack([chunk[3] for chunk in sorted_chunks]).tolist()  # the one host read
+    for block, first in enumerate(range(0, experts, STREAM_EXPERT_BATCH)):
         last = min(first + STREAM_EXPERT_BATCH, experts)
-        layer.ready(first // STREAM_EXPERT_BATCH)  # the batch's block has landed (the rest may still be coming)
-        gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], dtype).transpose(1, 2)  # [B, D, 2I]
-        down = dequantize_int4(packed[1][first:last], scales[1][first:last], dtype).transpose(1, 2)  # [B, I, D]
-        for (x, sorted_weights, token_of, ends), out in zip(sorted_chunks, outs):
-            rows = torch.arange(token_of.shape[0], device=device)
-            start = ends[first - 1] if first else torch.zeros((), dtype=ends.dtype, device=device)
-            window = (rows + start) % token_of.shape[0]  # the batch's slots first
-            offsets = (ends[first:last] - start).to(torch.int32)
-            gate, up = torch._grouped_mm(x[token_of[window]], gate_up, offs=offsets).chunk(2, dim=-1)
-            y = torch._grouped_mm(F.silu(gate) * up, down, offs=offsets)  # [slots, D]
-            mine = rows < offsets[-1]  # the rest were not computed
-            weighted = torch.where(mine[:, None], y.float() * sorted_weights[window, None], 0.0)
-            out.index_add_(0, token_of[window], weighted)
+        layer.ready(block)  # waited for in order, used or not: the batch's block has landed
+        spans = [(chunk_ends[first - 1] if first else 0, chunk_ends[last - 1]) for chunk_ends in bounds]
+        if all(begin == end for begin, end in spans):
+            continue  # no slot in this batch: nothing to dequantise
+        gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], dtype)  # [B, 2I, D]
+        down = dequantize_int4(packed[1][first:last], scales[1][first:last], dtype)  # [B, D, I]
+        for (x, sorted_weights, token_of, ends), chunk_ends, (begin, end), out in zip(sorted_chunks, bounds, spans, outs):
+            if begin == end:
+                continue
+            tokens = token_of[begin:end]
+            if grouped:  # offsets from the batch's first slot, made on the device
+                offsets = (ends[first:last] - begin).to(torch.int32)
+                gate, up = torch._grouped_mm(x[tokens], gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+                y = torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)  # [end - begin, D]
+                out.index_add_(0, tokens, y.float() * sorted_weights[begin:end, None])
+                continue
+            for expert in range(first, last):
+                start, stop = chunk_ends[expert - 1] if expert else 0, chunk_ends[expert]
+                if start == stop:
+                    continue
+                gate, up = F.linear(x[token_of[start:stop]], gate_up[expert - first]).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, down[expert - first])
+                out.index_add_(0, token_of[start:stop], y.float() * sorted_weights[start:stop, None])
     return outs
 
 
@@ -226,30 +239,3 @@ def grouped_kernel(device: torch.device, dtype: torch.dtype) -> bool:
         return True
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10) \
         and dtype == torch.bfloat16
-
-
-def _experts_one_by_one(layer: StreamedLayer, sorted_chunks: list, outs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`streamed_experts` where no grouped kernel reads offsets on the device: each chunk's group
-    ends read on the host once, then each batch of experts (dequantised once for all the chunks)
-    runs its experts with slots, one matmul pair each."""
-    packed = layer.arrays["gate_up_packed"], layer.arrays["down_packed"]
-    scales = layer.arrays["gate_up_scales"], layer.arrays["down_scales"]
-    ends = [chunk_ends.tolist() for *_, chunk_ends in sorted_chunks]
-    experts = len(ends[0])
-    for first in range(0, experts, STREAM_EXPERT_BATCH):
-        last = min(first + STREAM_EXPERT_BATCH, experts)
-        layer.ready(first // STREAM_EXPERT_BATCH)  # waited for in order, skipped batch or not
-        if all(chunk[last - 1] == (chunk[first - 1] if first else 0) for chunk in ends):
-            continue  # no slot in this batch: nothing to dequantise
-        dtype = sorted_chunks[0][0].dtype
-        gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], dtype)
-        down = dequantize_int4(packed[1][first:last], scales[1][first:last], dtype)
-        for (x, sorted_weights, token_of, _), chunk, out in zip(sorted_chunks, ends, outs):
-            for expert in range(first, last):
-                begin, end = chunk[expert - 1] if expert else 0, chunk[expert]
-                if begin == end:
-                    continue
-                gate, up = F.linear(x[token_of[begin:end]], gate_up[expert - first]).chunk(2, dim=-1)
-                y = F.linear(F.silu(gate) * up, down[expert - first])
-                out.index_add_(0, token_of[begin:end], y.float() * sorted_weights[begin:end, None])
-    return outs
