@@ -204,8 +204,10 @@ class Engine:
             self.position += 1
             return logits.float()
         starts = range(0, ids.shape[0], PREFILL_CHUNK)
+        # without all_logits only the last chunk reads the output head
         stages = [self.model.stages(ids[begin:begin + PREFILL_CHUNK], self.caches, self.position + begin,
-                                    last_only=not all_logits) for begin in starts]
+                                    last_only=not all_logits, head=all_logits or begin == starts[-1])
+                  for begin in starts]
         with torch.inference_mode():
             if streamed:
                 logits = []
@@ -269,13 +271,13 @@ class Engine:
             slot.position += len(tokens)
         return logits.float()
 
-    def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
+    def _to_host(self, logits: torch.Tensor | None) -> torch.Tensor | None:
         """A chunk's logits in RAM, copied as it finishes (none are kept on the device: a prompt's
         [T, vocab] would not be in the plan). From a GPU, a last token's row goes to pinned memory
         without waiting; a whole chunk's is copied as it is (pinned blocks are cached by the
         allocator, so large ones are not pinned)."""
-        if self.device.type != "cuda" or logits.device.type == "cpu":
-            return logits
+        if logits is None or self.device.type != "cuda" or logits.device.type == "cpu":
+            return logits  # None: a chunk run without the head
         if logits.shape[0] > 1:
             return logits.cpu()
         host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)

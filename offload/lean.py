@@ -278,15 +278,15 @@ class LeanDecoder:
         layers = [LeanLayer.of(layer) for layer in model.layers]
         return None if any(layer is None for layer in layers) else cls(model, layers)
 
-    def __call__(self, input_ids: torch.Tensor, segments: list[Segment],
-                 last_only: bool = False) -> Generator[None, None, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, segments: list[Segment], last_only: bool = False,
+                 head: bool = True) -> Generator[None, None, torch.Tensor | None]:
         if input_ids.shape[0] > DECODE_MAX_TOKENS or input_ids.device.type != "cpu" \
                 or not all(isinstance(segment.start, int) for segment in segments):
-            return CausalLM.batch_stages(self.model(), input_ids, segments, last_only)
-        return self._stages(input_ids, segments, last_only)
+            return CausalLM.batch_stages(self.model(), input_ids, segments, last_only, head)
+        return self._stages(input_ids, segments, last_only, head)
 
-    def _stages(self, input_ids: torch.Tensor, segments: list[Segment],
-                last_only: bool) -> Generator[None, None, torch.Tensor]:
+    def _stages(self, input_ids: torch.Tensor, segments: list[Segment], last_only: bool,
+                head: bool) -> Generator[None, None, torch.Tensor | None]:
         table = self.embed.weight
         if table.dtype == torch.float32:
             x = table.detach().numpy()[input_ids.numpy()]  # a new array: the residual stream
@@ -302,6 +302,8 @@ class LeanDecoder:
             with kernel_threads():  # the kernels' own `with`s inside then ask Numba nothing
                 layer(x, cos, sin, segments, index)
             yield  # as the model's stages: another chunk may run between layers (none held across)
+        if not head:
+            return None
         if last_only:
             x = x[np.cumsum([segment.length for segment in segments]) - 1]
         with kernel_threads():

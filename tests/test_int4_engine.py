@@ -167,6 +167,23 @@ def test_streamed_prefill_matches_transformers(hf_checkpoint, name):
     assert streamed.generate(prompt, max_new_tokens=16) == kernels.generate(prompt, max_new_tokens=16)
 
 
+def test_only_a_prompts_last_chunk_reads_the_output_head(hf_checkpoint):
+    """A prompt of several chunks, fed for its last token's logits, runs the output head once
+    (the earlier chunks only fill the caches), and those logits are the last row of all of them."""
+    from offload.config import PREFILL_CHUNK
+
+    engine = offload.load(hf_checkpoint("next").path, quant="int4", dense_quant=None)
+    calls = []
+    engine.model.lm_head.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    ids = torch.randint(0, 160, (PREFILL_CHUNK + 50,), generator=torch.Generator().manual_seed(33))
+    last = engine.feed(ids, all_logits=False)
+    assert calls == [1]
+    engine.reset()
+    every = engine.feed(ids)
+    assert calls[1:] == [PREFILL_CHUNK, 50] and every.shape[0] == ids.shape[0]
+    assert torch.allclose(last[0], every[-1], rtol=1e-5, atol=1e-5 * every[-1].abs().max().item())
+
+
 def test_streamer_double_buffers_layers_in_order(hf_checkpoint):
     from offload.store import open_store
     from offload.transfer import ExpertStreamer, dequantize_int4

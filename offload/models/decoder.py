@@ -82,33 +82,36 @@ class CausalLM(nn.Module):
         """The activations' dtype: that of the norms (the embedding table may be kept narrower)."""
         return self.norm.weight.dtype
 
-    def stages(self, input_ids: torch.Tensor, caches: list[Cache], start: int,
-               last_only: bool = False) -> Generator[None, None, torch.Tensor]:
+    def stages(self, input_ids: torch.Tensor, caches: list[Cache], start: int, last_only: bool = False,
+               head: bool = True) -> Generator[None, None, torch.Tensor | None]:
         """`forward` as a generator: it yields after starting each layer's feed-forward (a MoE
         layer's routed experts may then be running elsewhere) and returns the logits. Work queued
         before a yield only reads this chunk's activations and the caches as the earlier chunks
         left them, so another chunk may run between yields as long as chunks enter each layer in
-        order."""
-        return self.batch_stages(input_ids, [Segment(caches, start, input_ids.shape[0])], last_only)
+        order. Without `head` it fills the caches and returns None (a prompt's chunk before its
+        last: no output head read for logits no one wants)."""
+        return self.batch_stages(input_ids, [Segment(caches, start, input_ids.shape[0])], last_only, head)
 
-    def batch_stages(self, input_ids: torch.Tensor, segments: list[Segment],
-                     last_only: bool = False) -> Generator[None, None, torch.Tensor]:
+    def batch_stages(self, input_ids: torch.Tensor, segments: list[Segment], last_only: bool = False,
+                     head: bool = True) -> Generator[None, None, torch.Tensor | None]:
         """`stages` for several sequences at once: input_ids [T] are the segments' tokens one after
         another (T = the sum of their lengths). Returns logits [T, V], or with last_only each
-        segment's last token's [len(segments), V]."""
+        segment's last token's [len(segments), V] (None without `head`)."""
         x = self.embed_tokens(input_ids).to(self.compute_dtype)
         ranges = [torch.arange(s.start, s.start + s.length, device=x.device) for s in segments]
         positions = ranges[0] if len(ranges) == 1 else torch.cat(ranges)  # one sequence: no copy
-        return (yield from self.layer_stages(x, positions, segments, last_only))
+        return (yield from self.layer_stages(x, positions, segments, last_only, head))
 
-    def layer_stages(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment],
-                     last_only: bool = False) -> Generator[None, None, torch.Tensor]:
+    def layer_stages(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment], last_only: bool = False,
+                     head: bool = True) -> Generator[None, None, torch.Tensor | None]:
         """`batch_stages` from the embedded tokens x [T, D] at `positions` [T] (on x's device)."""
         cos, sin = self.rotary(positions, x.dtype)
         for index, layer in enumerate(self.layers):
             finish = layer.begin_feed_forward(mix_segments(layer, index, x, cos, sin, segments))
             yield
             x = finish()
+        if not head:
+            return None
         if last_only:  # each segment's last row (views: no index tensor to copy to the device)
             x = x[-1:] if len(segments) == 1 else torch.cat([x[end - 1:end] for end in segment_ends(segments)])
         return self.lm_head(self.norm(x))
