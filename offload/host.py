@@ -46,12 +46,15 @@ def torch_view(array: np.ndarray) -> torch.Tensor:
 
 class OnHost(nn.Module):
     """Runs `inner` (kept in RAM, e.g. an int8 lm_head or an embedding table) for a model whose
-    activations live on `device`: tensor arguments go to the CPU, the output comes back."""
+    activations live on `device`: tensor arguments go to the CPU, the output comes back; with
+    `output_in_ram` (the output head: its logits are wanted in RAM) it stays there, but inside a
+    captured decode step."""
 
-    def __init__(self, inner: nn.Module, device: torch.device):
+    def __init__(self, inner: nn.Module, device: torch.device, output_in_ram: bool = False):
         super().__init__()
         self.inner = inner
         self.device = device
+        self.output_in_ram = output_in_ram
         self.crossing = None  # pinned buffers for a captured decode step (`offload.graphs.Crossing`)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
@@ -65,6 +68,8 @@ class OnHost(nn.Module):
             return out.to(self.device)
         if warming():  # the eager step before a capture: buffers for this call's shapes, made now
             self.crossing = Crossing(args, out)
+        if self.output_in_ram:  # a prompt chunk's [T, vocab] would cross twice, through pinned memory
+            return out
         return out.pin_memory().to(self.device, non_blocking=True)
 
     def start(self, *args: torch.Tensor):

@@ -149,7 +149,7 @@ def _wrap_host_modules(module: nn.Module, host_groups: set[str], device: torch.d
         full = f"{prefix}{name}"
         groups = _groups_within(child, full)
         if groups and groups <= host_groups:
-            setattr(module, name, OnHost(child, device))
+            setattr(module, name, OnHost(child, device, output_in_ram=full == "lm_head"))
         elif groups is None or groups:
             _wrap_host_modules(child, host_groups, device, f"{full}.")
 

@@ -99,6 +99,8 @@ def test_ram_resident_modules_are_the_ones_wrapped_for_a_gpu(hf_checkpoint):
     wrapped = sorted(name for name, m in engine.model.named_modules() if isinstance(m, OnHost))
     layers = range(len(engine.model.layers))
     assert wrapped == ["embed_tokens", "lm_head"]  # the shared experts run in the host lanes' work
+    # the logits stay in RAM, where they are wanted; the embedded tokens go to the device
+    assert engine.model.lm_head.output_in_ram and not engine.model.embed_tokens.output_in_ram
     assert all(engine.model.layers[i].mlp.shared_on_host for i in layers)
     assert torch.equal(engine.logits(ids), before)
 
