@@ -212,10 +212,16 @@ class Engine:
             if streamed:
                 logits = []
                 per_pass = STREAM_PASS_TOKENS // PREFILL_CHUNK
-                for first in range(0, len(stages), per_pass):
-                    logits += _run_in_turns(stages[first:first + per_pass], per_pass, self._to_host)
-                    if progress is not None and len(stages) > 1:
-                        progress(min((first + per_pass) * PREFILL_CHUNK, ids.shape[0]), ids.shape[0])
+                self.executor.prepare_streaming()
+                streamer = self.executor.streamer
+                try:
+                    for first in range(0, len(stages), per_pass):
+                        streamer.wrap = first + per_pass < len(stages)  # the next pass's first layer comes early
+                        logits += _run_in_turns(stages[first:first + per_pass], per_pass, self._to_host)
+                        if progress is not None and len(stages) > 1:
+                            progress(min((first + per_pass) * PREFILL_CHUNK, ids.shape[0]), ids.shape[0])
+                finally:
+                    streamer.wrap = False
             elif self.pipelined and len(stages) > 1:
                 logits = _run_in_turns(stages, 2, self._to_host)
             else:

@@ -89,6 +89,7 @@ class ExpertStreamer:
                                          initializer=torch.cuda.set_device if self.cuda else None,
                                          initargs=(index,) if self.cuda else ())
         self.pending: dict[int, StreamedLayer] = {}  # layer -> its copy, in flight or done
+        self.wrap = False  # another pass follows: the last MoE layer's `get` starts copying the first
         self.next_slot = 0
         self.copied_bytes = 0  # cumulative bytes of expert arrays copied into the slots
         self.staging: list[dict[str, torch.Tensor]] = []  # pinned blocks on the way to the device (CUDA only)
@@ -142,11 +143,12 @@ class ExpertStreamer:
 
     def get(self, layer: int) -> StreamedLayer:
         """The layer's copy (`StreamedLayer.ready` before using a block of it). Starts the copy of
-        the next MoE layer, which follows this one's on the worker and the copy stream."""
+        the next MoE layer (after the last, the first when `wrap`), which follows this one's on the
+        worker and the copy stream."""
         self.prefetch(layer)
         position = self.order.index(layer)
-        if position + 1 < len(self.order):
-            self.prefetch(self.order[position + 1])
+        if position + 1 < len(self.order) or self.wrap:
+            self.prefetch(self.order[(position + 1) % len(self.order)])
         return self.pending[layer]
 
     def release(self, layer: int) -> None:

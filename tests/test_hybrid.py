@@ -160,6 +160,16 @@ def test_a_streamed_prompt_copies_each_layer_once_and_matches_transformers(hf_ch
     engine.reset()
     engine.feed(ids[:PREFILL_CHUNK + 1], all_logits=False)  # the next prompt: one more pass
     assert engine.counters["h2d_expert_bytes"] == 2 * one_pass
+    # a pass a chunk: each pass copies every layer once, the next pass's first during the last layer
+    monkeypatch.setattr(offload.engine, "STREAM_PASS_TOKENS", PREFILL_CHUNK)
+    streamer, asked = executor_of(engine).streamer, []
+    get = streamer.get
+    monkeypatch.setattr(streamer, "get", lambda layer: asked.append((layer, streamer.wrap)) or get(layer))
+    engine.reset()
+    assert torch.allclose(engine.logits(ids), logits, rtol=0, atol=1e-6)
+    assert engine.counters["h2d_expert_bytes"] == 4 * one_pass and not streamer.wrap
+    last = streamer.order[-1]
+    assert [wrap for layer, wrap in asked if layer == last] == [True, False]  # the second pass is the last
 
 
 def test_a_streamed_layer_is_computed_as_its_blocks_land(hf_checkpoint, monkeypatch):

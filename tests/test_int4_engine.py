@@ -193,7 +193,8 @@ def test_streamer_double_buffers_layers_in_order(hf_checkpoint):
     store = open_store(checkpoint.path, engine.args)
     streamer = ExpertStreamer(store, torch.device("cpu"))
     assert len(streamer.order) >= 2
-    for _ in range(2):  # two prompt chunks: every layer comes back right, through two slots
+    for wrap in (False, True):  # two passes: every layer comes back right, through two slots
+        streamer.wrap = wrap  # True: another pass follows, and the first layer's copy starts early
         for layer in streamer.order:
             copy = streamer.get(layer)
             for block in range(len(streamer.blocks)):
@@ -204,6 +205,7 @@ def test_streamer_double_buffers_layers_in_order(hf_checkpoint):
             assert np.array_equal(arrays["down_scales"].numpy().view(np.uint16), host.down.scales)
             weight = dequantize_int4(arrays["down_packed"], arrays["down_scales"], torch.float32)
             assert torch.equal(weight, torch.from_numpy(int4.dequantize(host.down)))
+        assert (streamer.order[0] in streamer.pending) == wrap  # on its way before the next pass asks
     assert len({id(slot["gate_up_packed"]) for slot in streamer.slots}) == 2
 
 
