@@ -197,6 +197,18 @@ class GraphedDecode:
         return run_stages(self.engine.model.layer_stages(self.x, self.index, [segment], last_only=True))
 
     def _eager(self, span: int) -> torch.Tensor:
+        if not self.capture:
+            return self._warm(span)
+        # the step a capture follows runs on the capture's stream, so that whatever the libraries
+        # make lazily for a stream (cuBLAS's workspace) is made now and not inside the graph
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            logits = self._warm(span)
+        current.wait_stream(self.stream)
+        return logits
+
+    def _warm(self, span: int) -> torch.Tensor:
         _state.warming = self.capture  # a capture follows: crossings make their buffers now
         try:
             logits = self.engine._to_host(self._run(span))
