@@ -216,7 +216,9 @@ class Engine:
                 streamer = self.executor.streamer
                 try:
                     for first in range(0, len(stages), per_pass):
-                        streamer.wrap = first + per_pass < len(stages)  # the next pass's first layer comes early
+                        # another streamed pass follows (a last chunk of a few tokens runs on the CPU's
+                        # kernels): its first layer's copy starts during this pass's last
+                        streamer.wrap = ids.shape[0] - (first + per_pass) * PREFILL_CHUNK > DECODE_MAX_TOKENS
                         logits += _run_in_turns(stages[first:first + per_pass], per_pass, self._to_host)
                         if progress is not None and len(stages) > 1:
                             progress(min((first + per_pass) * PREFILL_CHUNK, ids.shape[0]), ids.shape[0])

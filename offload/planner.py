@@ -166,10 +166,11 @@ def kv_cache_bytes(args: ModelArgs, ctx: int, kv_format: str) -> int:
 
 def _stream_pass_bytes(args: ModelArgs) -> int:
     """What a streamed prompt needs on the device beyond one chunk's work: each of a pass's
-    chunks' residual stream and feed-forward results (fp32), and one batch of experts
-    being dequantised (the nibbles, the codes and the weights in the compute dtype: ~6 bytes a
-    weight at the peak)."""
+    chunks' residual stream and feed-forward results (fp32), the pass's expert inputs joined
+    (bf16), and one batch of experts being dequantised (the nibbles, the codes and the weights in
+    the compute dtype: ~6 bytes a weight at the peak)."""
     pass_bytes = (STREAM_PASS_TOKENS - PREFILL_CHUNK) * args.hidden_size * 12  # residual, routed, shared
+    pass_bytes += STREAM_PASS_TOKENS * args.hidden_size * 2  # the chunks' inputs joined for the experts
     expert_weights = 3 * args.moe_intermediate_size * args.hidden_size
     return pass_bytes + STREAM_EXPERT_BATCH * expert_weights * 6
 

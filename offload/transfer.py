@@ -180,58 +180,55 @@ def streamed_experts(layer: StreamedLayer,
     """The routed experts of one layer from its streamed copy, for the chunks of a pass:
     each (x [T, D] on the device, expert_ids, weights [T, K]) -> [T, D] fp32.
 
-    Each chunk's T x K slots are sorted by expert on the device and each expert's group end found
-    there (`searchsorted`); then the group ends of all the chunks are read on the host, the call's
-    one wait for the device (for this layer's routers: by then its copy has long been on its way,
-    and the host queues the rest before the device gets far). Knowing them, each batch of
-    STREAM_EXPERT_BATCH experts touches only its own slots: a chunk's rows for the batch are
-    gathered, run as two grouped matmuls (`torch._grouped_mm`, the group offsets made on the device)
-    and summed into its output, so a layer's elementwise work is each slot once, not once per batch
-    (32 batches a layer for 512 experts). A batch that no chunk routes to is not dequantised. Where
-    no grouped kernel reads its offsets on the device, each expert runs as one matmul pair. A batch
-    is queued as soon as its block of the copy has landed."""
+    The chunks' rows run as one: their T x K slots are sorted by expert on the device and each
+    expert's group end found there (`searchsorted`); then the group ends are read on the host, the
+    call's one wait for the device (for this layer's routers: by then its copy has long been on its
+    way, and the host queues the rest before the device gets far). Knowing them, each batch of
+    STREAM_EXPERT_BATCH experts touches only its own slots: their rows gathered, two grouped matmuls
+    (`torch._grouped_mm`, the group offsets made on the device), the weighted sum added into the
+    output, a few kernels a batch whatever the number of chunks; a batch no slot is routed to is not
+    dequantised. Where no grouped kernel reads its offsets on the device, each expert runs as one
+    matmul pair. A batch is queued as soon as its block of the copy has landed."""
     device = layer.device
     packed = layer.arrays["gate_up_packed"], layer.arrays["down_packed"]
     scales = layer.arrays["gate_up_scales"], layer.arrays["down_scales"]
     experts = scales[0].shape[0]
-    sorted_chunks, outs = [], []
-    for x, expert_ids, weights in chunks:
-        top_k = expert_ids.shape[1]
-        flat = expert_ids.to(device).reshape(-1)
-        order = torch.argsort(flat, stable=True)  # slots sorted by expert
-        # each expert's last slot + 1 (not bincount: on CUDA it reads the largest id on the host)
-        ends = torch.searchsorted(flat[order], torch.arange(experts, device=device), right=True)
-        sorted_chunks.append((x, weights.to(device).reshape(-1)[order], order // top_k, ends))
-        outs.append(torch.zeros(x.shape, dtype=torch.float32, device=device))
-    dtype = chunks[0][0].dtype
-    grouped = grouped_kernel(device, dtype)
-    bounds = torch.stack([chunk[3] for chunk in sorted_chunks]).tolist()  # the one host read
+    x = torch.cat([chunk[0] for chunk in chunks]) if len(chunks) > 1 else chunks[0][0]
+    expert_ids = torch.cat([chunk[1].to(device) for chunk in chunks])
+    weights = torch.cat([chunk[2].to(device) for chunk in chunks])
+    top_k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # slots sorted by expert
+    # each expert's last slot + 1 (not bincount: on CUDA it reads the largest id on the host)
+    ends = torch.searchsorted(flat[order], torch.arange(experts, device=device), right=True)
+    sorted_weights, token_of = weights.reshape(-1)[order], order // top_k
+    out = torch.zeros(x.shape, dtype=torch.float32, device=device)
+    dtype, grouped = x.dtype, grouped_kernel(device, x.dtype)
+    bounds = ends.tolist()  # the one host read
     for block, first in enumerate(range(0, experts, STREAM_EXPERT_BATCH)):
         last = min(first + STREAM_EXPERT_BATCH, experts)
         layer.ready(block)  # waited for in order, used or not: the batch's block has landed
-        spans = [(chunk_ends[first - 1] if first else 0, chunk_ends[last - 1]) for chunk_ends in bounds]
-        if all(begin == end for begin, end in spans):
+        begin, end = bounds[first - 1] if first else 0, bounds[last - 1]
+        if begin == end:
             continue  # no slot in this batch: nothing to dequantise
         gate_up = dequantize_int4(packed[0][first:last], scales[0][first:last], dtype)  # [B, 2I, D]
         down = dequantize_int4(packed[1][first:last], scales[1][first:last], dtype)  # [B, D, I]
-        for (x, sorted_weights, token_of, ends), chunk_ends, (begin, end), out in zip(sorted_chunks, bounds, spans, outs):
-            if begin == end:
-                continue
+        if grouped:  # offsets from the batch's first slot, made on the device
             tokens = token_of[begin:end]
-            if grouped:  # offsets from the batch's first slot, made on the device
-                offsets = (ends[first:last] - begin).to(torch.int32)
-                gate, up = torch._grouped_mm(x[tokens], gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-                y = torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)  # [end - begin, D]
-                out.index_add_(0, tokens, y.float() * sorted_weights[begin:end, None])
+            offsets = (ends[first:last] - begin).to(torch.int32)
+            gate, up = torch._grouped_mm(x[tokens], gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+            y = torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)  # [end - begin, D]
+            out.index_add_(0, tokens, y.float() * sorted_weights[begin:end, None])
+            continue
+        for expert in range(first, last):
+            start, stop = bounds[expert - 1] if expert else 0, bounds[expert]
+            if start == stop:
                 continue
-            for expert in range(first, last):
-                start, stop = chunk_ends[expert - 1] if expert else 0, chunk_ends[expert]
-                if start == stop:
-                    continue
-                gate, up = F.linear(x[token_of[start:stop]], gate_up[expert - first]).chunk(2, dim=-1)
-                y = F.linear(F.silu(gate) * up, down[expert - first])
-                out.index_add_(0, token_of[start:stop], y.float() * sorted_weights[start:stop, None])
-    return outs
+            tokens = token_of[start:stop]
+            gate, up = F.linear(x[tokens], gate_up[expert - first]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, down[expert - first])
+            out.index_add_(0, tokens, y.float() * sorted_weights[start:stop, None])
+    return list(out.split([chunk[0].shape[0] for chunk in chunks]))
 
 
 def grouped_kernel(device: torch.device, dtype: torch.dtype) -> bool:
