@@ -35,6 +35,7 @@ code from one token to a whole prompt chunk.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 from llvmlite import ir
@@ -484,10 +485,14 @@ def _bits(packed) -> int:
 # --- decode -------------------------------------------------------------------------------------------
 
 @njit(parallel=True, nogil=True, cache=True)
-def _moe_decode_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out,
-                     xq, x_scales, x_sums, gate_up, hq, h_scales, h_sums, parts, runs):
+def _moe_decode_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, sh_gu_packed,
+                     sh_gu_scales, sh_dn_packed, sh_dn_scales, sh_weights, out, xq, x_scales, x_sums, gate_up, hq,
+                     h_scales, h_sums, parts, runs):
     literally(path)
     tokens, top_k = expert_ids.shape
+    # a shared expert of the routed experts' shape (sh_*: [1, ...], else [0, ...]) is each token's
+    # pick top_k, weighted by sh_weights[t]: its rows among the routed ones' in the same passes
+    picks = top_k + sh_gu_packed.shape[0]
     gate_blocks = gu_packed.shape[1] // 2  # I / 32
     out_blocks = dn_packed.shape[1]  # D / 32
     quantize_activations(x, xq, x_scales, x_sums)
@@ -496,18 +501,23 @@ def _moe_decode_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_pack
     # each one run of the expert's bytes in order (a gate block and an up block in turn broke every
     # run in two: 0.47 -> 0.39 ms a layer on Zen 4); then h = silu(gate) * up, quantised per block.
     # `parts`: enough per expert for every thread to have work (1 when the experts already do)
-    for task in prange(tokens * top_k * parts):
-        t = task // (top_k * parts)
-        j = (task // parts) % top_k
+    for task in prange(tokens * picks * parts):
+        t = task // (picks * parts)
+        j = (task // parts) % picks
         first = (task % parts) * gate_blocks // parts
         last = (task % parts + 1) * gate_blocks // parts
-        e = expert_ids[t, j]
         for half in range(2):  # gate rows, then up rows
             for b in range(first, last):
                 rows = gate_up[t, j, half, b * BLOCK:(b + 1) * BLOCK]
                 rows[:] = 0
-                _q8_block_dot(path, gu_packed[e, half * gate_blocks + b], gu_scales[e, half * gate_blocks + b], xq[t],
-                              x_scales[t], x_sums[t], np.float32(1.0), rows)
+                block = half * gate_blocks + b
+                if j < top_k:
+                    e = expert_ids[t, j]
+                    _q8_block_dot(path, gu_packed[e, block], gu_scales[e, block], xq[t], x_scales[t], x_sums[t],
+                                  np.float32(1.0), rows)
+                else:
+                    _q8_block_dot(path, sh_gu_packed[0, block], sh_gu_scales[0, block], xq[t], x_scales[t],
+                                  x_sums[t], np.float32(1.0), rows)
         for b in range(first, last):
             gate = gate_up[t, j, 0, b * BLOCK:(b + 1) * BLOCK]
             up = gate_up[t, j, 1, b * BLOCK:(b + 1) * BLOCK]
@@ -525,11 +535,15 @@ def _moe_decode_fast(path, x, expert_ids, weights, gu_packed, gu_scales, dn_pack
         first = (task % runs) * out_blocks // runs
         last = (task % runs + 1) * out_blocks // runs
         out[t, first * BLOCK:last * BLOCK] = 0
-        for j in range(top_k):
-            e = expert_ids[t, j]
+        for j in range(picks):
             for b in range(first, last):
-                _q8_block_dot(path, dn_packed[e, b], dn_scales[e, b], hq[t, j], h_scales[t, j], h_sums[t, j],
-                              np.float32(weights[t, j]), out[t, b * BLOCK:(b + 1) * BLOCK])
+                if j < top_k:
+                    e = expert_ids[t, j]
+                    _q8_block_dot(path, dn_packed[e, b], dn_scales[e, b], hq[t, j], h_scales[t, j], h_sums[t, j],
+                                  np.float32(weights[t, j]), out[t, b * BLOCK:(b + 1) * BLOCK])
+                else:
+                    _q8_block_dot(path, sh_dn_packed[0, b], sh_dn_scales[0, b], hq[t, j], h_scales[t, j],
+                                  h_sums[t, j], np.float32(sh_weights[t]), out[t, b * BLOCK:(b + 1) * BLOCK])
 
 
 # --- prefill ------------------------------------------------------------------------------------------
@@ -643,31 +657,31 @@ _VNNI512, _AVXVNNI, _AVX2, _PORTABLE = paths.VNNI512, paths.AVXVNNI, paths.AVX2,
 
 
 @njit(nogil=True, cache=True)
-def _decode_vnni512(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
-                    hsum, parts, runs):
-    _moe_decode_fast(_VNNI512, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
-                     gate_up, hq, hs, hsum, parts, runs)
+def _decode_vnni512(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, sh_gu_packed, sh_gu_scales,
+                    sh_dn_packed, sh_dn_scales, sh_weights, out, xq, xs, xsum, gate_up, hq, hs, hsum, parts, runs):
+    _moe_decode_fast(_VNNI512, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, sh_gu_packed, sh_gu_scales,
+                     sh_dn_packed, sh_dn_scales, sh_weights, out, xq, xs, xsum, gate_up, hq, hs, hsum, parts, runs)
 
 
 @njit(nogil=True, cache=True)
-def _decode_avxvnni(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
-                    hsum, parts, runs):
-    _moe_decode_fast(_AVXVNNI, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
-                     gate_up, hq, hs, hsum, parts, runs)
+def _decode_avxvnni(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, sh_gu_packed, sh_gu_scales,
+                    sh_dn_packed, sh_dn_scales, sh_weights, out, xq, xs, xsum, gate_up, hq, hs, hsum, parts, runs):
+    _moe_decode_fast(_AVXVNNI, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, sh_gu_packed, sh_gu_scales,
+                     sh_dn_packed, sh_dn_scales, sh_weights, out, xq, xs, xsum, gate_up, hq, hs, hsum, parts, runs)
 
 
 @njit(nogil=True, cache=True)
-def _decode_avx2(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
-                 hsum, parts, runs):
-    _moe_decode_fast(_AVX2, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
-                     gate_up, hq, hs, hsum, parts, runs)
+def _decode_avx2(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, sh_gu_packed, sh_gu_scales,
+                 sh_dn_packed, sh_dn_scales, sh_weights, out, xq, xs, xsum, gate_up, hq, hs, hsum, parts, runs):
+    _moe_decode_fast(_AVX2, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, sh_gu_packed, sh_gu_scales,
+                     sh_dn_packed, sh_dn_scales, sh_weights, out, xq, xs, xsum, gate_up, hq, hs, hsum, parts, runs)
 
 
 @njit(nogil=True, cache=True)
-def _decode_portable(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum, gate_up, hq, hs,
-                     hsum, parts, runs):
-    _moe_decode_fast(_PORTABLE, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, out, xq, xs, xsum,
-                     gate_up, hq, hs, hsum, parts, runs)
+def _decode_portable(x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, sh_gu_packed, sh_gu_scales,
+                     sh_dn_packed, sh_dn_scales, sh_weights, out, xq, xs, xsum, gate_up, hq, hs, hsum, parts, runs):
+    _moe_decode_fast(_PORTABLE, x, ids, weights, gu_packed, gu_scales, dn_packed, dn_scales, sh_gu_packed, sh_gu_scales,
+                     sh_dn_packed, sh_dn_scales, sh_weights, out, xq, xs, xsum, gate_up, hq, hs, hsum, parts, runs)
 
 
 @njit(nogil=True, cache=True)
@@ -730,11 +744,12 @@ _LINEAR = {paths.VNNI512: _linear_vnni512, paths.AVXVNNI: _linear_avxvnni, paths
 
 class FastScratch:
     """Buffers of `moe_decode_fast` and `moe_prefill_fast` for up to `tokens` tokens (one slot per
-    token and routed expert); allocate once, reuse."""
+    token and routed expert, and per token for a `shared` expert run beside them); allocate once,
+    reuse."""
 
-    def __init__(self, tokens: int, top_k: int, hidden_size: int, intermediate_size: int):
-        slots = tokens * top_k
-        self.top_k = top_k
+    def __init__(self, tokens: int, top_k: int, hidden_size: int, intermediate_size: int, shared: bool = False):
+        slots = tokens * (top_k + shared)
+        self.top_k, self.shared = top_k, shared
         self.xq = np.zeros((tokens, hidden_size), np.int8)
         self.x_scales = np.zeros((tokens, hidden_size // GROUP), np.float32)
         self.x_sums = np.zeros((tokens, hidden_size // GROUP), np.int32)
@@ -744,22 +759,24 @@ class FastScratch:
         self.h_sums = np.zeros((slots, intermediate_size // GROUP), np.int32)
         self._decode_views: dict[int, tuple[np.ndarray, ...]] = {}
 
-    def check(self, tokens: int, top_k: int) -> None:
-        if self.xq.shape[0] < tokens or self.top_k != top_k:
-            raise ValueError(f"scratch is for {self.xq.shape[0]} tokens x {self.top_k} experts, "
-                             f"got {tokens} x {top_k}")
+    def check(self, tokens: int, top_k: int, shared: bool = False) -> None:
+        if self.xq.shape[0] < tokens or self.top_k != top_k or shared > self.shared:
+            raise ValueError(f"scratch is for {self.xq.shape[0]} tokens x {self.top_k} experts"
+                             f"{' + a shared one' if self.shared else ''}, got {tokens} x {top_k}"
+                             f"{' + a shared one' if shared else ''}")
 
-    def decode_views(self, tokens: int) -> tuple[np.ndarray, ...]:
-        """The decode kernel's buffers for `tokens` tokens, per (token, expert) slot; made once per
-        count (this runs per layer per token)."""
-        if tokens not in self._decode_views:
-            slots, top_k = tokens * self.top_k, self.top_k
-            self._decode_views[tokens] = (
+    def decode_views(self, tokens: int, picks: int) -> tuple[np.ndarray, ...]:
+        """The decode kernel's buffers for `tokens` tokens of `picks` experts each (the routed ones,
+        and a shared one), per (token, expert) slot; made once per shape (this runs per layer per
+        token)."""
+        if (tokens, picks) not in self._decode_views:
+            slots = tokens * picks
+            self._decode_views[tokens, picks] = (
                 self.xq[:tokens], self.x_scales[:tokens], self.x_sums[:tokens],
-                self.gate_up[:slots].reshape(tokens, top_k, *self.gate_up.shape[1:]),
-                self.hq[:slots].reshape(tokens, top_k, -1), self.h_scales[:slots].reshape(tokens, top_k, -1),
-                self.h_sums[:slots].reshape(tokens, top_k, -1))
-        return self._decode_views[tokens]
+                self.gate_up[:slots].reshape(tokens, picks, *self.gate_up.shape[1:]),
+                self.hq[:slots].reshape(tokens, picks, -1), self.h_scales[:slots].reshape(tokens, picks, -1),
+                self.h_sums[:slots].reshape(tokens, picks, -1))
+        return self._decode_views[tokens, picks]
 
 
 @functools.cache
@@ -775,26 +792,57 @@ def _path(path: int | None) -> int:
     return path
 
 
+@dataclass(frozen=True)
+class SharedExpert:
+    """A shared expert run by `moe_decode_fast` beside the routed ones: int4 gate_up [1, 2I, D]
+    and down [1, D, I] of the routed experts' shapes, and its weight per token (float32 [T]: the
+    sigmoid of its gate)."""
+
+    gate_up: Int4Weights
+    down: Int4Weights
+    weights: np.ndarray
+
+
+# no shared expert: empty arrays of the shared ones' kinds (the kernel's loops see none)
+_NO_SHARED = (np.zeros((0, 1, 16), np.uint8), np.zeros((0, 1, 1), np.uint16), np.zeros((0, 1, 16), np.uint8),
+              np.zeros((0, 1, 1), np.uint16), np.zeros(0, np.float32))
+
+
 def moe_decode_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights, out,
-                    scratch: FastScratch, path: int | None = None) -> np.ndarray:
+                    scratch: FastScratch, path: int | None = None, shared: SharedExpert | None = None) -> np.ndarray:
     """`gemv.moe_decode` with int8 activations and integer dot products (`path`: a `kernels.isa`
-    path this CPU runs; default the best). Returns `out`."""
+    path this CPU runs; default the best). With `shared`, out also holds each token's shared
+    expert times its weight, computed in the same passes as the routed experts (the scratch made
+    with shared=True). Returns `out`."""
     _check(x, expert_ids, weights, gate_up, down, out)
     tokens, top_k = expert_ids.shape
-    scratch.check(tokens, top_k)
+    scratch.check(tokens, top_k, shared is not None)
+    if shared is None:
+        extra = _NO_SHARED
+    else:
+        if shared.gate_up.shape[1:] != gate_up.shape[1:] or shared.down.shape[1:] != down.shape[1:] \
+                or shared.weights.shape != (tokens,) or shared.weights.dtype != np.float32:
+            raise ValueError(f"a shared expert must be int4 of the routed experts' shapes {gate_up.shape[1:]} and "
+                             f"{down.shape[1:]} with float32 weights [{tokens}]")
+        extra = (shared.gate_up.packed, shared.gate_up.scales, shared.down.packed, shared.down.scales, shared.weights)
+    picks = top_k + (shared is not None)
     threads = current_threads()
     _DECODE[_path(path)](x, expert_ids.astype(np.int64, copy=False), weights.astype(np.float32, copy=False),
-                         gate_up.packed, gate_up.scales, down.packed, down.scales, out,
-                         *scratch.decode_views(tokens), _parts(tokens * top_k, gate_up.packed.shape[1] // 2, threads),
-                         threads)
+                         gate_up.packed, gate_up.scales, down.packed, down.scales, *extra, out,
+                         *scratch.decode_views(tokens, picks), _parts(tokens * picks, gate_up.packed.shape[1] // 2,
+                                                                      threads), threads)
     return out
 
 
 def _parts(experts: int, blocks: int, threads: int) -> int:
     """Into how many runs of row blocks the decode kernel's gate_up pass cuts each of its `experts`
     (token, expert) pairs: enough for two tasks a thread, one when the pairs alone are that many
-    (10 routed experts on 2 threads)."""
-    return max(1, min(blocks, -(-2 * threads // experts)))
+    (10 routed experts on 2 threads), and then the fewest that share the tasks out evenly (11 on
+    2 threads: 2, else one thread does 6 while the other waits after 5)."""
+    least = max(1, min(blocks, -(-2 * threads // experts)))
+    even = next((parts for parts in range(least, min(blocks, least + threads - 1) + 1)
+                 if experts * parts % threads == 0), least)
+    return even
 
 
 def moe_prefill_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights, out,

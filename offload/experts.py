@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from offload.kernels import gemm, gemv, q8
+from offload.kernels import gemm, gemv, int4, q8
 from offload.kernels.threads import kernel_threads, physical_cores
 from offload.config import DECODE_MAX_TOKENS, PREFILL_CHUNK, ModelArgs
 from offload.graphs import between_graphs
@@ -75,7 +75,9 @@ class CpuExpertExecutor:
             self.decode_scratch = gemv.DecodeScratch(DECODE_MAX_TOKENS, top_k, hidden, intermediate)
             self.prefill_scratch = gemm.PrefillScratch(PREFILL_CHUNK, top_k, hidden, intermediate)
         else:
-            self.fast_scratch = q8.FastScratch(PREFILL_CHUNK, top_k, hidden, intermediate)
+            # room for a shared expert of the routed ones' shape, run beside them (`LeanMoeBlock`)
+            shared = getattr(args, "shared_expert_intermediate_size", 0) == intermediate
+            self.fast_scratch = q8.FastScratch(PREFILL_CHUNK, top_k, hidden, intermediate, shared=shared)
         self.lanes = [HostLane(PREFILL_CHUNK, hidden, top_k, self.device) for _ in range(2)] if hybrid else []
         self.next_lane = 0
         self.calls: dict[int, _StreamedCall] = {}  # layer -> the streamed call chunks are joining
@@ -105,13 +107,28 @@ class CpuExpertExecutor:
         self.kernels(layer, numpy_view(x), numpy_view(expert_ids, torch.int64), numpy_view(weights), out)
         return torch.from_numpy(out)
 
+    def fuses_shared(self, gate_up, down) -> bool:
+        """Whether `kernels` can run this shared expert (int4 weights gate_up [1, 2I, D] and down
+        [1, D, I]) beside the routed experts, in the decode kernel's passes."""
+        if self.exact or not self.fast_scratch.shared or not self.store.layers:
+            return False
+        routed = next(iter(self.store.layers.values()))
+        return all(isinstance(w, int4.Int4Weights) and w.shape[0] == 1 and w.shape[1:] == r.shape[1:]
+                   for w, r in ((gate_up, routed.gate_up), (down, routed.down)))
+
     def kernels(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray,
-                 out: np.ndarray) -> None:
+                out: np.ndarray, shared: q8.SharedExpert | None = None) -> None:
         """The int4 kernels: x float32 [T, D], expert_ids int64 [T, K], weights float32 [T, K] ->
-        out float32 [T, D] (overwritten)."""
+        out float32 [T, D] (overwritten). `shared` (where `fuses_shared`, for up to
+        DECODE_MAX_TOKENS tokens) adds a shared expert's weighted output, run in the same passes."""
         experts = self.store.layers[layer]
         tokens, top_k = expert_ids.shape
         sizes = (tokens, top_k, x.shape[1], experts.down.shape[2])
+        if shared is not None:
+            with kernel_threads(self.threads):
+                q8.moe_decode_fast(x, expert_ids, weights, experts.gate_up, experts.down, out, self.fast_scratch,
+                                   shared=shared)
+            return
         with kernel_threads(self.threads):
             if not self.exact:
                 scratch = self.fast_scratch if tokens <= PREFILL_CHUNK else q8.FastScratch(*sizes)

@@ -38,6 +38,7 @@ from offload.config import DECODE_MAX_TOKENS
 from offload.dense import JoinedMLP, QuantizedLinear, linear_rows
 from offload.experts import Int4Experts
 from offload.host import numpy_view, stored_array
+from offload.kernels.q8 import SharedExpert
 from offload.kernels.step import (add_moe_output, add_rms_norm, attention_inputs, rms_norm, rotary_tables,
                                   router_logits, top_k_softmax)
 from offload.kernels.threads import kernel_threads
@@ -92,6 +93,12 @@ class LeanMoeBlock(nn.Module):
                         np.empty((rows, self.top_k), np.float32), np.empty((rows, self.top_k), np.int64),  # picks
                         np.empty(rows, np.float32))  # the shared expert's gate
         self.no_shared = np.empty((0, hidden), np.float32)
+        # a quantised shared expert of the routed experts' shape runs in their kernel's passes
+        # (two kernel calls and a pass fewer a layer, and its small matrices among their work)
+        self.fused = None
+        if isinstance(self.shared, JoinedMLP) and not self.shared.gate_up.exact \
+                and self.executor.fuses_shared(self.shared.gate_up.weight, self.shared.down_proj.weight):
+            self.fused = (self.shared.gate_up.weight, self.shared.down_proj.weight)
 
     @classmethod
     def of(cls, block: nn.Module) -> LeanMoeBlock | None:
@@ -123,6 +130,10 @@ class LeanMoeBlock(nn.Module):
             router_logits(h, self.router, self.shared_gate, logits)
         top_k_softmax(logits, self.router.shape[0], self.normalise, weights, expert_ids, gate)
         routed = np.empty(h.shape, np.float32)
+        if self.fused is not None:  # routed now holds the shared expert's part too
+            self.executor.kernels(self.layer, h, expert_ids, weights, routed, SharedExpert(*self.fused, gate))
+            add_moe_output(x, routed, self.no_shared, gate)
+            return
         self.executor.kernels(self.layer, h, expert_ids, weights, routed)
         if self.shared is None:
             shared = self.no_shared

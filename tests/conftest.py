@@ -18,11 +18,12 @@ NEXT_CONFIGS = {
                               "linear_attention", "full_attention"],
                  linear_num_key_heads=2, linear_num_value_heads=4, tie_word_embeddings=False,
                  norm_topk_prob=True),
-    # value heads = 4x key heads, tied embeddings, raw top-k weights, a dense MLP layer,
-    # written as a hub-style config.json (full_attention_interval, flat rope keys)
+    # value heads = 4x key heads, tied embeddings, raw top-k weights, a dense MLP layer, a shared
+    # expert of the routed experts' size (as the released model's), written as a hub-style
+    # config.json (full_attention_interval, flat rope keys)
     "next-hub": dict(num_hidden_layers=4, full_attention_interval=2, linear_num_key_heads=1,
                      linear_num_value_heads=4, tie_word_embeddings=True, norm_topk_prob=False,
-                     mlp_only_layers=[2], hub_style=True),
+                     mlp_only_layers=[2], shared_expert_intermediate_size=32, hub_style=True),
     # YaRN x4 over an original context of 64 positions (prompts of 150 reach past it)
     "next-yarn": dict(layer_types=["linear_attention", "full_attention", "full_attention"],
                       rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,

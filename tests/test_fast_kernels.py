@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offload.kernels import isa, q8
+from offload.kernels import int4, isa, q8
 from test_int4_quality import load_bench
 from test_kernels import make_experts, routing
 
@@ -51,6 +51,44 @@ def test_every_path_matches_the_reference_and_each_other(experts, top_k, tokens)
     for path in PATHS:  # the same float code after exact integer sums: the same bits on every path
         assert np.array_equal(decoded[path], decoded[PATHS[0]])
         assert np.array_equal(prefilled[path], prefilled[PATHS[0]])
+
+
+@pytest.mark.parametrize("top_k, tokens", [(3, 1), (2, 4), (4, 8)])
+def test_a_shared_expert_runs_as_one_more_pick(top_k, tokens):
+    """A shared expert run beside the routed ones is each token's expert top_k with its gate as
+    weight: the same bits as the kernel given it as one more routed expert, on every path."""
+    rng = np.random.default_rng(40 + tokens)
+    experts, hidden, intermediate = 6, 128, 64
+    gate_up, down = make_experts(rng, experts + 1, hidden, intermediate)  # the last one is the shared expert
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    ids, weights = routing(rng, tokens, experts, top_k)
+    gates = rng.uniform(0.1, 0.9, tokens).astype(np.float32)
+    routed = int4.Int4Weights(gate_up.packed[:experts], gate_up.scales[:experts], (experts, 2 * intermediate, hidden))
+    routed_down = int4.Int4Weights(down.packed[:experts], down.scales[:experts], (experts, hidden, intermediate))
+    shared = q8.SharedExpert(int4.Int4Weights(gate_up.packed[experts:], gate_up.scales[experts:],
+                                              (1, 2 * intermediate, hidden)),
+                             int4.Int4Weights(down.packed[experts:], down.scales[experts:], (1, hidden, intermediate)),
+                             gates)
+    more_ids = np.concatenate([ids, np.full((tokens, 1), experts)], axis=1)
+    more_weights = np.concatenate([weights, gates[:, None]], axis=1)
+    expected = q8.moe_reference_fast(x, more_ids, more_weights, gate_up, down)
+    for path in PATHS:
+        as_routed = q8.moe_decode_fast(x, more_ids, more_weights, gate_up, down, np.full_like(x, np.nan),
+                                       q8.FastScratch(8, top_k + 1, hidden, intermediate), path)
+        beside = q8.moe_decode_fast(x, ids, weights, routed, routed_down, np.full_like(x, np.nan),
+                                    q8.FastScratch(8, top_k, hidden, intermediate, shared=True), path, shared)
+        assert np.array_equal(beside, as_routed)
+        assert np.abs(beside - expected).max() <= 1e-3 * np.abs(expected).max()
+    with pytest.raises(ValueError, match="shared"):  # a scratch without its room
+        q8.moe_decode_fast(x, ids, weights, routed, routed_down, np.empty_like(x),
+                           q8.FastScratch(8, top_k, hidden, intermediate), shared=shared)
+
+
+def test_the_decode_tasks_share_out_evenly():
+    assert q8._parts(10, 16, 2) == 1  # ten routed experts on two threads: five each
+    assert q8._parts(11, 16, 2) == 2  # and a shared one: halves, eleven each, not six and five
+    assert q8._parts(1, 16, 2) == 4  # one expert: two tasks a thread
+    assert q8._parts(11, 1, 2) == 1  # one block: no halves to cut
 
 
 def test_fast_is_close_to_exact():

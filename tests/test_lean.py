@@ -223,14 +223,16 @@ def test_a_lean_engine_decodes_as_the_models_modules_do(hf_checkpoint, name):
     assert moved(lean.feed(ids[:6]), plain.feed(ids[:6])) < 0.25 * max(fast_moves)
 
 
-@pytest.mark.parametrize("name", ["next", "moe-hub"])
+@pytest.mark.parametrize("name", ["next", "next-hub", "moe-hub"])
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_a_lean_moe_block_is_the_models_block(hf_checkpoint, name, tokens):
     """On the same input both run the same expert and shared-expert kernels on the same int8
-    codes: only the router's sums round in another order (a relative 1e-7 on the weights)."""
+    codes: only the router's sums round in another order (a relative 1e-7 on the weights), and,
+    where the shared expert has the routed experts' size (next-hub) and runs in their kernel, the
+    sum of its part."""
     engine = offload.load(hf_checkpoint(name).path, quant="int4")
     blocks = [m for m in engine.model.modules() if isinstance(m, LeanMoeBlock)]
-    assert blocks
+    assert blocks and all((block.fused is not None) == (name == "next-hub") for block in blocks)
     h = torch.randn(tokens, engine.args.hidden_size, generator=torch.Generator().manual_seed(tokens))
     for lean in blocks:
         expected = lean.block(h)
