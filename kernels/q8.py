@@ -757,7 +757,7 @@ class FastScratch:
         self.hq = np.zeros((slots, intermediate_size), np.int8)
         self.h_scales = np.zeros((slots, intermediate_size // GROUP), np.float32)
         self.h_sums = np.zeros((slots, intermediate_size // GROUP), np.int32)
-        self._decode_views: dict[int, tuple[np.ndarray, ...]] = {}
+        self._decode_views: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
 
     def check(self, tokens: int, top_k: int, shared: bool = False) -> None:
         if self.xq.shape[0] < tokens or self.top_k != top_k or shared > self.shared:
