@@ -820,7 +820,7 @@ def moe_decode_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weig
     if shared is None:
         extra = _NO_SHARED
     else:
-        if shared.gate_up.shape[1:] != gate_up.shape[1:] or shared.down.shape[1:] != down.shape[1:] \
+        if shared.gate_up.shape != (1, *gate_up.shape[1:]) or shared.down.shape != (1, *down.shape[1:]) \
                 or shared.weights.shape != (tokens,) or shared.weights.dtype != np.float32:
             raise ValueError(f"a shared expert must be int4 of the routed experts' shapes {gate_up.shape[1:]} and "
                              f"{down.shape[1:]} with float32 weights [{tokens}]")
@@ -837,12 +837,11 @@ def moe_decode_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weig
 def _parts(experts: int, blocks: int, threads: int) -> int:
     """Into how many runs of row blocks the decode kernel's gate_up pass cuts each of its `experts`
     (token, expert) pairs: enough for two tasks a thread, one when the pairs alone are that many
-    (10 routed experts on 2 threads), and then the fewest that share the tasks out evenly (11 on
-    2 threads: 2, else one thread does 6 while the other waits after 5)."""
+    (10 routed experts on 2 threads), and then, up to twice that, the fewest that share the tasks
+    out evenly (11 on 2 threads: 2, else one thread does 6 while the other waits after 5)."""
     least = max(1, min(blocks, -(-2 * threads // experts)))
-    even = next((parts for parts in range(least, min(blocks, least + threads - 1) + 1)
-                 if experts * parts % threads == 0), least)
-    return even
+    return next((parts for parts in range(least, min(blocks, 2 * least) + 1) if experts * parts % threads == 0),
+                least)
 
 
 def moe_prefill_fast(x, expert_ids, weights, gate_up: Int4Weights, down: Int4Weights, out,

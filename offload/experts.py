@@ -125,6 +125,8 @@ class CpuExpertExecutor:
         tokens, top_k = expert_ids.shape
         sizes = (tokens, top_k, x.shape[1], experts.down.shape[2])
         if shared is not None:
+            if tokens > DECODE_MAX_TOKENS:
+                raise ValueError(f"a shared expert runs in the decode kernel, for up to {DECODE_MAX_TOKENS} tokens")
             with kernel_threads(self.threads):
                 q8.moe_decode_fast(x, expert_ids, weights, experts.gate_up, experts.down, out, self.fast_scratch,
                                    shared=shared)

@@ -9,7 +9,8 @@ up to DECODE_MAX_TOKENS tokens (a decode step, a short prompt's chunk):
   gate logit in one parallel pass over the router (`kernels.step.router_logits`), softmax, top-k
   and renormalisation in one serial call, then the routed experts' kernel, the shared expert's
   two kernel calls (a `JoinedMLP`) and the gated sum, all on NumPy arrays: no torch operation,
-  conversion or view between the kernels;
+  conversion or view between the kernels; a shared expert of the routed experts' shape runs in
+  their kernel instead, as each token's one more pick;
 - `LeanAttention` stands in for an attention mixer whose projections are quantised alike: q, k and
   v in one kernel call, per-head norms, rotary and the output gate's sigmoid in one Numba call,
   the cache's write and attention as the model's.
@@ -96,7 +97,7 @@ class LeanMoeBlock(nn.Module):
         # a quantised shared expert of the routed experts' shape runs in their kernel's passes
         # (two kernel calls and a pass fewer a layer, and its small matrices among their work)
         self.fused = None
-        if isinstance(self.shared, JoinedMLP) and not self.shared.gate_up.exact \
+        if isinstance(self.shared, JoinedMLP) and not self.shared.gate_up.exact and self.shared.down_proj.bias is None \
                 and self.executor.fuses_shared(self.shared.gate_up.weight, self.shared.down_proj.weight):
             self.fused = (self.shared.gate_up.weight, self.shared.down_proj.weight)
 

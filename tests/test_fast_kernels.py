@@ -82,6 +82,10 @@ def test_a_shared_expert_runs_as_one_more_pick(top_k, tokens):
     with pytest.raises(ValueError, match="shared"):  # a scratch without its room
         q8.moe_decode_fast(x, ids, weights, routed, routed_down, np.empty_like(x),
                            q8.FastScratch(8, top_k, hidden, intermediate), shared=shared)
+    two = q8.SharedExpert(routed, routed_down, gates)  # more than one expert: not a shared one
+    with pytest.raises(ValueError, match="shared expert must be"):
+        q8.moe_decode_fast(x, ids, weights, routed, routed_down, np.empty_like(x),
+                           q8.FastScratch(8, top_k, hidden, intermediate, shared=True), shared=two)
 
 
 def test_the_decode_tasks_share_out_evenly():
