@@ -16,7 +16,9 @@ while every stream decodes (from the last stream's first token to the first stre
 a one-slot server, where they take turns, end to end), and
 end to end (every token after each stream's first, from the first stream's first token to the
 last token of all, which the prompts' reading one after another eats into); the median of --runs
-rounds, each of every count in turn; four clients against one: the median of the rounds' ratios; and the
+rounds, each of every count in turn and printed with what the machine ran at just before it (RAM
+read bandwidth, and four tokens' int8 dot products on a matrix in cache: on a shared machine the
+two move, and not together); four clients against one: the median of the rounds' ratios; and the
 time to first token of a short request sent while three long answers stream, against an idle
 server's; each on a server with --slots slots and on a one-slot server, same run. The clients
 run in a process of their own, as a server's clients do: in the server's process their parsing of
@@ -45,7 +47,9 @@ import openai  # noqa: E402
 
 from decode import slice_dir  # noqa: E402
 from offload.hardware import cpu_model  # noqa: E402
-from offload.kernels.threads import physical_cores  # noqa: E402
+from offload.kernels import int4, q8  # noqa: E402
+from offload.kernels.membw import read_bandwidth  # noqa: E402
+from offload.kernels.threads import kernel_threads, physical_cores  # noqa: E402
 from offload.sampling import SamplingParams  # noqa: E402
 from offload.server import Http, Service  # noqa: E402
 
@@ -144,17 +148,47 @@ def first_token_beside(client, long_prompts: list[list[int]], short: list[int], 
     return first
 
 
+class MachineState:
+    """What paces one row and what paces four, measured between rounds (this machine's speeds
+    move, and not together): RAM read bandwidth (1 GiB, all cores) and the int8 dot products of
+    four tokens on an int4 matrix held in cache (`q8.linear_fast`, 4096 x 2048), in GB/s of
+    weights."""
+
+    def __init__(self):
+        self.values = np.ones(2**28, np.float32)
+        rng = np.random.default_rng(2)
+        self.weight = int4.quantize(rng.standard_normal((1, 4096, 2048), dtype=np.float32))
+        self.x = rng.standard_normal((4, 2048), dtype=np.float32)
+        self.out, self.activations = np.empty((4, 4096), np.float32), q8.Activations(4, 2048)
+
+    def measure(self) -> tuple[float, float]:
+        """(RAM GB/s, four tokens' dot products GB/s from cache)."""
+        threads = physical_cores()
+        bandwidth = read_bandwidth(self.values, threads)
+        with kernel_threads(threads):
+            best = float("inf")
+            for _ in range(5):
+                started = time.perf_counter()
+                for _ in range(20):
+                    q8.linear_fast(self.x, self.weight, self.out, self.activations)
+                best = min(best, (time.perf_counter() - started) / 20)
+        return bandwidth / 1e9, self.weight.nbytes / best / 1e9
+
+
 def clients_work(url: str, prompts: list[list[int]], short: list[int], tokens: int, runs: int, slots: int) -> dict:
     """The --parallel measurements against the server at `url`, run in a process of their own
     (as a server's clients are): their streams' parsing does not take the server's GIL."""
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     client_run(client, prompts[0], 8)  # warm-up
     rates: dict[int, list[tuple[float, float]]] = {count: [] for count in CLIENT_COUNTS}
+    state = MachineState()
     for _ in range(runs):  # rounds of every count in turn: a shared machine's slow spells fall on each alike
+        ram, dots = state.measure()  # the server idles meanwhile
         for count in CLIENT_COUNTS:
             rates[count].append(together(client, prompts[:count], tokens))
         print(f"  {slots} slot(s): " + ", ".join(f"{count} client(s) {rates[count][-1][0]:.1f}" for count in CLIENT_COUNTS)
-              + " tok/s", flush=True)
+              + f" tok/s; 4 vs 1 {rates[4][-1][0] / rates[1][-1][0]:.2f}x; before it RAM {ram:.0f} GB/s, "
+              f"4-token dots {dots:.0f} GB/s", flush=True)
     rows = {}
     for way in (0, 1):  # while every stream decodes, end to end
         for count in CLIENT_COUNTS:
