@@ -13,9 +13,14 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """Where Numba keeps the compiled kernels (cache=True)."""
+    """Where Numba keeps the compiled kernels (cache=True): beside them, or under NUMBA_CACHE_DIR in
+    the folder Numba's locator names for this one."""
     configured = os.environ.get("NUMBA_CACHE_DIR")
-    return Path(configured) / Path(__file__).parent.relative_to("/") if configured else Path(__file__).parent / "__pycache__"
+    if not configured:
+        return Path(__file__).parent / "__pycache__"
+    from numba.core.caching import UserProvidedCacheLocator
+
+    return Path(configured) / UserProvidedCacheLocator.get_suitable_cache_subpath(__file__)
 
 
 def compiled() -> bool:

@@ -43,6 +43,7 @@ class QuantizedLinear(nn.Module):
         else:
             self.weight = FORMATS[fmt].quantize(stored_array(source.weight))  # [1, out, in]
             self.bias = None if source.bias is None else source.bias.detach().to(torch.float32)
+        _read_only(self.weight)
         self.threads = threads
         self.exact = exact
         _, self.out_features, self.in_features = self.weight.shape
@@ -69,6 +70,7 @@ class QuantizedLinear(nn.Module):
         kind = type(first.weight)
         packed = np.concatenate([piece.weight.packed for piece in pieces], axis=1)
         scales = np.concatenate([piece.weight.scales for piece in pieces], axis=1)
+        packed.flags.writeable = scales.flags.writeable = False  # as `_read_only`
         joined = cls.__new__(cls)
         nn.Module.__init__(joined)
         joined.format, joined.threads, joined.exact, joined.bias = first.format, first.threads, first.exact, None
@@ -109,6 +111,15 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.format}"
+
+
+def _read_only(weights) -> None:
+    """Mark a quantised matrix's arrays read-only, as a later load maps them from the dense store:
+    the kernels, compiled for each array type they meet, then take the same types on every load
+    (else the first load after the store is written compiles them again, ~10 s at its first token)."""
+    for array in vars(weights).values():
+        if isinstance(array, np.ndarray):
+            array.flags.writeable = False
 
 
 def linear_rows(module: nn.Module, x: np.ndarray) -> np.ndarray:

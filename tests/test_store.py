@@ -316,6 +316,7 @@ def test_dense_layers_are_kept_beside_the_experts_and_mapped_on_the_next_load(ti
                         or map_in(arrays, *a))
     second = offload.load(tiny, quant="int4", store_dir=store_dir)
     assert np.array_equal(second.logits(ids).numpy(), expected.numpy())
+    assert weight_types(second) == weight_types(first)  # the kernels compiled on the first load serve the next
     assert read and not [where for where in read for name in quantized if f"{name}.weight" in where]
     assert {"dense-int4.bin", "dense-int6.bin"} <= set(mapped) and "layer-000.int4" in mapped
     monkeypatch.undo()
@@ -333,6 +334,16 @@ def test_dense_layers_are_kept_beside_the_experts_and_mapped_on_the_next_load(ti
     exact = offload.load(tiny, quant="int4", store_dir=store_dir, exact=True).logits(ids)  # mapped, exact kernels
     fresh = offload.load(tiny, quant="int4", store_dir=tmp_path / "fresh", exact=True).logits(ids)
     assert np.array_equal(exact.numpy(), fresh.numpy())
+
+
+def weight_types(engine) -> dict:
+    """The Numba types of every quantised dense layer's arrays: what the kernels are compiled for."""
+    import numba
+
+    from offload.dense import QuantizedLinear
+
+    return {name: [numba.typeof(a) for a in vars(module.weight).values() if isinstance(a, np.ndarray)]
+            for name, module in engine.model.named_modules() if isinstance(module, QuantizedLinear)}
 
 
 def rewrite_header(path, edit) -> None:
