@@ -47,8 +47,9 @@ import openai  # noqa: E402
 
 from decode import slice_dir  # noqa: E402
 from offload.hardware import cpu_model  # noqa: E402
-from offload.kernels import int4, q8  # noqa: E402
+from offload.kernels import int4  # noqa: E402
 from offload.kernels.membw import read_bandwidth  # noqa: E402
+from offload.kernels.probe import dense_throughput  # noqa: E402
 from offload.kernels.threads import kernel_threads, physical_cores  # noqa: E402
 from offload.sampling import SamplingParams  # noqa: E402
 from offload.server import Http, Service  # noqa: E402
@@ -150,29 +151,20 @@ def first_token_beside(client, long_prompts: list[list[int]], short: list[int], 
 
 class MachineState:
     """What paces one row and what paces four, measured between rounds (this machine's speeds
-    move, and not together): RAM read bandwidth (1 GiB, all cores) and the int8 dot products of
-    four tokens on an int4 matrix held in cache (`q8.linear_fast`, 4096 x 2048), in GB/s of
+    move, and not together): RAM read bandwidth (1 GiB, all cores) and four tokens' int8 dot
+    products on one int4 matrix held in cache (`kernels.probe.dense_throughput`), in GB/s of
     weights."""
 
     def __init__(self):
         self.values = np.ones(2**28, np.float32)
-        rng = np.random.default_rng(2)
-        self.weight = int4.quantize(rng.standard_normal((1, 4096, 2048), dtype=np.float32))
-        self.x = rng.standard_normal((4, 2048), dtype=np.float32)
-        self.out, self.activations = np.empty((4, 4096), np.float32), q8.Activations(4, 2048)
 
     def measure(self) -> tuple[float, float]:
         """(RAM GB/s, four tokens' dot products GB/s from cache)."""
         threads = physical_cores()
         bandwidth = read_bandwidth(self.values, threads)
         with kernel_threads(threads):
-            best = float("inf")
-            for _ in range(5):
-                started = time.perf_counter()
-                for _ in range(20):
-                    q8.linear_fast(self.x, self.weight, self.out, self.activations)
-                best = min(best, (time.perf_counter() - started) / 20)
-        return bandwidth / 1e9, self.weight.nbytes / best / 1e9
+            products = dense_throughput("int4", 4, pool_bytes=0)  # multiply-adds/s; a pool of one matrix: from cache
+        return bandwidth / 1e9, products / 4 * int4.FORMAT.bits_per_weight / 8 / 1e9
 
 
 def clients_work(url: str, prompts: list[list[int]], short: list[int], tokens: int, runs: int, slots: int) -> dict:

@@ -70,11 +70,11 @@ class QuantizedLinear(nn.Module):
         kind = type(first.weight)
         packed = np.concatenate([piece.weight.packed for piece in pieces], axis=1)
         scales = np.concatenate([piece.weight.scales for piece in pieces], axis=1)
-        packed.flags.writeable = scales.flags.writeable = False  # as `_read_only`
         joined = cls.__new__(cls)
         nn.Module.__init__(joined)
         joined.format, joined.threads, joined.exact, joined.bias = first.format, first.threads, first.exact, None
         joined.weight = kind(packed=packed, scales=scales, shape=(1, packed.shape[1] * int4.BLOCK, first.in_features))
+        _read_only(joined.weight)
         _, joined.out_features, joined.in_features = joined.weight.shape
         if first.exact:
             joined.x_sums = first.x_sums

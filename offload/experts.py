@@ -124,18 +124,15 @@ class CpuExpertExecutor:
         experts = self.store.layers[layer]
         tokens, top_k = expert_ids.shape
         sizes = (tokens, top_k, x.shape[1], experts.down.shape[2])
-        if shared is not None:
-            if tokens > DECODE_MAX_TOKENS:
-                raise ValueError(f"a shared expert runs in the decode kernel, for up to {DECODE_MAX_TOKENS} tokens")
-            with kernel_threads(self.threads):
+        if shared is not None and (self.exact or tokens > DECODE_MAX_TOKENS):
+            raise ValueError(f"a shared expert runs in the fast decode kernel, for up to {DECODE_MAX_TOKENS} tokens")
+        with kernel_threads(self.threads):
+            if not self.exact and tokens <= DECODE_MAX_TOKENS:
                 q8.moe_decode_fast(x, expert_ids, weights, experts.gate_up, experts.down, out, self.fast_scratch,
                                    shared=shared)
-            return
-        with kernel_threads(self.threads):
-            if not self.exact:
+            elif not self.exact:
                 scratch = self.fast_scratch if tokens <= PREFILL_CHUNK else q8.FastScratch(*sizes)
-                kernel = q8.moe_decode_fast if tokens <= DECODE_MAX_TOKENS else q8.moe_prefill_fast
-                kernel(x, expert_ids, weights, experts.gate_up, experts.down, out, scratch)
+                q8.moe_prefill_fast(x, expert_ids, weights, experts.gate_up, experts.down, out, scratch)
             elif tokens <= DECODE_MAX_TOKENS:
                 gemv.moe_decode(x, expert_ids, weights, experts.gate_up, experts.down, out, self.decode_scratch)
             else:

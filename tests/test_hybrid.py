@@ -172,7 +172,7 @@ def test_a_streamed_prompt_copies_each_layer_once_and_matches_transformers(hf_ch
         return copy
     monkeypatch.setattr(streamer, "get", watched)
     engine.reset()
-    assert torch.allclose(engine.logits(ids), logits, rtol=0, atol=1e-6)
+    assert torch.allclose(engine.logits(ids), logits, rtol=0, atol=1e-5 * logits.abs().max().item())
     assert engine.counters["h2d_expert_bytes"] == 4 * one_pass and not streamer.wrap
     assert early == [True, False]  # the second pass is the last
     # a last pass of a few tokens runs on the CPU's kernels: nothing is copied for it
