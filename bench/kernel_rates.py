@@ -2,7 +2,9 @@
 
     python bench/kernel_rates.py [--threads N] [--quick]
 
-Prints: DRAM read bandwidth (1 thread and all threads); then, for the Qwen3-Next-80B expert
+Prints: DRAM read bandwidth (1 thread and all threads); a dense int4 matrix times one token from RAM
+against merely summing its bytes in the kernel's order (how near the kernel is to reading its
+weights at all: the ceiling in this layout); then, for the Qwen3-Next-80B expert
 shape (hidden 2048, expert 512, top-10) and the Qwen3-30B one (2048, 768, top-8), decode at
 batch 1/2/4/8 and a 512-token prefill over a pool of >= 2 GiB of experts (fresh random experts
 every call, so the weights come from RAM): the fast kernels (int8 activations, this CPU's
@@ -31,7 +33,8 @@ sys.path.remove(str(Path(__file__).resolve().parents[1]))  # would shadow the `k
 
 from offload.kernels import gemm, int4, isa, q8  # noqa: E402
 from offload.kernels.membw import read_bandwidth  # noqa: E402
-from offload.kernels.probe import decode_throughput, median_seconds, pool_for  # noqa: E402
+from offload.kernels.probe import (DENSE_SHAPE, decode_throughput, dense_against_reading,  # noqa: E402
+                                   median_seconds, pool_for)
 from offload.kernels.threads import kernel_threads, physical_cores  # noqa: E402
 from offload.hardware import cpu_model  # noqa: E402
 
@@ -351,6 +354,13 @@ def main() -> None:
     bound = bandwidth / BYTES_PER_WEIGHT  # G weights/s at 4.5 bits/weight
     print(f"DRAM read: {bandwidth_one:.1f} GB/s (1 thread), {bandwidth:.1f} GB/s ({threads} threads) "
           f"-> decode bound at {int4.FORMAT.bits_per_weight} bits/weight: {bound:.1f} G weights/s\n", flush=True)
+
+    with kernel_threads(threads):
+        kernel, reading = dense_against_reading(1, GiB // 4 if args.quick else GiB, rounds=3 if args.quick else 5)
+    rows, columns = DENSE_SHAPE
+    print(f"int4 {rows} x {columns}, one token, from RAM: the fast kernel {kernel / 1e9:.1f} GB/s, the same bytes "
+          f"only summed in the same order {reading / 1e9:.1f} GB/s: the kernel at {kernel / reading:.0%} of reading "
+          f"its weights\n", flush=True)
 
     print(f"fast kernels: {isa.NAMES[isa.best()]} path (this CPU has {', '.join(isa.NAMES[p] for p in isa.available())})")
     header = (f"{'shape':<15} {'case':<13} {'offload int4, fast':>23} {'exact':>10} {'DRAM bound':>10} "

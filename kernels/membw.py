@@ -53,6 +53,25 @@ def read_bandwidth(values: np.ndarray, threads: int, runs: int = 5) -> float:
     return max(numba_rate, numpy_read_bandwidth(values, threads, runs))
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def read_blocks(packed, scales):
+    """Sum the 32-bit words of a block layout's matrix (`kernels.int4`: packed uint8 [1, blocks, n],
+    scales uint16 [1, blocks, m]) block after block, each block's codes then its scales, the blocks
+    shared among the threads as the dense kernels share them: what reading the bytes a kernel
+    reads, in its order and nothing else, costs (the ceiling of a kernel on those bytes). -> the
+    words' sum modulo 2^32 (which callers ignore)."""
+    total = np.uint32(0)
+    for b in prange(packed.shape[1]):
+        codes, block_scales = packed[0, b].view(np.uint32), scales[0, b].view(np.uint32)
+        acc = np.uint32(0)
+        for i in range(codes.shape[0]):
+            acc += codes[i]
+        for i in range(block_scales.shape[0]):
+            acc += block_scales[i]
+        total += acc
+    return total & 0xFFFFFFFF
+
+
 @njit(nogil=True, cache=True)
 def touch(data, step):
     """Read one byte every `step` bytes of `data` (uint8): a memory-mapped file's pages faulted in,

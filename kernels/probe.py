@@ -13,8 +13,9 @@ import time
 
 import numpy as np
 
-from offload.kernels import gemv, q8
+from offload.kernels import gemv, int4, q8
 from offload.kernels.int4 import BLOCK, FORMAT, Int4Weights
+from offload.kernels.membw import read_blocks
 
 
 def random_pool(experts: int, out_features: int, in_features: int, seed: int = 0) -> Int4Weights:
@@ -68,6 +69,25 @@ def decode_throughput(gate_up: Int4Weights, down: Int4Weights, batch: int, top_k
 
 
 DENSE_SHAPE = (8192, 2048)  # a Qwen3-Next mixer projection: [out, in]
+
+
+def dense_against_reading(tokens: int, pool_bytes: int, rounds: int = 5, calls: int = 20) -> tuple[float, float]:
+    """(kernel GB/s, bare read GB/s): an int4 matrix of DENSE_SHAPE times `tokens` tokens
+    (`q8.linear_fast`) over a pool of `pool_bytes` of copies, against `membw.read_blocks` summing
+    the same bytes in the same order; rounds of one then the other (a shared machine's speed moves),
+    medians of the rounds."""
+    rng = np.random.default_rng(0)
+    first = int4.quantize(rng.standard_normal(DENSE_SHAPE, dtype=np.float32) * 0.02)
+    pool = [first] + [Int4Weights(first.packed.copy(), first.scales.copy(), first.shape)
+                      for _ in range(max(1, pool_bytes // first.nbytes) - 1)]
+    x = rng.standard_normal((tokens, DENSE_SHAPE[1]), dtype=np.float32)
+    out = np.empty((tokens, DENSE_SHAPE[0]), np.float32)
+    activations = q8.Activations(tokens, DENSE_SHAPE[1])
+    kernel, reading = [], []
+    for _ in range(rounds):
+        kernel.append(pool_rate(pool, lambda matrix: q8.linear_fast(x, matrix, out, activations), first.nbytes, calls))
+        reading.append(pool_rate(pool, lambda matrix: read_blocks(matrix.packed, matrix.scales), first.nbytes, calls))
+    return statistics.median(kernel), statistics.median(reading)
 
 
 def pool_rate(pool: list, run, weights: int, calls: int) -> float:

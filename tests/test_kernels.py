@@ -309,3 +309,12 @@ def test_bandwidth_probe_reads_every_value():
 
     values = np.random.default_rng(10).random(8 * SUM_BLOCK, dtype=np.float32)
     assert np.isclose(_sum_blocks(values), values.sum(dtype=np.float64), rtol=1e-4)
+
+
+def test_reading_a_block_layout_reads_every_byte():
+    from offload.kernels.membw import read_blocks
+
+    weights = int4.quantize(np.random.default_rng(11).standard_normal((96, 256), dtype=np.float32))
+    expected = (weights.packed.view(np.uint32).sum(dtype=np.uint64)
+                + weights.scales.view(np.uint32).sum(dtype=np.uint64)) % 2**32
+    assert read_blocks(weights.packed, weights.scales) == expected
