@@ -9,7 +9,8 @@ shape (hidden 2048, expert 512, top-10) and the Qwen3-30B one (2048, 768, top-8)
 batch 1/2/4/8 and a 512-token prefill over a pool of >= 2 GiB of experts (fresh random experts
 every call, so the weights come from RAM): the fast kernels (int8 activations, this CPU's
 integer dot-product path) in G weights/s, GB/s and as a fraction of the DRAM bound at 4.5
-bits/weight, the exact kernels (fp32 activations) beside them; then the peers, torch bf16
+bits/weight and of merely reading the same experts ("read": `membw.read_experts`), the exact
+kernels (fp32 activations) beside them; then the peers, torch bf16
 F.linear and torch's int4 CPU kernel (decode) and dequantise-then-torch-bf16-matmul (prefill).
 Last: int4 quality on real weights (all-MiniLM-L6-v2's FFN matrices) against llama.cpp's Q4_0,
 what int8 activations add on those matrices' real inputs, each dense format (int4 / int6 / int8)
@@ -34,7 +35,7 @@ sys.path.remove(str(Path(__file__).resolve().parents[1]))  # would shadow the `k
 from offload.kernels import gemm, int4, isa, q8  # noqa: E402
 from offload.kernels.membw import read_bandwidth  # noqa: E402
 from offload.kernels.probe import (DENSE_SHAPE, decode_throughput, dense_against_reading,  # noqa: E402
-                                   median_seconds, pool_for)
+                                   experts_reading_throughput, median_seconds, pool_for)
 from offload.kernels.threads import kernel_threads, physical_cores  # noqa: E402
 from offload.hardware import cpu_model  # noqa: E402
 
@@ -363,7 +364,7 @@ def main() -> None:
           f"its weights\n", flush=True)
 
     print(f"fast kernels: {isa.NAMES[isa.best()]} path (this CPU has {', '.join(isa.NAMES[p] for p in isa.available())})")
-    header = (f"{'shape':<15} {'case':<13} {'offload int4, fast':>23} {'exact':>10} {'DRAM bound':>10} "
+    header = (f"{'shape':<15} {'case':<13} {'offload int4, fast':>23} {'read':>4} {'exact':>10} {'DRAM bound':>10} "
               f"{'torch bf16':>11} {'torch int4':>11}")
     print(header)
     print("-" * len(header))
@@ -376,8 +377,11 @@ def main() -> None:
         with kernel_threads(threads):
             gate_up, down = pool_for(hidden, intermediate, pool_bytes, max(8 * top_k, layer_experts))
             exact_rows = {}
+            reading = {}
             for batch in (1, 2, 4, 8):
                 rows[batch] = bench_decode(gate_up, down, batch, top_k, calls, rng)
+                reading[batch] = experts_reading_throughput(gate_up, down, batch, top_k, calls,
+                                                            seed=int(rng.integers(1 << 31))) / 1e9
                 exact_rows[batch] = bench_decode(gate_up, down, batch, top_k, calls, rng, exact=True)
             prefill = bench_prefill(gate_up, down, tokens, top_k, layer_experts, max(3, calls // 20), rng)
             exact_prefill = bench_prefill(gate_up, down, tokens, top_k, layer_experts, max(3, calls // 20), rng,
@@ -393,7 +397,7 @@ def main() -> None:
         del int4_torch
         for batch, (gws, gbs) in rows.items():
             print(f"{name:<15} {f'decode x{batch}':<13} {gws:6.1f} Gw/s {gbs:5.1f} GB/s "
-                  f"{gws / bound:4.0%} {exact_rows[batch][0]:5.1f} Gw/s {bound:6.1f} Gw/s {peers_bf16[batch]:6.1f} Gw/s "
+                  f"{gws / bound:4.0%} {gws / reading[batch]:4.0%} {exact_rows[batch][0]:5.1f} Gw/s {bound:6.1f} Gw/s {peers_bf16[batch]:6.1f} Gw/s "
                   f"{peers_int4[batch]:6.1f} Gw/s", flush=True)
         tok_s, gws = prefill
         summary[name] = (rows[1][0], tok_s, peer_prefill)

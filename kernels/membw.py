@@ -72,6 +72,26 @@ def read_blocks(packed, scales):
     return total & 0xFFFFFFFF
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def read_experts(ids, gu_packed, gu_scales, dn_packed, dn_scales):
+    """`read_blocks` for the experts `ids` (int64) of an int4 expert pool: each one's gate_up and
+    its down read whole, a task each, shared among the threads. -> their words' sum modulo 2^32."""
+    total = np.uint32(0)
+    for task in prange(2 * ids.shape[0]):
+        e = ids[task // 2]
+        if task % 2 == 0:
+            codes, scales = gu_packed[e].reshape(-1).view(np.uint32), gu_scales[e].reshape(-1).view(np.uint32)
+        else:
+            codes, scales = dn_packed[e].reshape(-1).view(np.uint32), dn_scales[e].reshape(-1).view(np.uint32)
+        acc = np.uint32(0)
+        for i in range(codes.shape[0]):
+            acc += codes[i]
+        for i in range(scales.shape[0]):
+            acc += scales[i]
+        total += acc
+    return total & 0xFFFFFFFF
+
+
 @njit(nogil=True, cache=True)
 def touch(data, step):
     """Read one byte every `step` bytes of `data` (uint8): a memory-mapped file's pages faulted in,

@@ -15,7 +15,7 @@ import numpy as np
 
 from offload.kernels import gemv, int4, q8
 from offload.kernels.int4 import BLOCK, FORMAT, Int4Weights
-from offload.kernels.membw import read_blocks
+from offload.kernels.membw import read_blocks, read_experts
 
 
 def random_pool(experts: int, out_features: int, in_features: int, seed: int = 0) -> Int4Weights:
@@ -66,6 +66,23 @@ def decode_throughput(gate_up: Int4Weights, down: Int4Weights, batch: int, top_k
         kernel(x, route, weights, gate_up, down, out, scratch)
     seconds = median_seconds(lambda i: kernel(x, routes[i], weights, gate_up, down, out, scratch), calls)
     return batch * top_k * 3 * hidden * intermediate / seconds
+
+
+def experts_reading_throughput(gate_up: Int4Weights, down: Int4Weights, batch: int, top_k: int, calls: int,
+                               seed: int = 0) -> float:
+    """Weights/s of merely reading (`membw.read_experts`) as many distinct random experts a call
+    as `decode_throughput` computes with: what the decode kernel's bytes cost without its
+    arithmetic."""
+    rng = np.random.default_rng(seed)
+    experts, _, hidden = gate_up.shape
+    routes = [rng.choice(experts, batch * top_k, replace=False).astype(np.int64) for _ in range(calls)]
+
+    def run(i):
+        read_experts(routes[i], gate_up.packed, gate_up.scales, down.packed, down.scales)
+
+    for i in range(max(1, calls // 4)):
+        run(i)
+    return batch * top_k * 3 * hidden * down.shape[2] / median_seconds(run, calls)
 
 
 DENSE_SHAPE = (8192, 2048)  # a Qwen3-Next mixer projection: [out, in]

@@ -312,9 +312,16 @@ def test_bandwidth_probe_reads_every_value():
 
 
 def test_reading_a_block_layout_reads_every_byte():
-    from offload.kernels.membw import read_blocks
+    from offload.kernels.membw import read_blocks, read_experts
 
-    weights = int4.quantize(np.random.default_rng(11).standard_normal((96, 256), dtype=np.float32))
-    expected = (weights.packed.view(np.uint32).sum(dtype=np.uint64)
-                + weights.scales.view(np.uint32).sum(dtype=np.uint64)) % 2**32
-    assert read_blocks(weights.packed, weights.scales) == expected
+    def words(*arrays) -> int:
+        return int(sum(array.view(np.uint32).sum(dtype=np.uint64) for array in arrays) % 2**32)
+
+    rng = np.random.default_rng(11)
+    weights = int4.quantize(rng.standard_normal((96, 256), dtype=np.float32))
+    assert read_blocks(weights.packed, weights.scales) == words(weights.packed, weights.scales)
+    gate_up = int4.quantize(rng.standard_normal((6, 64, 96), dtype=np.float32))
+    down = int4.quantize(rng.standard_normal((6, 96, 32), dtype=np.float32))
+    ids = np.array([4, 1, 5], np.int64)
+    assert read_experts(ids, gate_up.packed, gate_up.scales, down.packed, down.scales) == words(
+        gate_up.packed[ids], gate_up.scales[ids], down.packed[ids], down.scales[ids])
