@@ -89,7 +89,26 @@ def processed_logits(logits: torch.Tensor, params: SamplingParams, history: Sequ
     """logits [V] -> the float32 logits the draw uses: penalised (the repetition penalty over
     `history`, the whole sequence; presence and frequency penalties over `drawn`, the tokens
     generated so far), tempered and truncated (-inf)."""
-    logits = logits.float().clone()
+    ids, values = candidates(logits, params, history, drawn)
+    if ids is None:
+        return values.clone() if values.data_ptr() == logits.data_ptr() else values
+    out = torch.full(logits.shape, float("-inf"), dtype=torch.float32, device=logits.device)
+    out[ids] = values
+    return out
+
+
+def candidates(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = (),
+               drawn: Sequence[int] = ()) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The tokens the draw can pick and their processed logits (`processed_logits`): (ids int64
+    [n], float32 [n]); or (None, all V logits) where no truncation applies (greedy, or temperature
+    alone; the logits may be the caller's own). The truncations work on the tokens they keep, not
+    the whole vocabulary: a sort of 151,936 logits for top-p took 8-17 ms a token on two cores
+    (`bench/sampling.py`)."""
+    logits = logits.float()
+    penalised = (params.presence_penalty or params.frequency_penalty) and len(drawn) \
+        or params.repetition_penalty != 1.0 and len(history)
+    if penalised:
+        logits = logits.clone()
     if (params.presence_penalty or params.frequency_penalty) and len(drawn):
         tokens, counts = torch.unique(torch.as_tensor(list(drawn), dtype=torch.long), return_counts=True)
         logits[tokens] -= params.presence_penalty + params.frequency_penalty * counts.float()
@@ -98,20 +117,84 @@ def processed_logits(logits: torch.Tensor, params: SamplingParams, history: Sequ
         scores = logits[seen]
         logits[seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
     if params.temperature == 0:
-        return logits
-    logits /= params.temperature
-    if 0 < params.top_k < logits.numel():
-        threshold = torch.topk(logits, params.top_k).values[-1]
-        logits[logits < threshold] = float("-inf")
-    if params.top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(ordered, dim=-1) >= params.top_p  # mass before this token already >= p
-        logits[order[drop]] = float("-inf")
+        return None, logits
+    logits = logits / params.temperature
+    vocab = logits.numel()
+    if 0 < params.top_k < vocab:  # the top k, likeliest first (ties with the k-th all kept)
+        values, ids = torch.topk(logits, params.top_k)
+        if values[-1] > float("-inf") and torch.count_nonzero(logits >= values[-1]) > params.top_k:
+            values, order = torch.sort(logits[logits >= values[-1]], descending=True)
+            ids = torch.nonzero(logits >= values[-1]).flatten()[order]
+        total = torch.logsumexp(values, dim=0)  # they are the distribution now
+    elif params.top_p < 1.0:  # enough of the likeliest to hold the nucleus
+        total = torch.logsumexp(logits, dim=0)
+        values, ids = _nucleus(logits, total, params.top_p)
+    elif params.min_p > 0:  # min-p alone: its ratio to the likeliest, over the whole vocabulary
+        ids = torch.nonzero(logits >= logits.max() + math.log(params.min_p)).flatten()
+        return ids, logits[ids]
+    else:
+        return None, logits
+    drawable = values > float("-inf")  # a grammar's mask can leave fewer than were asked for
+    values, ids = values[drawable], ids[drawable]
+    if params.top_p < 1.0:  # keep a token while the mass before it is below p
+        probs = torch.exp(values - total)
+        kept = (probs.cumsum(dim=0) - probs < params.top_p).nonzero().flatten()
+        values, ids = values[kept], ids[kept]
     if params.min_p > 0:
-        probs = torch.softmax(logits, dim=-1)
-        logits[probs < params.min_p * probs.max()] = float("-inf")
-    return logits
+        probs = torch.softmax(values, dim=0)
+        kept = (probs >= params.min_p * probs.max()).nonzero().flatten()
+        values, ids = values[kept], ids[kept]
+    return ids, values
+
+
+NOISE_SPAN = 27.0  # the Gumbel noise of `_draw` lies in [-3.13, 22.87]: a logit further below the
+# largest can never win
+
+
+def _hashed(words: np.ndarray) -> np.ndarray:
+    """A 32-bit integer hash (xorshift-multiply rounds, constants from Wellons' hash prospector):
+    uint32 -> well-mixed uint32, a bijection."""
+    words = words ^ (words >> np.uint32(16))
+    words *= np.uint32(0x21F0AAAD)
+    words ^= words >> np.uint32(15)
+    words *= np.uint32(0x735A2D97)
+    return words ^ (words >> np.uint32(15))
+
+
+def _draw(ids: torch.Tensor | None, logits: torch.Tensor, key: int, draw: int) -> int:
+    """The index (into `logits`: of token ids[index], or of token index where ids is None) drawn
+    with probability softmax(logits): the largest logit plus Gumbel noise. Token t's noise is a
+    hash of (key, draw, t) and of nothing else (not which other tokens are candidates, nor their
+    order), so logits that differ a little (a sequence's rows beside others' take other kernels)
+    change the draw only where two tokens' sums were that close, as a race over all V does
+    (torch.multinomial's draw of one), without V random numbers (~3 ms over 151,936): only tokens
+    within NOISE_SPAN of the largest logit get noise at all."""
+    values = logits.cpu().numpy()
+    if not np.isfinite(values.max()):
+        raise OffloadError(f"no token can be drawn: the largest logit is {values.max()}")
+    near = np.flatnonzero(values >= values.max() - NOISE_SPAN)
+    tokens = near if ids is None else ids.cpu().numpy()[near]
+    base = (key * 0x9E3779B97F4A7C15 + draw * 0xBF58476D1CE4E5B9) >> 32 & 0xFFFFFFFF
+    bits = _hashed(_hashed(tokens.astype(np.uint32) * np.uint32(0x9E3779B9) + np.uint32(base)))
+    uniform = (bits.astype(np.float64) + 0.5) * 2.0**-32  # in (0, 1)
+    return int(near[np.argmax(values[near] - np.log(-np.log(uniform)))])
+
+
+NUCLEUS_TRIES = (64, 512, 4096)  # top-p without top-k: the likeliest tokens examined, in turn, before
+# the whole vocabulary is sorted
+
+
+def _nucleus(logits: torch.Tensor, total: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids), likeliest first, of enough of the likeliest tokens to hold the top-p nucleus
+    (`total`: the logits' logsumexp): the first 64, else 512, else 4096 if their mass reaches
+    top_p, else all of them sorted. A trained model's nucleus is mostly a few dozen tokens."""
+    for count in NUCLEUS_TRIES:
+        if count >= logits.numel():
+            break
+        values, ids = torch.topk(logits, count)
+        if torch.exp(values - total).sum() >= top_p:
+            return values, ids
+    return torch.sort(logits, descending=True)
 
 
 @dataclass
@@ -137,26 +220,29 @@ class Sampler:
         self.constraint = constraint
         self.last: TokenLogprobs | None = None
         self.drawn: list[int] = []  # the tokens this sampler has drawn (presence / frequency penalties)
-        self.generator = torch.Generator()
+        generator = torch.Generator()
         if params.seed is not None:
-            self.generator.manual_seed(params.seed)
+            generator.manual_seed(params.seed)
         else:
-            self.generator.seed()
+            generator.seed()
+        self.key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))  # keys the draws' noise
 
     def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
         if self.constraint is not None:
             logits = self.constraint.mask(logits)
-        logits = processed_logits(logits, self.params, history, self.drawn)
+        ids, values = candidates(logits, self.params, history, self.drawn)  # ids None: values are all V
         if self.params.temperature == 0:  # NumPy's argmax: the same first largest index as torch's
-            token = int(np.argmax(logits.cpu().numpy()))  # (a NaN counts as largest), ~10x faster
+            index = int(np.argmax(values.cpu().numpy()))  # (a NaN counts as largest), ~10x faster
         else:
-            token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.generator))
+            index = _draw(ids, values, self.key, len(self.drawn))
+        token = index if ids is None else int(ids[index])
         self.drawn.append(token)
         if self.constraint is not None:
             self.constraint.advance(token)
         if self.logprobs is not None:
-            logprobs = torch.log_softmax(logits, dim=-1)
-            values, ids = torch.topk(logprobs, min(self.logprobs, logprobs.numel()))
-            top = [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v != float("-inf")]  # drawable ones
-            self.last = TokenLogprobs(token, float(logprobs[token]), top)
+            logprobs = torch.log_softmax(values, dim=-1)
+            best, at = torch.topk(logprobs, min(self.logprobs, logprobs.numel()))
+            at = at if ids is None else ids[at]
+            top = [(i, v) for i, v in zip(at.tolist(), best.tolist()) if v != float("-inf")]  # drawable ones
+            self.last = TokenLogprobs(token, float(logprobs[index]), top)
         return token

@@ -29,6 +29,45 @@ def test_truncations_keep_the_right_tokens():
     assert kept(SamplingParams(temperature=0.5, top_p=0.8)) == [0, 1]
 
 
+def reference_truncation(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The truncations as transformers' logits warpers apply them, on the whole vocabulary."""
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.numel():
+        logits = logits.masked_fill(logits < torch.topk(logits, params.top_k).values[-1], float("-inf"))
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        logits[order[probs.cumsum(dim=-1) - probs >= params.top_p]] = float("-inf")
+    if params.min_p > 0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "masked"])
+def test_truncations_match_the_whole_vocabulary_reference(kind):
+    """The truncations work on the tokens they keep (a nucleus grown from the likeliest few, the
+    top k): on a 3,000-token vocabulary of every shape they keep what the reference keeps, with
+    the same logits (where tokens tie at top-p's edge, either may break the tie: as many of them)."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(3000, generator=generator) * {"peaked": 6.0, "flat": 0.3, "ties": 2.0, "masked": 3.0}[kind]
+    if kind == "ties":
+        logits = logits.round()  # many tokens share each value
+    if kind == "masked":  # a grammar's mask leaves a few
+        logits[torch.rand(3000, generator=generator) < 0.995] = float("-inf")
+    for temperature in (0.7, 1.3):
+        for top_k in (0, 1, 5, 40):
+            for top_p in (1.0, 0.5, 0.9, 0.99):
+                for min_p in (0.0, 0.05, 0.5):
+                    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+                    ours, reference = processed_logits(logits, params), reference_truncation(logits, params)
+                    kept, expected = ours[torch.isfinite(ours)], reference[torch.isfinite(reference)]
+                    assert kept.numel() == expected.numel(), params
+                    assert torch.allclose(kept.sort().values, expected.sort().values), params
+                    if kind != "ties":
+                        assert torch.equal(torch.isfinite(ours), torch.isfinite(reference)), params
+
+
 def test_repetition_penalty_pushes_seen_tokens_down():
     logits = torch.tensor([2.0, 1.9, -1.0, -1.1])
     penalised = processed_logits(logits, SamplingParams(repetition_penalty=1.5), history=[0, 2, 0])
@@ -61,6 +100,14 @@ def test_draws_follow_the_distribution_and_seeds_repeat():
     assert [other(LOGITS) for _ in range(200)] != draws[:200]
     truncated = Sampler(SamplingParams(temperature=1.0, top_k=2, seed=0))
     assert set(truncated(LOGITS) for _ in range(500)) == {0, 1}
+    three = Sampler(SamplingParams(temperature=1.0, top_k=3, seed=2))  # drawn among the three kept
+    frequencies = torch.bincount(torch.tensor([three(LOGITS) for _ in range(4000)]), minlength=4).float() / 4000
+    assert torch.allclose(frequencies, torch.cat([PROBS[:3] / 0.9, torch.zeros(1)]), atol=0.03)
+    masked = LOGITS.clone()
+    masked[[1, 3]] = float("-inf")  # as a grammar masks: never drawn, untruncated or not
+    for params in (SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=1.0, top_p=0.99, seed=5)):
+        sampler = Sampler(params)
+        assert set(sampler(masked) for _ in range(2000)) == {0, 2}
 
 
 def test_greedy_ignores_the_seed():
@@ -104,3 +151,16 @@ def test_defaults_come_from_generation_config(tmp_path):
     (tmp_path / "generation_config.json").write_text("{oops")
     with pytest.raises(OffloadError, match="generation_config.json: not readable JSON"):
         generation_defaults(tmp_path)
+
+
+def test_the_sampling_bench_times_every_setting_against_the_whole_vocabulary_way():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.run([sys.executable, "bench/sampling.py", "--vocab", "3000", "--draws", "4"], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = re.findall(r"^(.+?)\s+(peaked|flat)\s+([\d.]+)ms\s+([\d.]+)ms\s+([\d.]+)x$", run.stdout, re.M)
+    assert len(rows) == 12 and len({name for name, *_ in rows}) == 6  # six settings, two shapes each
