@@ -119,6 +119,8 @@ def candidates(logits: torch.Tensor, params: SamplingParams, history: Sequence[i
     if params.temperature == 0:
         return None, logits
     logits = logits / params.temperature
+    if torch.isnan(logits.max()):  # a truncation would drop it silently, a draw could not be made
+        raise OffloadError("no token can be drawn: the logits hold NaN")
     vocab = logits.numel()
     if 0 < params.top_k < vocab:  # the top k, likeliest first (ties with the k-th all kept)
         values, ids = torch.topk(logits, params.top_k)
@@ -129,13 +131,17 @@ def candidates(logits: torch.Tensor, params: SamplingParams, history: Sequence[i
     elif params.top_p < 1.0:  # enough of the likeliest to hold the nucleus
         total = torch.logsumexp(logits, dim=0)
         values, ids = _nucleus(logits, total, params.top_p)
-    elif params.min_p > 0:  # min-p alone: its ratio to the likeliest, over the whole vocabulary
+    elif params.min_p > 0:  # min-p alone: its ratio to the likeliest as a logit's distance to the largest
         ids = torch.nonzero(logits >= logits.max() + math.log(params.min_p)).flatten()
+        if ids.numel() == 0:
+            raise OffloadError("no token can be drawn: every logit is -inf (a grammar that allows nothing?)")
         return ids, logits[ids]
     else:
         return None, logits
     drawable = values > float("-inf")  # a grammar's mask can leave fewer than were asked for
     values, ids = values[drawable], ids[drawable]
+    if ids.numel() == 0:  # (top-p and min-p keep at least the likeliest of those left)
+        raise OffloadError("no token can be drawn: every logit is -inf (a grammar that allows nothing?)")
     if params.top_p < 1.0:  # keep a token while the mass before it is below p
         probs = torch.exp(values - total)
         kept = (probs.cumsum(dim=0) - probs < params.top_p).nonzero().flatten()
@@ -149,6 +155,14 @@ def candidates(logits: torch.Tensor, params: SamplingParams, history: Sequence[i
 
 NOISE_SPAN = 27.0  # the Gumbel noise of `_draw` lies in [-3.13, 22.87]: a logit further below the
 # largest can never win
+
+
+def _mixed64(value: int) -> int:
+    """SplitMix64's step and finaliser on a Python int: 64 well-mixed bits."""
+    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return value ^ (value >> 31)
 
 
 def _hashed(words: np.ndarray) -> np.ndarray:
@@ -174,7 +188,7 @@ def _draw(ids: torch.Tensor | None, logits: torch.Tensor, key: int, draw: int) -
         raise OffloadError(f"no token can be drawn: the largest logit is {values.max()}")
     near = np.flatnonzero(values >= values.max() - NOISE_SPAN)
     tokens = near if ids is None else ids.cpu().numpy()[near]
-    base = (key * 0x9E3779B97F4A7C15 + draw * 0xBF58476D1CE4E5B9) >> 32 & 0xFFFFFFFF
+    base = _mixed64(key ^ _mixed64(draw + 1)) >> 32  # every bit of (key, draw) moves it
     bits = _hashed(_hashed(tokens.astype(np.uint32) * np.uint32(0x9E3779B9) + np.uint32(base)))
     uniform = (bits.astype(np.float64) + 0.5) * 2.0**-32  # in (0, 1)
     return int(near[np.argmax(values[near] - np.log(-np.log(uniform)))])

@@ -164,3 +164,16 @@ def test_the_sampling_bench_times_every_setting_against_the_whole_vocabulary_way
     assert run.returncode == 0, run.stderr[-2000:]
     rows = re.findall(r"^(.+?)\s+(peaked|flat)\s+([\d.]+)ms\s+([\d.]+)ms\s+([\d.]+)x$", run.stdout, re.M)
     assert len(rows) == 12 and len({name for name, *_ in rows}) == 6  # six settings, two shapes each
+
+
+def test_broken_logits_are_refused_not_drawn_from():
+    """NaN logits, or a mask that leaves nothing: a clear error, whatever the truncations (a
+    truncation would otherwise drop a NaN silently, or leave nothing to draw from)."""
+    broken = torch.tensor([1.0, float("nan"), 0.5, 0.2])
+    nothing = torch.full((10,), float("-inf"))
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2),
+                   SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, min_p=0.1),
+                   SamplingParams(temperature=1.0, top_k=2, top_p=0.9, min_p=0.1)):
+        for logits in (broken, nothing):
+            with pytest.raises(OffloadError, match="no token can be drawn"):
+                Sampler(params)(logits)
