@@ -8,7 +8,8 @@ square of the rank, the likeliest token ~0.6, the ten likeliest ~0.94, the ranks
 vocabulary) and "flat" (standard normal logits: a model with random weights, as the demo's). Each setting: the median time of `Sampler` (truncations on
 the tokens they keep, Gumbel noise for the tokens near the top) against the whole-vocabulary way
 transformers takes (every truncation over all V logits, a sort for top-p, then torch.multinomial)
-in the same run, and the ratio.
+in the same run, and the ratio. One row adds a repetition penalty over a 32K-token history (the
+whole sequence, prompt included, as it applies).
 """
 
 from __future__ import annotations
@@ -35,11 +36,20 @@ SETTINGS = {"Qwen3 thinking (T 0.6, top-k 20, top-p 0.95)": SamplingParams(tempe
             "temperature 0.7 alone": SamplingParams(temperature=0.7),
             "top-p 0.9 alone (T 1)": SamplingParams(temperature=1.0, top_p=0.9),
             "min-p 0.05 (T 0.8)": SamplingParams(temperature=0.8, min_p=0.05),
+            "Qwen3 instruct, repetition 1.05, 32K history": SamplingParams(temperature=0.7, top_k=20, top_p=0.8,
+                                                                           repetition_penalty=1.05),
             "greedy": SamplingParams()}
 
 
-def whole_vocabulary(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """transformers' way: the truncations as masks over all V logits, then torch.multinomial."""
+def whole_vocabulary(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+                     history: list[int]) -> int:
+    """transformers' way: the repetition penalty gathered and scattered over the whole history,
+    the truncations as masks over all V logits, then torch.multinomial."""
+    if params.repetition_penalty != 1.0:
+        seen = torch.as_tensor(history, dtype=torch.long)
+        scores = logits.gather(0, seen)
+        scores = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
+        logits = logits.scatter(0, seen, scores)
     if params.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
@@ -74,14 +84,16 @@ def main() -> None:
     ranks = torch.randperm(options.vocab, generator=generator).float() + 1
     shapes = {"peaked": [-2.0 * ranks[torch.randperm(options.vocab, generator=generator)].log() for _ in range(8)],
               "flat": [torch.randn(options.vocab, generator=generator) for _ in range(8)]}
+    history_of_all = torch.randint(0, options.vocab, (32768,), generator=generator).tolist()  # a long conversation
     print(f"{cpu_model()}, {physical_cores()} threads; {options.vocab} tokens; median of {options.draws} draws")
     print(f"{'':<46} {'shape':<7} {'Sampler':>9} {'whole V':>9}  ratio")
     for name, params in SETTINGS.items():
         for shape, rows in shapes.items():
             rows = [rows[i % len(rows)] for i in range(options.draws)]
+            history = history_of_all if params.repetition_penalty != 1.0 else []
             sampler = Sampler(params.with_(seed=1))
-            ours = median_ms(sampler, rows)
-            theirs = median_ms(lambda row: whole_vocabulary(row, params, generator), rows)
+            ours = median_ms(lambda row: sampler(row, history), rows)
+            theirs = median_ms(lambda row: whole_vocabulary(row, params, generator, history), rows)
             print(f"{name:<46} {shape:<7} {ours:7.2f}ms {theirs:7.2f}ms  {theirs / ours:5.1f}x", flush=True)
 
 

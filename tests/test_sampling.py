@@ -163,7 +163,7 @@ def test_the_sampling_bench_times_every_setting_against_the_whole_vocabulary_way
                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = re.findall(r"^(.+?)\s+(peaked|flat)\s+([\d.]+)ms\s+([\d.]+)ms\s+([\d.]+)x$", run.stdout, re.M)
-    assert len(rows) == 12 and len({name for name, *_ in rows}) == 6  # six settings, two shapes each
+    assert len(rows) == 14 and len({name for name, *_ in rows}) == 7  # seven settings, two shapes each
 
 
 def test_broken_logits_are_refused_not_drawn_from():
