@@ -97,6 +97,9 @@ def processed_logits(logits: torch.Tensor, params: SamplingParams, history: Sequ
     return out
 
 
+NOTHING_DRAWABLE = "no token can be drawn: every logit is -inf (a grammar that allows nothing?)"
+
+
 def candidates(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = (),
                drawn: Sequence[int] = ()) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The tokens the draw can pick and their processed logits (`processed_logits`): (ids int64
@@ -124,9 +127,10 @@ def candidates(logits: torch.Tensor, params: SamplingParams, history: Sequence[i
     vocab = logits.numel()
     if 0 < params.top_k < vocab:  # the top k, likeliest first (ties with the k-th all kept)
         values, ids = torch.topk(logits, params.top_k)
-        if values[-1] > float("-inf") and torch.count_nonzero(logits >= values[-1]) > params.top_k:
-            values, order = torch.sort(logits[logits >= values[-1]], descending=True)
-            ids = torch.nonzero(logits >= values[-1]).flatten()[order]
+        tied = logits >= values[-1]
+        if values[-1] > float("-inf") and torch.count_nonzero(tied) > params.top_k:
+            values, order = torch.sort(logits[tied], descending=True)
+            ids = torch.nonzero(tied).flatten()[order]
         total = torch.logsumexp(values, dim=0)  # they are the distribution now
     elif params.top_p < 1.0:  # enough of the likeliest to hold the nucleus
         total = torch.logsumexp(logits, dim=0)
@@ -134,14 +138,14 @@ def candidates(logits: torch.Tensor, params: SamplingParams, history: Sequence[i
     elif params.min_p > 0:  # min-p alone: its ratio to the likeliest as a logit's distance to the largest
         ids = torch.nonzero(logits >= logits.max() + math.log(params.min_p)).flatten()
         if ids.numel() == 0:
-            raise OffloadError("no token can be drawn: every logit is -inf (a grammar that allows nothing?)")
+            raise OffloadError(NOTHING_DRAWABLE)
         return ids, logits[ids]
     else:
         return None, logits
     drawable = values > float("-inf")  # a grammar's mask can leave fewer than were asked for
     values, ids = values[drawable], ids[drawable]
     if ids.numel() == 0:  # (top-p and min-p keep at least the likeliest of those left)
-        raise OffloadError("no token can be drawn: every logit is -inf (a grammar that allows nothing?)")
+        raise OffloadError(NOTHING_DRAWABLE)
     if params.top_p < 1.0:  # keep a token while the mass before it is below p
         probs = torch.exp(values - total)
         kept = (probs.cumsum(dim=0) - probs < params.top_p).nonzero().flatten()
