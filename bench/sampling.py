@@ -44,7 +44,7 @@ SETTINGS = {"Qwen3 thinking (T 0.6, top-k 20, top-p 0.95)": SamplingParams(tempe
 def whole_vocabulary(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
                      history: list[int]) -> int:
     """transformers' way: the repetition penalty gathered and scattered over the whole history,
-    the truncations as masks over all V logits, then torch.multinomial."""
+    the truncations as masks over all V logits (`warped`), then torch.multinomial."""
     if params.repetition_penalty != 1.0:
         seen = torch.as_tensor(history, dtype=torch.long)
         scores = logits.gather(0, seen)
@@ -52,8 +52,14 @@ def whole_vocabulary(logits: torch.Tensor, params: SamplingParams, generator: to
         logits = logits.scatter(0, seen, scores)
     if params.temperature == 0:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(torch.softmax(warped(logits, params), dim=-1), 1, generator=generator))
+
+
+def warped(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p as transformers' logits warpers apply them: masks
+    (-inf) over the whole vocabulary, a sort of it for top-p (also the tests' reference)."""
     logits = logits / params.temperature
-    if params.top_k:
+    if 0 < params.top_k < logits.numel():
         logits = logits.masked_fill(logits < torch.topk(logits, params.top_k).values[-1], float("-inf"))
     if params.top_p < 1.0:
         ordered, order = torch.sort(logits, descending=True)
@@ -62,7 +68,7 @@ def whole_vocabulary(logits: torch.Tensor, params: SamplingParams, generator: to
     if params.min_p > 0:
         probs = torch.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+    return logits
 
 
 def median_ms(draw, logits: list[torch.Tensor]) -> float:

@@ -35,7 +35,7 @@ sys.path.remove(str(ROOT))  # would shadow the `kernels` package transformers im
 sys.path.insert(1, str(ROOT / "bench"))
 
 from decode import slice_dir  # noqa: E402
-from offload import attention, deltanet  # noqa: E402
+from offload import deltanet  # noqa: E402
 from offload.hardware import cpu_model  # noqa: E402
 from offload.kernels import attention as attention_kernels, q8  # noqa: E402
 from offload.kernels.membw import read_bandwidth  # noqa: E402
@@ -44,11 +44,11 @@ from offload.lean import lean_off  # noqa: E402
 
 # (module, attribute, family): the kernel entry points, patched where their callers look them up;
 # the output head, the largest dense matrix, is timed apart (`Timers.head_rows`)
-KERNELS = [(q8, "linear_fast", "dense kernels"), (q8, "linear_fast", "output head"),
-           (q8, "moe_decode_fast", "expert kernels"),
+KERNELS = [(q8, "linear_fast", "dense kernels"), (q8, "moe_decode_fast", "expert kernels"),
            (deltanet, "deltanet_step", "DeltaNet kernel"),
            (attention_kernels, "attend_decode", "attention kernel"),
            (attention_kernels, "attend_decode_tiled", "attention kernel")]
+HEAD = "output head"
 
 
 class Timers:
@@ -62,20 +62,19 @@ class Timers:
         self.saved = []
 
     def __enter__(self):
-        for module, name in dict.fromkeys((module, name) for module, name, _ in KERNELS):
+        for module, name, family in KERNELS:
             original = getattr(module, name)
             self.saved.append((module, name, original))
-            families = [family for m, n, family in KERNELS if (m, n) == (module, name)]
-            setattr(module, name, self._timed(original, *families))
+            setattr(module, name, self._timed(original, family, dense=name == "linear_fast"))
         return self
 
-    def _timed(self, function, family: str, head: str | None = None):
+    def _timed(self, function, family: str, dense: bool):
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                chosen = head if head is not None and args[1].shape[1] == self.head_rows else family
+                chosen = HEAD if dense and args[1].shape[1] == self.head_rows else family
                 self.seconds[chosen] += time.perf_counter() - start
                 self.calls[chosen] += 1
         return timed
@@ -151,7 +150,7 @@ def main() -> None:
     print(f"one timed run: {timed * 1e3:.2f} ms a step")
     print(f"  {'':<18} {'ms/step':>8} {'calls':>6} {'share':>6}")
     accounted = 0.0
-    for family in dict.fromkeys(family for *_, family in KERNELS):
+    for family in dict.fromkeys([*(family for *_, family in KERNELS), HEAD]):
         if timers.calls[family]:
             ms = timers.seconds[family] * scale
             accounted += ms

@@ -53,6 +53,17 @@ def read_bandwidth(values: np.ndarray, threads: int, runs: int = 5) -> float:
     return max(numba_rate, numpy_read_bandwidth(values, threads, runs))
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _words(codes, scales):
+    """The 32-bit words of two contiguous arrays summed (modulo 2^32), the codes then the scales."""
+    acc = np.uint32(0)
+    for word in codes.view(np.uint32):
+        acc += word
+    for word in scales.view(np.uint32):
+        acc += word
+    return acc
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def read_blocks(packed, scales):
     """Sum the 32-bit words of a block layout's matrix (`kernels.int4`: packed uint8 [1, blocks, n],
@@ -62,13 +73,7 @@ def read_blocks(packed, scales):
     words' sum modulo 2^32 (which callers ignore)."""
     total = np.uint32(0)
     for b in prange(packed.shape[1]):
-        codes, block_scales = packed[0, b].view(np.uint32), scales[0, b].view(np.uint32)
-        acc = np.uint32(0)
-        for i in range(codes.shape[0]):
-            acc += codes[i]
-        for i in range(block_scales.shape[0]):
-            acc += block_scales[i]
-        total += acc
+        total += _words(packed[0, b], scales[0, b])
     return total & 0xFFFFFFFF
 
 
@@ -80,15 +85,9 @@ def read_experts(ids, gu_packed, gu_scales, dn_packed, dn_scales):
     for task in prange(2 * ids.shape[0]):
         e = ids[task // 2]
         if task % 2 == 0:
-            codes, scales = gu_packed[e].reshape(-1).view(np.uint32), gu_scales[e].reshape(-1).view(np.uint32)
+            total += _words(gu_packed[e].reshape(-1), gu_scales[e].reshape(-1))
         else:
-            codes, scales = dn_packed[e].reshape(-1).view(np.uint32), dn_scales[e].reshape(-1).view(np.uint32)
-        acc = np.uint32(0)
-        for i in range(codes.shape[0]):
-            acc += codes[i]
-        for i in range(scales.shape[0]):
-            acc += scales[i]
-        total += acc
+            total += _words(dn_packed[e].reshape(-1), dn_scales[e].reshape(-1))
     return total & 0xFFFFFFFF
 
 

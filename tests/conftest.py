@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -240,3 +242,13 @@ def parity_bound(model, ids: torch.Tensor, prefix: int | None = None) -> float:
         if prefix is not None:
             error = max(error, (stepped_reference(model, ids, prefix).double() - exact).abs().max().item())
     return PARITY_FACTOR * error
+
+
+@functools.cache
+def load_bench(name: str):
+    """The module of `bench/NAME.py` (benchmarks are scripts, not a package), loaded once."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
