@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from offload.kernels import int4, isa, q8
-from test_int4_quality import load_bench
+from conftest import load_bench
 from test_kernels import make_experts, routing
 
 PATHS = isa.available()
@@ -135,7 +135,7 @@ def test_the_path_can_be_forced_and_a_wrong_one_is_refused(monkeypatch):
 def test_int8_activations_cost_almost_nothing_on_real_weights_and_activations():
     """all-MiniLM-L6-v2's FFN matrices on the activations real sentences produce: the int8
     activations' extra error over fp32 activations (both with int4 weights) is within 10%."""
-    exact, fast = load_bench().activation_quality()
+    exact, fast = load_bench("kernel_rates").activation_quality()
     assert 0.03 < exact < 0.1  # int4 weights really are in use
     assert fast <= 1.10 * exact
 

@@ -318,9 +318,9 @@ def test_what_each_format_costs_on_real_keys_and_values():
     """all-MiniLM-L6-v2's attention on real sentences: int8 keys and values err by about a tenth of
     what int4 weights do to its matrices (~6%, test_int4_quality.py), bf16 by less; the decode
     kernel's int8 queries add less than int8 keys and values cost."""
-    from test_int4_quality import load_bench
+    from conftest import load_bench
 
-    quality = load_bench().kv_format_quality()
+    quality = load_bench("kernel_rates").kv_format_quality()
     assert 0 < quality["bf16"] < quality["int8"] < quality["int8 decode"] < min(0.01, 2 * quality["int8"])
 
 
